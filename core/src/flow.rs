@@ -1,0 +1,256 @@
+//! The UDP flow table ("conntrack"): which endpoint each client flow goes to.
+//!
+//! A flow is keyed by the client's address and the exact local address it sent to (the
+//! service address, even when the listener is bound to a wildcard). It records the endpoint,
+//! the listener's [`ServicePortKey`] (to find the service port again), the counters, the
+//! backend's handle for its backend-side socket, and when it was last used. [`FlowId`]s carry
+//! a generation, so an id kept after its flow ended never matches a later flow in the same
+//! slot; [`FlowTable::get`] is the reverse lookup for replies.
+//!
+//! A table is owned by one worker, so it needs no locks. Purge follows publishes: before
+//! handling datagrams the worker calls [`FlowTable::sync`] with the snapshot it loaded, and
+//! when the generation changed every flow whose endpoint is no longer eligible is removed,
+//! so the client's next datagram (same source port) picks a live endpoint. Idle flows are
+//! removed by [`FlowTable::expire`].
+
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+use hashbrown::HashMap;
+use slab::Slab;
+
+use crate::model::ServicePortKey;
+use crate::select::Backend;
+use crate::stats::Tally;
+use crate::table::Snapshot;
+
+/// A client flow: who sent, and to which exact local address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address and port.
+    pub client: SocketAddr,
+    /// The local address the client sent to; replies must come from it.
+    pub local: SocketAddr,
+}
+
+/// Names a flow in its table; stale ids never match a newer flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    index: u32,
+    generation: u32,
+}
+
+impl FlowId {
+    /// Packs the id into 64 bits (for an epoll token or io_uring user data).
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    /// Unpacks [`FlowId::to_u64`].
+    pub fn from_u64(v: u64) -> Self {
+        Self {
+            index: v as u32,
+            generation: (v >> 32) as u32,
+        }
+    }
+}
+
+/// One flow.
+#[derive(Debug)]
+pub struct Flow<H> {
+    /// Client and local address.
+    pub key: FlowKey,
+    /// The listener the flow arrived on (may be a wildcard address).
+    pub listener: ServicePortKey,
+    /// The endpoint's backend address.
+    pub endpoint: SocketAddr,
+    /// Counters to update for the flow's datagrams.
+    pub tally: Tally,
+    /// The backend's handle (its backend-side socket).
+    pub handle: H,
+    last_seen: Instant,
+}
+
+impl<H> Flow<H> {
+    /// When a datagram last passed, either way.
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+}
+
+/// Flows of one worker. See the module docs.
+#[derive(Debug)]
+pub struct FlowTable<H> {
+    index: HashMap<FlowKey, FlowId, RandomState>,
+    slots: Slab<(u32, Flow<H>)>,
+    next_generation: u32,
+    idle_timeout: Duration,
+    seen_generation: Option<u64>,
+}
+
+impl<H> FlowTable<H> {
+    /// An empty table whose flows expire after `idle_timeout` without datagrams.
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self {
+            index: HashMap::default(),
+            slots: Slab::new(),
+            next_generation: 0,
+            idle_timeout,
+            seen_generation: None,
+        }
+    }
+
+    /// The flow for `key`, marked as used at `now`.
+    #[inline]
+    pub fn lookup(&mut self, key: &FlowKey, now: Instant) -> Option<FlowId> {
+        let id = *self.index.get(key)?;
+        self.touch(id, now);
+        Some(id)
+    }
+
+    /// The flow named by `id` (the reverse lookup for replies).
+    #[inline]
+    pub fn get(&self, id: FlowId) -> Option<&Flow<H>> {
+        match self.slots.get(id.index as usize) {
+            Some((generation, flow)) if *generation == id.generation => Some(flow),
+            _ => None,
+        }
+    }
+
+    /// Marks the flow as used at `now`.
+    #[inline]
+    pub fn touch(&mut self, id: FlowId, now: Instant) {
+        if let Some((generation, flow)) = self.slots.get_mut(id.index as usize)
+            && *generation == id.generation
+        {
+            flow.last_seen = now;
+        }
+    }
+
+    /// Starts a flow from `key` to `backend`. `make_handle` gets the new flow's id (to tag
+    /// the backend-side socket with) and returns its handle; if it fails, nothing is added.
+    /// Counts the flow as opened.
+    pub fn insert<E>(
+        &mut self,
+        key: FlowKey,
+        listener: ServicePortKey,
+        backend: &Backend,
+        now: Instant,
+        make_handle: impl FnOnce(FlowId) -> Result<H, E>,
+    ) -> Result<FlowId, E> {
+        let entry = self.slots.vacant_entry();
+        let generation = self.next_generation;
+        let id = FlowId {
+            index: entry.key() as u32,
+            generation,
+        };
+        let handle = make_handle(id)?;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let tally = backend.tally().clone();
+        tally.opened();
+        entry.insert((
+            generation,
+            Flow {
+                key,
+                listener,
+                endpoint: backend.addr(),
+                tally,
+                handle,
+                last_seen: now,
+            },
+        ));
+        if let Some(old) = self.index.insert(key, id) {
+            // The caller replaced a live flow; end the old one's accounting.
+            if let Some(flow) = self.take(old) {
+                flow.tally.closed();
+            }
+        }
+        Ok(id)
+    }
+
+    /// Removes a flow, counting it as closed.
+    pub fn remove(&mut self, id: FlowId) -> Option<Flow<H>> {
+        let flow = self.take(id)?;
+        if self.index.get(&flow.key) == Some(&id) {
+            self.index.remove(&flow.key);
+        }
+        flow.tally.closed();
+        Some(flow)
+    }
+
+    fn take(&mut self, id: FlowId) -> Option<Flow<H>> {
+        match self.slots.get(id.index as usize) {
+            Some((generation, _)) if *generation == id.generation => {
+                Some(self.slots.remove(id.index as usize).1)
+            }
+            _ => None,
+        }
+    }
+
+    /// Removes and returns every flow idle for longer than the idle timeout.
+    pub fn expire(&mut self, now: Instant) -> Vec<Flow<H>> {
+        let timeout = self.idle_timeout;
+        self.remove_where(|f| now.saturating_duration_since(f.last_seen) > timeout)
+    }
+
+    /// Removes and returns every flow whose endpoint is not eligible in `snapshot`, if
+    /// `snapshot` is a generation this table has not seen yet. Call it with each snapshot
+    /// loaded before handling datagrams.
+    pub fn sync(&mut self, snapshot: &Snapshot) -> Vec<Flow<H>> {
+        if self.seen_generation == Some(snapshot.generation()) {
+            return Vec::new();
+        }
+        self.seen_generation = Some(snapshot.generation());
+        self.purge(snapshot)
+    }
+
+    /// Removes and returns every flow whose endpoint is not eligible in `snapshot`.
+    pub fn purge(&mut self, snapshot: &Snapshot) -> Vec<Flow<H>> {
+        self.remove_where(|f| {
+            !snapshot
+                .lookup(&f.listener)
+                .is_some_and(|port| port.contains(f.endpoint))
+        })
+    }
+
+    fn remove_where(&mut self, doomed: impl Fn(&Flow<H>) -> bool) -> Vec<Flow<H>> {
+        let ids: Vec<FlowId> = self
+            .slots
+            .iter()
+            .filter(|(_, (_, f))| doomed(f))
+            .map(|(index, (generation, _))| FlowId {
+                index: index as u32,
+                generation: *generation,
+            })
+            .collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no flows.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Every flow with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow<H>)> {
+        self.slots.iter().map(|(index, (generation, flow))| {
+            let id = FlowId {
+                index: index as u32,
+                generation: *generation,
+            };
+            (id, flow)
+        })
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+}

@@ -1,0 +1,48 @@
+//! svcproxy's core: the model, lock-free service tables, endpoint selection, the UDP flow
+//! table, counters and the TCP session policy. No I/O: the backends do that.
+//!
+//! ```
+//! use std::time::Instant;
+//! use svcproxy_core::{Batch, Endpoint, Protocol, Service, ServicePort, ServicePortKey, Table};
+//!
+//! let table = Table::default();
+//! let web = Service::new("default/web")
+//!     .address("127.0.0.1".parse()?)
+//!     .port(ServicePort::tcp(8080));
+//! let endpoints = vec![
+//!     Endpoint::new("127.0.0.1:9001".parse()?),
+//!     Endpoint::new("127.0.0.1:9002".parse()?),
+//! ];
+//! table.apply(Batch::new().upsert(web).replace_endpoints("default/web", endpoints))?;
+//!
+//! let key = ServicePortKey::new("127.0.0.1:8080".parse()?, Protocol::Tcp);
+//! let snapshot = table.load();
+//! let port = snapshot.lookup(&key).expect("the service is published");
+//! let client = "127.0.0.1:40000".parse()?;
+//! let first = port.select(client, Instant::now()).unwrap().addr();
+//! let second = port.select(client, Instant::now()).unwrap().addr();
+//! assert_ne!(first, second); // round robin
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod flow;
+mod loom;
+pub mod model;
+pub mod select;
+pub mod session;
+pub mod stats;
+pub mod table;
+
+pub use error::{Problem, TableError, ValidationError};
+pub use flow::{Flow, FlowId, FlowKey, FlowTable};
+pub use model::{
+    Conditions, Endpoint, NamedPort, Policy, Protocol, Scope, Service, ServicePort, ServicePortKey,
+    SessionAffinity, TargetPort, TrafficPolicy,
+};
+pub use select::{Backend, PortState};
+pub use session::{DrainPolicy, TcpPolicy, TcpSession};
+pub use stats::{CounterValues, Counters, PortStats, Tally};
+pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};

@@ -1,0 +1,1 @@
+pub use svcproxy_core as core;
