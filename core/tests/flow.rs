@@ -1,0 +1,162 @@
+//! The UDP flow table: lookup, reverse lookup, stale ids, idle expiry, purge on publish.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use svcproxy_core::*;
+
+const LISTENER: &str = "0.0.0.0:53";
+
+fn listener() -> ServicePortKey {
+    ServicePortKey::new(LISTENER.parse().unwrap(), Protocol::Udp)
+}
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 1, 0, i as u8], 5353))
+}
+
+fn dns_table(n: usize) -> Table {
+    let table = Table::default();
+    let s = Service::new("dns")
+        .address("0.0.0.0".parse().unwrap())
+        .port(ServicePort::udp(53));
+    let eps = (0..n).map(|i| Endpoint::new(addr(i))).collect();
+    table
+        .apply(Batch::new().upsert(s).replace_endpoints("dns", eps))
+        .unwrap();
+    table
+}
+
+fn set_endpoints(table: &Table, which: &[usize]) {
+    let eps = which.iter().map(|&i| Endpoint::new(addr(i))).collect();
+    table.apply(Batch::new().replace_endpoints("dns", eps)).unwrap();
+}
+
+fn flow_key(port: u16) -> FlowKey {
+    FlowKey {
+        client: SocketAddr::from(([127, 0, 0, 2], port)),
+        local: "127.0.0.53:53".parse().unwrap(),
+    }
+}
+
+/// Starts a flow for `key` the way a backend does: select, then insert.
+fn start(flows: &mut FlowTable<u16>, snap: &Snapshot, key: FlowKey, now: Instant) -> FlowId {
+    let port = snap.lookup(&listener()).unwrap();
+    let backend = port.select(key.client, now).unwrap();
+    flows
+        .insert(key, listener(), backend, now, |_| Ok::<_, Infallible>(key.client.port()))
+        .unwrap()
+}
+
+#[test]
+fn lookup_reverse_lookup_and_stale_ids() {
+    let table = dns_table(2);
+    let snap = table.load_full();
+    let mut flows = FlowTable::new(Duration::from_secs(30));
+    let now = Instant::now();
+    let id = start(&mut flows, &snap, flow_key(1000), now);
+    assert_eq!(flows.lookup(&flow_key(1000), now), Some(id));
+    assert_eq!(flows.lookup(&flow_key(1001), now), None);
+    let f = flows.get(FlowId::from_u64(id.to_u64())).unwrap();
+    assert_eq!(f.key, flow_key(1000));
+    assert_eq!(f.handle, 1000);
+    assert_eq!(f.endpoint, addr(0));
+
+    let stats = |t: &Table| t.load().stats()[0].totals;
+    assert_eq!(stats(&table).connections_active, 1);
+    let removed = flows.remove(id).unwrap();
+    assert_eq!(removed.handle, 1000);
+    assert_eq!(stats(&table).connections_active, 0);
+    // A new flow may reuse the slot; the old id must not find it.
+    let id2 = start(&mut flows, &snap, flow_key(1002), now);
+    assert!(flows.get(id).is_none());
+    assert!(flows.get(id2).is_some());
+    assert!(flows.remove(id).is_none());
+}
+
+#[test]
+fn a_failed_handle_adds_nothing() {
+    let table = dns_table(1);
+    let snap = table.load();
+    let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
+    let backend = snap.lookup(&listener()).unwrap().select(flow_key(1).client, Instant::now()).unwrap();
+    let r = flows.insert(flow_key(1), listener(), backend, Instant::now(), |_| Err("no fd"));
+    assert_eq!(r, Err("no fd"));
+    assert!(flows.is_empty());
+    assert_eq!(table.load().stats()[0].totals.connections_total, 0);
+}
+
+#[test]
+fn idle_flows_expire_and_used_ones_stay() {
+    let table = dns_table(2);
+    let snap = table.load_full();
+    let mut flows = FlowTable::new(Duration::from_secs(30));
+    let t0 = Instant::now();
+    let quiet = start(&mut flows, &snap, flow_key(1), t0);
+    let busy = start(&mut flows, &snap, flow_key(2), t0);
+    flows.touch(busy, t0 + Duration::from_secs(20));
+    assert!(flows.expire(t0 + Duration::from_secs(30)).is_empty());
+    let gone = flows.expire(t0 + Duration::from_secs(31));
+    assert_eq!(gone.iter().map(|f| f.handle).collect::<Vec<_>>(), vec![1]);
+    assert!(flows.get(quiet).is_none() && flows.get(busy).is_some());
+    assert_eq!(flows.lookup(&flow_key(1), t0), None);
+}
+
+#[test]
+fn publishing_purges_flows_of_removed_endpoints_on_next_sync() {
+    let table = dns_table(2);
+    let mut flows = FlowTable::new(Duration::from_secs(30));
+    let now = Instant::now();
+    let snap = table.load_full();
+    assert!(flows.sync(&snap).is_empty());
+    let to0 = start(&mut flows, &snap, flow_key(1), now);
+    let to1 = start(&mut flows, &snap, flow_key(2), now);
+    assert_eq!(flows.get(to1).unwrap().endpoint, addr(1));
+
+    set_endpoints(&table, &[0]);
+    let snap = table.load_full();
+    let purged = flows.sync(&snap);
+    assert_eq!(purged.len(), 1);
+    assert_eq!(purged[0].endpoint, addr(1));
+    assert!(flows.get(to0).is_some());
+    // The same client source port now reaches the live endpoint.
+    assert_eq!(flows.lookup(&flow_key(2), now), None);
+    let again = start(&mut flows, &snap, flow_key(2), now);
+    assert_eq!(flows.get(again).unwrap().endpoint, addr(0));
+    // Same generation again: nothing to do.
+    assert!(flows.sync(&snap).is_empty());
+
+    // Removing the service purges everything.
+    table.apply(Batch::new().remove("dns")).unwrap();
+    assert_eq!(flows.sync(&table.load()).len(), 2);
+    assert!(flows.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// After a sync, exactly the flows whose endpoint is still eligible remain.
+    #[test]
+    fn purge_keeps_exactly_the_eligible(n in 1usize..8, keep in prop::collection::vec(any::<bool>(), 8), clients in 1u16..60) {
+        let table = dns_table(n);
+        let snap = table.load_full();
+        let mut flows = FlowTable::new(Duration::from_secs(30));
+        let now = Instant::now();
+        for c in 0..clients {
+            start(&mut flows, &snap, flow_key(1000 + c), now);
+        }
+        let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+        let before: Vec<SocketAddr> = flows.iter().map(|(_, f)| f.endpoint).collect();
+        set_endpoints(&table, &kept);
+        flows.sync(&table.load());
+        let eligible: HashSet<SocketAddr> = kept.iter().map(|&i| addr(i)).collect();
+        prop_assert!(flows.iter().all(|(_, f)| eligible.contains(&f.endpoint)));
+        let survivors = before.iter().filter(|e| eligible.contains(e)).count();
+        prop_assert_eq!(flows.len(), survivors);
+        let active = table.load().stats()[0].totals.connections_active;
+        prop_assert_eq!(active as usize, survivors);
+    }
+}
