@@ -32,7 +32,9 @@ fn dns_table(n: usize) -> Table {
 
 fn set_endpoints(table: &Table, which: &[usize]) {
     let eps = which.iter().map(|&i| Endpoint::new(addr(i))).collect();
-    table.apply(Batch::new().replace_endpoints("dns", eps)).unwrap();
+    table
+        .apply(Batch::new().replace_endpoints("dns", eps))
+        .unwrap();
 }
 
 fn flow_key(port: u16) -> FlowKey {
@@ -47,7 +49,9 @@ fn start(flows: &mut FlowTable<u16>, snap: &Snapshot, key: FlowKey, now: Instant
     let port = snap.lookup(&listener()).unwrap();
     let backend = port.select(key.client, now).unwrap();
     flows
-        .insert(key, listener(), backend, now, |_| Ok::<_, Infallible>(key.client.port()))
+        .insert(key, listener(), backend, now, |_| {
+            Ok::<_, Infallible>(key.client.port())
+        })
         .unwrap()
 }
 
@@ -82,8 +86,14 @@ fn a_failed_handle_adds_nothing() {
     let table = dns_table(1);
     let snap = table.load();
     let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
-    let backend = snap.lookup(&listener()).unwrap().select(flow_key(1).client, Instant::now()).unwrap();
-    let r = flows.insert(flow_key(1), listener(), backend, Instant::now(), |_| Err("no fd"));
+    let backend = snap
+        .lookup(&listener())
+        .unwrap()
+        .select(flow_key(1).client, Instant::now())
+        .unwrap();
+    let r = flows.insert(flow_key(1), listener(), backend, Instant::now(), |_| {
+        Err("no fd")
+    });
     assert_eq!(r, Err("no fd"));
     assert!(flows.is_empty());
     assert_eq!(table.load().stats()[0].totals.connections_total, 0);

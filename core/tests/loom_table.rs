@@ -101,7 +101,11 @@ fn concurrent_round_robin_picks_are_exact() {
         let mine = [pick(&table), pick(&table)];
         let theirs = other.join().unwrap();
         let first = ep(1).address;
-        let n = mine.iter().chain(theirs.iter()).filter(|&&a| a == first).count();
+        let n = mine
+            .iter()
+            .chain(theirs.iter())
+            .filter(|&&a| a == first)
+            .count();
         assert_eq!(n, 2, "four picks over two endpoints: two each");
     });
 }
@@ -129,7 +133,9 @@ fn no_flow_survives_a_purge_that_removed_its_endpoint() {
             flows.sync(&snap);
             let backend = snap.lookup(&listener).unwrap().find(removed).unwrap();
             flows
-                .insert(flow_key, listener, backend, Instant::now(), |_| Ok::<_, ()>(()))
+                .insert(flow_key, listener, backend, Instant::now(), |_| {
+                    Ok::<_, ()>(())
+                })
                 .unwrap();
         }
         let writer = {

@@ -32,13 +32,20 @@ fn table_with(service: Service, endpoints: Vec<Endpoint>) -> Table {
     let table = Table::default();
     let name = service.name.clone();
     table
-        .apply(Batch::new().upsert(service).replace_endpoints(name, endpoints))
+        .apply(
+            Batch::new()
+                .upsert(service)
+                .replace_endpoints(name, endpoints),
+        )
         .unwrap();
     table
 }
 
 fn client(i: u32) -> SocketAddr {
-    SocketAddr::from(([127, 0, (i >> 8) as u8, i as u8 | 1], 40_000 + (i % 20_000) as u16))
+    SocketAddr::from((
+        [127, 0, (i >> 8) as u8, i as u8 | 1],
+        40_000 + (i % 20_000) as u16,
+    ))
 }
 
 fn picks(table: &Table, n: usize) -> HashMap<SocketAddr, usize> {
@@ -54,7 +61,12 @@ fn picks(table: &Table, n: usize) -> HashMap<SocketAddr, usize> {
 
 fn eligible(table: &Table) -> Vec<SocketAddr> {
     let snap = table.load();
-    snap.lookup(&key()).unwrap().backends().iter().map(|b| b.addr()).collect()
+    snap.lookup(&key())
+        .unwrap()
+        .backends()
+        .iter()
+        .map(|b| b.addr())
+        .collect()
 }
 
 #[test]
@@ -68,14 +80,26 @@ fn ready_endpoints_first_then_serving_terminating_then_none() {
     );
     assert_eq!(eligible(&t), vec![addr(0)]);
 
-    let t = table_with(service(Policy::RoundRobin), vec![not_ready.clone(), draining.clone()]);
-    assert_eq!(eligible(&t), vec![addr(2)], "fallback to serving+terminating");
+    let t = table_with(
+        service(Policy::RoundRobin),
+        vec![not_ready.clone(), draining.clone()],
+    );
+    assert_eq!(
+        eligible(&t),
+        vec![addr(2)],
+        "fallback to serving+terminating"
+    );
     assert!(t.load().lookup(&key()).unwrap().backends()[0].terminating());
 
     let t = table_with(service(Policy::RoundRobin), vec![not_ready.clone()]);
     assert!(eligible(&t).is_empty());
     let snap = t.load();
-    assert!(snap.lookup(&key()).unwrap().select(client(1), Instant::now()).is_none());
+    assert!(
+        snap.lookup(&key())
+            .unwrap()
+            .select(client(1), Instant::now())
+            .is_none()
+    );
 
     let mut s = service(Policy::RoundRobin);
     s.publish_not_ready = true;
@@ -97,7 +121,11 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
         ..TableConfig::default()
     });
     table
-        .apply(Batch::new().upsert(s.clone()).replace_endpoints("default/svc", eps.clone()))
+        .apply(
+            Batch::new()
+                .upsert(s.clone())
+                .replace_endpoints("default/svc", eps.clone()),
+        )
         .unwrap();
     assert_eq!(eligible(&table), vec![addr(0)]);
     // Without a node name, Local has nothing.
@@ -115,13 +143,22 @@ fn named_target_ports_resolve_per_endpoint() {
     let t = table_with(s, vec![a, b, c]);
     assert_eq!(
         eligible(&t),
-        vec!["10.1.0.1:8080".parse().unwrap(), "10.1.0.2:9090".parse().unwrap()],
+        vec![
+            "10.1.0.1:8080".parse().unwrap(),
+            "10.1.0.2:9090".parse().unwrap()
+        ],
         "an endpoint without the name is not used"
     );
     let mut s = service(Policy::RoundRobin);
     s.ports[0].target_port = TargetPort::Number(7000);
     let t = table_with(s, endpoints(2));
-    assert_eq!(eligible(&t), vec!["10.1.0.0:7000".parse().unwrap(), "10.1.0.1:7000".parse().unwrap()]);
+    assert_eq!(
+        eligible(&t),
+        vec![
+            "10.1.0.0:7000".parse().unwrap(),
+            "10.1.0.1:7000".parse().unwrap()
+        ]
+    );
 }
 
 proptest! {
@@ -214,7 +251,10 @@ fn least_connections_prefers_the_least_loaded() {
     for _ in 0..3 {
         port.backends()[1].tally().closed();
     }
-    assert_eq!(port.select(client(9), Instant::now()).unwrap().addr(), addr(1));
+    assert_eq!(
+        port.select(client(9), Instant::now()).unwrap().addr(),
+        addr(1)
+    );
 }
 
 #[test]
@@ -246,16 +286,25 @@ fn client_ip_affinity_sticks_across_source_ports_and_expires() {
     let port = snap.lookup(&key()).unwrap();
     let now = Instant::now();
     let ip = [127, 0, 0, 9];
-    let first = port.select(SocketAddr::from((ip, 1000)), now).unwrap().addr();
+    let first = port
+        .select(SocketAddr::from((ip, 1000)), now)
+        .unwrap()
+        .addr();
     for p in 1001..1050 {
         let at = now + Duration::from_secs(5);
-        assert_eq!(port.select(SocketAddr::from((ip, p)), at).unwrap().addr(), first);
+        assert_eq!(
+            port.select(SocketAddr::from((ip, p)), at).unwrap().addr(),
+            first
+        );
     }
     // Another client moves the cursor on; after the timeout this client is balanced anew.
     let other = port.select(client(77), now).unwrap().addr();
     assert_ne!(other, first);
     let later = now + Duration::from_secs(5 + 11);
-    let again = port.select(SocketAddr::from((ip, 2000)), later).unwrap().addr();
+    let again = port
+        .select(SocketAddr::from((ip, 2000)), later)
+        .unwrap()
+        .addr();
     assert_ne!(again, first, "expired affinity is balanced again");
     assert_eq!(port.affinity_entries(), 2);
 }
@@ -265,10 +314,20 @@ fn affinity_to_an_endpoint_that_is_no_longer_eligible_is_dropped() {
     let t = table_with(affinity_service(3600), endpoints(3));
     let c = client(5);
     let now = Instant::now();
-    let stuck = t.load().lookup(&key()).unwrap().select(c, now).unwrap().addr();
+    let stuck = t
+        .load()
+        .lookup(&key())
+        .unwrap()
+        .select(c, now)
+        .unwrap()
+        .addr();
     // Publish the endpoints without the one this client sticks to.
-    let remaining: Vec<Endpoint> = endpoints(3).into_iter().filter(|e| e.address != stuck).collect();
-    t.apply(Batch::new().replace_endpoints("default/svc", remaining)).unwrap();
+    let remaining: Vec<Endpoint> = endpoints(3)
+        .into_iter()
+        .filter(|e| e.address != stuck)
+        .collect();
+    t.apply(Batch::new().replace_endpoints("default/svc", remaining))
+        .unwrap();
     let snap = t.load();
     let port = snap.lookup(&key()).unwrap();
     assert_eq!(port.affinity_entries(), 0, "entry dropped at publish");
@@ -288,7 +347,11 @@ fn retry_skips_what_was_tried_and_moves_affinity() {
     let first = port.select(c, now).unwrap().addr();
     let second = port.retry(c, &[first], now).unwrap().addr();
     assert_ne!(second, first);
-    assert_eq!(port.select(c, now).unwrap().addr(), second, "affinity follows the retry");
+    assert_eq!(
+        port.select(c, now).unwrap().addr(),
+        second,
+        "affinity follows the retry"
+    );
     let third = port.retry(c, &[first, second], now).unwrap().addr();
     assert!(third != first && third != second);
     assert!(port.retry(c, &[first, second, third], now).is_none());
@@ -316,5 +379,9 @@ fn session_policy_walks_endpoints_until_attempts_run_out() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 3, "each attempt went to a different endpoint");
-    assert!(session.next_backend(&policy, port, c, Instant::now()).is_none());
+    assert!(
+        session
+            .next_backend(&policy, port, c, Instant::now())
+            .is_none()
+    );
 }

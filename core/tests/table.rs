@@ -15,7 +15,10 @@ fn svc(name: &str, ip: &str, port: u16) -> Service {
 }
 
 fn eps(addrs: &[&str]) -> Vec<Endpoint> {
-    addrs.iter().map(|a| Endpoint::new(a.parse().unwrap())).collect()
+    addrs
+        .iter()
+        .map(|a| Endpoint::new(a.parse().unwrap()))
+        .collect()
 }
 
 fn key(s: &str) -> ServicePortKey {
@@ -30,7 +33,9 @@ fn client() -> SocketAddr {
 fn generations_count_publishes_and_empty_batches_publish_nothing() {
     let table = Table::default();
     assert_eq!(table.load().generation(), 0);
-    let p = table.apply(Batch::new().upsert(svc("a", "10.0.0.1", 80))).unwrap();
+    let p = table
+        .apply(Batch::new().upsert(svc("a", "10.0.0.1", 80)))
+        .unwrap();
     assert_eq!(p.generation, 1);
     assert_eq!(table.apply(Batch::new()).unwrap().generation, 1);
     table.apply(Batch::new().remove("a")).unwrap();
@@ -70,7 +75,10 @@ fn unchanged_services_are_shared_and_keep_their_cursor() {
     // Rebuilding a with the same endpoints (e.g. a new affinity-free spec) keeps the cursor.
     let second = a2.select(client(), Instant::now()).unwrap().addr();
     table
-        .apply(Batch::new().replace_endpoints("a", eps(&["10.1.0.3:80", "10.1.0.1:80", "10.1.0.2:80"])))
+        .apply(
+            Batch::new()
+                .replace_endpoints("a", eps(&["10.1.0.3:80", "10.1.0.1:80", "10.1.0.2:80"])),
+        )
         .unwrap();
     let third = table
         .load()
@@ -89,7 +97,9 @@ fn unchanged_services_are_shared_and_keep_their_cursor() {
 #[test]
 fn frontend_changes_report_what_appeared_and_went() {
     let table = Table::default();
-    table.apply(Batch::new().upsert(svc("a", "10.0.0.1", 80))).unwrap();
+    table
+        .apply(Batch::new().upsert(svc("a", "10.0.0.1", 80)))
+        .unwrap();
     let old = table.load_full();
     table
         .apply(Batch::new().remove("a").upsert(svc("b", "10.0.0.2", 81)))
@@ -100,7 +110,9 @@ fn frontend_changes_report_what_appeared_and_went() {
 
     // Snapshots of different tables are compared in full.
     let other = Table::default();
-    other.apply(Batch::new().upsert(svc("b", "10.0.0.2", 81))).unwrap();
+    other
+        .apply(Batch::new().upsert(svc("b", "10.0.0.2", 81)))
+        .unwrap();
     let changes = table.load().frontend_changes(&other.load());
     assert!(changes.added.is_empty() && changes.removed.is_empty());
 }
@@ -120,7 +132,11 @@ fn node_ports_and_external_addresses_use_the_external_policy() {
     let local = Endpoint::new("10.1.0.1:80".parse().unwrap()).node("node-a");
     let remote = Endpoint::new("10.1.0.2:80".parse().unwrap()).node("node-b");
     table
-        .apply(Batch::new().upsert(s).replace_endpoints("np", vec![local, remote]))
+        .apply(
+            Batch::new()
+                .upsert(s)
+                .replace_endpoints("np", vec![local, remote]),
+        )
         .unwrap();
     let snap = table.load();
     let count = |k: &str| snap.lookup(&key(k)).unwrap().backends().len();
@@ -136,12 +152,16 @@ fn subscribers_hear_every_publish_until_unsubscribed() {
     let heard = Arc::new(AtomicU64::new(0));
     let h = heard.clone();
     let id = table.subscribe(move |generation| h.store(generation, Ordering::SeqCst));
-    table.apply(Batch::new().upsert(svc("a", "10.0.0.1", 80))).unwrap();
+    table
+        .apply(Batch::new().upsert(svc("a", "10.0.0.1", 80)))
+        .unwrap();
     assert_eq!(heard.load(Ordering::SeqCst), 1);
     table.apply(Batch::new().remove("a")).unwrap();
     assert_eq!(heard.load(Ordering::SeqCst), 2);
     table.unsubscribe(id);
-    table.apply(Batch::new().upsert(svc("a", "10.0.0.1", 80))).unwrap();
+    table
+        .apply(Batch::new().upsert(svc("a", "10.0.0.1", 80)))
+        .unwrap();
     assert_eq!(heard.load(Ordering::SeqCst), 2);
 }
 
@@ -157,19 +177,29 @@ fn counters_persist_across_publishes_and_show_in_stats() {
         .unwrap();
     {
         let snap = table.load();
-        let b = snap.lookup(&key("10.0.0.1:80")).unwrap().select(client(), Instant::now()).unwrap();
+        let b = snap
+            .lookup(&key("10.0.0.1:80"))
+            .unwrap()
+            .select(client(), Instant::now())
+            .unwrap();
         b.tally().opened();
         b.tally().bytes_in(100);
         b.tally().bytes_out(7);
     }
     // Add a third endpoint: the first keeps its counters.
     table
-        .apply(Batch::new().replace_endpoints("a", eps(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"])))
+        .apply(
+            Batch::new()
+                .replace_endpoints("a", eps(&["10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80"])),
+        )
         .unwrap();
     let stats = table.load().stats();
     assert_eq!(stats.len(), 1);
     let s = &stats[0];
-    assert_eq!((s.service.as_str(), s.port.as_str(), s.protocol), ("a", "80", Protocol::Tcp));
+    assert_eq!(
+        (s.service.as_str(), s.port.as_str(), s.protocol),
+        ("a", "80", Protocol::Tcp)
+    );
     assert_eq!(s.totals.bytes_in, 100);
     assert_eq!(s.totals.connections_active, 1);
     assert_eq!(s.endpoints.len(), 3);

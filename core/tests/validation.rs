@@ -25,11 +25,20 @@ fn a_plain_service_is_valid() {
 fn names_are_checked() {
     let mut s = web();
     s.name = String::new();
-    assert_eq!(field_error(&s), ("name".into(), "name: must not be empty".into()));
+    assert_eq!(
+        field_error(&s),
+        ("name".into(), "name: must not be empty".into())
+    );
     s.name = "web server".into();
-    assert_eq!(field_error(&s).1, "name: contains ' ', allowed are letters, digits and - . _ /");
+    assert_eq!(
+        field_error(&s).1,
+        "name: contains ' ', allowed are letters, digits and - . _ /"
+    );
     s.name = "x".repeat(254);
-    assert_eq!(field_error(&s).1, "name: is 254 bytes long, at most 253 are allowed");
+    assert_eq!(
+        field_error(&s).1,
+        "name: is 254 bytes long, at most 253 are allowed"
+    );
 }
 
 #[test]
@@ -52,7 +61,10 @@ fn ports_are_checked() {
         .address("10.0.0.1".parse().unwrap())
         .port(ServicePort::tcp(80).named("http"))
         .port(ServicePort::tcp(80).named("other"));
-    assert_eq!(field_error(&s).1, "ports[1].port: 80/TCP appears more than once");
+    assert_eq!(
+        field_error(&s).1,
+        "ports[1].port: 80/TCP appears more than once"
+    );
 
     // TCP and UDP on one number are two ports.
     Service::new("dns")
@@ -80,9 +92,15 @@ fn ports_are_checked() {
 #[test]
 fn addresses_are_checked() {
     let s = web().address("224.0.0.1".parse().unwrap());
-    assert_eq!(field_error(&s).1, "addresses[1]: 224.0.0.1 cannot be used here (multicast)");
+    assert_eq!(
+        field_error(&s).1,
+        "addresses[1]: 224.0.0.1 cannot be used here (multicast)"
+    );
     let s = web().address("10.96.0.10".parse().unwrap());
-    assert_eq!(field_error(&s).1, "addresses[1]: 10.96.0.10 appears more than once");
+    assert_eq!(
+        field_error(&s).1,
+        "addresses[1]: 10.96.0.10 appears more than once"
+    );
     let mut s = web();
     s.external_addresses.push("0.0.0.0".parse().unwrap());
     assert_eq!(
@@ -114,7 +132,10 @@ fn affinity_and_maglev_are_checked() {
         "session_affinity.timeout: is 86401, must be between 1 and 86400"
     );
     let s = web().policy(Policy::Maglev { table_size: 65_536 });
-    assert_eq!(field_error(&s).1, "policy.table_size: 65536 is not a prime number");
+    assert_eq!(
+        field_error(&s).1,
+        "policy.table_size: 65536 is not a prime number"
+    );
     let s = web().policy(Policy::Maglev { table_size: 7 });
     assert_eq!(field_error(&s).0, "policy.table_size");
     web().policy(Policy::maglev()).validate().unwrap();
@@ -171,7 +192,10 @@ fn a_rejected_batch_changes_nothing() {
     let err = table
         .apply(Batch::new().upsert(other).remove("default/missing"))
         .unwrap_err();
-    assert_eq!(err.to_string(), "service \"default/missing\" does not exist");
+    assert_eq!(
+        err.to_string(),
+        "service \"default/missing\" does not exist"
+    );
     assert_eq!(err, TableError::UnknownService("default/missing".into()));
 
     let err = table
@@ -181,7 +205,10 @@ fn a_rejected_batch_changes_nothing() {
 
     let after = table.load();
     assert_eq!(after.generation(), ok.generation);
-    assert!(std::ptr::eq(&*before, &**after), "the same snapshot is still published");
+    assert!(
+        std::ptr::eq(&*before, &**after),
+        "the same snapshot is still published"
+    );
     assert!(after.service("default/other").is_none());
 }
 
