@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use svcproxy::core::{Policy, SessionAffinity, Table};
+use svcproxy::core::{Policy, Protocol, ServicePortKey, SessionAffinity, Table};
 
 const SERVICES: usize = 10_000;
 const PER_SERVICE: usize = 10;
@@ -47,7 +47,7 @@ fn select(c: &mut Criterion) {
             },
         ),
     ];
-    let key = common::key(77);
+    let key = ServicePortKey::new(SocketAddr::from((common::vip(77), 80)), Protocol::Tcp);
     for (name, policy, affinity) in policies {
         let table = table(policy, affinity);
         let now = Instant::now();

@@ -2,14 +2,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use svcproxy::core::{Batch, Endpoint, Policy, Protocol, Service, ServicePort, ServicePortKey};
+use svcproxy::core::{Batch, Endpoint, Policy, Service, ServicePort};
 
 pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x0a60_0000 + i as u32)
-}
-
-pub fn key(i: usize) -> ServicePortKey {
-    ServicePortKey::new(SocketAddr::from((vip(i), 80)), Protocol::Tcp)
 }
 
 pub fn service(i: usize, policy: Policy) -> Service {

@@ -385,3 +385,34 @@ fn session_policy_walks_endpoints_until_attempts_run_out() {
             .is_none()
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A client keeps its endpoint exactly while its idle gaps stay within the timeout.
+    #[test]
+    fn affinity_holds_until_an_idle_gap_exceeds_the_timeout(
+        timeout in 1u64..100,
+        gaps in prop::collection::vec(0u64..150, 1..8),
+    ) {
+        let t = table_with(affinity_service(timeout), endpoints(4));
+        let snap = t.load();
+        let port = snap.lookup(&key()).unwrap();
+        let ip = [127, 0, 0, 9];
+        let mut now = Instant::now();
+        let mut current = port.select(SocketAddr::from((ip, 1)), now).unwrap().addr();
+        for (i, gap) in gaps.into_iter().enumerate() {
+            // Another client in between: the round-robin pick after its pick is what a
+            // rebalanced client gets.
+            let other = port.select(client(1000 + i as u32), now).unwrap().addr();
+            let backends = port.backends();
+            let j = backends.iter().position(|b| b.addr() == other).unwrap();
+            let rebalanced = backends[(j + 1) % backends.len()].addr();
+            now += Duration::from_secs(gap);
+            let next = port.select(SocketAddr::from((ip, 2 + i as u16)), now).unwrap().addr();
+            let want = if gap <= timeout { current } else { rebalanced };
+            prop_assert_eq!(next, want);
+            current = next;
+        }
+    }
+}

@@ -235,3 +235,65 @@ fn two_services_cannot_share_a_frontend() {
         .apply(Batch::new().remove("default/web").upsert(moved))
         .unwrap();
 }
+
+mod properties {
+    use proptest::prelude::*;
+    use svcproxy_core::*;
+
+    fn arb_service() -> impl Strategy<Value = Service> {
+        let name = prop_oneof!["[a-z0-9/.-]{1,20}", ".{0,6}"];
+        let port = (any::<bool>(), 0u16..4, prop::option::of("[a-z]{0,3}"), prop::option::of(0u16..3));
+        (
+            name,
+            prop::collection::vec(any::<[u8; 4]>(), 0..3),
+            prop::collection::vec(port, 0..3),
+            0u32..70_000,
+        )
+            .prop_map(|(name, ips, ports, maglev)| {
+                let mut s = Service::new(name);
+                s.addresses = ips.into_iter().map(|b| b.into()).collect();
+                for (udp, number, pname, node_port) in ports {
+                    let mut p = ServicePort::new(if udp { Protocol::Udp } else { Protocol::Tcp }, number);
+                    p.name = pname;
+                    p.node_port = node_port;
+                    s.ports.push(p);
+                }
+                if maglev % 2 == 1 {
+                    s.policy = Policy::Maglev { table_size: maglev };
+                }
+                s
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the input, the table accepts exactly what validates, never panics, and a
+        /// rejected change leaves the published snapshot untouched.
+        #[test]
+        fn the_table_accepts_exactly_what_validates(s in arb_service()) {
+            let table = Table::default();
+            let valid = s.validate();
+            let before = table.load_full();
+            match table.apply(Batch::new().upsert(s.clone())) {
+                Ok(p) => {
+                    prop_assert!(valid.is_ok());
+                    prop_assert_eq!(p.generation, 1);
+                    prop_assert!(table.load().service(&s.name).is_some());
+                }
+                Err(TableError::Invalid { service, error }) => {
+                    prop_assert_eq!(Some(error), valid.err());
+                    prop_assert_eq!(service, s.name);
+                    let after = table.load();
+                    prop_assert!(std::ptr::eq(&*before, &**after));
+                }
+                Err(other) => {
+                    // A service can collide only with itself (same frontend twice).
+                    prop_assert!(valid.is_ok());
+                    prop_assert!(matches!(other, TableError::Conflict { .. }), "{}", other);
+                    prop_assert_eq!(table.load().generation(), 0);
+                }
+            }
+        }
+    }
+}
