@@ -1,0 +1,21 @@
+//! Linux plumbing shared by svcproxy's backends: sockets set up the way a service proxy needs
+//! them, pipes for splice, batched datagram I/O with the local-address ancillary data that
+//! reverse translation needs, and an eventfd waker.
+//!
+//! Contract: every function here is a thin, safe wrapper over one or a few system calls, with
+//! no policy of its own (policy lives in `svcproxy-core`). Non-blocking descriptors everywhere:
+//! `WouldBlock` is an ordinary result, never a reason to wait. Every `unsafe` block of the
+//! epoll backend lives in this crate, each with a `// SAFETY:` comment; most calls go through
+//! `rustix` and `socket2`, which are safe.
+
+#![warn(missing_docs)]
+
+pub mod dgram;
+pub mod pipe;
+pub mod socket;
+pub mod waker;
+
+pub use dgram::{Datagram, RecvBatch, send_many};
+pub use pipe::Pipe;
+pub use socket::{ListenOptions, accept, connect, listen, reset};
+pub use waker::Waker;

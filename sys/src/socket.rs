@@ -1,0 +1,167 @@
+//! Sockets as a service proxy needs them.
+//!
+//! Listeners are non-blocking, close-on-exec, `SO_REUSEADDR` + `SO_REUSEPORT` (one listener
+//! per worker, the kernel spreads clients), `IP_FREEBIND` (a service address may be bound before
+//! it is assigned to an interface), IPv6 listeners are IPv6-only (so `0.0.0.0` and `::` can both
+//! be bound), TCP listeners set `TCP_NODELAY` (inherited by accepted sockets: a proxy forwards
+//! whatever arrives at once), and UDP listeners report each datagram's destination address
+//! (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) so replies can be sent from it.
+
+use std::io;
+use std::mem::size_of;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::net::SocketFlags;
+use socket2::{Domain, SockAddr, Socket, Type};
+use svcproxy_core::{Protocol, ServicePortKey};
+
+/// How listeners are set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// TCP accept queue length.
+    pub backlog: i32,
+    /// Bind with `IP_TRANSPARENT` (needs CAP_NET_ADMIN; for TPROXY capture).
+    pub transparent: bool,
+    /// `SO_RCVBUF` for UDP listeners (the kernel caps it at `net.core.rmem_max`).
+    pub udp_recv_buffer: usize,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        Self {
+            backlog: 4096,
+            transparent: false,
+            udp_recv_buffer: 4 << 20,
+        }
+    }
+}
+
+fn domain(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 }
+}
+
+fn socket_type(protocol: Protocol) -> Type {
+    match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    }
+    .nonblocking()
+    .cloexec()
+}
+
+/// Creates a bound (and for TCP, listening) socket for `key`.
+pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket> {
+    let addr = key.addr;
+    let socket = Socket::new(domain(&addr), socket_type(key.protocol), None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+        if options.transparent {
+            socket.set_ip_transparent_v6(true)?;
+        }
+    } else {
+        socket.set_freebind_v4(true)?;
+        if options.transparent {
+            socket.set_ip_transparent_v4(true)?;
+        }
+    }
+    match key.protocol {
+        Protocol::Tcp => {
+            socket.set_tcp_nodelay(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(options.backlog)?;
+        }
+        Protocol::Udp => {
+            enable_pktinfo(&socket, addr.is_ipv6())?;
+            // Best effort: a smaller buffer only means more drops under bursts.
+            let _ = socket.set_recv_buffer_size(options.udp_recv_buffer);
+            socket.bind(&addr.into())?;
+        }
+    }
+    Ok(socket)
+}
+
+fn enable_pktinfo(socket: &Socket, v6: bool) -> io::Result<()> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and the length passed is its size; the fd is owned by
+    // `socket` for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Accepts one connection: non-blocking, close-on-exec. `WouldBlock` when none is waiting.
+#[inline]
+pub fn accept(listener: &Socket) -> io::Result<(Socket, SocketAddr)> {
+    let (fd, peer) =
+        rustix::net::acceptfrom_with(listener.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let peer = peer
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted peer is not an IP address"))?;
+    Ok((Socket::from(fd), peer))
+}
+
+/// Starts connecting to `backend`, optionally from `source` (bound first, with
+/// `IP_TRANSPARENT` when `transparent`, to present the client's address to the backend).
+/// TCP: returns at once; the connect completes when the socket turns writable (check
+/// `take_error`). UDP: the socket is connected when this returns.
+pub fn connect(
+    backend: SocketAddr,
+    protocol: Protocol,
+    source: Option<SocketAddr>,
+    transparent: bool,
+) -> io::Result<Socket> {
+    let socket = Socket::new(domain(&backend), socket_type(protocol), None)?;
+    if let Some(source) = source {
+        if transparent {
+            if source.is_ipv6() {
+                socket.set_ip_transparent_v6(true)?;
+            } else {
+                socket.set_ip_transparent_v4(true)?;
+            }
+        }
+        socket.bind(&source.into())?;
+    }
+    if protocol == Protocol::Tcp {
+        socket.set_tcp_nodelay(true)?;
+    }
+    match socket.connect(&SockAddr::from(backend)) {
+        Ok(()) => Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+        Err(e) => Err(e),
+    }
+}
+
+/// Closes `socket` with a reset (RST) instead of a FIN.
+pub fn reset(socket: Socket) {
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    drop(socket);
+}
+
+/// Whether an error means "out of descriptors" (EMFILE, ENFILE) or of kernel memory for
+/// sockets (ENOBUFS, ENOMEM): the kind to back off from rather than fail on.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
