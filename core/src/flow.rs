@@ -35,7 +35,8 @@ pub struct FlowKey {
     pub local: SocketAddr,
 }
 
-/// Names a flow in its table; stale ids never match a newer flow.
+/// Names a flow in its table; stale ids never match a newer flow (until 2^28 flows later in
+/// the same slot). Packs into the low 60 bits of a `u64`, leaving 4 bits for a caller's tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowId {
     index: u32,
@@ -43,16 +44,19 @@ pub struct FlowId {
 }
 
 impl FlowId {
-    /// Packs the id into 64 bits (for an epoll token or io_uring user data).
+    /// Bits of the generation.
+    pub const GENERATION_BITS: u32 = 28;
+
+    /// Packs the id into the low 60 bits (for an epoll token or io_uring user data).
     pub fn to_u64(self) -> u64 {
         (u64::from(self.generation) << 32) | u64::from(self.index)
     }
 
-    /// Unpacks [`FlowId::to_u64`].
+    /// Unpacks [`FlowId::to_u64`] (bits above the low 60 are ignored).
     pub fn from_u64(v: u64) -> Self {
         Self {
             index: v as u32,
-            generation: (v >> 32) as u32,
+            generation: ((v >> 32) as u32) & ((1 << Self::GENERATION_BITS) - 1),
         }
     }
 }
@@ -147,7 +151,7 @@ impl<H> FlowTable<H> {
             generation,
         };
         let handle = make_handle(id)?;
-        self.next_generation = self.next_generation.wrapping_add(1);
+        self.next_generation = (self.next_generation + 1) & ((1 << FlowId::GENERATION_BITS) - 1);
         let tally = backend.tally().clone();
         tally.opened();
         entry.insert((

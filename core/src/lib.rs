@@ -27,6 +27,9 @@
 
 #![warn(missing_docs)]
 
+pub mod backoff;
+pub mod config;
+pub mod control;
 pub mod error;
 pub mod flow;
 mod loom;
@@ -36,6 +39,9 @@ pub mod session;
 pub mod stats;
 pub mod table;
 
+pub use backoff::Backoff;
+pub use config::ProxyConfig;
+pub use control::{Control, WorkerContext};
 pub use error::{Problem, TableError, ValidationError};
 pub use flow::{Flow, FlowId, FlowKey, FlowTable};
 pub use model::{

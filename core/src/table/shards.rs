@@ -88,26 +88,43 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
             .flat_map(|s| s.iter().map(|(k, v)| (k, v)))
     }
 
-    /// Keys only in `self` and keys only in `older`. Compares just the shards the two do not
-    /// share, so it is cheap when `self` was derived from `older` by a few changes. Both maps
-    /// must descend from one map (same hasher).
-    pub(crate) fn key_changes(&self, older: &Self) -> (Vec<K>, Vec<K>) {
-        let (mut added, mut removed) = (Vec::new(), Vec::new());
-        let only_in = |a: &HashTable<(K, V)>, b: &HashTable<(K, V)>, out: &mut Vec<K>| {
-            let keys = a.iter().map(|(k, _)| k);
-            out.extend(
-                keys.filter(|k| b.find(self.hasher.hash_one(*k), |(x, _)| x == *k).is_none())
-                    .cloned(),
-            );
+    /// Keys only in `self`, keys only in `older`, and keys in both whose values differ by
+    /// `same`. Compares just the shards the two do not share, so it is cheap when `self` was
+    /// derived from `older` by a few changes. Both maps must descend from one map (same hasher).
+    pub(crate) fn diff(&self, older: &Self, same: impl Fn(&V, &V) -> bool) -> KeyDiff<K> {
+        let mut diff = KeyDiff {
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+        };
+        let find = |t: &'_ HashTable<(K, V)>, k: &K| -> Option<V> {
+            t.find(self.hasher.hash_one(k), |(x, _)| x == k)
+                .map(|(_, v)| v.clone())
         };
         for (new, old) in self.shards.iter().zip(older.shards.iter()) {
-            if !Arc::ptr_eq(new, old) {
-                only_in(new, old, &mut added);
-                only_in(old, new, &mut removed);
+            if Arc::ptr_eq(new, old) {
+                continue;
             }
+            for (k, v) in new.iter() {
+                match find(old, k) {
+                    None => diff.added.push(k.clone()),
+                    Some(o) if !same(v, &o) => diff.changed.push(k.clone()),
+                    Some(_) => {}
+                }
+            }
+            diff.removed
+                .extend(old.iter().filter(|(k, _)| find(new, k).is_none()).map(|(k, _)| k.clone()));
         }
-        (added, removed)
+        diff
     }
+}
+
+/// What [`ShardedMap::diff`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct KeyDiff<K> {
+    pub(crate) added: Vec<K>,
+    pub(crate) removed: Vec<K>,
+    pub(crate) changed: Vec<K>,
 }
 
 #[cfg(test)]
@@ -128,8 +145,10 @@ mod tests {
         assert_eq!((a.get(&7), b.get(&7)), (Some(&14), Some(&70)));
         assert_eq!(b.len(), 999);
         assert_eq!(b.iter().count(), 999);
-        assert_eq!(b.key_changes(&a), (vec![], vec![8]));
-        assert_eq!(a.key_changes(&b), (vec![8], vec![]));
+        let diff = b.diff(&a, |x, y| x == y);
+        assert_eq!((diff.added, diff.removed, diff.changed), (vec![], vec![8], vec![7]));
+        let diff = a.diff(&b, |x, y| x == y);
+        assert_eq!((diff.added, diff.removed, diff.changed), (vec![8], vec![], vec![7]));
         // Only the shards of keys 7 and 8 were copied.
         let copied = b
             .shards

@@ -64,13 +64,15 @@ impl ServiceEntry {
     }
 }
 
-/// Frontends that appeared or disappeared between two snapshots.
+/// Frontends that differ between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FrontendChanges {
     /// In the newer snapshot only.
     pub added: Vec<ServicePortKey>,
     /// In the older snapshot only.
     pub removed: Vec<ServicePortKey>,
+    /// In both, with a rebuilt port state (its endpoints or settings may have changed).
+    pub changed: Vec<ServicePortKey>,
 }
 
 /// A published table. Obtain one with [`Table::load`](super::Table::load).
@@ -135,20 +137,31 @@ impl Snapshot {
         self.frontends.len()
     }
 
-    /// Frontends added and removed since `older`. Fast (only the changed parts are compared)
+    /// Frontends added, removed and changed since `older`. Fast (only the changed parts are compared)
     /// when both snapshots come from the same table, correct for any two.
     pub fn frontend_changes(&self, older: &Snapshot) -> FrontendChanges {
         let mut changes = FrontendChanges::default();
         if self.table_id == older.table_id {
-            (changes.added, changes.removed) = self.frontends.key_changes(&older.frontends);
+            let diff = self.frontends.diff(&older.frontends, Arc::ptr_eq);
+            changes = FrontendChanges {
+                added: diff.added,
+                removed: diff.removed,
+                changed: diff.changed,
+            };
         } else {
-            let added = self.frontends().map(|(k, _)| *k);
-            changes.added = added.filter(|k| older.lookup(k).is_none()).collect();
+            for (k, state) in self.frontends() {
+                match older.lookup(k) {
+                    None => changes.added.push(*k),
+                    Some(old) if !Arc::ptr_eq(old, state) => changes.changed.push(*k),
+                    Some(_) => {}
+                }
+            }
             let removed = older.frontends().map(|(k, _)| *k);
             changes.removed = removed.filter(|k| self.lookup(k).is_none()).collect();
         }
         changes.added.sort_unstable();
         changes.removed.sort_unstable();
+        changes.changed.sort_unstable();
         changes
     }
 

@@ -1,0 +1,78 @@
+//! Proxy settings shared by every backend: worker count, timeouts, limits and buffer sizes.
+
+use std::time::Duration;
+
+use crate::session::TcpPolicy;
+
+/// How a proxy runs. Validate with [`ProxyConfig::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// TCP timeouts, connect attempts and drain policy.
+    pub tcp: TcpPolicy,
+    /// UDP flows without a datagram either way for this long are closed.
+    pub udp_idle_timeout: Duration,
+    /// Most TCP connections open at once, over all workers; clients beyond it wait in the
+    /// accept queue.
+    pub max_connections: usize,
+    /// Most UDP flows per worker; datagrams that would start more are dropped.
+    pub max_udp_flows: usize,
+    /// TCP accept queue length per listener.
+    pub listen_backlog: u32,
+    /// Size of each splice pipe (the kernel rounds it to pages).
+    pub pipe_size: usize,
+    /// Datagrams received or sent per system call.
+    pub udp_batch: usize,
+    /// Connect to backends from the client's own address (`IP_TRANSPARENT`; needs
+    /// CAP_NET_ADMIN and policy routing for the replies, see the daemon docs).
+    pub preserve_client_ip: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            tcp: TcpPolicy::default(),
+            udp_idle_timeout: Duration::from_secs(30),
+            max_connections: 1 << 20,
+            max_udp_flows: 1 << 16,
+            listen_backlog: 4096,
+            pipe_size: 256 << 10,
+            udp_batch: 32,
+            preserve_client_ip: false,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.tcp.validate().map_err(|e| format!("tcp.{e}"))?;
+        let checks: [(&str, u64, u64, u64); 6] = [
+            ("workers", self.workers as u64, 0, 1024),
+            ("max_connections", self.max_connections as u64, 1, 1 << 24),
+            ("max_udp_flows", self.max_udp_flows as u64, 1, 1 << 24),
+            ("listen_backlog", u64::from(self.listen_backlog), 1, 1 << 20),
+            ("pipe_size", self.pipe_size as u64, 4096, 64 << 20),
+            ("udp_batch", self.udp_batch as u64, 1, 64),
+        ];
+        for (field, got, min, max) in checks {
+            if !(min..=max).contains(&got) {
+                return Err(format!("{field} is {got}, must be between {min} and {max}"));
+            }
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return Err("udp_idle_timeout must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// Worker threads to start: `workers`, or the CPU count when 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! What a running proxy's workers share with the thread that controls them: the table, the
+//! settings, the connection budget, shutdown, and progress reports.
+//!
+//! Workers report the table generation they have applied (listeners opened and closed, flows
+//! purged); [`Control::wait_applied`] lets the owner wait for that instead of sleeping. Bind
+//! failures are recorded per frontend so that the owner can show them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::config::ProxyConfig;
+use crate::model::ServicePortKey;
+use crate::table::Table;
+
+/// Shared state of one running proxy.
+#[derive(Debug)]
+pub struct Control {
+    table: Arc<Table>,
+    config: ProxyConfig,
+    applied: Box<[AtomicU64]>,
+    progress: Mutex<()>,
+    progressed: Condvar,
+    stopping: AtomicBool,
+    deadline: Mutex<Option<Instant>>,
+    connections: AtomicUsize,
+    bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
+}
+
+/// Everything one worker thread needs.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    /// Worker number, from 0.
+    pub index: usize,
+    /// The shared state.
+    pub control: Arc<Control>,
+}
+
+impl WorkerContext {
+    /// The table the worker serves.
+    pub fn table(&self) -> &Arc<Table> {
+        &self.control.table
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.control.config
+    }
+}
+
+impl Control {
+    /// Shared state for `workers` workers.
+    pub fn new(table: Arc<Table>, config: ProxyConfig, workers: usize) -> Self {
+        Self {
+            table,
+            config,
+            applied: (0..workers).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            progress: Mutex::new(()),
+            progressed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            deadline: Mutex::new(None),
+            connections: AtomicUsize::new(0),
+            bind_errors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The table.
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.applied.len()
+    }
+
+    /// A worker reports that it has applied `generation`.
+    pub fn report_applied(&self, worker: usize, generation: u64) {
+        self.applied[worker].store(generation, Ordering::Release);
+        let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        self.progressed.notify_all();
+    }
+
+    /// A worker reports that it has stopped (it applies nothing more).
+    pub fn report_stopped(&self, worker: usize) {
+        self.report_applied(worker, u64::MAX - 1);
+    }
+
+    /// Waits until every worker has applied `generation` (or a later one), or stopped.
+    /// Returns false on timeout.
+    pub fn wait_applied(&self, generation: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let done = || {
+            self.applied.iter().all(|a| {
+                let g = a.load(Ordering::Acquire);
+                g != u64::MAX && g >= generation
+            })
+        };
+        let mut guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        while !done() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = self
+                .progressed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Starts a graceful shutdown: stop accepting; close what is left at `deadline`.
+    pub fn begin_shutdown(&self, deadline: Instant) {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown has begun.
+    #[inline]
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// When remaining connections are closed, once shutdown has begun.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes one connection from the budget; false when `max_connections` are open.
+    #[inline]
+    pub fn admit(&self) -> bool {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Returns a connection to the budget.
+    #[inline]
+    pub fn release(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// TCP connections open now, over all workers.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Records (or with `None`, clears) a failure to bind a frontend.
+    pub fn set_bind_error(&self, key: ServicePortKey, error: Option<String>) {
+        let mut errors = self.bind_errors.lock().unwrap_or_else(PoisonError::into_inner);
+        match error {
+            Some(e) => {
+                errors.insert(key, e);
+            }
+            None => {
+                errors.remove(&key);
+            }
+        }
+    }
+
+    /// Frontends that could not be bound, with the reason.
+    pub fn bind_errors(&self) -> BTreeMap<ServicePortKey, String> {
+        self.bind_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_budget_is_exact() {
+        let config = ProxyConfig {
+            max_connections: 2,
+            ..ProxyConfig::default()
+        };
+        let c = Control::new(Arc::new(Table::default()), config, 1);
+        assert!(c.admit() && c.admit());
+        assert!(!c.admit());
+        c.release();
+        assert!(c.admit());
+        assert_eq!(c.connections(), 2);
+    }
+
+    #[test]
+    fn waiting_for_workers_ends_when_all_applied() {
+        let c = Arc::new(Control::new(Arc::new(Table::default()), ProxyConfig::default(), 2));
+        assert!(!c.wait_applied(0, Duration::from_millis(10)));
+        c.report_applied(0, 3);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.wait_applied(3, Duration::from_secs(10)));
+        c.report_applied(1, 4);
+        assert!(t.join().unwrap());
+        assert!(!c.wait_applied(5, Duration::from_millis(10)));
+        c.report_stopped(0);
+        c.report_stopped(1);
+        assert!(c.wait_applied(5, Duration::from_millis(10)));
+    }
+}
