@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 use hashbrown::HashMap;
-use slab::Slab;
 
 use crate::model::ServicePortKey;
 use crate::select::Backend;
+use crate::slots::{SlotId, Slots};
 use crate::stats::Tally;
 use crate::table::Snapshot;
 
@@ -35,31 +35,8 @@ pub struct FlowKey {
     pub local: SocketAddr,
 }
 
-/// Names a flow in its table; stale ids never match a newer flow (until 2^28 flows later in
-/// the same slot). Packs into the low 60 bits of a `u64`, leaving 4 bits for a caller's tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowId {
-    index: u32,
-    generation: u32,
-}
-
-impl FlowId {
-    /// Bits of the generation.
-    pub const GENERATION_BITS: u32 = 28;
-
-    /// Packs the id into the low 60 bits (for an epoll token or io_uring user data).
-    pub fn to_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.index)
-    }
-
-    /// Unpacks [`FlowId::to_u64`] (bits above the low 60 are ignored).
-    pub fn from_u64(v: u64) -> Self {
-        Self {
-            index: v as u32,
-            generation: ((v >> 32) as u32) & ((1 << Self::GENERATION_BITS) - 1),
-        }
-    }
-}
+/// Names a flow in its table; see [`SlotId`].
+pub type FlowId = SlotId;
 
 /// One flow.
 #[derive(Debug)]
@@ -88,8 +65,7 @@ impl<H> Flow<H> {
 #[derive(Debug)]
 pub struct FlowTable<H> {
     index: HashMap<FlowKey, FlowId, RandomState>,
-    slots: Slab<(u32, Flow<H>)>,
-    next_generation: u32,
+    slots: Slots<Flow<H>>,
     idle_timeout: Duration,
     seen_generation: Option<u64>,
 }
@@ -99,8 +75,7 @@ impl<H> FlowTable<H> {
     pub fn new(idle_timeout: Duration) -> Self {
         Self {
             index: HashMap::default(),
-            slots: Slab::new(),
-            next_generation: 0,
+            slots: Slots::new(),
             idle_timeout,
             seen_generation: None,
         }
@@ -117,18 +92,13 @@ impl<H> FlowTable<H> {
     /// The flow named by `id` (the reverse lookup for replies).
     #[inline]
     pub fn get(&self, id: FlowId) -> Option<&Flow<H>> {
-        match self.slots.get(id.index as usize) {
-            Some((generation, flow)) if *generation == id.generation => Some(flow),
-            _ => None,
-        }
+        self.slots.get(id)
     }
 
     /// Marks the flow as used at `now`.
     #[inline]
     pub fn touch(&mut self, id: FlowId, now: Instant) {
-        if let Some((generation, flow)) = self.slots.get_mut(id.index as usize)
-            && *generation == id.generation
-        {
+        if let Some(flow) = self.slots.get_mut(id) {
             flow.last_seen = now;
         }
     }
@@ -144,30 +114,20 @@ impl<H> FlowTable<H> {
         now: Instant,
         make_handle: impl FnOnce(FlowId) -> Result<H, E>,
     ) -> Result<FlowId, E> {
-        let entry = self.slots.vacant_entry();
-        let generation = self.next_generation;
-        let id = FlowId {
-            index: entry.key() as u32,
-            generation,
-        };
-        let handle = make_handle(id)?;
-        self.next_generation = (self.next_generation + 1) & ((1 << FlowId::GENERATION_BITS) - 1);
-        let tally = backend.tally().clone();
-        tally.opened();
-        entry.insert((
-            generation,
-            Flow {
+        let id = self.slots.insert_with(|id| {
+            Ok(Flow {
                 key,
                 listener,
                 endpoint: backend.addr(),
-                tally,
-                handle,
+                tally: backend.tally().clone(),
+                handle: make_handle(id)?,
                 last_seen: now,
-            },
-        ));
+            })
+        })?;
+        backend.tally().opened();
         if let Some(old) = self.index.insert(key, id) {
             // The caller replaced a live flow; end the old one's accounting.
-            if let Some(flow) = self.take(old) {
+            if let Some(flow) = self.slots.remove(old) {
                 flow.tally.closed();
             }
         }
@@ -176,21 +136,12 @@ impl<H> FlowTable<H> {
 
     /// Removes a flow, counting it as closed.
     pub fn remove(&mut self, id: FlowId) -> Option<Flow<H>> {
-        let flow = self.take(id)?;
+        let flow = self.slots.remove(id)?;
         if self.index.get(&flow.key) == Some(&id) {
             self.index.remove(&flow.key);
         }
         flow.tally.closed();
         Some(flow)
-    }
-
-    fn take(&mut self, id: FlowId) -> Option<Flow<H>> {
-        match self.slots.get(id.index as usize) {
-            Some((generation, _)) if *generation == id.generation => {
-                Some(self.slots.remove(id.index as usize).1)
-            }
-            _ => None,
-        }
     }
 
     /// Removes and returns every flow idle for longer than the idle timeout.
@@ -223,11 +174,8 @@ impl<H> FlowTable<H> {
         let ids: Vec<FlowId> = self
             .slots
             .iter()
-            .filter(|(_, (_, f))| doomed(f))
-            .map(|(index, (generation, _))| FlowId {
-                index: index as u32,
-                generation: *generation,
-            })
+            .filter(|(_, f)| doomed(f))
+            .map(|(id, _)| id)
             .collect();
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
@@ -244,13 +192,7 @@ impl<H> FlowTable<H> {
 
     /// Every flow with its id.
     pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow<H>)> {
-        self.slots.iter().map(|(index, (generation, flow))| {
-            let id = FlowId {
-                index: index as u32,
-                generation: *generation,
-            };
-            (id, flow)
-        })
+        self.slots.iter()
     }
 
     /// The idle timeout.

@@ -36,6 +36,7 @@ mod loom;
 pub mod model;
 pub mod select;
 pub mod session;
+pub mod slots;
 pub mod stats;
 pub mod table;
 
@@ -50,5 +51,6 @@ pub use model::{
 };
 pub use select::{Backend, PortState};
 pub use session::{DrainPolicy, TcpPolicy, TcpSession};
+pub use slots::{SlotId, Slots};
 pub use stats::{CounterValues, Counters, PortStats, Tally};
 pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};
