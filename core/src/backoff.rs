@@ -14,7 +14,11 @@ pub struct Backoff {
 impl Backoff {
     /// Backoff from `min` to `max`.
     pub const fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, next: min }
+        Self {
+            min,
+            max,
+            next: min,
+        }
     }
 
     /// Records a failure; returns how long to wait before trying again.

@@ -139,7 +139,9 @@ impl Control {
     pub fn admit(&self) -> bool {
         let max = self.config.max_connections;
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -156,7 +158,10 @@ impl Control {
 
     /// Records (or with `None`, clears) a failure to bind a frontend.
     pub fn set_bind_error(&self, key: ServicePortKey, error: Option<String>) {
-        let mut errors = self.bind_errors.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut errors = self
+            .bind_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match error {
             Some(e) => {
                 errors.insert(key, e);
@@ -196,7 +201,11 @@ mod tests {
 
     #[test]
     fn waiting_for_workers_ends_when_all_applied() {
-        let c = Arc::new(Control::new(Arc::new(Table::default()), ProxyConfig::default(), 2));
+        let c = Arc::new(Control::new(
+            Arc::new(Table::default()),
+            ProxyConfig::default(),
+            2,
+        ));
         assert!(!c.wait_applied(0, Duration::from_millis(10)));
         c.report_applied(0, 3);
         let c2 = c.clone();

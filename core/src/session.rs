@@ -149,7 +149,10 @@ pub enum Step {
 /// Per-connection policy state.
 #[derive(Debug, Clone)]
 pub struct TcpSession {
-    tried: [Option<SocketAddr>; MAX_CONNECT_ATTEMPTS as usize],
+    /// The first endpoint tried (kept inline: most connections never retry).
+    first: Option<SocketAddr>,
+    /// Endpoints tried after it.
+    retried: Vec<SocketAddr>,
     attempts: u32,
     eof: [bool; 2],
     shut: [bool; 2],
@@ -165,7 +168,8 @@ impl TcpSession {
     /// A session before its first connect attempt.
     pub fn new() -> Self {
         Self {
-            tried: [None; MAX_CONNECT_ATTEMPTS as usize],
+            first: None,
+            retried: Vec::new(),
             attempts: 0,
             eof: [false; 2],
             shut: [false; 2],
@@ -175,8 +179,10 @@ impl TcpSession {
     /// Records a connect attempt to `backend`; returns its timeout.
     pub fn connecting(&mut self, policy: &TcpPolicy, backend: SocketAddr) -> Duration {
         let n = self.attempts;
-        if let Some(slot) = self.tried.get_mut(n as usize) {
-            *slot = Some(backend);
+        if self.first.is_none() {
+            self.first = Some(backend);
+        } else {
+            self.retried.push(backend);
         }
         self.attempts += 1;
         policy.attempt_timeout(n)
@@ -184,7 +190,7 @@ impl TcpSession {
 
     /// Endpoints tried so far.
     pub fn tried(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.tried.iter().flatten().copied()
+        self.first.iter().chain(self.retried.iter()).copied()
     }
 
     /// After the last attempt failed (refused, unreachable, timed out): the next backend to

@@ -65,7 +65,10 @@ impl<T> Slots<T> {
     }
 
     /// Adds the entry `make` builds knowing its id; nothing is added if `make` fails.
-    pub fn insert_with<E>(&mut self, make: impl FnOnce(SlotId) -> Result<T, E>) -> Result<SlotId, E> {
+    pub fn insert_with<E>(
+        &mut self,
+        make: impl FnOnce(SlotId) -> Result<T, E>,
+    ) -> Result<SlotId, E> {
         let entry = self.slab.vacant_entry();
         let id = SlotId {
             index: entry.key() as u32,
@@ -139,7 +142,10 @@ mod tests {
         assert_eq!(s.remove(a), Some("a"));
         let b = s.insert("b");
         assert_eq!(s.get(a), None, "same slot, new generation");
-        assert_eq!(s.get(SlotId::from_u64(b.to_u64() | (0xF << 60))), Some(&"b"));
+        assert_eq!(
+            s.get(SlotId::from_u64(b.to_u64() | (0xF << 60))),
+            Some(&"b")
+        );
         assert!(b.to_u64() < 1 << 60);
         let r: Result<SlotId, &str> = s.insert_with(|_| Err("no"));
         assert!(r.is_err());

@@ -242,7 +242,12 @@ mod properties {
 
     fn arb_service() -> impl Strategy<Value = Service> {
         let name = prop_oneof!["[a-z0-9/.-]{1,20}", ".{0,6}"];
-        let port = (any::<bool>(), 0u16..4, prop::option::of("[a-z]{0,3}"), prop::option::of(0u16..3));
+        let port = (
+            any::<bool>(),
+            0u16..4,
+            prop::option::of("[a-z]{0,3}"),
+            prop::option::of(0u16..3),
+        );
         (
             name,
             prop::collection::vec(any::<[u8; 4]>(), 0..3),
@@ -253,7 +258,8 @@ mod properties {
                 let mut s = Service::new(name);
                 s.addresses = ips.into_iter().map(|b| b.into()).collect();
                 for (udp, number, pname, node_port) in ports {
-                    let mut p = ServicePort::new(if udp { Protocol::Udp } else { Protocol::Tcp }, number);
+                    let mut p =
+                        ServicePort::new(if udp { Protocol::Udp } else { Protocol::Tcp }, number);
                     p.name = pname;
                     p.node_port = node_port;
                     s.ports.push(p);

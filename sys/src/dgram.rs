@@ -161,7 +161,10 @@ impl RecvBatch {
 ///
 /// # Safety
 /// `name` must point to at least `len` initialised bytes of a `sockaddr` family.
-unsafe fn socket_addr(name: *const libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+unsafe fn socket_addr(
+    name: *const libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<SocketAddr> {
     let len = len as usize;
     // SAFETY: the caller guarantees `name` is readable; the family field comes first.
     let family = unsafe { (*name).ss_family } as libc::c_int;
@@ -170,14 +173,22 @@ unsafe fn socket_addr(name: *const libc::sockaddr_storage, len: libc::socklen_t)
             // SAFETY: the family says sockaddr_in and the length covers it.
             let sin = unsafe { ptr::read_unaligned(name.cast::<libc::sockaddr_in>()) };
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
             // SAFETY: the family says sockaddr_in6 and the length covers it.
             let sin6 = unsafe { ptr::read_unaligned(name.cast::<libc::sockaddr_in6>()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             let port = u16::from_be(sin6.sin6_port);
-            Some(SocketAddr::V6(SocketAddrV6::new(ip, port, sin6.sin6_flowinfo, sin6.sin6_scope_id)))
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                port,
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
         }
         _ => None,
     }
@@ -201,7 +212,9 @@ unsafe fn pktinfo_local(h: &libc::msghdr) -> Option<IpAddr> {
             let kind = (*c).cmsg_type;
             if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
                 let info = ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
-                return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+                return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
             }
             if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
                 let info = ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());

@@ -16,6 +16,6 @@ pub mod socket;
 pub mod waker;
 
 pub use dgram::{Datagram, RecvBatch, send_many};
-pub use pipe::Pipe;
+pub use pipe::{Pipe, PipePool};
 pub use socket::{ListenOptions, accept, connect, listen, reset};
 pub use waker::Waker;

@@ -52,3 +52,46 @@ impl Pipe {
         Ok(splice(&self.read, None, socket, None, len, flags)?)
     }
 }
+
+/// Spare empty pipes, so that connections take a pipe only while data flows and give it back
+/// when idle (DESIGN-NOTES section 3: idle connections hold no pipes). Never give back a pipe
+/// that still holds bytes: they would reach another connection.
+#[derive(Debug)]
+pub struct PipePool {
+    free: Vec<Pipe>,
+    size: usize,
+    keep: usize,
+}
+
+impl PipePool {
+    /// A pool of pipes of `size` bytes, keeping at most `keep` spare ones.
+    pub fn new(size: usize, keep: usize) -> Self {
+        Self {
+            free: Vec::new(),
+            size,
+            keep,
+        }
+    }
+
+    /// A spare pipe, or a new one.
+    #[inline]
+    pub fn take(&mut self) -> io::Result<Pipe> {
+        match self.free.pop() {
+            Some(p) => Ok(p),
+            None => Pipe::new(self.size),
+        }
+    }
+
+    /// Returns an empty pipe to the pool (closes it when the pool is full).
+    #[inline]
+    pub fn give(&mut self, pipe: Pipe) {
+        if self.free.len() < self.keep {
+            self.free.push(pipe);
+        }
+    }
+
+    /// Spare pipes held.
+    pub fn spare(&self) -> usize {
+        self.free.len()
+    }
+}

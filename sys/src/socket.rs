@@ -38,7 +38,11 @@ impl Default for ListenOptions {
 }
 
 fn domain(addr: &SocketAddr) -> Domain {
-    if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 }
+    if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
 }
 
 fn socket_type(protocol: Protocol) -> Type {
@@ -112,11 +116,18 @@ fn enable_pktinfo(socket: &Socket, v6: bool) -> io::Result<()> {
 /// Accepts one connection: non-blocking, close-on-exec. `WouldBlock` when none is waiting.
 #[inline]
 pub fn accept(listener: &Socket) -> io::Result<(Socket, SocketAddr)> {
-    let (fd, peer) =
-        rustix::net::acceptfrom_with(listener.as_fd(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let (fd, peer) = rustix::net::acceptfrom_with(
+        listener.as_fd(),
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+    )?;
     let peer = peer
         .and_then(|a| SocketAddr::try_from(a).ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted peer is not an IP address"))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "accepted peer is not an IP address",
+            )
+        })?;
     Ok((Socket::from(fd), peer))
 }
 

@@ -8,8 +8,14 @@ use svcproxy_core::{Protocol, ServicePortKey};
 use svcproxy_sys::{ListenOptions, RecvBatch, listen, send_many};
 
 fn wait_readable(socket: &socket2::Socket) {
-    let mut fds = [rustix::event::PollFd::new(socket, rustix::event::PollFlags::IN)];
-    let timeout = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };
+    let mut fds = [rustix::event::PollFd::new(
+        socket,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
     rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
 }
 
@@ -24,7 +30,9 @@ fn wildcard_listener_reports_the_local_address_and_replies_from_it() {
 
     let service: SocketAddr = SocketAddr::from(([127, 0, 0, 77], port));
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     client.connect(service).unwrap();
     let big = vec![0xa5u8; 60 * 1024];
     client.send(b"hello").unwrap();

@@ -112,8 +112,11 @@ impl<K: Hash + Eq + Clone, V: Clone> ShardedMap<K, V> {
                     Some(_) => {}
                 }
             }
-            diff.removed
-                .extend(old.iter().filter(|(k, _)| find(new, k).is_none()).map(|(k, _)| k.clone()));
+            diff.removed.extend(
+                old.iter()
+                    .filter(|(k, _)| find(new, k).is_none())
+                    .map(|(k, _)| k.clone()),
+            );
         }
         diff
     }
@@ -146,9 +149,15 @@ mod tests {
         assert_eq!(b.len(), 999);
         assert_eq!(b.iter().count(), 999);
         let diff = b.diff(&a, |x, y| x == y);
-        assert_eq!((diff.added, diff.removed, diff.changed), (vec![], vec![8], vec![7]));
+        assert_eq!(
+            (diff.added, diff.removed, diff.changed),
+            (vec![], vec![8], vec![7])
+        );
         let diff = a.diff(&b, |x, y| x == y);
-        assert_eq!((diff.added, diff.removed, diff.changed), (vec![8], vec![], vec![7]));
+        assert_eq!(
+            (diff.added, diff.removed, diff.changed),
+            (vec![8], vec![], vec![7])
+        );
         // Only the shards of keys 7 and 8 were copied.
         let copied = b
             .shards

@@ -1,0 +1,213 @@
+//! The running proxy: worker threads of the chosen backend, woken on every table publish.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use svcproxy_core::table::SubscriptionId;
+use svcproxy_core::{Control, PortStats, ProxyConfig, ServicePortKey, Table, WorkerContext};
+use svcproxy_sys::Waker;
+use tracing::info;
+
+/// Which data plane runs the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The best available on this machine (today: epoll).
+    #[default]
+    Auto,
+    /// Edge-triggered epoll with splice.
+    Epoll,
+}
+
+/// How to start a [`Proxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    /// The backend.
+    pub backend: BackendKind,
+    /// Workers, timeouts, limits.
+    pub config: ProxyConfig,
+}
+
+/// Why a proxy could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An option is out of range; nothing was started.
+    #[error("invalid option: {0}")]
+    Config(String),
+    /// A system resource (thread, epoll instance, eventfd) could not be had.
+    #[error("cannot start the proxy: {0}")]
+    Io(#[from] io::Error),
+    /// The workers did not apply a table generation in time.
+    #[error("workers did not apply table generation {generation} within {timeout:?}")]
+    Timeout {
+        /// The generation waited for.
+        generation: u64,
+        /// How long was waited.
+        timeout: Duration,
+    },
+    /// A worker stopped with an error.
+    #[error("worker {worker} failed: {error}")]
+    Worker {
+        /// Worker number.
+        worker: usize,
+        /// What went wrong.
+        error: io::Error,
+    },
+}
+
+/// A running proxy. Dropping it shuts it down at once; [`Proxy::shutdown`] drains gracefully.
+#[derive(Debug)]
+pub struct Proxy {
+    control: Arc<Control>,
+    wakers: Arc<Vec<Arc<Waker>>>,
+    subscription: SubscriptionId,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    backend: BackendKind,
+}
+
+/// How long [`Proxy::start`] waits for the workers to open the table's listeners.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Proxy {
+    /// Starts the workers on `table` and waits until they listen on its current frontends.
+    /// Later changes to `table` apply while the proxy runs.
+    pub fn start(table: Arc<Table>, options: Options) -> Result<Proxy, Error> {
+        options.config.validate().map_err(Error::Config)?;
+        let backend = match options.backend {
+            BackendKind::Auto | BackendKind::Epoll => BackendKind::Epoll,
+        };
+        let workers = options.config.worker_count();
+        info!(?backend, workers, "starting svcproxy");
+        let control = Arc::new(Control::new(table.clone(), options.config, workers));
+        let wakers: Arc<Vec<Arc<Waker>>> = Arc::new(
+            (0..workers)
+                .map(|_| Waker::new().map(Arc::new))
+                .collect::<io::Result<_>>()?,
+        );
+        let subscription = {
+            let wakers = wakers.clone();
+            table.subscribe(move |_| wakers.iter().for_each(|w| w.wake()))
+        };
+        let mut proxy = Proxy {
+            control: control.clone(),
+            wakers: wakers.clone(),
+            subscription,
+            threads: Vec::with_capacity(workers),
+            backend,
+        };
+        for (index, waker) in wakers.iter().enumerate() {
+            let ctx = WorkerContext {
+                index,
+                control: control.clone(),
+            };
+            let waker = waker.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("svcproxy-{index}"))
+                .spawn(move || svcproxy_epoll::run(ctx, waker));
+            match thread {
+                Ok(t) => proxy.threads.push(t),
+                Err(e) => {
+                    for i in index..workers {
+                        control.report_stopped(i);
+                    }
+                    proxy.stop(Instant::now());
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+        let generation = table.load().generation();
+        let applied = control.wait_applied(generation, START_TIMEOUT);
+        if let Some(error) = proxy.failed_worker() {
+            proxy.stop(Instant::now());
+            return Err(error);
+        }
+        if !applied {
+            proxy.stop(Instant::now());
+            return Err(Error::Timeout {
+                generation,
+                timeout: START_TIMEOUT,
+            });
+        }
+        Ok(proxy)
+    }
+
+    /// The backend running.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// The service table.
+    pub fn table(&self) -> &Arc<Table> {
+        self.control.table()
+    }
+
+    /// Waits until every worker has applied the table's current generation (listeners opened
+    /// and closed, UDP flows purged). Returns that generation.
+    pub fn sync(&self, timeout: Duration) -> Result<u64, Error> {
+        let generation = self.control.table().load().generation();
+        if self.control.wait_applied(generation, timeout) {
+            Ok(generation)
+        } else {
+            Err(Error::Timeout {
+                generation,
+                timeout,
+            })
+        }
+    }
+
+    /// Counters of every service port and endpoint.
+    pub fn stats(&self) -> Vec<PortStats> {
+        self.control.table().load().stats()
+    }
+
+    /// TCP connections open now.
+    pub fn connections(&self) -> usize {
+        self.control.connections()
+    }
+
+    /// Frontends that could not be bound (retried every second), with the reason.
+    pub fn bind_errors(&self) -> BTreeMap<ServicePortKey, String> {
+        self.control.bind_errors()
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest
+    /// and stops the workers.
+    pub fn shutdown(mut self, grace: Duration) -> Result<(), Error> {
+        self.stop(Instant::now() + grace);
+        Ok(())
+    }
+
+    fn failed_worker(&mut self) -> Option<Error> {
+        let finished = self.threads.iter().position(|t| t.is_finished())?;
+        let thread = self.threads.remove(finished);
+        let error = match thread.join() {
+            Ok(Ok(())) => io::Error::other("stopped unexpectedly"),
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::other("panicked"),
+        };
+        Some(Error::Worker {
+            worker: finished,
+            error,
+        })
+    }
+
+    fn stop(&mut self, deadline: Instant) {
+        self.control.table().unsubscribe(self.subscription);
+        self.control.begin_shutdown(deadline);
+        self.wakers.iter().for_each(|w| w.wake());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop(Instant::now());
+        }
+    }
+}
