@@ -255,8 +255,9 @@ impl PortState {
         self.find(addr)
     }
 
-    /// Picks a backend after a failed connect: the one the policy gives next that is not in
-    /// `tried`, or `None` when every eligible backend has been tried. Under session affinity
+    /// Picks a backend after a failed connect: the next eligible one after the last in `tried`
+    /// (in address order) that is not in `tried`, or `None` when every eligible backend has
+    /// been tried. Under session affinity
     /// the client is moved to the new backend.
     pub fn retry(
         &self,
@@ -268,7 +269,15 @@ impl PortState {
         if n == 0 {
             return None;
         }
-        let start = self.balancer.choose(&client, &self.backends);
+        // Continue after the endpoint that just failed, without moving the policy's cursor:
+        // a dead endpoint then costs one failed attempt per rotation, not one per connection.
+        let start = match tried
+            .last()
+            .and_then(|a| self.backends.binary_search_by_key(a, |b| b.addr).ok())
+        {
+            Some(i) => i + 1,
+            None => self.balancer.choose(&client, &self.backends),
+        };
         let backend = (0..n)
             .map(|k| &self.backends[(start + k) % n])
             .find(|b| !tried.contains(&b.addr))?;

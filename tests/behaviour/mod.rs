@@ -1,0 +1,553 @@
+//! The behaviour suite: every test takes the backend as a parameter, and each backend's test
+//! file instantiates the whole suite with [`suite!`], so all backends are held to the same
+//! behaviour.
+
+#![allow(dead_code)]
+
+pub mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use svcproxy::{BackendKind, Conditions, Protocol, SessionAffinity, Table};
+
+use harness::*;
+
+/// Instantiates every behaviour test for `$backend`, using loopback addresses 127.`$suite`.x.y.
+#[macro_export]
+macro_rules! suite {
+    ($backend:expr, $suite:expr) => {
+        $crate::suite!(@tests $backend, $suite;
+            round_robin_reaches_every_endpoint_in_turn,
+            session_affinity_sticks_and_switching_it_off_spreads_again,
+            client_half_close_still_gets_the_full_reply,
+            backend_half_close_keeps_the_other_direction,
+            backend_reset_resets_the_client,
+            client_reset_resets_the_backend,
+            backend_dying_mid_stream_resets_the_client,
+            refused_endpoint_moves_to_the_next,
+            no_endpoints_refuses_at_once,
+            endpoint_changes_under_load_fail_no_connection,
+            udp_replies_come_from_the_service_address,
+            udp_wildcard_listener_replies_from_the_address_used,
+            udp_flow_to_removed_endpoint_moves_on_next_datagram,
+            udp_large_datagrams_pass_intact,
+            shutdown_closes_everything_and_leaks_no_descriptor,
+        );
+    };
+    (@tests $backend:expr, $suite:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::behaviour::$name($backend, $suite);
+            }
+        )*
+    };
+}
+
+fn table() -> Arc<Table> {
+    Arc::new(Table::default())
+}
+
+pub fn round_robin_reaches_every_endpoint_in_turn(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<TcpServer> = (0..3).map(|_| TcpServer::identify()).collect();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("rr", ip, 80, Protocol::Tcp),
+        servers.iter().map(|s| s.endpoint()).collect(),
+    );
+    let vip = SocketAddr::new(ip, 80);
+    let mut order: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    order.sort();
+    for round in 0..3 {
+        for want in &order {
+            assert_eq!(who_answers(vip).unwrap(), *want, "round {round}");
+        }
+    }
+    let stats = proxy.stats();
+    assert_eq!(stats[0].totals.connections_total, 9);
+    assert!(
+        stats[0]
+            .endpoints
+            .iter()
+            .all(|(_, v)| v.connections_total == 3)
+    );
+}
+
+pub fn session_affinity_sticks_and_switching_it_off_spreads_again(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<TcpServer> = (0..3).map(|_| TcpServer::identify()).collect();
+    let endpoints = || servers.iter().map(|s| s.endpoint()).collect::<Vec<_>>();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 80);
+    let sticky = service("sticky", ip, 80, Protocol::Tcp).affinity(SessionAffinity::ClientIp {
+        timeout: Duration::from_secs(600),
+    });
+    publish(&proxy, sticky, endpoints());
+    let a: IpAddr = [127, 0, 0, 2].into();
+    let b: IpAddr = [127, 0, 0, 3].into();
+    let first = who(&connect_from(a, vip).unwrap()).unwrap();
+    let mut from_b = BTreeSet::new();
+    for _ in 0..6 {
+        assert_eq!(who(&connect_from(a, vip).unwrap()).unwrap(), first);
+        from_b.insert(who(&connect_from(b, vip).unwrap()).unwrap());
+    }
+    assert_eq!(from_b.len(), 1, "client b sticks to one endpoint too");
+    // Affinity off: the same client spreads over every endpoint again.
+    publish(
+        &proxy,
+        service("sticky", ip, 80, Protocol::Tcp),
+        endpoints(),
+    );
+    let seen: BTreeSet<SocketAddr> = (0..6)
+        .map(|_| who(&connect_from(a, vip).unwrap()).unwrap())
+        .collect();
+    assert_eq!(seen.len(), 3);
+}
+
+pub fn client_half_close_still_gets_the_full_reply(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    // The backend reads the whole request, then answers with 4 MiB derived from it.
+    let server = TcpServer::spawn(|mut s| {
+        let mut request = Vec::new();
+        if s.read_to_end(&mut request).is_err() {
+            return;
+        }
+        let reply: Vec<u8> = (0..4 << 20)
+            .map(|i: usize| request[i % request.len()] ^ (i as u8))
+            .collect();
+        let _ = s.write_all(&reply);
+    });
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("half", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    c.write_all(&request).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    let want: Vec<u8> = (0..4 << 20)
+        .map(|i: usize| request[i % request.len()] ^ (i as u8))
+        .collect();
+    assert_eq!(reply.len(), want.len());
+    assert!(reply == want, "reply corrupted");
+}
+
+pub fn backend_half_close_keeps_the_other_direction(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let received = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let received = received.clone();
+        TcpServer::spawn(move |mut s| {
+            let _ = s.write_all(b"greeting");
+            let _ = s.shutdown(Shutdown::Write);
+            let mut all = Vec::new();
+            if s.read_to_end(&mut all).is_ok() {
+                received.store(all.len(), Ordering::SeqCst);
+            }
+        })
+    };
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("half2", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut greeting = Vec::new();
+    c.read_to_end(&mut greeting).unwrap();
+    assert_eq!(
+        greeting, b"greeting",
+        "the backend's FIN reaches the client"
+    );
+    c.write_all(&vec![7u8; 300_000]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    drop(server); // joins the handler: it has read everything by then
+    assert_eq!(received.load(Ordering::SeqCst), 300_000);
+}
+
+fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+use std::net::TcpStream;
+
+pub fn backend_reset_resets_the_client(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = TcpServer::spawn(|mut s| {
+        let mut buf = [0u8; 5];
+        if s.read_exact(&mut buf).is_ok() {
+            reset(s);
+        }
+    });
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("rst", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 16];
+    let err = c.read(&mut buf).expect_err("the client must see the reset");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+
+pub fn client_reset_resets_the_backend(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let outcome: Arc<std::sync::Mutex<Option<ErrorKind>>> = Arc::default();
+    let server = {
+        let outcome = outcome.clone();
+        TcpServer::spawn(move |mut s| {
+            let mut buf = [0u8; 16];
+            let _ = s.read_exact(&mut buf[..5]);
+            let kind = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break ErrorKind::UnexpectedEof,
+                    Ok(_) => continue,
+                    Err(e) => break e.kind(),
+                }
+            };
+            *outcome.lock().unwrap() = Some(kind);
+        })
+    };
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("rst2", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    c.write_all(b"hello").unwrap();
+    // Make sure the connection is through before resetting it.
+    while proxy.stats()[0].totals.bytes_in < 5 {
+        std::thread::yield_now();
+    }
+    reset(c);
+    drop(server);
+    assert_eq!(*outcome.lock().unwrap(), Some(ErrorKind::ConnectionReset));
+}
+
+pub fn backend_dying_mid_stream_resets_the_client(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    // The backend takes 64 KiB of a long upload and dies with unread data (its kernel sends
+    // a reset, as when a process is killed).
+    let server = TcpServer::spawn(|mut s| {
+        let mut buf = vec![0u8; 64 << 10];
+        let _ = s.read_exact(&mut buf);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(s);
+    });
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("dies", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let chunk = vec![1u8; 64 << 10];
+    let mut failed = None;
+    for _ in 0..1024 {
+        if let Err(e) = c.write_all(&chunk) {
+            failed = Some(e.kind());
+            break;
+        }
+    }
+    if failed.is_none() {
+        let mut buf = [0u8; 16];
+        failed = c.read(&mut buf).err().map(|e| e.kind());
+    }
+    let kind = failed.expect("a 64 MiB upload to a dead backend must fail, not succeed");
+    assert!(
+        matches!(kind, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+        "client saw {kind:?}"
+    );
+}
+
+pub fn refused_endpoint_moves_to_the_next(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let live = TcpServer::identify();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let endpoints = vec![live.endpoint(), svcproxy::Endpoint::new(dead)];
+    publish(&proxy, service("retry", ip, 80, Protocol::Tcp), endpoints);
+    for _ in 0..6 {
+        assert_eq!(who_answers(SocketAddr::new(ip, 80)).unwrap(), live.addr);
+    }
+    let stats = &proxy.stats()[0];
+    let dead_stats = stats.endpoints.iter().find(|(a, _)| *a == dead).unwrap().1;
+    assert_eq!(
+        dead_stats.connect_errors, 3,
+        "round robin sent every other connection to it first"
+    );
+    assert_eq!(dead_stats.connections_active, 0);
+}
+
+pub fn no_endpoints_refuses_at_once(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = TcpServer::identify();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 80);
+    publish(&proxy, service("empty", ip, 80, Protocol::Tcp), vec![]);
+    let refused = |what: &str| {
+        let err = connect(vip).expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{what}");
+    };
+    refused("no endpoints");
+    set_endpoints(
+        &proxy,
+        "empty",
+        vec![server.endpoint().conditions(Conditions::NOT_READY)],
+    );
+    refused("no ready endpoint");
+    set_endpoints(&proxy, "empty", vec![server.endpoint()]);
+    assert_eq!(who_answers(vip).unwrap(), server.addr);
+    set_endpoints(&proxy, "empty", vec![]);
+    refused("endpoints removed");
+    proxy
+        .table()
+        .apply(svcproxy::Batch::new().remove("empty"))
+        .unwrap();
+    proxy.sync(IO_TIMEOUT).unwrap();
+    refused("service removed");
+}
+
+pub fn endpoint_changes_under_load_fail_no_connection(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<TcpServer> = (0..4).map(|_| TcpServer::identify()).collect();
+    let endpoints = |which: &[usize]| {
+        which
+            .iter()
+            .map(|&i| servers[i].endpoint())
+            .collect::<Vec<_>>()
+    };
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 80);
+    publish(
+        &proxy,
+        service("churn", ip, 80, Protocol::Tcp),
+        endpoints(&[0, 1, 2]),
+    );
+    const CLIENTS: usize = 200;
+    const THREADS: usize = 8;
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (done, stop) = (done.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for i in (t..CLIENTS).step_by(THREADS) {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let result = connect(vip).and_then(|mut s| {
+                        let msg = format!("client {i}\n");
+                        let who = who(&s)?;
+                        s.write_all(msg.as_bytes())?;
+                        s.shutdown(Shutdown::Write)?;
+                        let mut echo = String::new();
+                        s.read_to_string(&mut echo)?;
+                        assert_eq!(echo, msg);
+                        Ok(who)
+                    });
+                    if let Err(e) = result {
+                        failures.push(format!("client {i}: {e}"));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                failures
+            })
+        })
+        .collect();
+    // Change the endpoint set while they run; every set keeps live endpoints only.
+    let sets: [&[usize]; 4] = [&[0, 1, 2, 3], &[1, 2, 3], &[2, 3, 0], &[0, 1, 2]];
+    let mut changes = 0;
+    while done.load(Ordering::SeqCst) < CLIENTS && changes < 400 {
+        set_endpoints(&proxy, "churn", endpoints(sets[changes % sets.len()]));
+        changes += 1;
+    }
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        failures.is_empty(),
+        "{} of {CLIENTS} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(changes >= 2, "the table changed while clients connected");
+}
+
+pub fn udp_replies_come_from_the_service_address(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<UdpServer> = (0..2).map(|_| UdpServer::echo()).collect();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 53);
+    publish(
+        &proxy,
+        service("dns", ip, 53, Protocol::Udp),
+        servers.iter().map(|s| s.endpoint()).collect(),
+    );
+    // Each client is a flow; flows go round robin. A connected client socket only accepts
+    // datagrams from the service address, so every reply proves reverse translation.
+    let mut per_backend = BTreeMap::new();
+    for i in 0..4 {
+        let client = udp_client(vip);
+        for j in 0..3 {
+            let msg = format!("q{i}.{j}");
+            let (from, echo) = udp_ask(&client, msg.as_bytes()).unwrap();
+            assert_eq!(echo, msg.as_bytes());
+            *per_backend.entry(from).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(per_backend.len(), 2);
+    assert!(per_backend.values().all(|&n| n == 6), "{per_backend:?}");
+    let totals = proxy.stats()[0].totals;
+    assert_eq!((totals.datagrams_in, totals.datagrams_out), (12, 12));
+    assert_eq!(totals.connections_total, 4, "one flow per client");
+}
+
+pub fn udp_wildcard_listener_replies_from_the_address_used(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = UdpServer::echo();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let port = free_port(Protocol::Udp);
+    let any: IpAddr = [0, 0, 0, 0].into();
+    publish(
+        &proxy,
+        service("any", any, port, Protocol::Udp),
+        vec![server.endpoint()],
+    );
+    for _ in 0..2 {
+        let target = SocketAddr::new(service_ip(suite), port);
+        let client = udp_client(target);
+        let (from, echo) = udp_ask(&client, b"ping").unwrap();
+        assert_eq!((from, echo.as_slice()), (server.addr, &b"ping"[..]));
+    }
+}
+
+pub fn udp_flow_to_removed_endpoint_moves_on_next_datagram(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<UdpServer> = (0..2).map(|_| UdpServer::echo()).collect();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 53);
+    publish(
+        &proxy,
+        service("move", ip, 53, Protocol::Udp),
+        servers.iter().map(|s| s.endpoint()).collect(),
+    );
+    let client = udp_client(vip);
+    let (first, _) = udp_ask(&client, b"a").unwrap();
+    assert_eq!(udp_ask(&client, b"b").unwrap().0, first, "the flow sticks");
+    let other: Vec<_> = servers
+        .iter()
+        .filter(|s| s.addr != first)
+        .map(|s| s.endpoint())
+        .collect();
+    set_endpoints(&proxy, "move", other);
+    let (second, echo) = udp_ask(&client, b"c").unwrap();
+    assert_ne!(second, first, "same source port, new endpoint");
+    assert_eq!(echo, b"c");
+}
+
+pub fn udp_large_datagrams_pass_intact(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = UdpServer::echo();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 53);
+    publish(
+        &proxy,
+        service("big", ip, 53, Protocol::Udp),
+        vec![server.endpoint()],
+    );
+    let client = udp_client(vip);
+    for size in [2_000usize, 20_000, 60 << 10] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+        let (_, echo) = udp_ask(&client, &payload).unwrap();
+        assert_eq!(echo.len(), size);
+        assert!(echo == payload, "{size}-byte datagram corrupted");
+    }
+}
+
+pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, suite: u8) {
+    let _g = exclusive();
+    let tcp = TcpServer::identify();
+    let udp = UdpServer::echo();
+    let table = table();
+    let before = open_fds();
+    let proxy = start(backend, &table, config());
+    let ip = service_ip(suite);
+    publish(
+        &proxy,
+        service("t", ip, 80, Protocol::Tcp),
+        vec![tcp.endpoint()],
+    );
+    publish(
+        &proxy,
+        service("u", ip, 53, Protocol::Udp),
+        vec![udp.endpoint()],
+    );
+    // Traffic of each kind, and a connection left open across the shutdown.
+    let open = connect(SocketAddr::new(ip, 80)).unwrap();
+    assert_eq!(who(&open).unwrap(), tcp.addr);
+    let client = udp_client(SocketAddr::new(ip, 53));
+    udp_ask(&client, b"x").unwrap();
+    assert_eq!(proxy.connections(), 1);
+    proxy.shutdown(Duration::from_millis(200)).unwrap();
+    // The open connection was closed by the deadline: the client sees the end.
+    let mut rest = Vec::new();
+    let mut open = open;
+    let _ = open.read_to_end(&mut rest);
+    drop(open);
+    drop(client);
+    // Nothing listens any more.
+    let err = connect(SocketAddr::new(ip, 80)).expect_err("listener closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    assert_eq!(open_fds(), before, "descriptors leaked");
+}

@@ -1,0 +1,5 @@
+//! The behaviour suite against the epoll backend.
+
+mod behaviour;
+
+suite!(svcproxy::BackendKind::Epoll, 101);
