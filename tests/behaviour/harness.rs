@@ -290,3 +290,16 @@ pub fn udp_ask(client: &UdpSocket, payload: &[u8]) -> io::Result<(SocketAddr, Ve
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
+
+/// Waits until `condition` holds, for counters that are updated just after the traffic they
+/// count (there is no event to wait for). Fails the test after [`IO_TIMEOUT`].
+pub fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: condition not reached"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
