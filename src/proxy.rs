@@ -87,6 +87,10 @@ impl Proxy {
                 .map(|_| Waker::new().map(Arc::new))
                 .collect::<io::Result<_>>()?,
         );
+        {
+            let wakers = wakers.clone();
+            control.set_waker(move |i| wakers[i].wake());
+        }
         let subscription = {
             let wakers = wakers.clone();
             table.subscribe(move |_| wakers.iter().for_each(|w| w.wake()))

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::ProxyConfig;
@@ -15,7 +15,6 @@ use crate::model::ServicePortKey;
 use crate::table::Table;
 
 /// Shared state of one running proxy.
-#[derive(Debug)]
 pub struct Control {
     table: Arc<Table>,
     config: ProxyConfig,
@@ -25,7 +24,22 @@ pub struct Control {
     stopping: AtomicBool,
     deadline: Mutex<Option<Instant>>,
     connections: AtomicUsize,
+    /// Workers waiting for the connection budget, and how many of them there are.
+    waiting: Box<[AtomicBool]>,
+    waiting_count: AtomicUsize,
+    wake: OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
     bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("config", &self.config)
+            .field("workers", &self.applied.len())
+            .field("stopping", &self.stopping())
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything one worker thread needs.
@@ -61,6 +75,9 @@ impl Control {
             stopping: AtomicBool::new(false),
             deadline: Mutex::new(None),
             connections: AtomicUsize::new(0),
+            waiting: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            waiting_count: AtomicUsize::new(0),
+            wake: OnceLock::new(),
             bind_errors: Mutex::new(BTreeMap::new()),
         }
     }
@@ -134,21 +151,50 @@ impl Control {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes one connection from the budget; false when `max_connections` are open.
+    /// Sets how to wake worker `i` (once, before the workers start).
+    pub fn set_waker(&self, wake: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.wake.set(Box::new(wake));
+    }
+
+    /// Takes one connection from the budget for `worker`. When `max_connections` are open it
+    /// returns false and the worker is woken once a connection anywhere is released.
     #[inline]
-    pub fn admit(&self) -> bool {
+    pub fn admit(&self, worker: usize) -> bool {
+        if self.try_admit() {
+            return true;
+        }
+        // Register first, then look again: a release either sees the registration or
+        // happened before the second look (both sides use sequentially consistent order).
+        if !self.waiting[worker].swap(true, Ordering::SeqCst) {
+            self.waiting_count.fetch_add(1, Ordering::SeqCst);
+        }
+        self.try_admit()
+    }
+
+    fn try_admit(&self) -> bool {
         let max = self.config.max_connections;
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
     }
 
-    /// Returns a connection to the budget.
+    /// Returns a connection to the budget, waking workers that wait for it.
     #[inline]
     pub fn release(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        for (i, flag) in self.waiting.iter().enumerate() {
+            if flag.swap(false, Ordering::SeqCst) {
+                self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                if let Some(wake) = self.wake.get() {
+                    wake(i);
+                }
+            }
+        }
     }
 
     /// TCP connections open now, over all workers.
@@ -191,12 +237,26 @@ mod tests {
             max_connections: 2,
             ..ProxyConfig::default()
         };
-        let c = Control::new(Arc::new(Table::default()), config, 1);
-        assert!(c.admit() && c.admit());
-        assert!(!c.admit());
+        let c = Control::new(Arc::new(Table::default()), config, 2);
+        let woken = Arc::new(Mutex::new(Vec::new()));
+        let w = woken.clone();
+        c.set_waker(move |i| w.lock().unwrap().push(i));
+        assert!(c.admit(0) && c.admit(0));
+        assert!(!c.admit(1), "over the budget");
         c.release();
-        assert!(c.admit());
+        assert_eq!(
+            *woken.lock().unwrap(),
+            vec![1],
+            "the waiting worker is woken"
+        );
+        assert!(c.admit(1));
         assert_eq!(c.connections(), 2);
+        c.release();
+        assert_eq!(
+            woken.lock().unwrap().len(),
+            1,
+            "nobody waits: nobody is woken"
+        );
     }
 
     #[test]

@@ -5,12 +5,17 @@
 //! source -> pipe -> destination. The pipe is taken from the pool when the source has data and
 //! given back once it is empty and the source is drained, so idle connections hold none.
 //!
+//! When no pipe can be had (the process is out of descriptors), a direction falls back to
+//! copying through a small heap buffer that exists only while it holds bytes, so connections
+//! keep moving instead of stalling until descriptors come back.
+//!
 //! The "pipe full or socket empty" trap (DESIGN-NOTES section 3): splicing into a pipe that
 //! already holds bytes can fail with `WouldBlock` because the pipe ran out of slots, not
-//! because the socket is empty. So "readable" is cleared only when the pipe was empty; with
-//! bytes held, the pipe is drained first and the read retried.
+//! because the socket is empty. A direction therefore reads only when it holds nothing (it
+//! drains first, and waits for the destination if that blocks), so `WouldBlock` from the
+//! source always means the socket is drained, and clearing "readable" never loses an edge.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -27,13 +32,24 @@ pub(crate) struct Ready {
     pub(crate) writable: bool,
 }
 
-/// One direction of a connection.
+/// One direction of a connection. Bytes in flight are in the pipe (`held` of them) or, in
+/// the copy fallback, in `spill`.
 #[derive(Debug, Default)]
 pub(crate) struct Half {
     pipe: Option<Pipe>,
     held: usize,
+    spill: Vec<u8>,
     eof: bool,
 }
+
+impl Half {
+    fn pending(&self) -> bool {
+        self.held > 0 || !self.spill.is_empty()
+    }
+}
+
+/// Bytes read per call in the copy fallback.
+const SPILL_CHUNK: usize = 16 << 10;
 
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +58,6 @@ pub(crate) enum Pumped {
     Idle,
     /// The byte budget ran out with more to move.
     Budget,
-    /// A pipe could not be had (out of descriptors): retry later.
-    NoPipe,
     /// Both directions are shut down: close the connection.
     Finished,
 }
@@ -153,8 +167,8 @@ impl Conn {
         let (si, di, hi) = (side_index(src), side_index(dst), dir_index(dir));
         let mut outcome = Pumped::Idle;
         loop {
-            // First empty the pipe into the destination.
-            if self.halves[hi].held > 0 {
+            // First empty what is held into the destination.
+            if self.halves[hi].pending() {
                 if !self.ready[di].writable {
                     break;
                 }
@@ -164,10 +178,22 @@ impl Conn {
                     &self.backend
                 };
                 let half = &mut self.halves[hi];
-                let pipe = half.pipe.as_ref().expect("bytes held imply a pipe");
-                match pipe.drain(to, half.held) {
+                let written = if half.held > 0 {
+                    let pipe = half.pipe.as_ref().expect("bytes held imply a pipe");
+                    pipe.drain(to, half.held)
+                } else {
+                    (&*to).write(&half.spill)
+                };
+                match written {
                     Ok(n) => {
-                        half.held -= n;
+                        if half.held > 0 {
+                            half.held -= n;
+                        } else {
+                            half.spill.drain(..n);
+                            if half.spill.is_empty() {
+                                half.spill = Vec::new();
+                            }
+                        }
                         *budget = budget.saturating_sub(n);
                         self.last_activity = now;
                         match dir {
@@ -181,7 +207,7 @@ impl Conn {
                     }
                     Err(_) => return Err(Failed(dst)),
                 }
-                if self.halves[hi].held > 0 {
+                if self.halves[hi].pending() {
                     continue;
                 }
                 if self.halves[hi].eof {
@@ -191,53 +217,54 @@ impl Conn {
                     }
                 }
             }
-            // Then fill it from the source.
-            let half = &self.halves[hi];
-            if half.eof || !self.ready[si].readable {
+            // Then read from the source; nothing is held at this point.
+            if self.halves[hi].eof || !self.ready[si].readable {
                 break;
             }
             if *budget == 0 {
                 outcome = Pumped::Budget;
                 break;
             }
-            if self.halves[hi].pipe.is_none() {
-                match pool.take() {
-                    Ok(p) => self.halves[hi].pipe = Some(p),
-                    Err(_) => {
-                        outcome = Pumped::NoPipe;
+            if self.halves[hi].pipe.is_none()
+                && let Ok(p) = pool.take()
+            {
+                self.halves[hi].pipe = Some(p);
+            }
+            let from = if src == Side::Client {
+                &self.client
+            } else {
+                &self.backend
+            };
+            let half = &mut self.halves[hi];
+            let read = match &half.pipe {
+                Some(pipe) => {
+                    let room = pipe.capacity() - half.held;
+                    if room == 0 {
                         break;
                     }
+                    pipe.fill(from, room).inspect(|&n| half.held += n)
                 }
-            }
-            let half = &self.halves[hi];
-            let pipe = half.pipe.as_ref().expect("taken above");
-            let room = pipe.capacity() - half.held;
-            if room == 0 {
-                break;
-            }
-            match pipe.fill(self.socket(src), room) {
+                None => {
+                    let mut chunk = [0u8; SPILL_CHUNK];
+                    (&*from)
+                        .read(&mut chunk)
+                        .inspect(|&n| half.spill.extend_from_slice(&chunk[..n]))
+                }
+            };
+            match read {
                 Ok(0) => {
-                    let held = self.halves[hi].held;
+                    let pending = self.halves[hi].pending();
                     self.halves[hi].eof = true;
-                    let step = self.session.read_eof(dir, held > 0);
+                    let step = self.session.read_eof(dir, pending);
                     if self.apply(step) {
                         return Ok(Pumped::Finished);
                     }
                 }
-                Ok(n) => {
-                    self.halves[hi].held += n;
-                    self.last_activity = now;
-                }
+                Ok(_) => self.last_activity = now,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.halves[hi].held == 0 {
-                        // An empty pipe: the socket really is drained.
-                        self.ready[si].readable = false;
-                        break;
-                    }
-                    // Maybe the pipe is out of slots: drain it, then read again.
-                    if !self.ready[di].writable {
-                        break;
-                    }
+                    // Nothing is held when reading, so this means the socket is drained.
+                    self.ready[si].readable = false;
+                    break;
                 }
                 Err(_) => return Err(Failed(src)),
             }

@@ -16,8 +16,6 @@ pub(crate) enum Timer {
     Idle(SlotId),
     /// Close a connection whose endpoint was removed.
     Drain(SlotId),
-    /// Retry a connection that could not get a pipe.
-    Pipe(SlotId),
     /// Accepting was paused for lack of descriptors.
     AcceptResume,
     /// Once a second: expire UDP flows, retry failed binds.

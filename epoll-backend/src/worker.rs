@@ -32,8 +32,6 @@ const PUMP_BUDGET: usize = 1 << 20;
 const EVENTS: usize = 256;
 /// Spare pipes kept per worker.
 const SPARE_PIPES: usize = 64;
-/// How long a connection waits before retrying to get a pipe.
-const PIPE_RETRY: Duration = Duration::from_millis(10);
 /// What connection sockets are watched for (edge-triggered).
 const CONN_EVENTS: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::OUT)
@@ -79,6 +77,9 @@ pub(crate) struct Worker {
     accept_backoff: Backoff,
     accept_paused: bool,
     accept_blocked: BTreeSet<SlotId>,
+    /// Accepted clients whose backend socket could not be created (out of descriptors):
+    /// retried when accepting resumes, so they wait instead of being reset.
+    parked: VecDeque<(ServicePortKey, Socket, SocketAddr)>,
     stopping: bool,
     listen_options: ListenOptions,
 }
@@ -109,6 +110,7 @@ impl Worker {
             accept_backoff: Backoff::default(),
             accept_paused: false,
             accept_blocked: BTreeSet::new(),
+            parked: VecDeque::new(),
             stopping: false,
             listen_options: ListenOptions {
                 backlog: config.listen_backlog as i32,
@@ -183,7 +185,11 @@ impl Worker {
 
     fn dispatch(&mut self, token: Token, flags: epoll::EventFlags, now: Instant) {
         match token.kind() {
-            Some(Kind::Waker) => self.waker.reset(),
+            Some(Kind::Waker) => {
+                // A publish, shutdown, or connection budget freed by another worker.
+                self.waker.reset();
+                self.unblock_accepts();
+            }
             Some(Kind::TcpListener) => self.accept(token.id(), now),
             Some(Kind::UdpListener) => self.udp_from_clients(token.id(), now),
             Some(Kind::Flow) => self.udp_from_backend(token.id(), now),
@@ -244,9 +250,14 @@ impl Worker {
                     self.close(id, None);
                 }
             }
-            Timer::Pipe(id) => self.pump(id, now),
             Timer::AcceptResume => {
                 self.accept_paused = false;
+                while !self.accept_paused {
+                    let Some((listener, client, peer)) = self.parked.pop_front() else {
+                        break;
+                    };
+                    self.start(listener, client, peer, now);
+                }
                 let ids: Vec<SlotId> = self.listener_slots.ids();
                 self.ready.extend(ids.into_iter().map(Work::Accept));
             }
@@ -382,6 +393,9 @@ impl Worker {
         for key in std::mem::take(&mut self.failed_binds) {
             self.ctx.control.set_bind_error(key, None);
         }
+        for (_, client, _) in std::mem::take(&mut self.parked) {
+            self.refuse(client);
+        }
         for (id, _) in self
             .flows
             .iter()
@@ -402,7 +416,7 @@ impl Worker {
             let Some(l) = self.listener_slots.get(listener) else {
                 return;
             };
-            if !self.ctx.control.admit() {
+            if !self.ctx.control.admit(self.ctx.index) {
                 self.accept_blocked.insert(listener);
                 return;
             }
@@ -418,10 +432,7 @@ impl Worker {
                         return;
                     }
                     if is_resource_exhaustion(&e) {
-                        let delay = self.accept_backoff.fail();
-                        warn!(error = %e, ?delay, "cannot accept; pausing");
-                        self.accept_paused = true;
-                        self.timers.add(now + delay, Timer::AcceptResume);
+                        self.pause_accepting("accept", &e, now);
                         return;
                     }
                     debug!(error = %e, "accept failed");
@@ -445,7 +456,7 @@ impl Worker {
         };
         let mut session = TcpSession::new();
         match self.attempt(&mut session, port, Some(first), peer, now) {
-            Some(attempt) => {
+            Ok(Some(attempt)) => {
                 let conn = Conn::new(
                     client,
                     attempt.socket,
@@ -458,12 +469,17 @@ impl Worker {
                 );
                 self.insert(conn, now + attempt.timeout);
             }
-            None => self.refuse(client),
+            Ok(None) => self.refuse(client),
+            Err(e) => {
+                self.parked.push_back((listener, client, peer));
+                self.pause_accepting("open a backend socket", &e, now);
+            }
         }
     }
 
     /// Starts connecting to `first`, or after immediate failures to the next endpoints the
-    /// session policy allows. `None` when no attempt could be started.
+    /// session policy allows. `Ok(None)` when every allowed endpoint failed; `Err` when the
+    /// proxy is out of descriptors (nothing was counted against the endpoint).
     fn attempt(
         &self,
         session: &mut TcpSession,
@@ -471,33 +487,46 @@ impl Worker {
         first: Option<&Backend>,
         client: SocketAddr,
         now: Instant,
-    ) -> Option<Attempt> {
+    ) -> io::Result<Option<Attempt>> {
         let policy = self.ctx.config().tcp;
         let preserve = self.ctx.config().preserve_client_ip;
         let source = preserve.then(|| SocketAddr::new(client.ip(), 0));
         let mut next = first;
         while let Some(backend) = next {
-            let timeout = session.connecting(&policy, backend.addr());
-            let tally = backend.tally().clone();
-            tally.opened();
             match connect(backend.addr(), Protocol::Tcp, source, preserve) {
                 Ok(socket) => {
-                    return Some(Attempt {
+                    let timeout = session.connecting(&policy, backend.addr());
+                    let tally = backend.tally().clone();
+                    tally.opened();
+                    return Ok(Some(Attempt {
                         socket,
                         backend: backend.addr(),
                         tally,
                         timeout,
-                    });
+                    }));
                 }
+                Err(e) if is_resource_exhaustion(&e) => return Err(e),
                 Err(e) => {
                     debug!(backend = %backend.addr(), error = %e, "connect failed at once");
-                    tally.connect_error();
-                    tally.closed();
+                    session.connecting(&policy, backend.addr());
+                    backend.tally().connect_error();
                     next = session.next_backend(&policy, port, client, now);
                 }
             }
         }
-        None
+        Ok(None)
+    }
+
+    /// Out of descriptors (or socket memory): stop accepting for a while, and let go of spare
+    /// pipes so that open connections can keep going.
+    fn pause_accepting(&mut self, what: &str, error: &io::Error, now: Instant) {
+        self.pipes.clear();
+        if !self.accept_paused {
+            let delay = self.accept_backoff.fail();
+            warn!(%error, ?delay, "cannot {what}, out of resources; accepting paused");
+            self.accept_paused = true;
+            self.timers.add(now + delay, Timer::AcceptResume);
+        }
     }
 
     fn refuse(&mut self, client: Socket) {
@@ -576,6 +605,8 @@ impl Worker {
         let attempt = port.and_then(|p| {
             let first = session.next_backend(&policy, p, client, now);
             self.attempt(&mut session, p, first, client, now)
+                .ok()
+                .flatten()
         });
         let conn = self.conns.get_mut(id).expect("present above");
         conn.session = session;
@@ -617,7 +648,6 @@ impl Worker {
         match conn.pump(&mut self.pipes, &mut budget, now) {
             Ok(Pumped::Idle) => {}
             Ok(Pumped::Budget) => self.ready.push_back(Work::Pump(id)),
-            Ok(Pumped::NoPipe) => self.timers.add(now + PIPE_RETRY, Timer::Pipe(id)),
             Ok(Pumped::Finished) => self.close(id, None),
             Err(Failed(side)) => self.close(id, Some(side.other())),
         }

@@ -90,6 +90,11 @@ impl PipePool {
         }
     }
 
+    /// Closes every spare pipe (to give descriptors back when they run out).
+    pub fn clear(&mut self) {
+        self.free.clear();
+    }
+
     /// Spare pipes held.
     pub fn spare(&self) -> usize {
         self.free.len()

@@ -42,6 +42,7 @@ macro_rules! suite {
             connection_limit_holds_clients_until_one_closes,
             drain_policy_keeps_or_closes_connections_to_removed_endpoints,
             idle_udp_flows_expire,
+            descriptor_exhaustion_backs_off_and_recovers,
         );
     };
     (@tests $backend:expr, $suite:expr; $($name:ident),* $(,)?) => {
@@ -734,4 +735,152 @@ pub fn idle_udp_flows_expire(backend: BackendKind, suite: u8) {
     // The client can start again: a new flow.
     udp_ask(&client, b"y").unwrap();
     assert_eq!(proxy.stats()[0].totals.connections_total, 2);
+}
+
+/// What the child prints when its proxy is up.
+const CHILD_READY: &str = "SVCPROXY-CHILD-READY";
+
+/// Runs in a child process (so its descriptor limit is its own): a proxy with a tight
+/// RLIMIT_NOFILE. The parent opens more connections than it can hold.
+fn exhaustion_child(backend: BackendKind) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let service_addr: SocketAddr = std::env::var("SVCPROXY_CHILD_SERVICE")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let endpoint: SocketAddr = std::env::var("SVCPROXY_CHILD_ENDPOINT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let table = table();
+    let mut config = config();
+    config.workers = 1;
+    let proxy = start(backend, &table, config);
+    let svc = service(
+        "tight",
+        service_addr.ip(),
+        service_addr.port(),
+        Protocol::Tcp,
+    );
+    publish(&proxy, svc, vec![svcproxy::Endpoint::new(endpoint)]);
+    // Room for about eight proxied connections (two descriptors each, plus pipes).
+    let limit = (open_fds() + 20) as u64;
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum,
+        },
+    )
+    .unwrap();
+    println!("\n{CHILD_READY}");
+    std::io::stdout().flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    proxy.shutdown(Duration::ZERO).unwrap();
+    std::process::exit(0);
+}
+
+/// CPU time (user + system, clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+pub fn descriptor_exhaustion_backs_off_and_recovers(backend: BackendKind, suite: u8) {
+    if std::env::var_os("SVCPROXY_CHILD_SERVICE").is_some() {
+        return exhaustion_child(backend);
+    }
+    let _g = shared();
+    let server = TcpServer::identify();
+    let vip = SocketAddr::new(service_ip(suite), 80);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "descriptor_exhaustion_backs_off_and_recovers",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SVCPROXY_CHILD_SERVICE", vip.to_string())
+        .env("SVCPROXY_CHILD_ENDPOINT", server.addr.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains(CHILD_READY) {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "child exited early"
+        );
+    }
+
+    // 40 clients: the kernel completes every handshake; the proxy serves what it can hold.
+    let clients: Vec<TcpStream> = (0..40).map(|_| connect(vip).unwrap()).collect();
+    let mut served = vec![false; clients.len()];
+    let mut buf = [0u8; 64];
+    let mut quiet_rounds = 0;
+    while quiet_rounds < 5 {
+        let mut fds: Vec<rustix::event::PollFd> = clients
+            .iter()
+            .zip(&served)
+            .filter(|(_, s)| !**s)
+            .map(|(c, _)| rustix::event::PollFd::new(c, rustix::event::PollFlags::IN))
+            .collect();
+        let timeout = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        let n = rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
+        drop(fds);
+        if n == 0 {
+            quiet_rounds += 1;
+            continue;
+        }
+        quiet_rounds = 0;
+        for (i, c) in clients.iter().enumerate() {
+            if !served[i] {
+                c.set_nonblocking(true).unwrap();
+                if let Ok(k) = (&*c).read(&mut buf) {
+                    assert!(
+                        k > 0,
+                        "client {i} was closed instead of served or kept waiting"
+                    );
+                    served[i] = true;
+                }
+                c.set_nonblocking(false).unwrap();
+            }
+        }
+    }
+    let count = served.iter().filter(|s| **s).count();
+    assert!(
+        count >= 1 && count < clients.len(),
+        "{count} of 40 served under the limit"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the proxy survived");
+    // Not spinning while out of descriptors: well under a quarter of a core over half a second.
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(
+        used < 13,
+        "the proxy used {used} ticks of CPU in 50 while stuck"
+    );
+
+    // Free the served ones: every waiting client is served in turn.
+    let (done, waiting): (Vec<_>, Vec<_>) = clients.into_iter().zip(served).partition(|(_, s)| *s);
+    drop(done);
+    for (c, _) in waiting {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&c), &mut line).unwrap();
+        assert_eq!(line.trim().parse::<SocketAddr>().unwrap(), server.addr);
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
 }
