@@ -527,10 +527,10 @@ pub fn udp_large_datagrams_pass_intact(backend: BackendKind, suite: u8) {
 
 pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, suite: u8) {
     let _g = exclusive();
+    let before = open_fds();
     let tcp = TcpServer::identify();
     let udp = UdpServer::echo();
     let table = table();
-    let before = open_fds();
     let proxy = start(backend, &table, config());
     let ip = service_ip(suite);
     publish(
@@ -559,6 +559,8 @@ pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, 
     // Nothing listens any more.
     let err = connect(SocketAddr::new(ip, 80)).expect_err("listener closed");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    // The backends join their threads when dropped: then only the proxy could hold anything.
+    drop((tcp, udp));
     assert_eq!(open_fds(), before, "descriptors leaked");
 }
 
