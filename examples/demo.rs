@@ -51,7 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "svcproxy demo: {:?} backend, service {tcp_vip}/TCP -> alpha, bravo, charlie; {udp_vip}/UDP -> delta, echo",
         proxy.backend()
     );
-    println!("driving traffic for {RUN_FOR:?} with {CLIENTS} TCP clients (one request per connection) and one UDP client\n");
+    println!(
+        "driving traffic for {RUN_FOR:?} with {CLIENTS} TCP clients (one request per connection) and one UDP client\n"
+    );
 
     let started = Instant::now();
     let tcp: Vec<_> = (0..CLIENTS)
@@ -75,7 +77,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total: u64 = answers.values().sum();
     println!("TCP: {total} connections, each one 64-byte request and reply");
     for (name, n) in &answers {
-        println!("  {name:>8}: {n:>7} ({:.1}%)", *n as f64 * 100.0 / total as f64);
+        println!(
+            "  {name:>8}: {n:>7} ({:.1}%)",
+            *n as f64 * 100.0 / total as f64
+        );
     }
     println!(
         "  {:.0} connections/s; latency per connection (connect + request + reply): p50 {:?}, p99 {:?}",
@@ -92,7 +97,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = s.totals;
         println!(
             "  {}/{}/{}: {} connections or flows, {} bytes in, {} bytes out, {} datagrams in, {} out",
-            s.service, s.port, s.protocol, t.connections_total, t.bytes_in, t.bytes_out, t.datagrams_in, t.datagrams_out
+            s.service,
+            s.port,
+            s.protocol,
+            t.connections_total,
+            t.bytes_in,
+            t.bytes_out,
+            t.datagrams_in,
+            t.datagrams_out
         );
     }
     proxy.shutdown(Duration::from_secs(1))?;
@@ -159,7 +171,9 @@ fn udp_client(vip: SocketAddr) -> std::io::Result<(Answers, u64)> {
             let mut buf = [0u8; 2048];
             let n = socket.recv(&mut buf)?;
             let name = buf[..n].split(|&b| b == b'|').next().unwrap_or_default();
-            *answers.entry(String::from_utf8_lossy(name).into_owned()).or_insert(0) += 1;
+            *answers
+                .entry(String::from_utf8_lossy(name).into_owned())
+                .or_insert(0) += 1;
             count += 1;
         }
     }
