@@ -84,3 +84,28 @@ fn truncation_is_reported() {
     assert!(d.truncated);
     assert_eq!(d.data.len(), 10);
 }
+
+#[test]
+fn ipv6_reports_the_local_address_and_replies_from_it() {
+    let key = ServicePortKey::new("[::]:0".parse().unwrap(), Protocol::Udp);
+    let listener = listen(key, &ListenOptions::default()).unwrap();
+    let port = listener.local_addr().unwrap().as_socket().unwrap().port();
+    let service: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
+    let client = UdpSocket::bind("[::1]:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.connect(service).unwrap();
+    client.send(b"six").unwrap();
+    let mut batch = RecvBatch::new(4, 2048);
+    wait_readable(&listener);
+    assert_eq!(batch.recv(&listener).unwrap(), 1);
+    let d = batch.get(0);
+    assert_eq!(d.peer, Some(client.local_addr().unwrap()));
+    assert_eq!(d.local, Some(service.ip()));
+    let sent = send_many(&listener, &[b"back"], d.peer, Some(service.ip())).unwrap();
+    assert_eq!(sent, 1);
+    let mut buf = [0u8; 16];
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"back");
+}

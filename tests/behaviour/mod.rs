@@ -43,6 +43,7 @@ macro_rules! suite {
             drain_policy_keeps_or_closes_connections_to_removed_endpoints,
             idle_udp_flows_expire,
             descriptor_exhaustion_backs_off_and_recovers,
+            ipv6_tcp_and_udp,
         );
     };
     (@tests $backend:expr, $suite:expr; $($name:ident),* $(,)?) => {
@@ -885,4 +886,52 @@ pub fn descriptor_exhaustion_backs_off_and_recovers(backend: BackendKind, suite:
     }
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
+}
+
+pub fn ipv6_tcp_and_udp(backend: BackendKind, _suite: u8) {
+    let _g = shared();
+    let tcp = TcpServer::spawn(|mut s| {
+        let _ = writeln!(s, "{}", s.peer_addr().unwrap());
+    });
+    let udp = UdpServer::echo();
+    let table = table();
+    let proxy = start(backend, &table, config());
+    let ip: IpAddr = "::1".parse().unwrap();
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // One endpoint (a pod) with a named port for each protocol.
+    let named = |n: &str| svcproxy::TargetPort::Named(n.into());
+    let svc = svcproxy::Service::new("v6")
+        .address(ip)
+        .port(
+            svcproxy::ServicePort::tcp(port)
+                .named("tcp")
+                .target(named("t")),
+        )
+        .port(
+            svcproxy::ServicePort::udp(port)
+                .named("udp")
+                .target(named("u")),
+        );
+    let pod = svcproxy::Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .named_port("t", tcp.addr.port())
+        .named_port("u", udp.addr.port());
+    publish(&proxy, svc, vec![pod]);
+    // TCP to an IPv4 backend through an IPv6 service address.
+    let c = connect(SocketAddr::new(ip, port)).unwrap();
+    let seen: SocketAddr = {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&c), &mut line).unwrap();
+        line.trim().parse().unwrap()
+    };
+    assert!(seen.is_ipv4(), "the backend sees the proxy's IPv4 side");
+    // UDP: the reply comes from [::1]:port.
+    let client = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.connect(SocketAddr::new(ip, port)).unwrap();
+    let (from, echo) = udp_ask(&client, b"six").unwrap();
+    assert_eq!((from, echo.as_slice()), (udp.addr, &b"six"[..]));
 }
