@@ -1,6 +1,10 @@
 //! epoll user data: what an event is about. The top 4 bits say what kind of thing, the low 60
 //! bits are its generation-checked [`SlotId`], so events for closed things are ignored.
 
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::epoll;
 use svcproxy_core::SlotId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,4 +42,19 @@ impl Token {
     pub(crate) fn id(self) -> SlotId {
         SlotId::from_u64(self.0)
     }
+}
+
+/// Adds `fd` to `epoll`, its events tagged with `token`.
+pub(crate) fn watch(
+    epoll: &OwnedFd,
+    fd: impl AsFd,
+    token: Token,
+    flags: epoll::EventFlags,
+) -> io::Result<()> {
+    Ok(epoll::add(
+        epoll,
+        fd,
+        epoll::EventData::new_u64(token.0),
+        flags,
+    )?)
 }

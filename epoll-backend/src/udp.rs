@@ -17,7 +17,7 @@ use svcproxy_core::{FlowId, FlowKey, Protocol, ServicePortKey, SlotId, Snapshot}
 use svcproxy_sys::{connect, send_many};
 use tracing::debug;
 
-use crate::token::{Kind, Token};
+use crate::token::{Kind, Token, watch};
 use crate::worker::{Work, Worker};
 
 /// Batches taken from one socket before other work gets a turn.
@@ -125,13 +125,8 @@ impl Worker {
         let epoll = &self.epoll;
         let result = self.flows.insert(key, listener, backend, now, |id| {
             let socket = connect(backend.addr(), Protocol::Udp, source, preserve)?;
-            let data = epoll::EventData::new_u64(Token::new(Kind::Flow, id).0);
-            epoll::add(
-                epoll,
-                &socket,
-                data,
-                epoll::EventFlags::IN | epoll::EventFlags::ET,
-            )?;
+            let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+            watch(epoll, &socket, Token::new(Kind::Flow, id), flags)?;
             Ok::<Socket, io::Error>(socket)
         });
         match result {

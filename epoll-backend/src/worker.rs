@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::tcp::{Conn, Failed, Pumped};
 use crate::timers::{Timer, Timers};
-use crate::token::{Kind, Token};
+use crate::token::{Kind, Token, watch};
 
 /// Connections accepted per listener before other work gets a turn.
 const ACCEPT_BATCH: usize = 64;
@@ -87,12 +87,7 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(ctx: WorkerContext, waker: Arc<Waker>) -> io::Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        epoll::add(
-            &epoll,
-            waker.as_fd(),
-            epoll::EventData::new_u64(Token::WAKER.0),
-            epoll::EventFlags::IN,
-        )?;
+        watch(&epoll, waker.as_fd(), Token::WAKER, epoll::EventFlags::IN)?;
         let config = *ctx.config();
         Ok(Self {
             epoll,
@@ -353,13 +348,8 @@ impl Worker {
             };
             let epoll = &self.epoll;
             self.listener_slots.insert_with(|id| {
-                let data = epoll::EventData::new_u64(Token::new(kind, id).0);
-                epoll::add(
-                    epoll,
-                    &socket,
-                    data,
-                    epoll::EventFlags::IN | epoll::EventFlags::ET,
-                )?;
+                let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+                watch(epoll, &socket, Token::new(kind, id), flags)?;
                 Ok::<_, io::Error>(Listener { key, socket })
             })
         });
@@ -538,14 +528,7 @@ impl Worker {
     fn insert(&mut self, conn: Conn, connect_deadline: Instant) {
         let epoll = &self.epoll;
         let result = self.conns.insert_with(|id| {
-            let add = |fd: &Socket, kind| {
-                epoll::add(
-                    epoll,
-                    fd,
-                    epoll::EventData::new_u64(Token::new(kind, id).0),
-                    CONN_EVENTS,
-                )
-            };
+            let add = |fd: &Socket, kind| watch(epoll, fd, Token::new(kind, id), CONN_EVENTS);
             match add(&conn.client, Kind::Client).and_then(|()| add(&conn.backend, Kind::Backend)) {
                 Ok(()) => Ok(conn),
                 Err(e) => Err((e, Box::new(conn))),
@@ -621,8 +604,12 @@ impl Worker {
         conn.backend_addr = attempt.backend;
         conn.tally = attempt.tally;
         *conn.ready_mut(Side::Backend) = Default::default();
-        let data = epoll::EventData::new_u64(Token::new(Kind::Backend, id).0);
-        match epoll::add(&self.epoll, &conn.backend, data, CONN_EVENTS) {
+        match watch(
+            &self.epoll,
+            &conn.backend,
+            Token::new(Kind::Backend, id),
+            CONN_EVENTS,
+        ) {
             Ok(()) => {
                 let timer = Timer::Connect {
                     conn: id,

@@ -60,18 +60,36 @@ fn table() -> Arc<Table> {
     Arc::new(Table::default())
 }
 
+/// A proxy with one one-port service, `name`, on a fresh loopback address, in front of
+/// `endpoints`: the proxy and the service's address.
+fn serve(
+    backend: BackendKind,
+    suite: u8,
+    config: svcproxy::ProxyConfig,
+    name: &str,
+    protocol: Protocol,
+    port: u16,
+    endpoints: Vec<svcproxy::Endpoint>,
+) -> (svcproxy::Proxy, SocketAddr) {
+    let proxy = start(backend, &table(), config);
+    let ip = service_ip(suite);
+    publish(&proxy, service(name, ip, port, protocol), endpoints);
+    (proxy, SocketAddr::new(ip, port))
+}
+
 pub fn round_robin_reaches_every_endpoint_in_turn(backend: BackendKind, suite: u8) {
     let _g = shared();
     let servers: Vec<TcpServer> = (0..3).map(|_| TcpServer::identify()).collect();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("rr", ip, 80, Protocol::Tcp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "rr",
+        Protocol::Tcp,
+        80,
         servers.iter().map(|s| s.endpoint()).collect(),
     );
-    let vip = SocketAddr::new(ip, 80);
+    let vip = vip;
     let mut order: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     order.sort();
     for round in 0..3 {
@@ -135,15 +153,16 @@ pub fn client_half_close_still_gets_the_full_reply(backend: BackendKind, suite: 
             .collect();
         let _ = s.write_all(&reply);
     });
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("half", ip, 80, Protocol::Tcp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "half",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     c.write_all(&request).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
@@ -170,15 +189,16 @@ pub fn backend_half_close_keeps_the_other_direction(backend: BackendKind, suite:
             }
         })
     };
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("half2", ip, 80, Protocol::Tcp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "half2",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     let mut greeting = Vec::new();
     c.read_to_end(&mut greeting).unwrap();
     assert_eq!(
@@ -208,15 +228,16 @@ pub fn backend_reset_resets_the_client(backend: BackendKind, suite: u8) {
             reset(s);
         }
     });
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("rst", ip, 80, Protocol::Tcp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "rst",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     c.write_all(b"hello").unwrap();
     let mut buf = [0u8; 16];
     let err = c.read(&mut buf).expect_err("the client must see the reset");
@@ -241,15 +262,16 @@ pub fn client_reset_resets_the_backend(backend: BackendKind, suite: u8) {
         };
         tx.send(Some(kind)).unwrap();
     });
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("rst2", ip, 80, Protocol::Tcp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "rst2",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     c.write_all(b"hello").unwrap();
     // The backend has the bytes: the connection is through. Now reset it.
     assert_eq!(rx.recv_timeout(IO_TIMEOUT).unwrap(), None);
@@ -268,15 +290,16 @@ pub fn backend_dying_mid_stream_resets_the_client(backend: BackendKind, suite: u
         std::thread::sleep(Duration::from_millis(20));
         drop(s);
     });
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("dies", ip, 80, Protocol::Tcp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "dies",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     let chunk = vec![1u8; 64 << 10];
     let mut failed = None;
     for _ in 0..1024 {
@@ -303,13 +326,18 @@ pub fn refused_endpoint_moves_to_the_next(backend: BackendKind, suite: u8) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
     let endpoints = vec![live.endpoint(), svcproxy::Endpoint::new(dead)];
-    publish(&proxy, service("retry", ip, 80, Protocol::Tcp), endpoints);
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "retry",
+        Protocol::Tcp,
+        80,
+        endpoints,
+    );
     for _ in 0..6 {
-        assert_eq!(who_answers(SocketAddr::new(ip, 80)).unwrap(), live.addr);
+        assert_eq!(who_answers(vip).unwrap(), live.addr);
     }
     let stats = &proxy.stats()[0];
     let dead_stats = stats.endpoints.iter().find(|(a, _)| *a == dead).unwrap().1;
@@ -323,11 +351,7 @@ pub fn refused_endpoint_moves_to_the_next(backend: BackendKind, suite: u8) {
 pub fn no_endpoints_refuses_at_once(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = TcpServer::identify();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 80);
-    publish(&proxy, service("empty", ip, 80, Protocol::Tcp), vec![]);
+    let (proxy, vip) = serve(backend, suite, config(), "empty", Protocol::Tcp, 80, vec![]);
     let refused = |what: &str| {
         let err = connect(vip).expect_err(what);
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{what}");
@@ -360,13 +384,13 @@ pub fn endpoint_changes_under_load_fail_no_connection(backend: BackendKind, suit
             .map(|&i| servers[i].endpoint())
             .collect::<Vec<_>>()
     };
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 80);
-    publish(
-        &proxy,
-        service("churn", ip, 80, Protocol::Tcp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "churn",
+        Protocol::Tcp,
+        80,
         endpoints(&[0, 1, 2]),
     );
     const CLIENTS: usize = 200;
@@ -425,13 +449,13 @@ pub fn endpoint_changes_under_load_fail_no_connection(backend: BackendKind, suit
 pub fn udp_replies_come_from_the_service_address(backend: BackendKind, suite: u8) {
     let _g = shared();
     let servers: Vec<UdpServer> = (0..2).map(|_| UdpServer::echo()).collect();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 53);
-    publish(
-        &proxy,
-        service("dns", ip, 53, Protocol::Udp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "dns",
+        Protocol::Udp,
+        53,
         servers.iter().map(|s| s.endpoint()).collect(),
     );
     // Each client is a flow; flows go round robin. A connected client socket only accepts
@@ -482,13 +506,13 @@ pub fn udp_wildcard_listener_replies_from_the_address_used(backend: BackendKind,
 pub fn udp_flow_to_removed_endpoint_moves_on_next_datagram(backend: BackendKind, suite: u8) {
     let _g = shared();
     let servers: Vec<UdpServer> = (0..2).map(|_| UdpServer::echo()).collect();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 53);
-    publish(
-        &proxy,
-        service("move", ip, 53, Protocol::Udp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "move",
+        Protocol::Udp,
+        53,
         servers.iter().map(|s| s.endpoint()).collect(),
     );
     let client = udp_client(vip);
@@ -508,13 +532,13 @@ pub fn udp_flow_to_removed_endpoint_moves_on_next_datagram(backend: BackendKind,
 pub fn udp_large_datagrams_pass_intact(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = UdpServer::echo();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 53);
-    publish(
-        &proxy,
-        service("big", ip, 53, Protocol::Udp),
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "big",
+        Protocol::Udp,
+        53,
         vec![server.endpoint()],
     );
     let client = udp_client(vip);
@@ -531,21 +555,23 @@ pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, 
     let before = open_fds();
     let tcp = TcpServer::identify();
     let udp = UdpServer::echo();
-    let table = table();
-    let proxy = start(backend, &table, config());
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("t", ip, 80, Protocol::Tcp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "t",
+        Protocol::Tcp,
+        80,
         vec![tcp.endpoint()],
     );
+    let ip = vip.ip();
     publish(
         &proxy,
         service("u", ip, 53, Protocol::Udp),
         vec![udp.endpoint()],
     );
     // Traffic of each kind, and a connection left open across the shutdown.
-    let open = connect(SocketAddr::new(ip, 80)).unwrap();
+    let open = connect(vip).unwrap();
     assert_eq!(who(&open).unwrap(), tcp.addr);
     let client = udp_client(SocketAddr::new(ip, 53));
     udp_ask(&client, b"x").unwrap();
@@ -558,7 +584,7 @@ pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, 
     drop(open);
     drop(client);
     // Nothing listens any more.
-    let err = connect(SocketAddr::new(ip, 80)).expect_err("listener closed");
+    let err = connect(vip).expect_err("listener closed");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
     // The backends join their threads when dropped: then only the proxy could hold anything.
     drop((tcp, udp));
@@ -568,17 +594,18 @@ pub fn shutdown_closes_everything_and_leaks_no_descriptor(backend: BackendKind, 
 pub fn idle_connections_are_closed(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = TcpServer::identify();
-    let table = table();
     let mut config = config();
     config.tcp.idle_timeout = Some(Duration::from_millis(300));
-    let proxy = start(backend, &table, config);
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("idle", ip, 80, Protocol::Tcp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config,
+        "idle",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
-    let mut c = connect(SocketAddr::new(ip, 80)).unwrap();
+    let mut c = connect(vip).unwrap();
     assert_eq!(who(&c).unwrap(), server.addr);
     // Activity keeps it open...
     for _ in 0..3 {
@@ -617,15 +644,12 @@ pub fn unanswered_connect_times_out_to_the_next_endpoint(backend: BackendKind, s
     let _g = shared();
     let live = TcpServer::identify();
     let (_hole, _fillers, hole) = black_hole();
-    let table = table();
     let mut config = config();
     config.tcp.connect_timeout = Duration::from_millis(100);
-    let proxy = start(backend, &table, config);
-    let ip = service_ip(suite);
     let endpoints = vec![live.endpoint(), svcproxy::Endpoint::new(hole)];
-    publish(&proxy, service("hole", ip, 80, Protocol::Tcp), endpoints);
+    let (proxy, vip) = serve(backend, suite, config, "hole", Protocol::Tcp, 80, endpoints);
     for _ in 0..4 {
-        assert_eq!(who_answers(SocketAddr::new(ip, 80)).unwrap(), live.addr);
+        assert_eq!(who_answers(vip).unwrap(), live.addr);
     }
     let stats = &proxy.stats()[0];
     let hole_stats = stats.endpoints.iter().find(|(a, _)| *a == hole).unwrap().1;
@@ -638,15 +662,15 @@ pub fn unanswered_connect_times_out_to_the_next_endpoint(backend: BackendKind, s
 pub fn connection_limit_holds_clients_until_one_closes(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = TcpServer::identify();
-    let table = table();
     let mut config = config();
     config.max_connections = 2;
-    let proxy = start(backend, &table, config);
-    let ip = service_ip(suite);
-    let vip = SocketAddr::new(ip, 80);
-    publish(
-        &proxy,
-        service("limit", ip, 80, Protocol::Tcp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config,
+        "limit",
+        Protocol::Tcp,
+        80,
         vec![server.endpoint()],
     );
     let first = connect(vip).unwrap();
@@ -719,17 +743,18 @@ pub fn drain_policy_keeps_or_closes_connections_to_removed_endpoints(
 pub fn idle_udp_flows_expire(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = UdpServer::echo();
-    let table = table();
     let mut config = config();
     config.udp_idle_timeout = Duration::from_millis(100);
-    let proxy = start(backend, &table, config);
-    let ip = service_ip(suite);
-    publish(
-        &proxy,
-        service("exp", ip, 53, Protocol::Udp),
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config,
+        "exp",
+        Protocol::Udp,
+        53,
         vec![server.endpoint()],
     );
-    let client = udp_client(SocketAddr::new(ip, 53));
+    let client = udp_client(vip);
     udp_ask(&client, b"x").unwrap();
     assert_eq!(proxy.stats()[0].totals.connections_active, 1);
     eventually("flow expired", || {
