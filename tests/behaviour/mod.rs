@@ -89,7 +89,6 @@ pub fn round_robin_reaches_every_endpoint_in_turn(backend: BackendKind, suite: u
         80,
         servers.iter().map(|s| s.endpoint()).collect(),
     );
-    let vip = vip;
     let mut order: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     order.sort();
     for round in 0..3 {
