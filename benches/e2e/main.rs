@@ -1,0 +1,351 @@
+//! End-to-end benchmark: the same workloads, side by side in one run, through no proxy, svcproxy,
+//! a tokio `copy_bidirectional` proxy, HAProxy, nginx and kernel DNAT (whichever are available),
+//! printed as a Markdown table with ratios to HAProxy and to kernel DNAT.
+//!
+//! Run: `cargo bench --bench e2e` (as root for the namespace topology and kernel DNAT; any user
+//! gets the loopback topology). Options after `--`: `--duration SECS`, `--workloads a,b`,
+//! `--candidates a,b`, `--out FILE`, `--quick`.
+
+mod backends;
+mod candidates;
+mod load;
+mod serve;
+mod topo;
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use candidates::{Kind, Running};
+use topo::Topology;
+
+#[derive(Parser)]
+#[command(about = "svcproxy end-to-end benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    serve: Option<Serve>,
+    /// Seconds each workload is measured for.
+    #[arg(long, default_value_t = 4.0)]
+    duration: f64,
+    /// Workloads to run: bulk1, bulk8, rr, cps, idle, udp64, udp1400.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Option<Vec<String>>,
+    /// Candidates: direct, epoll, tokio, haproxy, nginx, dnat.
+    #[arg(long, value_delimiter = ',')]
+    candidates: Option<Vec<String>>,
+    /// Also write the report to this file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// A short run (for CI): 0.5 s per workload, 500 idle connections.
+    #[arg(long)]
+    quick: bool,
+    /// Force the loopback topology even as root.
+    #[arg(long)]
+    loopback: bool,
+    /// Worker threads of every proxy (default: the CPU count).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum Serve {
+    /// Run svcproxy as a candidate (used by the harness itself).
+    ServeSvcproxy {
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        workers: usize,
+        #[arg(long)]
+        listen: IpAddr,
+        #[arg(long = "endpoint")]
+        endpoints: Vec<IpAddr>,
+    },
+    /// Run the tokio proxy as a candidate (used by the harness itself).
+    ServeTokio {
+        #[arg(long)]
+        workers: usize,
+        #[arg(long)]
+        listen: IpAddr,
+        #[arg(long = "endpoint")]
+        endpoints: Vec<IpAddr>,
+    },
+}
+
+const WORKLOADS: [&str; 7] = ["bulk1", "bulk8", "rr", "cps", "idle", "udp64", "udp1400"];
+
+/// One measured value, higher is better unless `lower_better`.
+#[derive(Debug, Clone)]
+struct Cell {
+    value: f64,
+    text: String,
+}
+
+fn main() -> io::Result<()> {
+    let cli = Cli::parse();
+    match cli.serve {
+        Some(Serve::ServeSvcproxy {
+            backend,
+            workers,
+            listen,
+            endpoints,
+        }) => {
+            return serve::svcproxy(&backend, workers, listen, &endpoints);
+        }
+        Some(Serve::ServeTokio {
+            workers,
+            listen,
+            endpoints,
+        }) => {
+            return serve::tokio_proxy(workers, listen, &endpoints);
+        }
+        None => {}
+    }
+    serve::raise_nofile();
+    let root = rustix::process::geteuid().is_root();
+    let topo = if root && !cli.loopback {
+        Topology::namespaces()?
+    } else {
+        Topology::loopback()
+    };
+    let workers = cli
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let duration = Duration::from_secs_f64(if cli.quick { 0.5 } else { cli.duration });
+    // Each idle connection costs two descriptors in this process (client and backend side) and
+    // two in the proxy: the descriptor limit caps the count (10,000 when it allows).
+    // HAProxy with splice also keeps descriptors for pipes: leave it 4,000.
+    let idle_count = if cli.quick {
+        500
+    } else {
+        ((serve::nofile().saturating_sub(4000)) / 2).min(10_000) as usize
+    };
+    let workloads: Vec<String> = cli
+        .workloads
+        .unwrap_or_else(|| WORKLOADS.iter().map(|s| s.to_string()).collect());
+    let mut kinds = vec![Kind::Direct, Kind::Svcproxy("epoll"), Kind::Tokio];
+    if which("haproxy") {
+        kinds.push(Kind::Haproxy);
+    }
+    if which("nginx")
+        && std::path::Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists()
+    {
+        kinds.push(Kind::Nginx);
+    }
+    if topo.vip.is_some() && which("nft") {
+        kinds.push(Kind::Dnat);
+    }
+    if let Some(only) = &cli.candidates {
+        kinds.retain(|k| only.iter().any(|o| short(*k) == o));
+    }
+    let backends = backends::Backends::start(topo.backend_ns(), &topo.backend_ips)?;
+    let scratch = candidates::Scratch::new()?;
+
+    let mut results: Vec<(Kind, Vec<Option<Cell>>)> = Vec::new();
+    for &kind in &kinds {
+        eprintln!("== {}", kind.name());
+        let running = match candidates::start(kind, &topo, workers, idle_count, &scratch.0) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("   cannot start: {e}");
+                results.push((kind, vec![None; workloads.len()]));
+                continue;
+            }
+        };
+        let mut row = Vec::new();
+        for w in &workloads {
+            let cell = measure(w, kind, &running, &topo, &backends, duration, idle_count);
+            match &cell {
+                Ok(Some(c)) => eprintln!("   {w}: {}", c.text),
+                Ok(None) => eprintln!("   {w}: n/a"),
+                Err(e) => eprintln!("   {w}: failed: {e}"),
+            }
+            row.push(cell.ok().flatten());
+        }
+        drop(running);
+        results.push((kind, row));
+    }
+    let report = report(&topo, workers, duration, idle_count, &workloads, &results);
+    println!("{report}");
+    if let Some(out) = cli.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
+
+fn short(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Direct => "direct",
+        Kind::Svcproxy(b) => b,
+        Kind::Tokio => "tokio",
+        Kind::Haproxy => "haproxy",
+        Kind::Nginx => "nginx",
+        Kind::Dnat => "dnat",
+    }
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn measure(
+    workload: &str,
+    kind: Kind,
+    running: &Running,
+    topo: &Topology,
+    backends: &backends::Backends,
+    duration: Duration,
+    idle_count: usize,
+) -> io::Result<Option<Cell>> {
+    let ns = topo.client_ns();
+    let target = running.target.clone();
+    let cell = |value: f64, text: String| Ok(Some(Cell { value, text }));
+    match workload {
+        "bulk1" | "bulk8" => {
+            let streams = if workload == "bulk1" { 1 } else { 8 };
+            let sunk = backends.sunk.clone();
+            let gbps = load::on_client(ns, move || {
+                Box::pin(load::bulk(target, streams, duration, sunk))
+            })??;
+            cell(gbps, format!("{gbps:.2} Gbit/s"))
+        }
+        "rr" => {
+            let r = load::on_client(ns, move || {
+                Box::pin(load::request_response(target, 50, duration))
+            })??;
+            cell(
+                r.rps,
+                format!(
+                    "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                    r.rps,
+                    us(r.p50),
+                    us(r.p99),
+                    us(r.p999)
+                ),
+            )
+        }
+        "cps" => {
+            let (cps, failed) = load::on_client(ns, move || {
+                Box::pin(load::connection_rate(target, 16, duration))
+            })??;
+            let fails = if failed > 0 {
+                format!(" ({failed} failed)")
+            } else {
+                String::new()
+            };
+            cell(cps, format!("{cps:.0} conn/s{fails}"))
+        }
+        "idle" => {
+            if !kind.process() {
+                return Ok(None);
+            }
+            let before = running.rss().unwrap_or(0);
+            let pids = running.pids();
+            let after = load::on_client(ns, move || {
+                Box::pin(load::idle(target, idle_count, move || rss_of(&pids)))
+            })??;
+            let per = after.saturating_sub(before) as f64 / idle_count as f64;
+            // Lower is better: store the inverse so that ratios read "times better".
+            cell(
+                1.0 / per.max(1.0),
+                format!("{per:.0} bytes/conn ({idle_count} idle connections)"),
+            )
+        }
+        "udp64" | "udp1400" => {
+            if !kind.udp() {
+                return Ok(None);
+            }
+            let size = if workload == "udp64" { 64 } else { 1400 };
+            let r = load::on_client(ns, move || Box::pin(load::udp(target, 64, size, duration)))??;
+            cell(
+                r.delivered,
+                format!("{:.0} dgram/s, {:.2}% lost", r.delivered, r.loss * 100.0),
+            )
+        }
+        other => Err(io::Error::other(format!("unknown workload {other:?}"))),
+    }
+}
+
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+        })
+        .sum()
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn report(
+    topo: &Topology,
+    workers: usize,
+    duration: Duration,
+    idle_count: usize,
+    workloads: &[String],
+    results: &[(Kind, Vec<Option<Cell>>)],
+) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("Machine: {}\n", machine()));
+    out.push_str(&format!(
+        "Topology: {}; {workers} worker threads per proxy; {:.1} s per workload; {idle_count} idle connections\n\n",
+        match topo.mode {
+            topo::Mode::Loopback => "loopback (client, proxies, backends on 127.0.0.0/8)".to_string(),
+            topo::Mode::Namespaces => "namespaces (client + proxy | veth | backends, 198.18.0.0/15)".to_string(),
+        },
+        duration.as_secs_f64()
+    ));
+    let find = |k: Kind, i: usize| {
+        results
+            .iter()
+            .find(|(kind, _)| *kind == k)
+            .and_then(|(_, row)| row[i].clone())
+    };
+    for (i, w) in workloads.iter().enumerate() {
+        out.push_str(&format!(
+            "### {w}\n\n| candidate | result | × HAProxy | × kernel DNAT |\n|---|---|---|---|\n"
+        ));
+        let haproxy = find(Kind::Haproxy, i);
+        let dnat = find(Kind::Dnat, i);
+        for (kind, row) in results {
+            let ratio = |base: &Option<Cell>| match (&row[i], base) {
+                (Some(c), Some(b)) if b.value > 0.0 => format!("{:.2}", c.value / b.value),
+                _ => "n/a".into(),
+            };
+            let text = row[i]
+                .as_ref()
+                .map_or("n/a".to_string(), |c| c.text.clone());
+            out.push_str(&format!(
+                "| {} | {text} | {} | {} |\n",
+                kind.name(),
+                ratio(&haproxy),
+                ratio(&dnat)
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,130 @@
+//! The candidate processes this binary runs itself: svcproxy, and the tokio
+//! `copy_bidirectional` proxy a Rust user would write first.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use svcproxy::{
+    BackendKind, Batch, Endpoint, Options, Protocol, Proxy, ProxyConfig, Service, ServicePort,
+    Table,
+};
+
+use crate::backends::{ECHO_PORT, SINK_PORT, UDP_PORT};
+use crate::candidates::READY;
+
+/// Raises the soft descriptor limit as far as allowed (as root, the hard one too).
+pub fn raise_nofile() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = 1 << 20;
+    if setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        },
+    )
+    .is_err()
+    {
+        let hard = getrlimit(Resource::Nofile).maximum;
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        );
+    }
+}
+
+pub fn nofile() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+fn ready() -> ! {
+    println!("{READY}");
+    let _ = io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+pub fn svcproxy(
+    backend: &str,
+    workers: usize,
+    listen: IpAddr,
+    endpoints: &[IpAddr],
+) -> io::Result<()> {
+    raise_nofile();
+    let backend = match backend {
+        "epoll" => BackendKind::Epoll,
+        other => {
+            return Err(io::Error::other(format!(
+                "unknown svcproxy backend {other:?}"
+            )));
+        }
+    };
+    let table = Arc::new(Table::default());
+    let mut batch = Batch::new();
+    for (name, protocol, port) in [
+        ("echo", Protocol::Tcp, ECHO_PORT),
+        ("sink", Protocol::Tcp, SINK_PORT),
+        ("udp", Protocol::Udp, UDP_PORT),
+    ] {
+        let svc = Service::new(name)
+            .address(listen)
+            .port(ServicePort::new(protocol, port));
+        let eps = endpoints
+            .iter()
+            .map(|ip| Endpoint::new(SocketAddr::new(*ip, port)))
+            .collect();
+        batch = batch.upsert(svc).replace_endpoints(name, eps);
+    }
+    table.apply(batch).map_err(io::Error::other)?;
+    let config = ProxyConfig {
+        workers,
+        max_connections: 1 << 20,
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::start(table, Options { backend, config }).map_err(io::Error::other)?;
+    std::mem::forget(proxy);
+    ready()
+}
+
+pub fn tokio_proxy(workers: usize, listen: IpAddr, endpoints: &[IpAddr]) -> io::Result<()> {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
+    let endpoints = endpoints.to_vec();
+    rt.block_on(async move {
+        for port in [ECHO_PORT, SINK_PORT] {
+            let listener = tokio::net::TcpListener::bind(SocketAddr::new(listen, port)).await?;
+            let targets: Vec<SocketAddr> = endpoints
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect();
+            let next = Arc::new(AtomicUsize::new(0));
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let target = targets[next.fetch_add(1, Ordering::Relaxed) % targets.len()];
+                    tokio::spawn(async move {
+                        let _ = client.set_nodelay(true);
+                        if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
+                            let _ = upstream.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                    });
+                }
+            });
+        }
+        Ok::<_, io::Error>(())
+    })?;
+    // The runtime keeps serving on its workers while this thread waits.
+    let _rt = rt;
+    ready()
+}
