@@ -5,9 +5,11 @@
 //! source -> pipe -> destination. The pipe is taken from the pool when the source has data and
 //! given back once it is empty and the source is drained, so idle connections hold none.
 //!
-//! When no pipe can be had (the process is out of descriptors), a direction falls back to
-//! copying through a small heap buffer that exists only while it holds bytes, so connections
-//! keep moving instead of stalling until descriptors come back.
+//! Small transfers are copied (a read into a stack buffer and a write: two system calls, no
+//! pipe), streams are spliced (zero copy): a read that fills the 16 KiB copy buffer switches a
+//! direction to splice until it next goes idle, like HAProxy's `splice-auto`. Bytes a copy
+//! could not write at once wait in a heap buffer that exists only while it holds them. When no
+//! pipe can be had (out of descriptors), streams are copied too, so connections keep moving.
 //!
 //! The "pipe full or socket empty" trap (DESIGN-NOTES section 3): splicing into a pipe that
 //! already holds bytes can fail with `WouldBlock` because the pipe ran out of slots, not
@@ -30,6 +32,9 @@ use svcproxy_sys::{Pipe, PipePool};
 pub(crate) struct Ready {
     pub(crate) readable: bool,
     pub(crate) writable: bool,
+    /// The peer has shut down its side (RDHUP/HUP seen): read to the end, since no further
+    /// edge will announce the end of the stream.
+    pub(crate) peer_closed: bool,
 }
 
 /// One direction of a connection. Bytes in flight are in the pipe (`held` of them) or, in
@@ -39,6 +44,8 @@ pub(crate) struct Half {
     pipe: Option<Pipe>,
     held: usize,
     spill: Vec<u8>,
+    /// Large reads lately: splice instead of copying.
+    streaming: bool,
     eof: bool,
 }
 
@@ -48,8 +55,8 @@ impl Half {
     }
 }
 
-/// Bytes read per call in the copy fallback.
-const SPILL_CHUNK: usize = 16 << 10;
+/// Bytes read per call when copying; a read this large marks a stream (spliced from then on).
+const COPY_CHUNK: usize = 16 << 10;
 
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,12 +201,8 @@ impl Conn {
                                 half.spill = Vec::new();
                             }
                         }
-                        *budget = budget.saturating_sub(n);
                         self.last_activity = now;
-                        match dir {
-                            Direction::Upstream => self.tally.bytes_in(n as u64),
-                            Direction::Downstream => self.tally.bytes_out(n as u64),
-                        }
+                        self.count(dir, n, budget);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.ready[di].writable = false;
@@ -217,7 +220,10 @@ impl Conn {
                     }
                 }
             }
-            // Then read from the source; nothing is held at this point.
+            // Then read from the source; nothing is held at this point. Small transfers are
+            // copied through a stack buffer (one read and one write cost less than two splices
+            // for a few bytes); a read that fills the buffer marks the direction as streaming,
+            // and streams are spliced through a pipe until the direction next goes idle.
             if self.halves[hi].eof || !self.ready[si].readable {
                 break;
             }
@@ -225,30 +231,50 @@ impl Conn {
                 outcome = Pumped::Budget;
                 break;
             }
-            if self.halves[hi].pipe.is_none()
-                && let Ok(p) = pool.take()
-            {
-                self.halves[hi].pipe = Some(p);
-            }
             let from = if src == Side::Client {
                 &self.client
             } else {
                 &self.backend
             };
+            let to = if dst == Side::Client {
+                &self.client
+            } else {
+                &self.backend
+            };
             let half = &mut self.halves[hi];
-            let read = match &half.pipe {
-                Some(pipe) => {
+            if half.streaming
+                && half.pipe.is_none()
+                && let Ok(p) = pool.take()
+            {
+                half.pipe = Some(p);
+            }
+            let mut written = 0;
+            let mut drained = false;
+            let read = match (&half.pipe, half.streaming) {
+                (Some(pipe), true) => {
                     let room = pipe.capacity() - half.held;
-                    if room == 0 {
-                        break;
-                    }
                     pipe.fill(from, room).inspect(|&n| half.held += n)
                 }
-                None => {
-                    let mut chunk = [0u8; SPILL_CHUNK];
-                    (&*from)
-                        .read(&mut chunk)
-                        .inspect(|&n| half.spill.extend_from_slice(&chunk[..n]))
+                _ => {
+                    let mut chunk = [0u8; COPY_CHUNK];
+                    let read = (&*from).read(&mut chunk);
+                    if let Ok(n @ 1..) = read {
+                        half.streaming = n == COPY_CHUNK;
+                        // A short read emptied the socket: the next bytes bring a new edge (but
+                        // an end of stream already announced does not: read on to it).
+                        drained = n < COPY_CHUNK && !self.ready[si].peer_closed;
+                        if self.ready[di].writable {
+                            match (&*to).write(&chunk[..n]) {
+                                Ok(w) => written = w,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                    self.ready[di].writable = false;
+                                }
+                                Err(_) => return Err(Failed(dst)),
+                            }
+                        }
+                        half.spill.extend_from_slice(&chunk[written..n]);
+                    }
+                    read
                 }
             };
             match read {
@@ -260,7 +286,18 @@ impl Conn {
                         return Ok(Pumped::Finished);
                     }
                 }
-                Ok(_) => self.last_activity = now,
+                Ok(_) => {
+                    self.last_activity = now;
+                    if written > 0 {
+                        self.count(dir, written, budget);
+                    }
+                    if drained {
+                        self.ready[si].readable = false;
+                        if !self.halves[hi].pending() {
+                            break;
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Nothing is held when reading, so this means the socket is drained.
                     self.ready[si].readable = false;
@@ -270,13 +307,22 @@ impl Conn {
             }
         }
         let half = &mut self.halves[hi];
-        if half.held == 0
-            && (half.eof || !self.ready[si].readable)
-            && let Some(pipe) = half.pipe.take()
-        {
-            pool.give(pipe);
+        if half.held == 0 && (half.eof || !self.ready[si].readable) {
+            half.streaming = false;
+            if let Some(pipe) = half.pipe.take() {
+                pool.give(pipe);
+            }
         }
         Ok(outcome)
+    }
+
+    /// Counts `n` bytes delivered in `dir` against the counters and the budget.
+    fn count(&mut self, dir: Direction, n: usize, budget: &mut usize) {
+        *budget = budget.saturating_sub(n);
+        match dir {
+            Direction::Upstream => self.tally.bytes_in(n as u64),
+            Direction::Downstream => self.tally.bytes_out(n as u64),
+        }
     }
 
     /// Carries out a half-close step; true when the connection is finished.

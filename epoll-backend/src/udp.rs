@@ -26,21 +26,23 @@ const ROUNDS: usize = 8;
 impl Worker {
     /// Forwards datagrams waiting on a UDP listener.
     pub(crate) fn udp_from_clients(&mut self, listener: SlotId, now: Instant) {
-        let mut routes: Vec<(FlowId, usize)> = Vec::with_capacity(self.batch.len().max(1));
+        let mut routes: Vec<(FlowId, usize)> = Vec::with_capacity(self.batch.capacity());
         for _ in 0..ROUNDS {
             let Some(l) = self.listener_slots.get(listener) else {
                 return;
             };
             let key = l.key;
-            match self.batch.recv(&l.socket) {
+            // A batch smaller than the buffers means the socket is empty: the next datagram
+            // brings a new edge, so there is no need to ask again.
+            let drained = match self.batch.recv(&l.socket) {
                 Ok(0) => return,
-                Ok(_) => {}
+                Ok(n) => n < self.batch.capacity(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!(%key, error = %e, "receive failed");
                     return;
                 }
-            }
+            };
             let snapshot = self.ctx.table().load_full();
             for flow in self.flows.sync(&snapshot) {
                 drop(flow.handle);
@@ -66,6 +68,9 @@ impl Worker {
                 }
             }
             self.send_runs(&routes);
+            if drained {
+                return;
+            }
         }
         self.ready.push_back(Work::Udp(listener));
     }
@@ -145,9 +150,9 @@ impl Worker {
             let Some(flow) = self.flows.get(id) else {
                 return;
             };
-            match self.batch.recv(&flow.handle) {
+            let drained = match self.batch.recv(&flow.handle) {
                 Ok(0) => return,
-                Ok(_) => {}
+                Ok(n) => n < self.batch.capacity(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     // Typically ECONNREFUSED: the endpoint's port is closed. End the flow; the
@@ -157,7 +162,7 @@ impl Worker {
                     self.flows.remove(id);
                     return;
                 }
-            }
+            };
             let listener = self
                 .listeners
                 .get(&flow.listener)
@@ -193,6 +198,9 @@ impl Worker {
                 }
             }
             self.flows.touch(id, now);
+            if drained {
+                return;
+            }
         }
         self.ready.push_back(Work::Replies(id));
     }

@@ -203,9 +203,10 @@ impl Worker {
                 ready.readable |=
                     trouble || flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP);
                 ready.writable |= trouble || flags.contains(epoll::EventFlags::OUT);
+                ready.peer_closed |= trouble || flags.contains(epoll::EventFlags::RDHUP);
                 if !conn.connected && side == Side::Backend {
                     if trouble || flags.contains(epoll::EventFlags::OUT) {
-                        self.connect_done(id, now);
+                        self.connect_done(id, trouble, now);
                     }
                 } else {
                     self.pump(id, now);
@@ -550,26 +551,27 @@ impl Worker {
         }
     }
 
-    /// The backend socket of a connecting connection reported an event.
-    fn connect_done(&mut self, id: SlotId, now: Instant) {
+    /// The backend socket of a connecting connection turned writable (connected) or reported
+    /// trouble (the connect failed; the socket error says why).
+    fn connect_done(&mut self, id: SlotId, trouble: bool, now: Instant) {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        match conn.backend.take_error() {
-            Ok(None) if conn.ready_mut(Side::Backend).writable => {
-                conn.connected = true;
-                conn.last_activity = now;
-                if let Some(idle) = self.ctx.config().tcp.idle_timeout {
-                    self.timers.add(now + idle, Timer::Idle(id));
-                }
-                self.pump(id, now);
-            }
-            Ok(None) => {}
-            Ok(Some(e)) | Err(e) => {
-                debug!(backend = %conn.backend_addr, error = %e, "connect failed");
-                self.connect_failed(id, now);
-            }
+        if trouble {
+            let error = match conn.backend.take_error() {
+                Ok(Some(e)) | Err(e) => e,
+                Ok(None) => io::Error::other("hang-up while connecting"),
+            };
+            debug!(backend = %conn.backend_addr, %error, "connect failed");
+            self.connect_failed(id, now);
+            return;
         }
+        conn.connected = true;
+        conn.last_activity = now;
+        if let Some(idle) = self.ctx.config().tcp.idle_timeout {
+            self.timers.add(now + idle, Timer::Idle(id));
+        }
+        self.pump(id, now);
     }
 
     /// The current attempt failed (refused, unreachable, timed out): try the next endpoint the

@@ -135,6 +135,11 @@ impl RecvBatch {
         Ok(n as usize)
     }
 
+    /// Most datagrams one receive takes.
+    pub fn capacity(&self) -> usize {
+        self.names.len()
+    }
+
     /// Datagrams of the last [`RecvBatch::recv`].
     pub fn len(&self) -> usize {
         self.received.len()
