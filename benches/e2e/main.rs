@@ -47,6 +47,10 @@ struct Cli {
     /// Worker threads of every proxy (default: the CPU count).
     #[arg(long)]
     workers: Option<usize>,
+    /// Rounds: every candidate runs every workload once per round, rounds interleave the
+    /// candidates, and the report gives each median.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -145,36 +149,55 @@ fn main() -> io::Result<()> {
     let backends = backends::Backends::start(topo.backend_ns(), &topo.backend_ips)?;
     let scratch = candidates::Scratch::new()?;
 
-    let mut results: Vec<(Kind, Vec<Option<Cell>>)> = Vec::new();
-    for &kind in &kinds {
-        eprintln!("== {}", kind.name());
-        let running = match candidates::start(kind, &topo, workers, idle_count, &scratch.0) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("   cannot start: {e}");
-                results.push((kind, vec![None; workloads.len()]));
-                continue;
+    let mut samples: Vec<Vec<Vec<Cell>>> = vec![vec![Vec::new(); workloads.len()]; kinds.len()];
+    for round in 0..cli.repeat.max(1) {
+        for (k, &kind) in kinds.iter().enumerate() {
+            eprintln!("== {} (round {})", kind.name(), round + 1);
+            let running = match candidates::start(kind, &topo, workers, idle_count, &scratch.0) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("   cannot start: {e}");
+                    continue;
+                }
+            };
+            for (i, w) in workloads.iter().enumerate() {
+                match measure(w, kind, &running, &topo, &backends, duration, idle_count) {
+                    Ok(Some(c)) => {
+                        eprintln!("   {w}: {}", c.text);
+                        samples[k][i].push(c);
+                    }
+                    Ok(None) => eprintln!("   {w}: n/a"),
+                    Err(e) => eprintln!("   {w}: failed: {e}"),
+                }
             }
-        };
-        let mut row = Vec::new();
-        for w in &workloads {
-            let cell = measure(w, kind, &running, &topo, &backends, duration, idle_count);
-            match &cell {
-                Ok(Some(c)) => eprintln!("   {w}: {}", c.text),
-                Ok(None) => eprintln!("   {w}: n/a"),
-                Err(e) => eprintln!("   {w}: failed: {e}"),
-            }
-            row.push(cell.ok().flatten());
         }
-        drop(running);
-        results.push((kind, row));
     }
-    let report = report(&topo, workers, duration, idle_count, &workloads, &results);
+    let results: Vec<(Kind, Vec<Option<Cell>>)> = kinds
+        .iter()
+        .zip(samples)
+        .map(|(kind, per_workload)| (*kind, per_workload.into_iter().map(median).collect()))
+        .collect();
+    let report = report(
+        &topo,
+        workers,
+        duration,
+        cli.repeat.max(1),
+        idle_count,
+        &workloads,
+        &results,
+    );
     println!("{report}");
     if let Some(out) = cli.out {
         std::fs::write(out, &report)?;
     }
     Ok(())
+}
+
+/// The sample with the median value (the lower middle one of an even count).
+fn median(mut cells: Vec<Cell>) -> Option<Cell> {
+    cells.sort_by(|a, b| a.value.total_cmp(&b.value));
+    let n = cells.len();
+    (n > 0).then(|| cells.swap_remove((n - 1) / 2))
 }
 
 fn short(kind: Kind) -> &'static str {
@@ -304,6 +327,7 @@ fn report(
     topo: &Topology,
     workers: usize,
     duration: Duration,
+    repeat: usize,
     idle_count: usize,
     workloads: &[String],
     results: &[(Kind, Vec<Option<Cell>>)],
@@ -311,7 +335,7 @@ fn report(
     let mut out = String::new();
     out.push_str(&format!("Machine: {}\n", machine()));
     out.push_str(&format!(
-        "Topology: {}; {workers} worker threads per proxy; {:.1} s per workload; {idle_count} idle connections\n\n",
+        "Topology: {}; {workers} worker threads per proxy; {:.1} s per workload; {idle_count} idle connections; median of {repeat} interleaved round(s)\n\n",
         match topo.mode {
             topo::Mode::Loopback => "loopback (client, proxies, backends on 127.0.0.0/8)".to_string(),
             topo::Mode::Namespaces => "namespaces (client + proxy | veth | backends, 198.18.0.0/15)".to_string(),

@@ -58,6 +58,23 @@ impl Half {
 /// Bytes read per call when copying; a read this large marks a stream (spliced from then on).
 const COPY_CHUNK: usize = 16 << 10;
 
+/// A worker's forwarding buffers: its pipe pool, and the one copy buffer its connections share
+/// (a connection never holds it between calls).
+#[derive(Debug)]
+pub(crate) struct Buffers {
+    pub(crate) pipes: PipePool,
+    scratch: Box<[u8]>,
+}
+
+impl Buffers {
+    pub(crate) fn new(pipes: PipePool) -> Self {
+        Self {
+            pipes,
+            scratch: vec![0; COPY_CHUNK].into_boxed_slice(),
+        }
+    }
+}
+
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pumped {
@@ -148,13 +165,13 @@ impl Conn {
     /// ends.
     pub(crate) fn pump(
         &mut self,
-        pool: &mut PipePool,
+        buffers: &mut Buffers,
         budget: &mut usize,
         now: Instant,
     ) -> Result<Pumped, Failed> {
         let mut result = Pumped::Idle;
         for dir in Direction::BOTH {
-            match self.pump_one(dir, pool, budget, now)? {
+            match self.pump_one(dir, buffers, budget, now)? {
                 Pumped::Finished => return Ok(Pumped::Finished),
                 Pumped::Idle => {}
                 other => result = other,
@@ -166,10 +183,14 @@ impl Conn {
     fn pump_one(
         &mut self,
         dir: Direction,
-        pool: &mut PipePool,
+        buffers: &mut Buffers,
         budget: &mut usize,
         now: Instant,
     ) -> Result<Pumped, Failed> {
+        let Buffers {
+            pipes: pool,
+            scratch,
+        } = buffers;
         let (src, dst) = (dir.from(), dir.to());
         let (si, di, hi) = (side_index(src), side_index(dst), dir_index(dir));
         let mut outcome = Pumped::Idle;
@@ -256,8 +277,8 @@ impl Conn {
                     pipe.fill(from, room).inspect(|&n| half.held += n)
                 }
                 _ => {
-                    let mut chunk = [0u8; COPY_CHUNK];
-                    let read = (&*from).read(&mut chunk);
+                    let chunk = &mut scratch[..];
+                    let read = (&*from).read(chunk);
                     if let Ok(n @ 1..) = read {
                         half.streaming = n == COPY_CHUNK;
                         // A short read emptied the socket: the next bytes bring a new edge (but

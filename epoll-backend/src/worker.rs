@@ -20,7 +20,7 @@ use svcproxy_sys::socket::is_resource_exhaustion;
 use svcproxy_sys::{ListenOptions, PipePool, RecvBatch, Waker, accept, connect, listen, reset};
 use tracing::{debug, warn};
 
-use crate::tcp::{Conn, Failed, Pumped};
+use crate::tcp::{Buffers, Conn, Failed, Pumped};
 use crate::timers::{Timer, Timers};
 use crate::token::{Kind, Token, watch};
 
@@ -71,7 +71,7 @@ pub(crate) struct Worker {
     conns: Slots<Conn>,
     pub(crate) flows: FlowTable<Socket>,
     timers: Timers,
-    pipes: PipePool,
+    buffers: Buffers,
     pub(crate) batch: RecvBatch,
     pub(crate) ready: VecDeque<Work>,
     accept_backoff: Backoff,
@@ -99,7 +99,7 @@ impl Worker {
             conns: Slots::new(),
             flows: FlowTable::new(config.udp_idle_timeout),
             timers: Timers::default(),
-            pipes: PipePool::new(config.pipe_size, SPARE_PIPES),
+            buffers: Buffers::new(PipePool::new(config.pipe_size, SPARE_PIPES)),
             batch: RecvBatch::new(config.udp_batch, MAX_DATAGRAM + 1),
             ready: VecDeque::new(),
             accept_backoff: Backoff::default(),
@@ -511,7 +511,7 @@ impl Worker {
     /// Out of descriptors (or socket memory): stop accepting for a while, and let go of spare
     /// pipes so that open connections can keep going.
     fn pause_accepting(&mut self, what: &str, error: &io::Error, now: Instant) {
-        self.pipes.clear();
+        self.buffers.pipes.clear();
         if !self.accept_paused {
             let delay = self.accept_backoff.fail();
             warn!(%error, ?delay, "cannot {what}, out of resources; accepting paused");
@@ -597,7 +597,7 @@ impl Worker {
         conn.session = session;
         let Some(attempt) = attempt else {
             let mut conn = self.conns.remove(id).expect("present above");
-            conn.release_pipes(&mut self.pipes);
+            conn.release_pipes(&mut self.buffers.pipes);
             self.refuse(conn.client);
             return;
         };
@@ -634,7 +634,7 @@ impl Worker {
             return;
         }
         let mut budget = PUMP_BUDGET;
-        match conn.pump(&mut self.pipes, &mut budget, now) {
+        match conn.pump(&mut self.buffers, &mut budget, now) {
             Ok(Pumped::Idle) => {}
             Ok(Pumped::Budget) => self.ready.push_back(Work::Pump(id)),
             Ok(Pumped::Finished) => self.close(id, None),
@@ -647,7 +647,7 @@ impl Worker {
         let Some(mut conn) = self.conns.remove(id) else {
             return;
         };
-        conn.release_pipes(&mut self.pipes);
+        conn.release_pipes(&mut self.buffers.pipes);
         conn.tally.closed();
         match reset_side {
             Some(Side::Client) => reset(conn.client),
