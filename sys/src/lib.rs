@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ancillary;
 pub mod dgram;
 pub mod pipe;
 pub mod socket;
