@@ -261,9 +261,9 @@ impl Worker {
                 for flow in self.flows.expire(now) {
                     drop(flow.handle);
                 }
-                let snapshot = self.ctx.table().load_full();
+                let snapshot = self.ctx.table().load();
                 for key in std::mem::take(&mut self.failed_binds) {
-                    self.reconcile(key, &snapshot);
+                    self.reconcile(key, snapshot.wants_listener(&key));
                 }
                 self.timers.add(now + Duration::from_secs(1), Timer::Tick);
             }
@@ -280,19 +280,8 @@ impl Worker {
     /// Brings listeners, flows and draining connections in line with the current table.
     fn apply_table(&mut self, now: Instant) {
         let snapshot = self.ctx.table().load_full();
-        let keys: Vec<ServicePortKey> = match &self.applied {
-            Some(old) => {
-                let c = snapshot.frontend_changes(old);
-                c.added
-                    .into_iter()
-                    .chain(c.removed)
-                    .chain(c.changed)
-                    .collect()
-            }
-            None => snapshot.frontends().map(|(k, _)| *k).collect(),
-        };
-        for key in keys {
-            self.reconcile(key, &snapshot);
+        for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
+            self.reconcile(key, wanted);
         }
         for flow in self.flows.sync(&snapshot) {
             debug!(client = %flow.key.client, endpoint = %flow.endpoint, "flow purged");
@@ -301,10 +290,7 @@ impl Worker {
         if let DrainPolicy::CloseAfter(grace) = self.ctx.config().tcp.drain {
             let mut doomed = Vec::new();
             for (id, c) in self.conns.iter() {
-                let eligible = snapshot
-                    .lookup(&c.listener)
-                    .is_some_and(|p| p.contains(c.backend_addr));
-                if !eligible && !c.draining {
+                if !c.draining && !snapshot.serves(&c.listener, c.backend_addr) {
                     doomed.push(id);
                 }
             }
@@ -320,12 +306,9 @@ impl Worker {
         self.ctx.control.report_applied(self.ctx.index, generation);
     }
 
-    /// Opens or closes the listener of `key` as the snapshot wants.
-    fn reconcile(&mut self, key: ServicePortKey, snapshot: &Snapshot) {
-        let wanted = !self.stopping
-            && snapshot
-                .lookup(&key)
-                .is_some_and(|p| !p.backends().is_empty());
+    /// Opens or closes the listener of `key`.
+    fn reconcile(&mut self, key: ServicePortKey, wanted: bool) {
+        let wanted = wanted && !self.stopping;
         match (wanted, self.listeners.get(&key).copied()) {
             (true, None) => self.open_listener(key),
             (false, Some(id)) => {

@@ -165,6 +165,31 @@ impl Snapshot {
         changes
     }
 
+    /// Whether a backend should listen on `key`: it is a frontend of this snapshot and its
+    /// service port has an eligible endpoint (without one, clients must be refused).
+    pub fn wants_listener(&self, key: &ServicePortKey) -> bool {
+        self.lookup(key).is_some_and(|p| !p.backends().is_empty())
+    }
+
+    /// Listeners to open or close after moving from `older` (none: from nothing) to this
+    /// snapshot: every frontend that may have changed, with [`Snapshot::wants_listener`].
+    pub fn listener_changes(&self, older: Option<&Snapshot>) -> Vec<(ServicePortKey, bool)> {
+        let keys: Vec<ServicePortKey> = match older {
+            Some(old) => {
+                let c = self.frontend_changes(old);
+                c.added.into_iter().chain(c.removed).chain(c.changed).collect()
+            }
+            None => self.frontends().map(|(k, _)| *k).collect(),
+        };
+        keys.into_iter().map(|k| (k, self.wants_listener(&k))).collect()
+    }
+
+    /// Whether `backend` is still an eligible endpoint behind `listener` (connections to one
+    /// that is not follow the drain policy).
+    pub fn serves(&self, listener: &ServicePortKey, backend: std::net::SocketAddr) -> bool {
+        self.lookup(listener).is_some_and(|p| p.contains(backend))
+    }
+
     /// Counters of every service port (sorted by service and port), with per-endpoint counters.
     pub fn stats(&self) -> Vec<PortStats> {
         let mut services: Vec<&ServiceEntry> = self.services().collect();
