@@ -27,6 +27,46 @@ pub struct ProxyConfig {
     /// Connect to backends from the client's own address (`IP_TRANSPARENT`; needs
     /// CAP_NET_ADMIN and policy routing for the replies, see the daemon docs).
     pub preserve_client_ip: bool,
+    /// Settings of the io_uring backend.
+    pub io_uring: IoUringConfig,
+}
+
+/// How the io_uring backend moves TCP bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarding {
+    /// Receive into buffers the kernel picks from a provided-buffer ring, send from them; one
+    /// send in flight per direction (the design of liburing's `examples/proxy.c`).
+    #[default]
+    Buffers,
+    /// `IORING_OP_SPLICE` through a pipe per direction (executed by io-wq threads).
+    Splice,
+}
+
+/// Settings of the io_uring backend (ignored by the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoUringConfig {
+    /// TCP forwarding mode.
+    pub forwarding: Forwarding,
+    /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
+    pub sqpoll: bool,
+    /// Provided buffers per worker for TCP (a power of two, up to 32768).
+    pub buffers: u16,
+    /// Size of each TCP buffer in bytes.
+    pub buffer_size: u32,
+    /// Submission queue entries per worker (a power of two).
+    pub entries: u32,
+}
+
+impl Default for IoUringConfig {
+    fn default() -> Self {
+        Self {
+            forwarding: Forwarding::Buffers,
+            sqpoll: false,
+            buffers: 1024,
+            buffer_size: 16 << 10,
+            entries: 1024,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -41,6 +81,7 @@ impl Default for ProxyConfig {
             pipe_size: 256 << 10,
             udp_batch: 32,
             preserve_client_ip: false,
+            io_uring: IoUringConfig::default(),
         }
     }
 }
@@ -64,6 +105,25 @@ impl ProxyConfig {
         }
         if self.udp_idle_timeout.is_zero() {
             return Err("udp_idle_timeout must be greater than 0".into());
+        }
+        let u = &self.io_uring;
+        if !u.buffers.is_power_of_two() || u.buffers > 1 << 15 {
+            return Err(format!(
+                "io_uring.buffers is {}, must be a power of two up to 32768",
+                u.buffers
+            ));
+        }
+        if !(4096..=1 << 20).contains(&u.buffer_size) {
+            return Err(format!(
+                "io_uring.buffer_size is {}, must be between 4096 and 1048576",
+                u.buffer_size
+            ));
+        }
+        if !u.entries.is_power_of_two() || !(64..=32768).contains(&u.entries) {
+            return Err(format!(
+                "io_uring.entries is {}, must be a power of two from 64 to 32768",
+                u.entries
+            ));
         }
         Ok(())
     }

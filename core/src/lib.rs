@@ -41,7 +41,7 @@ pub mod stats;
 pub mod table;
 
 pub use backoff::Backoff;
-pub use config::ProxyConfig;
+pub use config::{Forwarding, IoUringConfig, ProxyConfig};
 pub use control::{Control, WorkerContext};
 pub use error::{Problem, TableError, ValidationError};
 pub use flow::{Flow, FlowId, FlowKey, FlowTable};
@@ -50,7 +50,7 @@ pub use model::{
     SessionAffinity, TargetPort, TrafficPolicy,
 };
 pub use select::{Backend, PortState};
-pub use session::{DrainPolicy, TcpPolicy, TcpSession};
+pub use session::{DrainPolicy, Opened, TcpPolicy, TcpSession};
 pub use slots::{SlotId, Slots};
 pub use stats::{CounterValues, Counters, PortStats, Tally};
 pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};

@@ -146,6 +146,18 @@ pub enum Step {
     ShutdownAndFinish(Side),
 }
 
+/// A connection attempt [`TcpSession::open`] started: what `open` returned, the endpoint (now
+/// counted as opened) and the attempt's timeout.
+#[derive(Debug)]
+pub struct Opened<'p, T> {
+    /// What the caller's `open` returned (its socket).
+    pub value: T,
+    /// The endpoint.
+    pub backend: &'p Backend,
+    /// How long this attempt may take.
+    pub timeout: Duration,
+}
+
 /// Per-connection policy state.
 #[derive(Debug, Clone)]
 pub struct TcpSession {
@@ -208,6 +220,43 @@ impl TcpSession {
         }
         let tried: Vec<SocketAddr> = self.tried().collect();
         port.retry(client, &tried, now)
+    }
+
+    /// Opens a connection attempt to `first`, or, when opening fails at once (no route, ...),
+    /// to the next endpoints the policy allows, until `open` succeeds. Each failure is counted
+    /// on its endpoint; an error for which `fatal` holds (out of descriptors) stops at once and
+    /// is returned without counting. `Ok(None)`: every allowed endpoint failed.
+    pub fn open<'p, T, E>(
+        &mut self,
+        policy: &TcpPolicy,
+        port: &'p PortState,
+        first: Option<&'p Backend>,
+        client: SocketAddr,
+        now: Instant,
+        mut open: impl FnMut(&Backend) -> Result<T, E>,
+        fatal: impl Fn(&E) -> bool,
+    ) -> Result<Option<Opened<'p, T>>, E> {
+        let mut next = first;
+        while let Some(backend) = next {
+            match open(backend) {
+                Ok(value) => {
+                    let timeout = self.connecting(policy, backend.addr());
+                    backend.tally().opened();
+                    return Ok(Some(Opened {
+                        value,
+                        backend,
+                        timeout,
+                    }));
+                }
+                Err(e) if fatal(&e) => return Err(e),
+                Err(_) => {
+                    self.connecting(policy, backend.addr());
+                    backend.tally().connect_error();
+                    next = self.next_backend(policy, port, client, now);
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// EOF was read in `dir`; `pending` says whether bytes read before it are still waiting

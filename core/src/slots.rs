@@ -125,6 +125,17 @@ impl<T> Slots<T> {
         })
     }
 
+    /// Every entry with its id, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (SlotId, &mut T)> {
+        self.slab.iter_mut().map(|(index, (generation, value))| {
+            let id = SlotId {
+                index: index as u32,
+                generation: *generation,
+            };
+            (id, value)
+        })
+    }
+
     /// Every id.
     pub fn ids(&self) -> Vec<SlotId> {
         self.iter().map(|(id, _)| id).collect()

@@ -453,7 +453,7 @@ impl Worker {
 
     /// Starts connecting to `first`, or after immediate failures to the next endpoints the
     /// session policy allows. `Ok(None)` when every allowed endpoint failed; `Err` when the
-    /// proxy is out of descriptors (nothing was counted against the endpoint).
+    /// proxy is out of descriptors.
     fn attempt(
         &self,
         session: &mut TcpSession,
@@ -465,30 +465,21 @@ impl Worker {
         let policy = self.ctx.config().tcp;
         let preserve = self.ctx.config().preserve_client_ip;
         let source = preserve.then(|| SocketAddr::new(client.ip(), 0));
-        let mut next = first;
-        while let Some(backend) = next {
-            match connect(backend.addr(), Protocol::Tcp, source, preserve) {
-                Ok(socket) => {
-                    let timeout = session.connecting(&policy, backend.addr());
-                    let tally = backend.tally().clone();
-                    tally.opened();
-                    return Ok(Some(Attempt {
-                        socket,
-                        backend: backend.addr(),
-                        tally,
-                        timeout,
-                    }));
-                }
-                Err(e) if is_resource_exhaustion(&e) => return Err(e),
-                Err(e) => {
-                    debug!(backend = %backend.addr(), error = %e, "connect failed at once");
-                    session.connecting(&policy, backend.addr());
-                    backend.tally().connect_error();
-                    next = session.next_backend(&policy, port, client, now);
-                }
-            }
-        }
-        Ok(None)
+        let opened = session.open(
+            &policy,
+            port,
+            first,
+            client,
+            now,
+            |b| connect(b.addr(), Protocol::Tcp, source, preserve),
+            is_resource_exhaustion,
+        )?;
+        Ok(opened.map(|o| Attempt {
+            socket: o.value,
+            backend: o.backend.addr(),
+            tally: o.backend.tally().clone(),
+            timeout: o.timeout,
+        }))
     }
 
     /// Out of descriptors (or socket memory): stop accepting for a while, and let go of spare

@@ -18,5 +18,5 @@ pub mod waker;
 
 pub use dgram::{Datagram, RecvBatch, send_many};
 pub use pipe::{Pipe, PipePool};
-pub use socket::{ListenOptions, accept, connect, listen, reset};
+pub use socket::{ListenOptions, accept, connect, listen, outbound, reset};
 pub use waker::Waker;

@@ -131,17 +131,26 @@ pub fn accept(listener: &Socket) -> io::Result<(Socket, SocketAddr)> {
     Ok((Socket::from(fd), peer))
 }
 
-/// Starts connecting to `backend`, optionally from `source` (bound first, with
-/// `IP_TRANSPARENT` when `transparent`, to present the client's address to the backend).
-/// TCP: returns at once; the connect completes when the socket turns writable (check
-/// `take_error`). UDP: the socket is connected when this returns.
-pub fn connect(
+/// A socket to reach `backend` with, optionally bound to `source` first (with
+/// `IP_TRANSPARENT` when `transparent`, to present the client's address to the backend);
+/// non-blocking unless `blocking`; TCP sockets set `TCP_NODELAY`.
+pub fn outbound(
     backend: SocketAddr,
     protocol: Protocol,
     source: Option<SocketAddr>,
     transparent: bool,
+    blocking: bool,
 ) -> io::Result<Socket> {
-    let socket = Socket::new(domain(&backend), socket_type(protocol), None)?;
+    let kind = socket_type(protocol);
+    let kind = if blocking {
+        match protocol {
+            Protocol::Tcp => Type::STREAM.cloexec(),
+            Protocol::Udp => Type::DGRAM.cloexec(),
+        }
+    } else {
+        kind
+    };
+    let socket = Socket::new(domain(&backend), kind, None)?;
     if let Some(source) = source {
         if transparent {
             if source.is_ipv6() {
@@ -155,6 +164,19 @@ pub fn connect(
     if protocol == Protocol::Tcp {
         socket.set_tcp_nodelay(true)?;
     }
+    Ok(socket)
+}
+
+/// Starts connecting a non-blocking [`outbound`] socket to `backend`. TCP: returns at once;
+/// the connect completes when the socket turns writable (check `take_error`). UDP: the socket
+/// is connected when this returns.
+pub fn connect(
+    backend: SocketAddr,
+    protocol: Protocol,
+    source: Option<SocketAddr>,
+    transparent: bool,
+) -> io::Result<Socket> {
+    let socket = outbound(backend, protocol, source, transparent, false)?;
     match socket.connect(&SockAddr::from(backend)) {
         Ok(()) => Ok(socket),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),

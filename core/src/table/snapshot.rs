@@ -177,11 +177,17 @@ impl Snapshot {
         let keys: Vec<ServicePortKey> = match older {
             Some(old) => {
                 let c = self.frontend_changes(old);
-                c.added.into_iter().chain(c.removed).chain(c.changed).collect()
+                c.added
+                    .into_iter()
+                    .chain(c.removed)
+                    .chain(c.changed)
+                    .collect()
             }
             None => self.frontends().map(|(k, _)| *k).collect(),
         };
-        keys.into_iter().map(|k| (k, self.wants_listener(&k))).collect()
+        keys.into_iter()
+            .map(|k| (k, self.wants_listener(&k)))
+            .collect()
     }
 
     /// Whether `backend` is still an eligible endpoint behind `listener` (connections to one
