@@ -14,12 +14,28 @@ use tracing::info;
 /// Which data plane runs the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
-    /// The best available on this machine (today: epoll).
+    /// io_uring when this kernel and process allow it, else epoll (the log says which and why).
     #[default]
     Auto,
     /// Edge-triggered epoll with splice.
     Epoll,
+    /// io_uring (fails to start where io_uring is unavailable).
+    IoUring,
 }
+
+/// Whether the io_uring backend can run here; `Err` says why not.
+pub fn io_uring_available() -> Result<(), String> {
+    if std::env::var_os(DISABLE_IO_URING).is_some() {
+        return Err(format!(
+            "disabled by the environment variable {DISABLE_IO_URING}"
+        ));
+    }
+    svcproxy_uring::probe().map_err(|e| e.to_string())
+}
+
+/// Set (to anything) to make [`BackendKind::Auto`] choose epoll, as if io_uring were
+/// unavailable (for tests of the fallback, and as an operator's switch).
+pub const DISABLE_IO_URING: &str = "SVCPROXY_DISABLE_IO_URING";
 
 /// How to start a [`Proxy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,7 +93,19 @@ impl Proxy {
     pub fn start(table: Arc<Table>, options: Options) -> Result<Proxy, Error> {
         options.config.validate().map_err(Error::Config)?;
         let backend = match options.backend {
-            BackendKind::Auto | BackendKind::Epoll => BackendKind::Epoll,
+            BackendKind::Auto => match io_uring_available() {
+                Ok(()) => BackendKind::IoUring,
+                Err(why) => {
+                    info!(%why, "io_uring unavailable, using epoll");
+                    BackendKind::Epoll
+                }
+            },
+            BackendKind::IoUring => {
+                io_uring_available()
+                    .map_err(|why| Error::Config(format!("io_uring backend: {why}")))?;
+                BackendKind::IoUring
+            }
+            BackendKind::Epoll => BackendKind::Epoll,
         };
         let workers = options.config.worker_count();
         info!(?backend, workers, "starting svcproxy");
@@ -110,7 +138,10 @@ impl Proxy {
             let waker = waker.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("svcproxy-{index}"))
-                .spawn(move || svcproxy_epoll::run(ctx, waker));
+                .spawn(move || match backend {
+                    BackendKind::IoUring => svcproxy_uring::run(ctx, waker),
+                    _ => svcproxy_epoll::run(ctx, waker),
+                });
             match thread {
                 Ok(t) => proxy.threads.push(t),
                 Err(e) => {

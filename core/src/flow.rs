@@ -95,6 +95,12 @@ impl<H> FlowTable<H> {
         self.slots.get(id)
     }
 
+    /// The flow named by `id`, mutably (its handle is the caller's to change).
+    #[inline]
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow<H>> {
+        self.slots.get_mut(id)
+    }
+
     /// Marks the flow as used at `now`.
     #[inline]
     pub fn touch(&mut self, id: FlowId, now: Instant) {

@@ -38,6 +38,12 @@ impl Pipe {
         self.capacity
     }
 
+    /// The read and write ends, for a ring's splice operations (the pipe stays their owner).
+    pub fn fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        (self.read.as_raw_fd(), self.write.as_raw_fd())
+    }
+
     /// Moves up to `len` bytes from `socket` into the pipe. `Ok(0)` is end of stream.
     #[inline]
     pub fn fill(&self, socket: impl AsFd, len: usize) -> io::Result<usize> {

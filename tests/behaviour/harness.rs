@@ -198,6 +198,13 @@ pub fn config() -> ProxyConfig {
 }
 
 pub fn start(backend: BackendKind, table: &Arc<Table>, config: ProxyConfig) -> Proxy {
+    // Logs when debugging: RUST_LOG=svcproxy_uring=debug cargo test ...
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     Proxy::start(table.clone(), Options { backend, config }).expect("proxy starts")
 }
 

@@ -685,10 +685,10 @@ pub fn connection_limit_holds_clients_until_one_closes(backend: BackendKind, sui
     let waiting = (&third)
         .read(&mut b)
         .expect_err("not served while two are open");
-    assert!(matches!(
-        waiting.kind(),
-        ErrorKind::WouldBlock | ErrorKind::TimedOut
-    ));
+    assert!(
+        matches!(waiting.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{waiting}"
+    );
     assert_eq!(proxy.connections(), 2);
     drop(first);
     third.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -770,10 +770,6 @@ const CHILD_READY: &str = "SVCPROXY-CHILD-READY";
 /// Runs in a child process (so its descriptor limit is its own): a proxy with a tight
 /// RLIMIT_NOFILE. The parent opens more connections than it can hold.
 fn exhaustion_child(backend: BackendKind) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
     let service_addr: SocketAddr = std::env::var("SVCPROXY_CHILD_SERVICE")
         .unwrap()
         .parse()
