@@ -226,6 +226,9 @@ impl TcpSession {
     /// to the next endpoints the policy allows, until `open` succeeds. Each failure is counted
     /// on its endpoint; an error for which `fatal` holds (out of descriptors) stops at once and
     /// is returned without counting. `Ok(None)`: every allowed endpoint failed.
+    // The attempt needs the policy, the endpoints and the client it is for, plus the two
+    // callbacks that keep the sockets out of this crate.
+    #[allow(clippy::too_many_arguments)]
     pub fn open<'p, T, E>(
         &mut self,
         policy: &TcpPolicy,

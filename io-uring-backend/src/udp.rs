@@ -53,11 +53,11 @@ impl Worker {
             if !forwarded {
                 self.udp_buffers.recycle(bid);
             }
-        } else if c.result == -libc::ENOBUFS {
-            if let Some(l) = self.listener_slots.get_mut(id) {
-                l.starved = true;
-                self.udp_starved.push((Op::ListenerRecv, id));
-            }
+        } else if c.result == -libc::ENOBUFS
+            && let Some(l) = self.listener_slots.get_mut(id)
+        {
+            l.starved = true;
+            self.udp_starved.push((Op::ListenerRecv, id));
         }
         if !c.more() {
             self.listener_disarmed(id);

@@ -337,6 +337,11 @@ impl Worker {
         self.listeners.remove(&l.key);
         l.closing = true;
         debug!(key = %l.key, "listener closing");
+        // A TCP listener stops taking connections now (clients get ECONNREFUSED at once), not
+        // when its cancelled accept has completed.
+        if l.key.protocol == Protocol::Tcp {
+            let _ = l.socket.shutdown(std::net::Shutdown::Both);
+        }
         if l.armed {
             let _ = self
                 .ring
