@@ -34,7 +34,8 @@ impl std::fmt::Display for Unavailable {
 }
 
 /// Opcodes the backend needs.
-const NEEDED: [(u8, &str); 12] = [
+const NEEDED: [(u8, &str); 13] = [
+    (opcode::PollAdd::CODE, "poll"),
     (opcode::AcceptMulti::CODE, "accept"),
     (opcode::Connect::CODE, "connect"),
     (opcode::Recv::CODE, "recv"),
@@ -273,7 +274,7 @@ impl Ring {
     /// A multishot accept.
     pub(crate) fn accept(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let entry = opcode::AcceptMulti::new(Fd(fd))
-            .flags(libc::SOCK_CLOEXEC)
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build();
         self.push_plain(entry, user_data)
     }
@@ -388,7 +389,8 @@ impl Ring {
         self.push_plain(entry, user_data)
     }
 
-    /// Moves up to `len` bytes from `from` to `to` (one of them a pipe).
+    /// Moves up to `len` bytes from `from` to `to` (one of them a pipe), without waiting:
+    /// `-EAGAIN` when a side is not ready.
     pub(crate) fn splice(
         &mut self,
         from: RawFd,
@@ -396,8 +398,15 @@ impl Ring {
         len: u32,
         user_data: u64,
     ) -> io::Result<()> {
-        let entry = opcode::Splice::new(Fd(from), -1, Fd(to), -1, len).build();
+        let entry = opcode::Splice::new(Fd(from), -1, Fd(to), -1, len)
+            .flags(libc::SPLICE_F_NONBLOCK)
+            .build();
         self.push_plain(entry, user_data)
+    }
+
+    /// Completes once `fd` is ready for `events` (`POLLIN`, `POLLOUT`).
+    pub(crate) fn poll(&mut self, fd: RawFd, events: u32, user_data: u64) -> io::Result<()> {
+        self.push_plain(opcode::PollAdd::new(Fd(fd), events).build(), user_data)
     }
 
     /// Shuts down the write side of `fd`.

@@ -9,7 +9,10 @@
 //!   instead of draining the ring; a receive that finds the ring empty waits until a buffer
 //!   comes back (backpressure, as in liburing's `examples/proxy.c`).
 //! - splice: `IORING_OP_SPLICE` from the source into a pipe, then from the pipe into the
-//!   destination, one splice in flight per direction.
+//!   destination, one splice in flight per direction. io_uring runs splices on io-wq threads
+//!   and does not wait for readiness itself, so each splice is preceded by a poll for
+//!   readiness and sockets are non-blocking: a splice never parks a thread on an idle socket,
+//!   and teardown can always cancel what is in flight.
 //!
 //! Half-close, resets, retries and drain follow the core's session policy. Teardown cancels
 //! every operation on both sockets and closes them only when the last completion is in, so no
@@ -48,6 +51,9 @@ struct Chunk {
 struct Dir {
     recv_armed: bool,
     send_armed: bool,
+    /// Splice forwarding: the operation in flight on the source (destination) is a poll.
+    polling_in: bool,
+    polling_out: bool,
     /// Waiting for a buffer to come back to the ring.
     starved: bool,
     eof: bool,
@@ -198,7 +204,7 @@ impl Worker {
             first,
             client,
             now,
-            |b| outbound(b.addr(), Protocol::Tcp, source, preserve, true),
+            |b| outbound(b.addr(), Protocol::Tcp, source, preserve, false),
             is_resource_exhaustion,
         )?;
         Ok(opened.map(|o| {
@@ -319,32 +325,22 @@ impl Worker {
         }
         let src = conn.socket(dir.from()).as_raw_fd();
         let ud = token::user_data(recv_op(dir), id);
-        let result = match forwarding {
-            Forwarding::Buffers => {
-                if d.queue.len() >= MAX_QUEUED {
-                    return;
-                }
-                self.ring.recv(src, self.tcp_buffers.group(), ud)
-            }
-            Forwarding::Splice => {
-                if d.held > 0 {
-                    return;
-                }
-                let d = &mut conn.dirs[index(dir)];
-                if d.pipe.is_none() {
-                    match self.pipes.take() {
-                        Ok(p) => d.pipe = Some(p),
-                        Err(e) => {
-                            debug!(error = %e, "no pipe");
-                            self.teardown(id, Some(Side::Client));
-                            return;
-                        }
-                    }
-                }
-                let pipe = d.pipe.as_ref().expect("taken above");
-                let (_, write) = pipe.fds();
-                self.ring.splice(src, write, pipe.capacity() as u32, ud)
-            }
+        if d.held > 0 || d.queue.len() >= MAX_QUEUED {
+            return;
+        }
+        let d = &mut conn.dirs[index(dir)];
+        // Splice needs a pipe; without one (out of descriptors) the direction uses buffers.
+        if forwarding == Forwarding::Splice
+            && d.pipe.is_none()
+            && let Ok(p) = self.pipes.take()
+        {
+            d.pipe = Some(p);
+        }
+        let result = if d.pipe.is_some() {
+            d.polling_in = true;
+            self.ring.poll(src, libc::POLLIN as u32, ud)
+        } else {
+            self.ring.recv(src, self.tcp_buffers.group(), ud)
         };
         if result.is_ok() {
             conn.dirs[index(dir)].recv_armed = true;
@@ -356,8 +352,31 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
+        let src = conn.socket(dir.from()).as_raw_fd();
         let d = &mut conn.dirs[index(dir)];
         d.recv_armed = false;
+        if d.polling_in {
+            d.polling_in = false;
+            if c.result < 0 {
+                if c.result != -libc::ECANCELED {
+                    self.teardown(id, Some(dir.to()));
+                }
+                return;
+            }
+            // Readable: splice what is there into the pipe.
+            let pipe = d.pipe.as_ref().expect("splice forwarding has a pipe");
+            let (_, write) = pipe.fds();
+            let ud = token::user_data(recv_op(dir), id);
+            if self
+                .ring
+                .splice(src, write, pipe.capacity() as u32, ud)
+                .is_ok()
+            {
+                d.recv_armed = true;
+                conn.inflight += 1;
+            }
+            return;
+        }
         match c.result {
             n if n > 0 => {
                 conn.last_activity = now;
@@ -382,6 +401,7 @@ impl Worker {
                 d.starved = true;
                 self.starved.push(id);
             }
+            e if e == -libc::EAGAIN => self.arm_recv(id, dir),
             e if e == -libc::ECANCELED => {}
             _ => self.teardown(id, Some(dir.to())),
         }
@@ -418,11 +438,35 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
+        let dst = conn.socket(dir.to()).as_raw_fd();
         let d = &mut conn.dirs[index(dir)];
         d.send_armed = false;
+        if d.polling_out {
+            d.polling_out = false;
+            if c.result < 0 {
+                if c.result != -libc::ECANCELED {
+                    self.teardown(id, Some(dir.from()));
+                }
+                return;
+            }
+            self.kick_send(id, dir);
+            return;
+        }
+        if c.result == -libc::EAGAIN {
+            // The destination is full: wait until it takes more.
+            let ud = token::user_data(send_op(dir), id);
+            if self.ring.poll(dst, libc::POLLOUT as u32, ud).is_ok() {
+                d.send_armed = true;
+                d.polling_out = true;
+                conn.inflight += 1;
+            }
+            return;
+        }
         if c.result < 0 {
-            // The destination failed: reset the source's side.
-            self.teardown(id, Some(dir.from()));
+            if c.result != -libc::ECANCELED {
+                // The destination failed: reset the source's side.
+                self.teardown(id, Some(dir.from()));
+            }
             return;
         }
         let n = c.result as u32;

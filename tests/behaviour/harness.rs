@@ -187,13 +187,23 @@ impl Drop for UdpServer {
     }
 }
 
-/// Test settings: two workers, short connect timeouts.
+static ADJUST: std::sync::OnceLock<fn(&mut ProxyConfig)> = std::sync::OnceLock::new();
+
+/// Makes [`config`] apply `adjust` (once per test binary: one suite, one variant).
+pub fn adjust_configs(adjust: fn(&mut ProxyConfig)) {
+    let _ = ADJUST.set(adjust);
+}
+
+/// Test settings: two workers, short connect timeouts, and the suite's adjustment.
 pub fn config() -> ProxyConfig {
     let mut c = ProxyConfig {
         workers: 2,
         ..ProxyConfig::default()
     };
     c.tcp.connect_timeout = Duration::from_millis(500);
+    if let Some(adjust) = ADJUST.get() {
+        adjust(&mut c);
+    }
     c
 }
 

@@ -17,11 +17,15 @@ use svcproxy::{BackendKind, Conditions, Protocol, SessionAffinity, Table};
 
 use harness::*;
 
-/// Instantiates every behaviour test for `$backend`, using loopback addresses 127.`$suite`.x.y.
+/// Instantiates every behaviour test for `$backend`, using loopback addresses 127.`$suite`.x.y,
+/// optionally with `$adjust` applied to every proxy's settings (e.g. another forwarding mode).
 #[macro_export]
 macro_rules! suite {
     ($backend:expr, $suite:expr) => {
-        $crate::suite!(@tests $backend, $suite;
+        $crate::suite!($backend, $suite, |_| {});
+    };
+    ($backend:expr, $suite:expr, $adjust:expr) => {
+        $crate::suite!(@tests $backend, $suite, $adjust;
             round_robin_reaches_every_endpoint_in_turn,
             session_affinity_sticks_and_switching_it_off_spreads_again,
             client_half_close_still_gets_the_full_reply,
@@ -46,10 +50,11 @@ macro_rules! suite {
             ipv6_tcp_and_udp,
         );
     };
-    (@tests $backend:expr, $suite:expr; $($name:ident),* $(,)?) => {
+    (@tests $backend:expr, $suite:expr, $adjust:expr; $($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() {
+                $crate::behaviour::harness::adjust_configs($adjust);
                 $crate::behaviour::$name($backend, $suite);
             }
         )*
