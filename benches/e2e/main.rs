@@ -32,7 +32,8 @@ struct Cli {
     /// Workloads to run: bulk1, bulk8, rr, cps, idle, udp64, udp1400.
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
-    /// Candidates: direct, epoll, tokio, haproxy, nginx, dnat.
+    /// Candidates: direct, epoll, uring, uring-splice, uring-sqpoll, tokio, haproxy, nginx,
+    /// dnat.
     #[arg(long, value_delimiter = ',')]
     candidates: Option<Vec<String>>,
     /// Also write the report to this file.
@@ -131,7 +132,16 @@ fn main() -> io::Result<()> {
     let workloads: Vec<String> = cli
         .workloads
         .unwrap_or_else(|| WORKLOADS.iter().map(|s| s.to_string()).collect());
-    let mut kinds = vec![Kind::Direct, Kind::Svcproxy("epoll"), Kind::Tokio];
+    let mut kinds = vec![Kind::Direct, Kind::Svcproxy("epoll")];
+    match svcproxy::io_uring_available() {
+        Ok(()) => {
+            for mode in ["uring", "uring-splice", "uring-sqpoll"] {
+                kinds.push(Kind::Svcproxy(mode));
+            }
+        }
+        Err(why) => eprintln!("io_uring candidates skipped: {why}"),
+    }
+    kinds.push(Kind::Tokio);
     if which("haproxy") {
         kinds.push(Kind::Haproxy);
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use svcproxy::{
-    BackendKind, Batch, Endpoint, Options, Protocol, Proxy, ProxyConfig, Service, ServicePort,
-    Table,
+    BackendKind, Batch, Endpoint, Forwarding, Options, Protocol, Proxy, ProxyConfig, Service,
+    ServicePort, Table,
 };
 
 use crate::backends::{ECHO_PORT, SINK_PORT, UDP_PORT};
@@ -59,8 +59,22 @@ pub fn svcproxy(
     endpoints: &[IpAddr],
 ) -> io::Result<()> {
     raise_nofile();
+    let mut config = ProxyConfig {
+        workers,
+        max_connections: 1 << 20,
+        ..ProxyConfig::default()
+    };
     let backend = match backend {
         "epoll" => BackendKind::Epoll,
+        "uring" => BackendKind::IoUring,
+        "uring-splice" => {
+            config.io_uring.forwarding = Forwarding::Splice;
+            BackendKind::IoUring
+        }
+        "uring-sqpoll" => {
+            config.io_uring.sqpoll = true;
+            BackendKind::IoUring
+        }
         other => {
             return Err(io::Error::other(format!(
                 "unknown svcproxy backend {other:?}"
@@ -84,11 +98,6 @@ pub fn svcproxy(
         batch = batch.upsert(svc).replace_endpoints(name, eps);
     }
     table.apply(batch).map_err(io::Error::other)?;
-    let config = ProxyConfig {
-        workers,
-        max_connections: 1 << 20,
-        ..ProxyConfig::default()
-    };
     let proxy = Proxy::start(table, Options { backend, config }).map_err(io::Error::other)?;
     std::mem::forget(proxy);
     ready()

@@ -329,14 +329,9 @@ impl Worker {
             return;
         }
         let d = &mut conn.dirs[index(dir)];
-        // Splice needs a pipe; without one (out of descriptors) the direction uses buffers.
-        if forwarding == Forwarding::Splice
-            && d.pipe.is_none()
-            && let Ok(p) = self.pipes.take()
-        {
-            d.pipe = Some(p);
-        }
-        let result = if d.pipe.is_some() {
+        // Splice waits for readiness first and takes a pipe only when bytes are there, so idle
+        // connections hold none.
+        let result = if forwarding == Forwarding::Splice {
             d.polling_in = true;
             self.ring.poll(src, libc::POLLIN as u32, ud)
         } else {
@@ -363,15 +358,22 @@ impl Worker {
                 }
                 return;
             }
-            // Readable: splice what is there into the pipe.
-            let pipe = d.pipe.as_ref().expect("splice forwarding has a pipe");
-            let (_, write) = pipe.fds();
-            let ud = token::user_data(recv_op(dir), id);
-            if self
-                .ring
-                .splice(src, write, pipe.capacity() as u32, ud)
-                .is_ok()
+            // Readable: splice what is there into a pipe; without a pipe (out of descriptors),
+            // receive into a buffer instead.
+            if d.pipe.is_none()
+                && let Ok(p) = self.pipes.take()
             {
+                d.pipe = Some(p);
+            }
+            let ud = token::user_data(recv_op(dir), id);
+            let submitted = match &d.pipe {
+                Some(pipe) => {
+                    let (_, write) = pipe.fds();
+                    self.ring.splice(src, write, pipe.capacity() as u32, ud)
+                }
+                None => self.ring.recv(src, self.tcp_buffers.group(), ud),
+            };
+            if submitted.is_ok() {
                 d.recv_armed = true;
                 conn.inflight += 1;
             }
@@ -486,6 +488,10 @@ impl Worker {
         }
         let done = !d.pending();
         let eof = d.eof;
+        if done && let Some(pipe) = d.pipe.take() {
+            // Empty: back to the pool until bytes flow again.
+            self.pipes.give(pipe);
+        }
         if let Some(bid) = recycled {
             self.tcp_buffers.recycle(bid);
         }
