@@ -62,8 +62,8 @@ impl Default for IoUringConfig {
         Self {
             forwarding: Forwarding::Buffers,
             sqpoll: false,
-            buffers: 1024,
-            buffer_size: 16 << 10,
+            buffers: 256,
+            buffer_size: 64 << 10,
             entries: 1024,
         }
     }
