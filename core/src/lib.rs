@@ -34,6 +34,8 @@ pub mod error;
 pub mod flow;
 mod loom;
 pub mod model;
+#[cfg(feature = "serde")]
+pub mod schema;
 pub mod select;
 pub mod session;
 pub mod slots;

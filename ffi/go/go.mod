@@ -1,0 +1,3 @@
+module github.com/svcproxy/svcproxy/ffi/go
+
+go 1.19

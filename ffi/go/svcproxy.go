@@ -1,0 +1,286 @@
+// Package svcproxy embeds the svcproxy L4 service proxy (a Kubernetes Service as a library)
+// in a Go program, through its C ABI.
+//
+// Build the static library first, then point cgo at it:
+//
+//	cargo build --release -p svcproxy-ffi
+//	CGO_LDFLAGS="-L$REPO/target/release" go build ./...
+//
+// A Proxy is safe for concurrent use. Table changes are JSON documents of the same schema as
+// the svcproxyd daemon's (see Service, Batch).
+package svcproxy
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/../include
+#cgo LDFLAGS: -l:libsvcproxy_ffi.a -lpthread -ldl -lm
+#include <stdlib.h>
+#include "svcproxy.h"
+*/
+import "C"
+
+import (
+	"encoding/json"
+	"fmt"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+)
+
+// Backend selects the data plane.
+type Backend uint32
+
+const (
+	// Auto: io_uring where available, else epoll.
+	Auto Backend = C.SVCPROXY_BACKEND_AUTO
+	// Epoll: edge-triggered epoll with splice.
+	Epoll Backend = C.SVCPROXY_BACKEND_EPOLL
+	// IoUring: io_uring.
+	IoUring Backend = C.SVCPROXY_BACKEND_IO_URING
+)
+
+func (b Backend) String() string {
+	switch b {
+	case Epoll:
+		return "epoll"
+	case IoUring:
+		return "io_uring"
+	default:
+		return "auto"
+	}
+}
+
+// Code is a result code of the C API.
+type Code int
+
+// Result codes (stable numbers).
+const (
+	CodeNull           Code = C.SVCPROXY_RESULT_NULL
+	CodeInvalid        Code = C.SVCPROXY_RESULT_INVALID
+	CodeUnknownService Code = C.SVCPROXY_RESULT_UNKNOWN_SERVICE
+	CodeConflict       Code = C.SVCPROXY_RESULT_CONFLICT
+	CodeJSON           Code = C.SVCPROXY_RESULT_JSON
+	CodeStart          Code = C.SVCPROXY_RESULT_START
+	CodeState          Code = C.SVCPROXY_RESULT_STATE
+	CodeBuffer         Code = C.SVCPROXY_RESULT_BUFFER
+	CodePanic          Code = C.SVCPROXY_RESULT_PANIC
+	CodeTimeout        Code = C.SVCPROXY_RESULT_TIMEOUT
+)
+
+// Error is an error reported by svcproxy: its code and text.
+type Error struct {
+	Code    Code
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("svcproxy: %s (code %d)", e.Message, e.Code) }
+
+const errLen = 512
+
+// call runs f with an error buffer and turns its result into an error.
+func call(f func(err *C.char, errLen C.size_t) C.svcproxy_result) error {
+	buf := make([]byte, errLen)
+	r := f((*C.char)(unsafe.Pointer(&buf[0])), errLen)
+	if r == C.SVCPROXY_RESULT_OK {
+		return nil
+	}
+	return &Error{Code: Code(r), Message: C.GoString((*C.char)(unsafe.Pointer(&buf[0])))}
+}
+
+// Options configure a Proxy. Start from DefaultOptions.
+type Options struct {
+	Backend         Backend
+	Workers         int           // 0: one per CPU
+	ConnectTimeout  time.Duration // first attempt; doubled per further attempt
+	ConnectAttempts int
+	IdleTimeout     time.Duration // 0: none
+	UDPIdleTimeout  time.Duration
+	MaxConnections  int
+	DrainCloseAfter time.Duration // 0: keep connections to removed endpoints
+	NodeName        string
+}
+
+// DefaultOptions returns svcproxy's defaults.
+func DefaultOptions() Options {
+	var o C.svcproxy_options
+	C.svcproxy_options_default(&o)
+	return Options{
+		Backend:         Backend(o.backend),
+		Workers:         int(o.workers),
+		ConnectTimeout:  time.Duration(o.connect_timeout_ms) * time.Millisecond,
+		ConnectAttempts: int(o.connect_attempts),
+		IdleTimeout:     time.Duration(o.idle_timeout_ms) * time.Millisecond,
+		UDPIdleTimeout:  time.Duration(o.udp_idle_timeout_ms) * time.Millisecond,
+		MaxConnections:  int(o.max_connections),
+	}
+}
+
+// Proxy is a running (or startable) svcproxy with its service table.
+type Proxy struct {
+	mu sync.Mutex
+	h  *C.svcproxy_proxy
+}
+
+// New creates a proxy with an empty table. Close it when done (a finalizer closes a
+// forgotten one).
+func New(o Options) (*Proxy, error) {
+	var c C.svcproxy_options
+	C.svcproxy_options_default(&c)
+	c.backend = C.uint32_t(o.Backend)
+	c.workers = C.uint32_t(o.Workers)
+	c.connect_timeout_ms = C.uint32_t(o.ConnectTimeout / time.Millisecond)
+	c.connect_attempts = C.uint32_t(o.ConnectAttempts)
+	c.idle_timeout_ms = C.uint32_t(o.IdleTimeout / time.Millisecond)
+	c.udp_idle_timeout_ms = C.uint32_t(o.UDPIdleTimeout / time.Millisecond)
+	c.max_connections = C.uint32_t(o.MaxConnections)
+	c.drain_close_after_ms = C.uint32_t(o.DrainCloseAfter / time.Millisecond)
+	if o.NodeName != "" {
+		name := C.CString(o.NodeName)
+		defer C.free(unsafe.Pointer(name))
+		c.node_name = name
+	}
+	p := &Proxy{}
+	err := call(func(e *C.char, n C.size_t) C.svcproxy_result { return C.svcproxy_proxy_new(&c, &p.h, e, n) })
+	if err != nil {
+		return nil, err
+	}
+	runtime.SetFinalizer(p, func(p *Proxy) { _ = p.Close() })
+	return p, nil
+}
+
+// handle returns the C handle, or an error once the proxy is closed.
+func (p *Proxy) handle() (*C.svcproxy_proxy, error) {
+	if p.h == nil {
+		return nil, &Error{Code: CodeState, Message: "the proxy is closed"}
+	}
+	return p.h, nil
+}
+
+func (p *Proxy) with(f func(h *C.svcproxy_proxy) error) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h, err := p.handle()
+	if err != nil {
+		return err
+	}
+	return f(h)
+}
+
+// Start starts the workers; it returns once they serve the table's frontends.
+func (p *Proxy) Start() error {
+	return p.with(func(h *C.svcproxy_proxy) error {
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result { return C.svcproxy_proxy_start(h, e, n) })
+	})
+}
+
+// Backend reports the backend running (Auto when not running).
+func (p *Proxy) Backend() Backend {
+	var b Backend
+	_ = p.with(func(h *C.svcproxy_proxy) error {
+		b = Backend(C.svcproxy_proxy_backend(h))
+		return nil
+	})
+	return b
+}
+
+// Apply applies a batch of changes as one table generation, or nothing of it, and returns
+// the new generation.
+func (p *Proxy) Apply(b Batch) (uint64, error) {
+	doc, err := json.Marshal(b)
+	if err != nil {
+		return 0, err
+	}
+	return p.ApplyJSON(string(doc))
+}
+
+// ApplyJSON applies a JSON batch document ({"upsert": [...], "remove": [...]}).
+func (p *Proxy) ApplyJSON(doc string) (uint64, error) {
+	var gen C.uint64_t
+	err := p.with(func(h *C.svcproxy_proxy) error {
+		s := C.CString(doc)
+		defer C.free(unsafe.Pointer(s))
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_apply_json(h, s, &gen, e, n)
+		})
+	})
+	return uint64(gen), err
+}
+
+// Sync waits until every worker has applied the current table generation.
+func (p *Proxy) Sync(timeout time.Duration) (uint64, error) {
+	var gen C.uint64_t
+	err := p.with(func(h *C.svcproxy_proxy) error {
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_sync(h, C.uint32_t(timeout/time.Millisecond), &gen, e, n)
+		})
+	})
+	return uint64(gen), err
+}
+
+// readJSON calls a C function that fills a caller buffer with JSON, growing the buffer.
+func readJSON(f func(buf *C.char, capacity C.size_t, needed *C.size_t, e *C.char, n C.size_t) C.svcproxy_result, out any) error {
+	size := C.size_t(4096)
+	for {
+		buf := make([]byte, size)
+		var needed C.size_t
+		err := call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return f((*C.char)(unsafe.Pointer(&buf[0])), size, &needed, e, n)
+		})
+		if e, ok := err.(*Error); ok && e.Code == CodeBuffer {
+			size = needed
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		return json.Unmarshal(buf[:needed-1], out)
+	}
+}
+
+// Table returns every service with its endpoints.
+func (p *Proxy) Table() (Table, error) {
+	var t Table
+	err := p.with(func(h *C.svcproxy_proxy) error {
+		return readJSON(func(b *C.char, c C.size_t, nd *C.size_t, e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_table_json(h, b, c, nd, e, n)
+		}, &t)
+	})
+	return t, err
+}
+
+// Stats returns the counters of every service port and endpoint.
+func (p *Proxy) Stats() ([]PortStats, error) {
+	var s struct {
+		Ports []PortStats `json:"ports"`
+	}
+	err := p.with(func(h *C.svcproxy_proxy) error {
+		return readJSON(func(b *C.char, c C.size_t, nd *C.size_t, e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_stats_json(h, b, c, nd, e, n)
+		}, &s)
+	})
+	return s.Ports, err
+}
+
+// Shutdown stops accepting, lets connections finish for up to grace, then stops the workers.
+func (p *Proxy) Shutdown(grace time.Duration) error {
+	return p.with(func(h *C.svcproxy_proxy) error {
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_shutdown(h, C.uint32_t(grace/time.Millisecond), e, n)
+		})
+	})
+}
+
+// Close stops the proxy at once (if running) and frees it. Closing twice is harmless.
+func (p *Proxy) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.h != nil {
+		C.svcproxy_proxy_free(p.h)
+		p.h = nil
+		runtime.SetFinalizer(p, nil)
+	}
+	return nil
+}
+
+// Version is the library version.
+func Version() string { return C.GoString(C.svcproxy_version()) }

@@ -1,0 +1,183 @@
+package svcproxy
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// backend answers each connection with its own address, then closes it.
+func backend(t *testing.T) net.Listener {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s\n", l.Addr())
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+func freePort(t *testing.T) uint16 {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return uint16(l.Addr().(*net.TCPAddr).Port)
+}
+
+func ask(t *testing.T, addr string) string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(line)
+}
+
+func newProxy(t *testing.T) *Proxy {
+	t.Helper()
+	o := DefaultOptions()
+	o.Workers = 2
+	p, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func TestStartTrafficStatsAndShutdown(t *testing.T) {
+	a, b := backend(t), backend(t)
+	p := newProxy(t)
+	port := freePort(t)
+	gen, err := p.Apply(Batch{Upsert: []Service{{
+		Name:      "go/web",
+		Addresses: []string{"127.0.0.1"},
+		Ports:     []Port{{Port: port}},
+		Endpoints: Endpoints(Endpoint{Address: a.Addr().String()}, Endpoint{Address: b.Addr().String()}),
+	}}})
+	if err != nil || gen != 1 {
+		t.Fatalf("apply: %v (generation %d)", err, gen)
+	}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if p.Backend() == Auto {
+		t.Fatal("a started proxy reports its backend")
+	}
+	vip := fmt.Sprintf("127.0.0.1:%d", port)
+	seen := map[string]int{}
+	for i := 0; i < 6; i++ {
+		seen[ask(t, vip)]++
+	}
+	if seen[a.Addr().String()] != 3 || seen[b.Addr().String()] != 3 {
+		t.Fatalf("round robin: %v", seen)
+	}
+	stats, err := p.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(stats) != 1 || stats[0].Service != "go/web" || stats[0].Totals.ConnectionsTotal != 6 || len(stats[0].Endpoints) != 2 {
+		t.Fatalf("stats: %+v", stats)
+	}
+	table, err := p.Table()
+	if err != nil || len(table.Services) != 1 || len(*table.Services[0].Endpoints) != 2 {
+		t.Fatalf("table: %+v %v", table, err)
+	}
+	if err := p.Shutdown(time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := net.DialTimeout("tcp", vip, time.Second); err == nil {
+		t.Fatal("nothing listens after shutdown")
+	}
+}
+
+func TestTableChangesWhileRunning(t *testing.T) {
+	a, b := backend(t), backend(t)
+	p := newProxy(t)
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	svc := Service{Name: "go/live", Addresses: []string{"127.0.0.1"}, Ports: []Port{{Port: port}},
+		Endpoints: Endpoints(Endpoint{Address: a.Addr().String()})}
+	if _, err := p.Apply(Batch{Upsert: []Service{svc}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Sync(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	vip := fmt.Sprintf("127.0.0.1:%d", port)
+	if got := ask(t, vip); got != a.Addr().String() {
+		t.Fatalf("before: %s", got)
+	}
+	svc.Endpoints = Endpoints(Endpoint{Address: b.Addr().String()})
+	if _, err := p.Apply(Batch{Upsert: []Service{svc}}); err != nil {
+		t.Fatal(err)
+	}
+	p.Sync(5 * time.Second)
+	if got := ask(t, vip); got != b.Addr().String() {
+		t.Fatalf("after: %s", got)
+	}
+	if _, err := p.Apply(Batch{Remove: []string{"go/live"}}); err != nil {
+		t.Fatal(err)
+	}
+	p.Sync(5 * time.Second)
+	if _, err := net.DialTimeout("tcp", vip, time.Second); err == nil {
+		t.Fatal("a removed service refuses")
+	}
+}
+
+func TestErrors(t *testing.T) {
+	p := newProxy(t)
+	var e *Error
+	_, err := p.ApplyJSON("{not json")
+	if !errors.As(err, &e) || e.Code != CodeJSON {
+		t.Fatalf("malformed JSON: %v", err)
+	}
+	_, err = p.Apply(Batch{Remove: []string{"go/ghost"}})
+	if !errors.As(err, &e) || e.Code != CodeUnknownService || !strings.Contains(e.Message, "go/ghost") {
+		t.Fatalf("unknown service: %v", err)
+	}
+	_, err = p.Apply(Batch{Upsert: []Service{{Name: "go/bad", Addresses: []string{"127.0.0.1"}, Ports: []Port{{Port: 0}}}}})
+	if !errors.As(err, &e) || e.Code != CodeInvalid || !strings.Contains(e.Message, "ports[0].port") {
+		t.Fatalf("invalid port: %v", err)
+	}
+	if err := p.Shutdown(0); !errors.As(err, &e) || e.Code != CodeState {
+		t.Fatalf("shutdown before start: %v", err)
+	}
+	o := DefaultOptions()
+	o.ConnectAttempts = 0
+	if _, err := New(o); !errors.As(err, &e) || e.Code != CodeInvalid {
+		t.Fatalf("bad options: %v", err)
+	}
+	p.Close()
+	if err := p.Start(); !errors.As(err, &e) || e.Code != CodeState {
+		t.Fatalf("use after close: %v", err)
+	}
+	if Version() == "" {
+		t.Fatal("version")
+	}
+}

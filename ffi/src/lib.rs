@@ -1,0 +1,432 @@
+//! svcproxy's C ABI: run the proxy inside a C or Go program.
+//!
+//! Conventions (those of rustls-ffi):
+//! - Every symbol starts with `svcproxy_`; objects are opaque handles made by `_new` and
+//!   released by `_free`.
+//! - Fallible functions return a [`svcproxy_result`] (stable numbers) and write the error text
+//!   into the caller's buffer `err` of `err_len` bytes in the same call (NUL-terminated,
+//!   truncated; NULL to skip). There is no thread-local "last error".
+//! - Every pointer is checked for NULL; no panic unwinds into the caller (it becomes
+//!   `SVCPROXY_RESULT_PANIC`).
+//! - Thread safety: any thread may call any function on a handle at any time, except that
+//!   nothing may use a handle during or after its `_free`.
+//! - Ownership: strings and arrays passed in are borrowed for the call only; handles returned
+//!   are owned by the caller until their `_free`.
+
+#![allow(non_camel_case_types)]
+
+mod abi;
+mod convert;
+mod stats;
+
+use std::ffi::c_char;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig, TableError};
+use svcproxy_core::schema::{BatchDoc, TableDoc};
+
+pub use abi::svcproxy_result;
+use abi::{
+    Failure, Outcome, array, guard, into_handle, maybe_write, object, optional_text, slot, text,
+};
+pub use convert::{svcproxy_endpoint, svcproxy_named_port, svcproxy_port, svcproxy_service};
+pub use stats::{svcproxy_counters, svcproxy_endpoint_stats, svcproxy_port_stats};
+
+/// Backend: io_uring where available, else epoll.
+pub const SVCPROXY_BACKEND_AUTO: u32 = 0;
+/// Backend: epoll.
+pub const SVCPROXY_BACKEND_EPOLL: u32 = 1;
+/// Backend: io_uring.
+pub const SVCPROXY_BACKEND_IO_URING: u32 = 2;
+
+/// Proxy options. Get the defaults from [`svcproxy_options_default`], then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct svcproxy_options {
+    /// `SVCPROXY_BACKEND_*`.
+    pub backend: u32,
+    /// Worker threads; 0: one per CPU.
+    pub workers: u32,
+    /// Timeout of the first connect attempt, in milliseconds (doubled per further attempt).
+    pub connect_timeout_ms: u32,
+    /// Endpoints tried per connection.
+    pub connect_attempts: u32,
+    /// TCP idle timeout in milliseconds; 0: none.
+    pub idle_timeout_ms: u32,
+    /// UDP flow idle timeout in milliseconds.
+    pub udp_idle_timeout_ms: u32,
+    /// Most TCP connections open at once.
+    pub max_connections: u32,
+    /// Close connections to removed endpoints after this many milliseconds; 0: keep them.
+    pub drain_close_after_ms: u32,
+    /// This node's name (for traffic policy Local); NULL: none. Borrowed for the call.
+    pub node_name: *const c_char,
+}
+
+/// A proxy: its service table, and its workers once started.
+pub struct svcproxy_proxy {
+    table: Arc<Table>,
+    options: Options,
+    running: Mutex<Option<Proxy>>,
+}
+
+/// A batch of table changes, applied together by [`svcproxy_proxy_apply`].
+pub struct svcproxy_batch {
+    changes: svcproxy::core::Batch,
+}
+
+/// The library version, a static NUL-terminated string (never freed).
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Writes the default options into `out`.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_options_default(out: *mut svcproxy_options) -> svcproxy_result {
+    guard(std::ptr::null_mut(), 0, || {
+        let out = slot(out, "out")?;
+        let d = Options::default().config;
+        *out = svcproxy_options {
+            backend: SVCPROXY_BACKEND_AUTO,
+            workers: 0,
+            connect_timeout_ms: d.tcp.connect_timeout.as_millis() as u32,
+            connect_attempts: d.tcp.connect_attempts,
+            idle_timeout_ms: d.tcp.idle_timeout.map_or(0, |t| t.as_millis() as u32),
+            udp_idle_timeout_ms: d.udp_idle_timeout.as_millis() as u32,
+            max_connections: d.max_connections as u32,
+            drain_close_after_ms: 0,
+            node_name: std::ptr::null(),
+        };
+        Ok(())
+    })
+}
+
+fn options_from(o: &svcproxy_options) -> Result<(Options, TableConfig), Failure> {
+    let invalid = |m: String| Failure::new(svcproxy_result::Invalid, m);
+    let backend = match o.backend {
+        SVCPROXY_BACKEND_AUTO => BackendKind::Auto,
+        SVCPROXY_BACKEND_EPOLL => BackendKind::Epoll,
+        SVCPROXY_BACKEND_IO_URING => BackendKind::IoUring,
+        other => {
+            return Err(invalid(format!(
+                "options.backend is {other}, must be 0, 1 or 2"
+            )));
+        }
+    };
+    let mut options = Options {
+        backend,
+        ..Options::default()
+    };
+    let c = &mut options.config;
+    c.workers = o.workers as usize;
+    c.tcp.connect_timeout = Duration::from_millis(u64::from(o.connect_timeout_ms));
+    c.tcp.connect_attempts = o.connect_attempts;
+    c.tcp.idle_timeout =
+        (o.idle_timeout_ms > 0).then(|| Duration::from_millis(u64::from(o.idle_timeout_ms)));
+    c.udp_idle_timeout = Duration::from_millis(u64::from(o.udp_idle_timeout_ms));
+    c.max_connections = o.max_connections as usize;
+    c.tcp.drain = match o.drain_close_after_ms {
+        0 => svcproxy::DrainPolicy::Keep,
+        ms => svcproxy::DrainPolicy::CloseAfter(Duration::from_millis(u64::from(ms))),
+    };
+    c.validate().map_err(|e| invalid(format!("options: {e}")))?;
+    let table = TableConfig {
+        node_name: optional_text(o.node_name, "options.node_name")?.map(str::to_string),
+        ..TableConfig::default()
+    };
+    Ok((options, table))
+}
+
+/// Creates a proxy (not started) with an empty service table. On success `*out` holds a handle
+/// the caller frees with [`svcproxy_proxy_free`].
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_new(
+    options: *const svcproxy_options,
+    out: *mut *mut svcproxy_proxy,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let options = object(options, "options")?;
+        let out = slot(out, "out")?;
+        let (options, table) = options_from(options)?;
+        *out = into_handle(svcproxy_proxy {
+            table: Arc::new(Table::new(table)),
+            options,
+            running: Mutex::new(None),
+        });
+        Ok(())
+    })
+}
+
+fn lock(proxy: &svcproxy_proxy) -> std::sync::MutexGuard<'_, Option<Proxy>> {
+    proxy
+        .running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts the workers; returns once they serve the table's current frontends.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_start(
+    proxy: *const svcproxy_proxy,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let mut running = lock(p);
+        if running.is_some() {
+            return Err(Failure::new(
+                svcproxy_result::State,
+                "the proxy is already running",
+            ));
+        }
+        let started = Proxy::start(p.table.clone(), p.options).map_err(|e| match e {
+            svcproxy::Error::Config(m) => Failure::new(svcproxy_result::Start, m),
+            other => Failure::new(svcproxy_result::Start, other.to_string()),
+        })?;
+        *running = Some(started);
+        Ok(())
+    })
+}
+
+/// The backend running (`SVCPROXY_BACKEND_EPOLL` or `_IO_URING`), or `SVCPROXY_BACKEND_AUTO`
+/// when the proxy is not running or `proxy` is NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_backend(proxy: *const svcproxy_proxy) -> u32 {
+    let mut backend = SVCPROXY_BACKEND_AUTO;
+    guard(std::ptr::null_mut(), 0, || {
+        let p = object(proxy, "proxy")?;
+        backend = match lock(p).as_ref().map(Proxy::backend) {
+            Some(BackendKind::Epoll) => SVCPROXY_BACKEND_EPOLL,
+            Some(BackendKind::IoUring) => SVCPROXY_BACKEND_IO_URING,
+            _ => SVCPROXY_BACKEND_AUTO,
+        };
+        Ok(())
+    });
+    backend
+}
+
+/// Stops accepting, lets open connections finish for up to `grace_ms`, then stops the
+/// workers. The proxy may be started again.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_shutdown(
+    proxy: *const svcproxy_proxy,
+    grace_ms: u32,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let running = lock(p).take();
+        let Some(running) = running else {
+            return Err(Failure::new(
+                svcproxy_result::State,
+                "the proxy is not running",
+            ));
+        };
+        running
+            .shutdown(Duration::from_millis(u64::from(grace_ms)))
+            .map_err(|e| Failure::new(svcproxy_result::State, e.to_string()))
+    })
+}
+
+/// Waits up to `timeout_ms` until every worker has applied the table's current generation;
+/// writes it to `generation` (may be NULL).
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_sync(
+    proxy: *const svcproxy_proxy,
+    timeout_ms: u32,
+    generation: *mut u64,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let running = lock(p);
+        let Some(running) = running.as_ref() else {
+            return Err(Failure::new(
+                svcproxy_result::State,
+                "the proxy is not running",
+            ));
+        };
+        let g = running
+            .sync(Duration::from_millis(u64::from(timeout_ms)))
+            .map_err(|e| Failure::new(svcproxy_result::Timeout, e.to_string()))?;
+        maybe_write(generation, g);
+        Ok(())
+    })
+}
+
+/// Frees a proxy made by [`svcproxy_proxy_new`], stopping it at once if it runs. NULL is
+/// ignored. The handle must not be used again, nor freed twice.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_free(proxy: *mut svcproxy_proxy) {
+    guard(std::ptr::null_mut(), 0, || {
+        drop(abi::from_handle(proxy));
+        Ok(())
+    });
+}
+
+/// Creates an empty batch; `*out` is freed with [`svcproxy_batch_free`].
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_batch_new(out: *mut *mut svcproxy_batch) -> svcproxy_result {
+    guard(std::ptr::null_mut(), 0, || {
+        *slot(out, "out")? = into_handle(svcproxy_batch {
+            changes: svcproxy::core::Batch::new(),
+        });
+        Ok(())
+    })
+}
+
+/// Frees a batch made by [`svcproxy_batch_new`]. NULL is ignored. The handle must not be used
+/// again, nor freed twice.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_batch_free(batch: *mut svcproxy_batch) {
+    guard(std::ptr::null_mut(), 0, || {
+        drop(abi::from_handle(batch));
+        Ok(())
+    });
+}
+
+fn batch_mut<'a>(batch: *mut svcproxy_batch) -> Result<&'a mut svcproxy_batch, Failure> {
+    slot(batch, "batch")
+}
+
+/// Adds "add or replace this service" to the batch (its endpoints stay unless replaced).
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_batch_upsert_service(
+    batch: *mut svcproxy_batch,
+    service: *const svcproxy_service,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let batch = batch_mut(batch)?;
+        let service = convert::service(object(service, "service")?)?;
+        batch.changes.push(svcproxy::Change::Upsert(service));
+        Ok(())
+    })
+}
+
+/// Adds "replace every endpoint of `service` with these `len`" to the batch.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_batch_replace_endpoints(
+    batch: *mut svcproxy_batch,
+    service: *const c_char,
+    endpoints: *const svcproxy_endpoint,
+    len: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let batch = batch_mut(batch)?;
+        let service = text(service, "service")?.to_string();
+        let endpoints = array(endpoints, len, "endpoints")?
+            .iter()
+            .enumerate()
+            .map(|(i, e)| convert::endpoint(e, i))
+            .collect::<Result<_, _>>()?;
+        batch
+            .changes
+            .push(svcproxy::Change::ReplaceEndpoints { service, endpoints });
+        Ok(())
+    })
+}
+
+/// Adds "remove `service`" to the batch.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_batch_remove_service(
+    batch: *mut svcproxy_batch,
+    service: *const c_char,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let batch = batch_mut(batch)?;
+        let name = text(service, "service")?.to_string();
+        batch.changes.push(svcproxy::Change::Remove(name));
+        Ok(())
+    })
+}
+
+fn table_failure(e: TableError) -> Failure {
+    let code = match e {
+        TableError::UnknownService(_) => svcproxy_result::UnknownService,
+        TableError::Conflict { .. } => svcproxy_result::Conflict,
+        _ => svcproxy_result::Invalid,
+    };
+    Failure::new(code, e.to_string())
+}
+
+fn publish(p: &svcproxy_proxy, batch: svcproxy::core::Batch, generation: *mut u64) -> Outcome {
+    let published = p.table.apply(batch).map_err(table_failure)?;
+    maybe_write(generation, published.generation);
+    Ok(())
+}
+
+/// Applies every change of `batch` as one table generation, or none of them; writes the new
+/// generation to `generation` (may be NULL). The batch is not consumed.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_apply(
+    proxy: *const svcproxy_proxy,
+    batch: *const svcproxy_batch,
+    generation: *mut u64,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let batch = object(batch, "batch")?;
+        publish(p, batch.changes.clone(), generation)
+    })
+}
+
+/// Applies a JSON batch document (`{"upsert": [...], "remove": [...]}`, the daemon's schema)
+/// as one table generation, or nothing of it.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_apply_json(
+    proxy: *const svcproxy_proxy,
+    json: *const c_char,
+    generation: *mut u64,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let json = text(json, "json")?;
+        let doc: BatchDoc = serde_json::from_str(json)
+            .map_err(|e| Failure::new(svcproxy_result::Json, format!("batch JSON: {e}")))?;
+        let batch = doc.to_batch().map_err(|(service, e)| {
+            Failure::new(
+                svcproxy_result::Invalid,
+                format!("service {service:?}: {e}"),
+            )
+        })?;
+        publish(p, batch, generation)
+    })
+}
+
+/// Writes the whole table as a JSON document (`{"services": [...]}`) into `buf` of
+/// `capacity` bytes, NUL-terminated; `needed` (may be NULL) gets the size required including
+/// the NUL. Returns `SVCPROXY_RESULT_BUFFER` when `capacity` is too small.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_table_json(
+    proxy: *const svcproxy_proxy,
+    buf: *mut c_char,
+    capacity: usize,
+    needed: *mut usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let doc = TableDoc::from_snapshot(&p.table.load());
+        let json = serde_json::to_string(&doc)
+            .map_err(|e| Failure::new(svcproxy_result::Panic, e.to_string()))?;
+        stats::write_string(&json, buf, capacity, needed)
+    })
+}

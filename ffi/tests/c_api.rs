@@ -1,0 +1,78 @@
+//! Builds the C programs against the static library with `-Wall -Wextra -Werror` and
+//! AddressSanitizer (and UBSan), and runs them: the API test (every function, every error
+//! path) and the round-robin example.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+mod common;
+
+fn build_and_run(source: &str, name: &str) -> String {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib = common::static_lib_dir().join("libsvcproxy_ffi.a");
+    let out = std::env::temp_dir().join(format!("svcproxy-{name}-{}", std::process::id()));
+    let cc = Command::new("cc")
+        .args([
+            "-std=c11",
+            "-D_DEFAULT_SOURCE",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-g",
+        ])
+        .args(["-fsanitize=address,undefined", "-fno-omit-frame-pointer"])
+        .arg("-I")
+        .arg(crate_dir.join("include"))
+        .arg(crate_dir.join(source))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&out)
+        .output()
+        .expect("a C compiler (cc) is installed");
+    assert!(
+        cc.status.success(),
+        "compiling {source} failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let run = Command::new(&out)
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")
+        // Leaks are judged below, by size, rather than by the exit status.
+        .env("LSAN_OPTIONS", "exitcode=0")
+        .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&out);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{name} failed:\n{stdout}\n{stderr}");
+    // The Rust runtime keeps a few bytes for the process's lifetime (the main thread's handle);
+    // anything that grows with the calls made would be far larger.
+    let leaked: u64 = stderr
+        .lines()
+        .filter_map(|l| l.split("SUMMARY: AddressSanitizer: ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(leaked <= 256, "{name} leaked {leaked} bytes:\n{stderr}");
+    stdout
+}
+
+#[test]
+fn every_function_and_error_path_under_asan() {
+    let out = build_and_run("tests/c/api_test.c", "api-test");
+    assert!(out.contains("all C API checks passed"), "{out}");
+}
+
+#[test]
+fn the_c_example_goes_round_robin() {
+    let out = build_and_run("examples/c/roundrobin.c", "roundrobin");
+    let answers: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("answered by ").nth(1))
+        .collect();
+    assert_eq!(answers.len(), 6, "{out}");
+    assert!(
+        answers.windows(2).all(|w| w[0] != w[1]),
+        "alternates: {out}"
+    );
+    assert!(out.contains("demo/web/"), "{out}");
+}
