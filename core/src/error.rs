@@ -75,7 +75,7 @@ impl ValidationError {
     }
 
     /// Prefixes the field path, e.g. `ports[1]` + `.port`.
-    pub(crate) fn within(mut self, parent: impl fmt::Display) -> Self {
+    pub fn within(mut self, parent: impl fmt::Display) -> Self {
         self.field = if self.field.is_empty() {
             parent.to_string()
         } else {

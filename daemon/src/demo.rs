@@ -1,6 +1,6 @@
-//! A self-contained demo: three TCP and two UDP backends on loopback, a service in front of
-//! each kind, a few seconds of traffic, then which backend answered how often, throughput and
-//! latency. Run: `cargo run --release --example demo`.
+//! `svcproxyd demo`: three TCP and two UDP backends on loopback, a service in front of each
+//! kind, a few seconds of traffic, then which backend answered how often, throughput and
+//! latency. Needs no setup and no privileges.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use svcproxy::{Batch, Endpoint, Options, Protocol, Proxy, Service, ServicePort, Table};
 
-const RUN_FOR: Duration = Duration::from_secs(3);
 const CLIENTS: usize = 4;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the demo for `run_for`.
+pub fn run(run_for: Duration) -> Result<(), Box<dyn std::error::Error>> {
     // Backends: each TCP backend answers every 64-byte request with its name padded to 64
     // bytes; each UDP backend echoes with its name in front.
     let mut tcp_endpoints = Vec::new();
@@ -52,14 +52,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         proxy.backend()
     );
     println!(
-        "driving traffic for {RUN_FOR:?} with {CLIENTS} TCP clients (one request per connection) and one UDP client\n"
+        "driving traffic for {run_for:?} with {CLIENTS} TCP clients (one request per connection) and one UDP client\n"
     );
 
     let started = Instant::now();
     let tcp: Vec<_> = (0..CLIENTS)
-        .map(|_| std::thread::spawn(move || tcp_client(tcp_vip)))
+        .map(|_| std::thread::spawn(move || tcp_client(tcp_vip, run_for)))
         .collect();
-    let udp = std::thread::spawn(move || udp_client(udp_vip));
+    let udp = std::thread::spawn(move || udp_client(udp_vip, run_for));
     let mut answers = BTreeMap::new();
     let mut latencies = Vec::new();
     for t in tcp {
@@ -138,10 +138,10 @@ fn udp_backend(socket: UdpSocket, name: &'static str) {
 
 type Answers = BTreeMap<String, u64>;
 
-fn tcp_client(vip: SocketAddr) -> std::io::Result<(Answers, Vec<Duration>)> {
+fn tcp_client(vip: SocketAddr, run_for: Duration) -> std::io::Result<(Answers, Vec<Duration>)> {
     let mut answers = Answers::new();
     let mut latencies = Vec::new();
-    let end = Instant::now() + RUN_FOR;
+    let end = Instant::now() + run_for;
     let request = [b'?'; 64];
     while Instant::now() < end {
         let t = Instant::now();
@@ -157,10 +157,10 @@ fn tcp_client(vip: SocketAddr) -> std::io::Result<(Answers, Vec<Duration>)> {
     Ok((answers, latencies))
 }
 
-fn udp_client(vip: SocketAddr) -> std::io::Result<(Answers, u64)> {
+fn udp_client(vip: SocketAddr, run_for: Duration) -> std::io::Result<(Answers, u64)> {
     let mut answers = Answers::new();
     let mut count = 0;
-    let end = Instant::now() + RUN_FOR;
+    let end = Instant::now() + run_for;
     while Instant::now() < end {
         // A new socket per 100 queries: a new flow, balanced on its own.
         let socket = UdpSocket::bind("127.0.0.1:0")?;

@@ -1,0 +1,333 @@
+//! What `svcproxyd run --config PATH` reads: svcproxyd's own TOML file, or Kubernetes
+//! manifests (a YAML file, or a directory of them).
+//!
+//! The TOML schema (every section optional):
+//!
+//! ```toml
+//! [proxy]                     # read at start; changes need a restart
+//! backend = "auto"            # auto | epoll | io_uring
+//! workers = 0                 # 0: one per CPU
+//! connect_timeout_ms = 1000
+//! connect_attempts = 3
+//! idle_timeout_s = 3600       # 0: never
+//! udp_idle_timeout_s = 30
+//! max_connections = 1048576
+//! drain_close_after_s = 0     # 0: connections to removed endpoints run on
+//! shutdown_grace_s = 5
+//!
+//! [node]
+//! name = "node-a"             # for traffic policy Local
+//! addresses = ["0.0.0.0"]     # where node ports are served
+//!
+//! [admin]
+//! listen = "127.0.0.1:10256"  # a non-loopback address needs a token
+//! token_file = "/etc/svcproxyd/token"
+//!
+//! [capture]
+//! cluster_ips = true          # as root: put service addresses on a dummy interface
+//! interface = "svcproxy0"
+//! preserve_client_ip = false  # as root: backends see the client's IP (see README)
+//!
+//! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)
+//!
+//! [[services]]                # the table schema shared with the admin API and the C/Go API
+//! name = "default/web"
+//! addresses = ["10.96.0.10"]
+//! ports = [{ name = "http", port = 80, target_port = 8080 }]
+//! endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7" }]
+//! ```
+//!
+//! Errors name the file and the field.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use svcproxy::{BackendKind, DrainPolicy, Forwarding, ProxyConfig};
+use svcproxy_core::schema::ServiceDoc;
+
+use crate::kube;
+
+/// The admin endpoint's default address (kube-proxy's health check port).
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    proxy: ProxySection,
+    #[serde(default)]
+    node: NodeSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    capture: CaptureSection,
+    manifests: Option<PathBuf>,
+    #[serde(default)]
+    services: Vec<ServiceDoc>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+struct ProxySection {
+    backend: String,
+    workers: usize,
+    connect_timeout_ms: u64,
+    connect_attempts: u32,
+    idle_timeout_s: u64,
+    udp_idle_timeout_s: u64,
+    max_connections: usize,
+    drain_close_after_s: u64,
+    shutdown_grace_s: u64,
+    forwarding: String,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        let d = ProxyConfig::default();
+        Self {
+            backend: "auto".into(),
+            workers: 0,
+            connect_timeout_ms: d.tcp.connect_timeout.as_millis() as u64,
+            connect_attempts: d.tcp.connect_attempts,
+            idle_timeout_s: d.tcp.idle_timeout.map_or(0, |t| t.as_secs()),
+            udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
+            max_connections: d.max_connections,
+            drain_close_after_s: 0,
+            shutdown_grace_s: 5,
+            forwarding: "buffers".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    name: Option<String>,
+    addresses: Option<Vec<IpAddr>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+struct CaptureSection {
+    cluster_ips: bool,
+    interface: String,
+    preserve_client_ip: bool,
+}
+
+impl Default for CaptureSection {
+    fn default() -> Self {
+        Self {
+            cluster_ips: true,
+            interface: "svcproxy0".into(),
+            preserve_client_ip: false,
+        }
+    }
+}
+
+/// Settings read once, at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Backend.
+    pub backend: BackendKind,
+    /// Proxy settings.
+    pub proxy: ProxyConfig,
+    /// How long shutdown waits for connections.
+    pub shutdown_grace: Duration,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// Node port addresses.
+    pub node_addresses: Vec<IpAddr>,
+    /// Admin endpoint address.
+    pub admin: SocketAddr,
+    /// Bearer token for the admin endpoint.
+    pub admin_token: Option<String>,
+    /// Capture service addresses on a dummy interface (as root).
+    pub capture: bool,
+    /// The dummy interface.
+    pub interface: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Auto,
+            proxy: ProxyConfig::default(),
+            shutdown_grace: Duration::from_secs(5),
+            node_name: None,
+            node_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            admin: DEFAULT_ADMIN,
+            admin_token: None,
+            capture: true,
+            interface: "svcproxy0".into(),
+        }
+    }
+}
+
+/// What a config path holds: settings (TOML only) and services.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Settings; `None` for Kubernetes manifests (command-line options apply).
+    pub settings: Option<Settings>,
+    /// Every service, with its endpoints.
+    pub services: Vec<ServiceDoc>,
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn is_yaml(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+/// Reads `path`: a TOML file, a YAML manifest file, or a directory of manifests.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    if path.is_dir() || is_yaml(path) {
+        return Ok(Loaded {
+            settings: None,
+            services: manifests(path)?,
+        });
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+    let mut services = file.services.clone();
+    if let Some(dir) = &file.manifests {
+        let dir = path.parent().unwrap_or(Path::new(".")).join(dir);
+        services.extend(manifests(&dir)?);
+    }
+    Ok(Loaded {
+        settings: Some(settings(&file, path)?),
+        services,
+    })
+}
+
+fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
+    let bad = |field: &str, why: String| ConfigError(format!("{}: {field}: {why}", path.display()));
+    let p = &file.proxy;
+    let backend = match p.backend.as_str() {
+        "auto" => BackendKind::Auto,
+        "epoll" => BackendKind::Epoll,
+        "io_uring" => BackendKind::IoUring,
+        other => {
+            return Err(bad(
+                "proxy.backend",
+                format!("{other:?} is not auto, epoll or io_uring"),
+            ));
+        }
+    };
+    let mut proxy = ProxyConfig {
+        workers: p.workers,
+        max_connections: p.max_connections,
+        udp_idle_timeout: Duration::from_secs(p.udp_idle_timeout_s),
+        ..ProxyConfig::default()
+    };
+    proxy.tcp.connect_timeout = Duration::from_millis(p.connect_timeout_ms);
+    proxy.tcp.connect_attempts = p.connect_attempts;
+    proxy.tcp.idle_timeout = (p.idle_timeout_s > 0).then(|| Duration::from_secs(p.idle_timeout_s));
+    proxy.tcp.drain = match p.drain_close_after_s {
+        0 => DrainPolicy::Keep,
+        s => DrainPolicy::CloseAfter(Duration::from_secs(s)),
+    };
+    proxy.io_uring.forwarding = match p.forwarding.as_str() {
+        "buffers" => Forwarding::Buffers,
+        "splice" => Forwarding::Splice,
+        other => {
+            return Err(bad(
+                "proxy.forwarding",
+                format!("{other:?} is not buffers or splice"),
+            ));
+        }
+    };
+    proxy.preserve_client_ip = file.capture.preserve_client_ip;
+    proxy.validate().map_err(|e| bad("proxy", e))?;
+    let admin_token = match (&file.admin.token, &file.admin.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => {
+            let f = path.parent().unwrap_or(Path::new(".")).join(f);
+            let t = std::fs::read_to_string(&f)
+                .map_err(|e| bad("admin.token_file", format!("{}: {e}", f.display())))?;
+            Some(t.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    Ok(Settings {
+        backend,
+        proxy,
+        shutdown_grace: Duration::from_secs(p.shutdown_grace_s),
+        node_name: file.node.name.clone(),
+        node_addresses: file
+            .node
+            .addresses
+            .clone()
+            .unwrap_or_else(|| Settings::default().node_addresses),
+        admin: file.admin.listen.unwrap_or(DEFAULT_ADMIN),
+        admin_token,
+        capture: file.capture.cluster_ips,
+        interface: file.capture.interface.clone(),
+    })
+}
+
+/// The YAML files of `path` (a file, or every `.yaml`/`.yml` file of a directory, in name
+/// order), mapped to services.
+fn manifests(path: &Path) -> Result<Vec<ServiceDoc>, ConfigError> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && is_yaml(p))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut texts = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)
+            .map_err(|e| ConfigError(format!("{}: {e}", f.display())))?;
+        texts.push((f.display().to_string(), text));
+    }
+    kube::services(&texts).map_err(|e| ConfigError(e.to_string()))
+}
+
+/// What a reload looks at to notice a change: every file's path, size and modification time.
+pub fn signature(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut paths = vec![path.to_path_buf()];
+    if path.is_dir() {
+        if let Ok(dir) = std::fs::read_dir(path) {
+            paths.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+    } else if !is_yaml(path)
+        && let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(file) = toml::from_str::<ConfigFile>(&text)
+        && let Some(dir) = file.manifests
+    {
+        return signature(&path.parent().unwrap_or(Path::new(".")).join(dir))
+            .into_iter()
+            .chain(signature_of(path))
+            .collect();
+    }
+    paths.sort();
+    paths.iter().flat_map(|p| signature_of(p)).collect()
+}
+
+fn signature_of(path: &Path) -> Option<(PathBuf, u64, Option<SystemTime>)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((path.to_path_buf(), m.len(), m.modified().ok()))
+}

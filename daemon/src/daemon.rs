@@ -1,0 +1,222 @@
+//! A running daemon: the table, the proxy, what the config file owns, the capture, and the
+//! admin API's handler. Every change (reload, admin call) goes through [`Daemon::apply`]:
+//! validated and published as one generation, or rejected with the running table unchanged.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use svcproxy::core::Batch;
+use svcproxy::{Change, Proxy, Table, TableError};
+use svcproxy_core::schema::{ServiceDoc, TableDoc};
+use tracing::{info, warn};
+
+use crate::capture::Capture;
+use crate::config::Loaded;
+use crate::http::{Request, Response};
+use crate::metrics;
+
+pub struct Daemon {
+    pub table: Arc<Table>,
+    pub proxy: Proxy,
+    /// Services the config file defines (a reload removes those it no longer has; services
+    /// added through the admin API are left alone).
+    file_owned: Mutex<BTreeSet<String>>,
+    capture: Mutex<Option<Capture>>,
+    publish_ns: AtomicU64,
+    pub stopping: AtomicBool,
+    token: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Daemon {
+    pub fn new(
+        table: Arc<Table>,
+        proxy: Proxy,
+        capture: Option<Capture>,
+        token: Option<String>,
+    ) -> Self {
+        Self {
+            table,
+            proxy,
+            file_owned: Mutex::new(BTreeSet::new()),
+            capture: Mutex::new(capture),
+            publish_ns: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            token,
+        }
+    }
+
+    /// Publishes `batch`, then brings the captured addresses in line with the table.
+    pub fn apply(&self, batch: Batch) -> Result<u64, TableError> {
+        let published = self.table.apply(batch)?;
+        self.publish_ns
+            .store(published.elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.sync_capture();
+        Ok(published.generation)
+    }
+
+    /// Puts every service address of the table on the capture interface.
+    pub fn sync_capture(&self) {
+        if let Some(capture) = lock(&self.capture).as_mut() {
+            let snapshot = self.table.load();
+            let wanted: BTreeSet<IpAddr> = snapshot
+                .services()
+                .flat_map(|s| {
+                    s.spec()
+                        .addresses
+                        .iter()
+                        .chain(&s.spec().external_addresses)
+                        .copied()
+                })
+                .collect();
+            capture.sync(wanted);
+        }
+    }
+
+    /// Makes the table hold what `loaded` describes: its services (with their endpoints), and
+    /// none of the file's services it no longer has. One generation, or nothing.
+    pub fn load(&self, loaded: &Loaded) -> Result<u64, String> {
+        let mut owned = lock(&self.file_owned);
+        let wanted: BTreeSet<String> = loaded.services.iter().map(|s| s.name.clone()).collect();
+        let mut batch = Batch::new();
+        for gone in owned.difference(&wanted) {
+            if self.table.load().service(gone).is_some() {
+                batch.push(Change::Remove(gone.clone()));
+            }
+        }
+        for (i, doc) in loaded.services.iter().enumerate() {
+            let (service, endpoints) = doc.to_model().map_err(|e| {
+                format!(
+                    "service {:?}: {}",
+                    doc.name,
+                    e.within(format!("services[{i}]"))
+                )
+            })?;
+            let name = service.name.clone();
+            batch.push(Change::Upsert(service));
+            batch.push(Change::ReplaceEndpoints {
+                service: name,
+                endpoints: endpoints.unwrap_or_default(),
+            });
+        }
+        let generation = self.apply(batch).map_err(|e| e.to_string())?;
+        *owned = wanted;
+        Ok(generation)
+    }
+
+    /// The admin API.
+    pub fn handle(&self, r: &Request) -> Response {
+        if r.path == "/healthz" {
+            return self.healthz();
+        }
+        if let Some(token) = &self.token {
+            let given = r
+                .header("authorization")
+                .and_then(|h| h.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                return Response::error(401, "a bearer token is required");
+            }
+        }
+        match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/metrics") => {
+                let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                let text = metrics::render(&self.table.load(), seconds, self.proxy.connections());
+                Response::text(200, "text/plain; version=0.0.4", text)
+            }
+            ("GET", "/services") => {
+                let doc = TableDoc::from_snapshot(&self.table.load());
+                Response::json(200, &serde_json::to_value(doc).unwrap_or_default())
+            }
+            (method, path) if path.starts_with("/services/") => {
+                let name = &path["/services/".len()..];
+                match method {
+                    "GET" => match self.table.load().service(name) {
+                        Some(entry) => Response::json(
+                            200,
+                            &serde_json::to_value(ServiceDoc::from_entry(entry))
+                                .unwrap_or_default(),
+                        ),
+                        None => Response::error(404, format!("service {name:?} does not exist")),
+                    },
+                    "PUT" => self.put(name, &r.body),
+                    "DELETE" => match self.apply(Batch::new().remove(name)) {
+                        Ok(g) => {
+                            info!(service = name, peer = %r.peer, "service deleted through the admin API");
+                            Response::json(200, &serde_json::json!({ "generation": g }))
+                        }
+                        Err(e @ TableError::UnknownService(_)) => Response::error(404, e),
+                        Err(e) => Response::error(400, e),
+                    },
+                    _ => Response::error(405, "use GET, PUT or DELETE"),
+                }
+            }
+            _ => Response::error(404, "unknown path (try /healthz, /metrics, /services)"),
+        }
+    }
+
+    fn put(&self, name: &str, body: &[u8]) -> Response {
+        let doc: ServiceDoc = match serde_json::from_slice(body) {
+            Ok(d) => d,
+            Err(e) => return Response::error(400, format!("service JSON: {e}")),
+        };
+        if doc.name != name {
+            return Response::error(
+                400,
+                format!("the body names service {:?}, the path {name:?}", doc.name),
+            );
+        }
+        let (service, endpoints) = match doc.to_model() {
+            Ok(x) => x,
+            Err(e) => return Response::error(400, format!("service {name:?}: {e}")),
+        };
+        let mut batch = Batch::new().upsert(service);
+        if let Some(endpoints) = endpoints {
+            batch = batch.replace_endpoints(name, endpoints);
+        }
+        match self.apply(batch) {
+            Ok(g) => {
+                info!(service = name, "service set through the admin API");
+                Response::json(200, &serde_json::json!({ "generation": g }))
+            }
+            Err(e @ TableError::Conflict { .. }) => Response::error(409, e),
+            Err(e) => Response::error(400, e),
+        }
+    }
+
+    fn healthz(&self) -> Response {
+        let snapshot = self.table.load();
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let body = serde_json::json!({
+            "lastUpdated": secs(snapshot.updated()),
+            "currentTime": secs(SystemTime::now()),
+            "generation": snapshot.generation(),
+            "backend": format!("{:?}", self.proxy.backend()),
+            "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
+        });
+        if self.stopping.load(Ordering::SeqCst) {
+            return Response::json(503, &body);
+        }
+        Response::json(200, &body)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Logs a rejected reload.
+pub fn rejected(why: &str) {
+    warn!(
+        error = why,
+        "configuration rejected; the running table is unchanged"
+    );
+}

@@ -1,0 +1,266 @@
+//! A deliberately small HTTP/1.1 server for the admin endpoint: one request per connection
+//! (`Connection: close`), `Content-Length` bodies only, and hard limits, because an admin port
+//! must not be a way to exhaust the proxy: at most [`MAX_CONNECTIONS`] connections at once
+//! (more are answered 503 and closed), [`MAX_HEAD`] bytes of request line and headers,
+//! [`MAX_BODY`] bytes of body, and a read timeout. General HTTP servers do not offer these
+//! limits together, and the admin API needs no more than this.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::debug;
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Request line and headers.
+pub const MAX_HEAD: usize = 16 << 10;
+/// Request body.
+pub const MAX_BODY: usize = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request.
+#[derive(Debug)]
+pub struct Request {
+    /// Method, upper case.
+    pub method: String,
+    /// Path, without the query.
+    pub path: String,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// The peer.
+    pub peer: SocketAddr,
+}
+
+impl Request {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: format!("{value}\n").into_bytes(),
+        }
+    }
+
+    /// An error as JSON: `{"error": "..."}`.
+    pub fn error(status: u16, message: impl std::fmt::Display) -> Self {
+        Self::json(status, &serde_json::json!({ "error": message.to_string() }))
+    }
+
+    /// Plain text.
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Self {
+        Self {
+            status,
+            content_type,
+            body: body.into_bytes(),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// A running server; stops (and joins its threads) when dropped.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves `handler` on `addr`.
+    pub fn start(
+        addr: SocketAddr,
+        handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let active = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("svcproxyd-admin".into())
+                .spawn(move || {
+                    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let Ok(mut stream) = stream else { continue };
+                        workers.retain(|w| !w.is_finished());
+                        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                            let _ = respond(
+                                &mut stream,
+                                &Response::error(503, "too many admin connections"),
+                            );
+                            continue;
+                        }
+                        active.fetch_add(1, Ordering::SeqCst);
+                        let (handler, active) = (handler.clone(), active.clone());
+                        workers.push(std::thread::spawn(move || {
+                            serve(&mut stream, &*handler);
+                            active.fetch_sub(1, Ordering::SeqCst);
+                        }));
+                    }
+                    for w in workers {
+                        let _ = w.join();
+                    }
+                })?
+        };
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, TIMEOUT);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    let response = match read_request(stream) {
+        Ok(request) => handler(&request),
+        Err(response) => response,
+    };
+    if let Err(e) = respond(stream, &response) {
+        debug!(error = %e, "admin response not sent");
+    }
+}
+
+fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
+    let peer = stream.peer_addr().map_err(|e| Response::error(400, e))?;
+    let mut reader = BufReader::new(stream.take(MAX_HEAD as u64));
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| Response::error(400, e))?;
+        if n == 0 {
+            return Err(Response::error(431, "request head too large or truncated"));
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+    }
+    let mut lines = head.into_iter();
+    let request_line = lines
+        .next()
+        .ok_or_else(|| Response::error(400, "empty request"))?;
+    let mut parts = request_line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Err(Response::error(400, "malformed request line"));
+    };
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            Some((n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.parse::<usize>())
+        .transpose()
+        .map_err(|_| Response::error(400, "bad Content-Length"))?
+        .unwrap_or(0);
+    if headers.iter().any(|(n, _)| n == "transfer-encoding") {
+        return Err(Response::error(
+            400,
+            "chunked bodies are not supported; send Content-Length",
+        ));
+    }
+    if length > MAX_BODY {
+        return Err(Response::error(
+            413,
+            format!("body of {length} bytes, at most {MAX_BODY}"),
+        ));
+    }
+    // What the buffered reader already holds, then the rest from the socket.
+    let mut body = Vec::with_capacity(length);
+    let buffered = reader.buffer().len().min(length);
+    body.extend_from_slice(&reader.buffer()[..buffered]);
+    let stream = reader.into_inner().into_inner();
+    let mut rest = vec![0; length - buffered];
+    stream
+        .read_exact(&mut rest)
+        .map_err(|e| Response::error(400, format!("body: {e}")))?;
+    body.extend_from_slice(&rest);
+    Ok(Request {
+        method: method.to_ascii_uppercase(),
+        path,
+        headers,
+        body,
+        peer,
+    })
+}
+
+fn respond(stream: &mut TcpStream, r: &Response) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type,
+        r.body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&r.body)?;
+    stream.flush()
+}

@@ -1,0 +1,329 @@
+//! svcproxyd: svcproxy as a standalone node proxy.
+//!
+//! - `svcproxyd demo`: a self-contained demo on loopback.
+//! - `svcproxyd run --config PATH`: serve the services of a TOML config or of Kubernetes
+//!   manifests (a YAML file or directory), reloaded when the files change or on SIGHUP; an
+//!   admin HTTP endpoint (`/healthz`, `/metrics`, `/services`); as root, service addresses
+//!   are captured on a dummy interface. SIGTERM or SIGINT drain and exit.
+//! - `svcproxyd check --config PATH`: validate a config and print what it would serve.
+//!
+//! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
+//! 2 a usage or configuration error at start.
+
+mod capture;
+mod config;
+mod daemon;
+mod demo;
+mod http;
+mod kube;
+mod metrics;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig};
+use tracing::{error, info, warn};
+
+use config::Settings;
+use daemon::Daemon;
+
+#[derive(Parser)]
+#[command(
+    name = "svcproxyd",
+    version,
+    about = "svcproxy as a standalone node proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start backends on loopback, put services in front, drive traffic, print what happened.
+    Demo {
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+    /// Serve the services of a config file or of Kubernetes manifests.
+    Run(RunArgs),
+    /// Check a config and print the services it describes.
+    Check {
+        /// A TOML config, a YAML manifest, or a directory of manifests.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A TOML config, a YAML manifest, or a directory of manifests (watched for changes).
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's name (Kubernetes manifests; a TOML config sets `node.name`).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Where node ports are served (repeatable; default 0.0.0.0).
+    #[arg(long = "node-address")]
+    node_addresses: Vec<IpAddr>,
+    /// Admin endpoint address (default 127.0.0.1:10256).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// File holding the admin bearer token (required for a non-loopback admin address).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Backend: auto, epoll or io_uring.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Do not put service addresses on a dummy interface, even as root.
+    #[arg(long)]
+    no_capture: bool,
+    /// Connect to endpoints from the client's address (root; see the README for the routing).
+    #[arg(long)]
+    preserve_client_ip: bool,
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match Cli::parse().command {
+        Command::Demo { seconds } => match demo::run(Duration::from_secs(seconds)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("demo failed: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Check { config } => match config::load(&config) {
+            Ok(loaded) => check(&loaded),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run(args) => run(args),
+    }
+}
+
+fn check(loaded: &config::Loaded) -> ExitCode {
+    let table = Table::new(TableConfig {
+        node_name: loaded.settings.as_ref().and_then(|s| s.node_name.clone()),
+        ..TableConfig::default()
+    });
+    let batch = svcproxy_core::schema::BatchDoc {
+        upsert: loaded.services.clone(),
+        remove: Vec::new(),
+    };
+    let result = batch
+        .to_batch()
+        .map_err(|(s, e)| format!("service {s:?}: {e}"))
+        .and_then(|b| table.apply(b).map_err(|e| e.to_string()));
+    match result {
+        Ok(_) => {
+            for s in table.load().services() {
+                let frontends = s
+                    .spec()
+                    .frontends(&[])
+                    .map(|f| f.key.to_string())
+                    .collect::<Vec<_>>();
+                println!(
+                    "{}: {} endpoints, {}",
+                    s.name(),
+                    s.endpoints().len(),
+                    frontends.join(" ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Settings from the config file (TOML) or the defaults, with command-line overrides.
+fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String> {
+    let mut s = loaded.settings.clone().unwrap_or_default();
+    if let Some(n) = &args.node_name {
+        s.node_name = Some(n.clone());
+    }
+    if !args.node_addresses.is_empty() {
+        s.node_addresses = args.node_addresses.clone();
+    }
+    if let Some(a) = args.admin {
+        s.admin = a;
+    }
+    if let Some(f) = &args.admin_token_file {
+        let t = std::fs::read_to_string(f)
+            .map_err(|e| format!("--admin-token-file {}: {e}", f.display()))?;
+        s.admin_token = Some(t.trim().to_string());
+    }
+    if let Some(b) = &args.backend {
+        s.backend = match b.as_str() {
+            "auto" => BackendKind::Auto,
+            "epoll" => BackendKind::Epoll,
+            "io_uring" => BackendKind::IoUring,
+            other => return Err(format!("--backend {other:?}: use auto, epoll or io_uring")),
+        };
+    }
+    if args.no_capture {
+        s.capture = false;
+    }
+    if args.preserve_client_ip {
+        s.proxy.preserve_client_ip = true;
+    }
+    if !s.admin.ip().is_loopback() && s.admin_token.as_deref().is_none_or(str::is_empty) {
+        return Err(format!(
+            "the admin address {} is not loopback: set a bearer token (admin.token_file or --admin-token-file)",
+            s.admin
+        ));
+    }
+    Ok(s)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let loaded = match config::load(&args.config) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match settings(&args, &loaded) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let root = rustix::process::geteuid().is_root();
+    let capture = if settings.capture && root {
+        match capture::Capture::new(&settings.interface, settings.proxy.preserve_client_ip) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!("cannot capture service addresses: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        if !root {
+            warn!(
+                "not root: cluster IPs are not captured; only listen addresses and node ports are reachable"
+            );
+        }
+        None
+    };
+    if settings.proxy.preserve_client_ip && capture.is_none() {
+        warn!(
+            "client source preservation needs root and capture; backends see the proxy's address"
+        );
+    }
+    let table = Arc::new(Table::new(TableConfig {
+        node_name: settings.node_name.clone(),
+        node_addresses: settings.node_addresses.clone(),
+    }));
+    let options = Options {
+        backend: settings.backend,
+        config: settings.proxy,
+    };
+    let proxy = match Proxy::start(table.clone(), options) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot start the proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    info!(backend = ?proxy.backend(), config = %args.config.display(), "svcproxyd running");
+    let daemon = Arc::new(Daemon::new(
+        table,
+        proxy,
+        capture,
+        settings.admin_token.clone(),
+    ));
+    if let Err(e) = daemon.load(&loaded) {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
+    info!(services = loaded.services.len(), "configuration loaded");
+    let admin = {
+        let d = daemon.clone();
+        match http::Server::start(settings.admin, move |r| d.handle(r)) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(address = %settings.admin, "cannot serve the admin endpoint: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    info!(address = %admin.addr(), "admin endpoint (/healthz, /metrics, /services)");
+
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for (signal, flag) in [
+        (signal_hook::consts::SIGTERM, &term),
+        (signal_hook::consts::SIGINT, &term),
+        (signal_hook::consts::SIGHUP, &hup),
+    ] {
+        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
+            error!("cannot handle signal {signal}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let mut seen = config::signature(&args.config);
+    while !term.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = config::signature(&args.config);
+        if now == seen && !hup.swap(false, Ordering::SeqCst) {
+            continue;
+        }
+        seen = now;
+        match config::load(&args.config) {
+            Ok(loaded) => {
+                if loaded
+                    .settings
+                    .as_ref()
+                    .is_some_and(|s| s.proxy != settings.proxy)
+                {
+                    warn!("proxy settings changed in the config: they apply after a restart");
+                }
+                match daemon.load(&loaded) {
+                    Ok(generation) => info!(
+                        generation,
+                        services = loaded.services.len(),
+                        "configuration reloaded"
+                    ),
+                    Err(e) => daemon::rejected(&e),
+                }
+            }
+            Err(e) => daemon::rejected(&e.to_string()),
+        }
+    }
+    info!(grace = ?settings.shutdown_grace, "shutting down");
+    daemon.stopping.store(true, Ordering::SeqCst);
+    drop(admin);
+    let Ok(daemon) = Arc::try_unwrap(daemon) else {
+        error!("the admin endpoint still holds the daemon");
+        return ExitCode::from(1);
+    };
+    let code = match daemon.proxy.shutdown(settings.shutdown_grace) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("shutdown: {e}");
+            ExitCode::from(1)
+        }
+    };
+    info!("stopped");
+    code
+}
