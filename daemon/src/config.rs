@@ -331,3 +331,120 @@ fn signature_of(path: &Path) -> Option<(PathBuf, u64, Option<SystemTime>)> {
     let m = std::fs::metadata(path).ok()?;
     Some((path.to_path_buf(), m.len(), m.modified().ok()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("svcproxyd-config-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_full_toml_config_is_read() {
+        let path = write(
+            "full.toml",
+            r#"
+[proxy]
+backend = "epoll"
+workers = 2
+connect_timeout_ms = 250
+idle_timeout_s = 0
+drain_close_after_s = 30
+forwarding = "splice"
+
+[node]
+name = "node-a"
+addresses = ["192.0.2.1"]
+
+[admin]
+listen = "127.0.0.1:9999"
+token = "secret"
+
+[capture]
+cluster_ips = false
+preserve_client_ip = true
+
+[[services]]
+name = "default/web"
+addresses = ["10.96.0.10"]
+ports = [{ name = "http", port = 80, target_port = 8080 }, { name = "dns", port = 53, protocol = "UDP" }]
+policy = "maglev"
+session_affinity = "client_ip"
+endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7:8080", weight = 3, node = "node-a" }]
+"#,
+        );
+        let loaded = load(&path).unwrap();
+        let s = loaded.settings.unwrap();
+        assert_eq!(s.backend, BackendKind::Epoll);
+        assert_eq!(s.proxy.workers, 2);
+        assert_eq!(s.proxy.tcp.connect_timeout, Duration::from_millis(250));
+        assert_eq!(s.proxy.tcp.idle_timeout, None);
+        assert_eq!(
+            s.proxy.tcp.drain,
+            DrainPolicy::CloseAfter(Duration::from_secs(30))
+        );
+        assert_eq!(s.proxy.io_uring.forwarding, Forwarding::Splice);
+        assert!(s.proxy.preserve_client_ip && !s.capture);
+        assert_eq!(s.node_name.as_deref(), Some("node-a"));
+        assert_eq!(s.admin, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(s.admin_token.as_deref(), Some("secret"));
+        assert_eq!(loaded.services.len(), 1);
+        let (service, endpoints) = loaded.services[0].to_model().unwrap();
+        assert_eq!(service.policy, svcproxy::Policy::maglev());
+        assert_eq!(endpoints.unwrap()[1].weight, 3);
+    }
+
+    #[test]
+    fn bad_configs_name_the_file_and_field() {
+        let err = |name: &str, text: &str| load(&write(name, text)).unwrap_err().to_string();
+        let e = err("typo.toml", "[proxy]\nworkerz = 2\n");
+        assert!(
+            e.contains("typo.toml") && e.contains("unknown field `workerz`"),
+            "{e}"
+        );
+        let e = err("backend.toml", "[proxy]\nbackend = \"dpdk\"\n");
+        assert!(
+            e.ends_with("proxy.backend: \"dpdk\" is not auto, epoll or io_uring"),
+            "{e}"
+        );
+        let e = err("range.toml", "[proxy]\nconnect_attempts = 0\n");
+        assert!(e.contains("proxy: tcp.connect_attempts is 0"), "{e}");
+        let e = err("syntax.toml", "[[services]\nname = 1\n");
+        assert!(e.contains("syntax.toml"), "{e}");
+        let e = err(
+            "svc.toml",
+            "[[services]]\nname = \"x\"\nports = [{ port = \"http\" }]\n",
+        );
+        assert!(e.contains("svc.toml") && e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_of_manifests_is_read_in_name_order_and_signed() {
+        let dir = std::env::temp_dir().join(format!("svcproxyd-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let before = signature(&dir);
+        let loaded = load(&dir).unwrap();
+        assert!(loaded.settings.is_none());
+        assert_eq!(loaded.services[0].name, "default/a");
+        std::fs::write(
+            dir.join("b.yml"),
+            "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        assert_ne!(signature(&dir), before, "a new file changes the signature");
+        assert_eq!(load(&dir).unwrap().services.len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -26,6 +26,9 @@ pub struct Daemon {
     file_owned: Mutex<BTreeSet<String>>,
     capture: Mutex<Option<Capture>>,
     publish_ns: AtomicU64,
+    /// Reloads attempted, and the error of the last one if it was rejected.
+    reloads: AtomicU64,
+    reload_error: Mutex<Option<String>>,
     pub stopping: AtomicBool,
     token: Option<String>,
 }
@@ -47,6 +50,8 @@ impl Daemon {
             file_owned: Mutex::new(BTreeSet::new()),
             capture: Mutex::new(capture),
             publish_ns: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_error: Mutex::new(None),
             stopping: AtomicBool::new(false),
             token,
         }
@@ -201,6 +206,8 @@ impl Daemon {
             "generation": snapshot.generation(),
             "backend": format!("{:?}", self.proxy.backend()),
             "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
+            "reloads": self.reloads.load(Ordering::SeqCst),
+            "lastReloadError": *lock(&self.reload_error),
         });
         if self.stopping.load(Ordering::SeqCst) {
             return Response::json(503, &body);
@@ -213,10 +220,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Logs a rejected reload.
-pub fn rejected(why: &str) {
-    warn!(
-        error = why,
-        "configuration rejected; the running table is unchanged"
-    );
+impl Daemon {
+    /// Records the outcome of a reload (shown by `/healthz`), logging a rejection.
+    pub fn reloaded(&self, outcome: Result<u64, String>) {
+        match &outcome {
+            Ok(generation) => info!(generation, "configuration reloaded"),
+            Err(why) => {
+                warn!(error = %why, "configuration rejected; the running table is unchanged")
+            }
+        }
+        *lock(&self.reload_error) = outcome.err();
+        self.reloads.fetch_add(1, Ordering::SeqCst);
+    }
 }

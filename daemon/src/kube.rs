@@ -451,3 +451,208 @@ fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
     }
     Ok(by_ip.into_values().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<Vec<ServiceDoc>, ManifestError> {
+        services(&[("test.yaml".into(), yaml.into())])
+    }
+
+    const SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.10, fd00::10]
+  externalIPs: [192.0.2.7]
+  ports:
+  - {name: http, port: 80, targetPort: web, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  publishNotReadyAddresses: true
+  internalTrafficPolicy: Local
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.1}]}
+";
+
+    const SLICES: &str = "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true}
+  nodeName: node-a
+  zone: z1
+- addresses: [10.244.2.7]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-2, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.5]
+- addresses: [10.244.3.9]
+";
+
+    #[test]
+    fn a_service_and_its_slices_map_like_kube_proxy() {
+        let docs = load(&format!("{SERVICE}---{SLICES}")).unwrap();
+        assert_eq!(docs.len(), 1);
+        let s = &docs[0];
+        assert_eq!(s.name, "shop/web");
+        assert_eq!(
+            s.addresses,
+            [
+                "10.96.0.10".parse::<IpAddr>().unwrap(),
+                "fd00::10".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.external_addresses.len(),
+            2,
+            "externalIPs and load-balancer ingress"
+        );
+        assert_eq!(
+            s.ports[0].target_port,
+            Some(TargetDoc::Name("http".into())),
+            "service port name"
+        );
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        assert_eq!(s.ports[1].protocol, svcproxy::Protocol::Udp);
+        assert_eq!(s.session_affinity, AffinityDoc::ClientIp);
+        assert_eq!(s.affinity_timeout_seconds, Some(600));
+        assert!(s.publish_not_ready);
+        assert_eq!(s.internal_traffic_policy, TrafficDoc::Local);
+        let eps = s.endpoints.as_ref().unwrap();
+        assert_eq!(eps.len(), 3, "one endpoint per IP across slices");
+        let pod = eps.iter().find(|e| e.address == "10.244.1.5").unwrap();
+        assert_eq!(pod.ports.get("http"), Some(&8080));
+        assert_eq!(
+            pod.ports.get("dns"),
+            Some(&5353),
+            "ports merged from both slices"
+        );
+        assert_eq!(
+            (pod.node.as_deref(), pod.zone.as_deref()),
+            (Some("node-a"), Some("z1"))
+        );
+        let draining = eps.iter().find(|e| e.address == "10.244.2.7").unwrap();
+        assert!(!draining.ready && draining.serving == Some(true) && draining.terminating);
+        let unknown = eps.iter().find(|e| e.address == "10.244.3.9").unwrap();
+        assert!(unknown.ready, "unset ready counts as ready");
+        // And the table accepts it.
+        let (service, endpoints) = s.to_model().unwrap();
+        let table = svcproxy::Table::default();
+        let batch = svcproxy::Batch::new()
+            .upsert(service)
+            .replace_endpoints("shop/web", endpoints.unwrap());
+        table.apply(batch).unwrap();
+    }
+
+    #[test]
+    fn a_kubectl_list_is_read_and_unnamed_ports_match() {
+        let yaml = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: one}
+  spec: {clusterIP: 10.96.0.1, ports: [{port: 443, targetPort: 6443}]}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: one-x, labels: {kubernetes.io/service-name: one}}
+  addressType: IPv4
+  ports: [{port: 6443}]
+  endpoints: [{addresses: [10.0.0.1]}]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: empty, labels: {kubernetes.io/service-name: one}}
+  addressType: IPv4
+  ports: null
+  endpoints: null
+";
+        let docs = load(yaml).unwrap();
+        assert_eq!(docs[0].name, "default/one");
+        assert_eq!(
+            docs[0].ports[0].target_port,
+            Some(TargetDoc::Name(UNNAMED_PORT.into()))
+        );
+        let eps = docs[0].endpoints.as_ref().unwrap();
+        assert_eq!(eps[0].ports.get(UNNAMED_PORT), Some(&6443));
+    }
+
+    #[test]
+    fn headless_external_name_and_foreign_services_are_ignored() {
+        let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: cilium}}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: not-ours}
+spec: {replicas: 3}
+";
+        assert!(load(yaml).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_manifests_name_the_object_and_field() {
+        let err = |yaml: &str| load(yaml).unwrap_err().to_string();
+        assert_eq!(
+            err(
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}"
+            ),
+            "Service default/web: spec.clusterIPs[0]: \"10.96.0.300\" is not an IP address"
+        );
+        assert_eq!(
+            err(
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: SCTP}]}"
+            ),
+            "Service default/web: spec.ports[0].protocol: \"SCTP\" is not supported (TCP or UDP)"
+        );
+        assert_eq!(
+            err(
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, sessionAffinity: Sticky, ports: [{port: 80}]}"
+            ),
+            "Service default/web: spec.sessionAffinity: \"Sticky\" is not None or ClientIP"
+        );
+        assert_eq!(
+            err(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4"
+            ),
+            "EndpointSlice default/s: metadata.labels has no kubernetes.io/service-name"
+        );
+        assert!(
+            err("kind: Service\nmetadata: {name: web}\nspec: {ports: [{port: eighty}]}")
+                .starts_with("Service default/web: spec:")
+        );
+        assert!(err("kind: [unclosed").starts_with("test.yaml: document 1:"));
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\n\
+                     addressType: IPv4\nendpoints: [{addresses: [10.0.0.999]}]\n---\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}";
+        assert_eq!(
+            err(slice),
+            "EndpointSlice default/s: endpoints[0].addresses[0]: \"10.0.0.999\" is not an IP address"
+        );
+    }
+}

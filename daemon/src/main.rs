@@ -289,8 +289,9 @@ fn run(args: RunArgs) -> ExitCode {
             continue;
         }
         seen = now;
-        match config::load(&args.config) {
-            Ok(loaded) => {
+        let outcome = config::load(&args.config)
+            .map_err(|e| e.to_string())
+            .and_then(|loaded| {
                 if loaded
                     .settings
                     .as_ref()
@@ -298,17 +299,9 @@ fn run(args: RunArgs) -> ExitCode {
                 {
                     warn!("proxy settings changed in the config: they apply after a restart");
                 }
-                match daemon.load(&loaded) {
-                    Ok(generation) => info!(
-                        generation,
-                        services = loaded.services.len(),
-                        "configuration reloaded"
-                    ),
-                    Err(e) => daemon::rejected(&e),
-                }
-            }
-            Err(e) => daemon::rejected(&e.to_string()),
-        }
+                daemon.load(&loaded)
+            });
+        daemon.reloaded(outcome);
     }
     info!(grace = ?settings.shutdown_grace, "shutting down");
     daemon.stopping.store(true, Ordering::SeqCst);

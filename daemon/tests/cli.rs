@@ -1,0 +1,331 @@
+//! svcproxyd as a user runs it, on loopback: `check`, `run` with a TOML config, the admin API,
+//! reload on file change, rejected edits, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("svcproxyd-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A backend answering its name on each connection.
+fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = writeln!(s, "{name}");
+        }
+    });
+    addr
+}
+
+fn ask(addr: SocketAddr) -> std::io::Result<String> {
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+/// One HTTP request to the admin endpoint: (status, body).
+fn http(admin: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&admin, TIMEOUT).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Sends a raw request head and reads the response status.
+fn http_head(admin: SocketAddr, head: &str) -> u16 {
+    let mut s = TcpStream::connect_timeout(&admin, TIMEOUT).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits for `condition` (polling the daemon's own interfaces), failing after TIMEOUT.
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Daemon {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Daemon {
+    fn start(config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--no-capture", "--admin", &admin.to_string()])
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut d = Self { child, admin };
+        eventually("the admin endpoint", || {
+            assert!(
+                d.child.try_wait().unwrap().is_none(),
+                "svcproxyd exited early"
+            );
+            TcpStream::connect(admin).is_ok()
+        });
+        d
+    }
+
+    fn health(&self) -> serde_json::Value {
+        let (_, body) = http(self.admin, "GET", "/healthz", "", "");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn generation(&self) -> u64 {
+        self.health()["generation"].as_u64().unwrap()
+    }
+
+    fn stop(mut self) -> i32 {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "svcproxyd did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(port: u16, endpoints: &[SocketAddr]) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{ address = \"{e}\" }}"))
+        .collect();
+    format!(
+        "[proxy]\nworkers = 1\n\n[[services]]\nname = \"default/web\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {port} }}]\nendpoints = [{}]\n",
+        eps.join(", ")
+    )
+}
+
+#[test]
+fn check_accepts_good_configs_and_names_what_is_wrong_in_bad_ones() {
+    let dir = temp("check");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, config(8080, &["127.0.0.1:9001".parse().unwrap()])).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "default/web: 1 endpoints, 127.0.0.1:8080/TCP"
+    );
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, config(0, &[])).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "service \"default/web\": ports[0].port: must not be 0"
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn run_serves_reloads_rejects_bad_edits_and_exits_cleanly() {
+    let dir = temp("run");
+    let (alpha, bravo) = (backend("alpha"), backend("bravo"));
+    let port = free_port();
+    let vip: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+    let path = dir.join("svcproxyd.toml");
+    std::fs::write(&path, config(port, &[alpha])).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&path, admin, &[]);
+    eventually("the service", || ask(vip).is_ok_and(|a| a == "alpha"));
+
+    // Health, metrics, the table.
+    let (status, body) = http(admin, "GET", "/healthz", "", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("lastUpdated"), "{body}");
+    let (status, metrics) = http(admin, "GET", "/metrics", "", "");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("svcproxy_connections_total{service=\"default/web\",port=\"")
+            && metrics.contains("svcproxy_table_generation"),
+        "{metrics}"
+    );
+    let (_, table) = http(admin, "GET", "/services", "", "");
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert_eq!(table["services"][0]["name"], "default/web");
+
+    // Reload: the file changes, new connections follow.
+    let before = d.generation();
+    std::fs::write(&path, config(port, &[bravo])).unwrap();
+    eventually("the reload", || d.generation() > before);
+    eventually("the new endpoint", || ask(vip).is_ok_and(|a| a == "bravo"));
+
+    // A bad edit is rejected (the health report says so); the running table stays.
+    let (before, reloads) = (d.generation(), d.health()["reloads"].as_u64().unwrap());
+    std::fs::write(
+        &path,
+        "[[services]]\nname = \"default/web\"\nports = [{ port = 0 }]\n",
+    )
+    .unwrap();
+    eventually("the rejected reload", || {
+        d.health()["reloads"].as_u64().unwrap() > reloads
+    });
+    assert_eq!(
+        d.health()["lastReloadError"],
+        "service \"default/web\": ports[0].port: must not be 0"
+    );
+    assert_eq!(d.generation(), before);
+    assert_eq!(ask(vip).unwrap(), "bravo");
+
+    // The admin API changes the table too, with the file's schema.
+    let other_port = free_port();
+    let svc = format!(
+        "{{\"name\": \"api/extra\", \"addresses\": [\"127.0.0.1\"], \"ports\": [{{\"port\": {other_port}}}], \"endpoints\": [{{\"address\": \"{alpha}\"}}]}}"
+    );
+    let (status, body) = http(admin, "PUT", "/services/api/extra", "", &svc);
+    assert_eq!(status, 200, "{body}");
+    eventually("the API service", || {
+        ask(SocketAddr::from(([127, 0, 0, 1], other_port))).is_ok_and(|a| a == "alpha")
+    });
+    let (status, body) = http(
+        admin,
+        "PUT",
+        "/services/api/extra",
+        "",
+        "{\"name\": \"api/extra\", \"ports\": []}",
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("ports: must not be empty"), "{body}");
+    let (status, _) = http(admin, "PUT", "/services/api/other", "", &svc);
+    assert_eq!(status, 400, "the path and body must name the same service");
+    let (status, _) = http(admin, "PUT", "/services/api/extra", "", "{not json");
+    assert_eq!(status, 400);
+    // A body over the limit is refused from its header, before it is sent.
+    let head = "PUT /services/api/extra HTTP/1.1\r\nContent-Length: 2097152\r\n\r\n";
+    assert_eq!(http_head(admin, head), 413);
+    let (status, _) = http(admin, "DELETE", "/services/api/extra", "", "");
+    assert_eq!(status, 200);
+    let (status, _) = http(admin, "DELETE", "/services/api/extra", "", "");
+    assert_eq!(status, 404);
+    let (status, _) = http(admin, "GET", "/nowhere", "", "");
+    assert_eq!(status, 404);
+
+    assert_eq!(d.stop(), 0, "SIGTERM drains and exits 0");
+    assert!(
+        TcpStream::connect(vip).is_err(),
+        "nothing listens after exit"
+    );
+}
+
+#[test]
+fn the_admin_endpoint_requires_a_token_when_one_is_set_and_off_loopback() {
+    let dir = temp("token");
+    let path = dir.join("svcproxyd.toml");
+    std::fs::write(&path, config(free_port(), &[])).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(
+        &path,
+        admin,
+        &["--admin-token-file", token.to_str().unwrap()],
+    );
+    assert_eq!(
+        http(admin, "GET", "/healthz", "", "").0,
+        200,
+        "health stays open"
+    );
+    assert_eq!(http(admin, "GET", "/services", "", "").0, 401);
+    assert_eq!(
+        http(
+            admin,
+            "GET",
+            "/services",
+            "Authorization: Bearer nope\r\n",
+            ""
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            admin,
+            "GET",
+            "/services",
+            "Authorization: Bearer s3cret\r\n",
+            ""
+        )
+        .0,
+        200
+    );
+    assert_eq!(d.stop(), 0);
+
+    // A non-loopback admin address without a token is refused at start.
+    let out = Command::new(BIN)
+        .args(["run", "--no-capture", "--admin", "0.0.0.0:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not loopback: set a bearer token"));
+}
