@@ -1,0 +1,407 @@
+//! The classic Kubernetes picture, in network namespaces this test creates (root only):
+//! a client pod and two backend pods, each joined to a node namespace by a veth pair, with
+//! svcproxyd running in the node from a manifest file. Addresses come from 198.18.0.0/15:
+//! client 198.18.1.2, pods 198.18.2.2 and 198.18.3.2, the node 198.18.{1,2,3}.1, cluster IPs
+//! 198.19.0.10 (round robin) and 198.19.0.11 (ClientIP affinity).
+//!
+//! Without root the test says it was skipped; under CI (`CI` set) it must run.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 is installed");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The namespaces and links; removed when dropped.
+struct Topology {
+    client: String,
+    node: String,
+    pods: [String; 2],
+}
+
+impl Topology {
+    fn new() -> Self {
+        let id = std::process::id();
+        let t = Self {
+            client: format!("svcd{id}-client"),
+            node: format!("svcd{id}-node"),
+            pods: [format!("svcd{id}-a"), format!("svcd{id}-b")],
+        };
+        for ns in [&t.client, &t.node, &t.pods[0], &t.pods[1]] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let links = [(&t.client, 1), (&t.pods[0], 2), (&t.pods[1], 3)];
+        for (ns, net) in links {
+            let (inner, outer) = (format!("v{id}i{net}"), format!("v{id}o{net}"));
+            ip(&[
+                "link", "add", &inner, "netns", ns, "type", "veth", "peer", "name", &outer,
+                "netns", &t.node,
+            ]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("198.18.{net}.2/24"),
+                "dev",
+                &inner,
+            ]);
+            ip(&[
+                "-n",
+                &t.node,
+                "addr",
+                "add",
+                &format!("198.18.{net}.1/24"),
+                "dev",
+                &outer,
+            ]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", &t.node, "link", "set", &outer, "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{net}.1"),
+            ]);
+        }
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        t
+    }
+
+    /// Runs `f` on a thread inside namespace `ns`.
+    fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = File::open(path).unwrap();
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.node, &self.pods[0], &self.pods[1]] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// A pod's servers: TCP 8080 and UDP 5353 answer "<pod> <client address>".
+struct Pod {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pod {
+    fn start(ns: &str, name: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = Topology::within(ns, || {
+            let tcp = TcpListener::bind("0.0.0.0:8080").unwrap();
+            let udp = UdpSocket::bind("0.0.0.0:5353").unwrap();
+            (tcp, udp)
+        });
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let s1 = stop.clone();
+        let t1 = std::thread::spawn(move || {
+            while !s1.load(Ordering::SeqCst) {
+                match tcp.accept() {
+                    Ok((mut c, peer)) => {
+                        let _ = writeln!(c, "{name} {}", peer.ip());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s2.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{name} {}", from.ip()).as_bytes(), from);
+                }
+            }
+        });
+        Self {
+            stop,
+            threads: vec![t1, t2],
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn manifest(endpoints: &[&str], with_web: bool) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    let web = if with_web {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+             spec:\n  clusterIP: 198.19.0.10\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-x, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n{eps}---\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{web}apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: shop}}\n\
+         spec:\n  clusterIP: 198.19.0.11\n  sessionAffinity: ClientIP\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-x, namespace: shop, labels: {{kubernetes.io/service-name: sticky}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n- addresses: [198.18.2.2]\n- addresses: [198.18.3.2]\n"
+    )
+}
+
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(topo: &Topology, config: &Path, extra: &[&str]) -> Self {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &topo.node,
+                BIN,
+                "run",
+                "--node-name",
+                "node",
+                "--config",
+            ])
+            .arg(config)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut d = Self(child);
+        let node = topo.node.clone();
+        wait("the admin endpoint", || {
+            assert!(d.0.try_wait().unwrap().is_none(), "svcproxyd exited early");
+            let node = node.clone();
+            Topology::within(&node, || TcpStream::connect("127.0.0.1:10256").is_ok())
+        });
+        d
+    }
+
+    fn stop(mut self) -> i32 {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "svcproxyd did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (pod, the client address the pod saw) for a TCP connection from the client pod.
+fn ask(topo: &Topology, vip: &'static str) -> std::io::Result<(String, String)> {
+    Topology::within(&topo.client, move || {
+        let addr: SocketAddr = vip.parse().unwrap();
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        let mut parts = line.split_whitespace();
+        Ok((
+            parts.next().unwrap_or("").into(),
+            parts.next().unwrap_or("").into(),
+        ))
+    })
+}
+
+fn root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test must run as root under CI"
+    );
+    eprintln!("skipped: network namespaces need root");
+    false
+}
+
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn node_proxy_in_namespaces() {
+    if !root() {
+        return;
+    }
+    let topo = Topology::new();
+    let _a = Pod::start(&topo.pods[0], "pod-a");
+    let _b = Pod::start(&topo.pods[1], "pod-b");
+    let dir: PathBuf = std::env::temp_dir().join(format!("svcproxyd-netns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("cluster.yaml");
+    write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
+    let d = Daemon::start(&topo, &config, &[]);
+
+    // Round robin over both pods; connecting to the cluster IP works, so replies come from it;
+    // without source preservation the pods see the node.
+    let answers: Vec<(String, String)> = (0..4)
+        .map(|_| ask(&topo, "198.19.0.10:80").unwrap())
+        .collect();
+    let pods: Vec<&str> = answers.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(
+        pods.windows(2).all(|w| w[0] != w[1]),
+        "round robin: {pods:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(_, seen)| seen.starts_with("198.18.") && seen.ends_with(".1")),
+        "{answers:?}"
+    );
+
+    // UDP: the reply comes from the cluster IP (a connected socket accepts nothing else).
+    let udp = Topology::within(&topo.client, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.connect("198.19.0.10:53").unwrap();
+        s.send(b"q").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert!(udp.starts_with("pod-"), "{udp}");
+
+    // ClientIP affinity: one pod for every connection from this client.
+    let sticky: Vec<String> = (0..4)
+        .map(|_| ask(&topo, "198.19.0.11:80").unwrap().0)
+        .collect();
+    assert!(sticky.iter().all(|p| *p == sticky[0]), "{sticky:?}");
+
+    // Removing an endpoint in the manifest moves traffic within a second.
+    write(&config, &manifest(&["198.18.2.2"], true));
+    let changed = Instant::now();
+    wait("traffic to leave pod-b", || {
+        (0..2).all(|_| ask(&topo, "198.19.0.10:80").is_ok_and(|(p, _)| p == "pod-a"))
+    });
+    assert!(
+        changed.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        changed.elapsed()
+    );
+
+    // No endpoints: refused at once.
+    write(&config, &manifest(&[], true));
+    wait("refusal", || {
+        ask(&topo, "198.19.0.10:80")
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+
+    // Deleting the service: its cluster IP stops answering.
+    write(&config, &manifest(&[], false));
+    wait("the cluster IP to go", || {
+        ask(&topo, "198.19.0.10:80")
+            .is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused)
+    });
+    assert!(
+        ask(&topo, "198.19.0.11:80").is_ok(),
+        "the other service still answers"
+    );
+
+    // A clean exit leaves no interface, address, rule or route behind.
+    assert_eq!(d.stop(), 0);
+    let links = output("ip", &["-n", &topo.node, "link"]);
+    assert!(!links.contains("svcproxy0"), "{links}");
+    let addrs = output("ip", &["-n", &topo.node, "addr"]);
+    assert!(!addrs.contains("198.19.0."), "{addrs}");
+
+    // Client source preservation: the pods see the client pod's address.
+    write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
+    let d = Daemon::start(&topo, &config, &["--preserve-client-ip"]);
+    for _ in 0..2 {
+        let (_, seen) = ask(&topo, "198.19.0.10:80").unwrap();
+        assert_eq!(seen, "198.18.1.2");
+    }
+    assert_eq!(d.stop(), 0);
+    let rules = output("ip", &["-n", &topo.node, "rule"]);
+    assert!(!rules.contains("0x5350"), "{rules}");
+    let nft = output(
+        "ip",
+        &["netns", "exec", &topo.node, "nft", "list", "ruleset"],
+    );
+    assert!(!nft.contains("svcproxyd"), "{nft}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
