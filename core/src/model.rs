@@ -232,6 +232,9 @@ pub struct Service {
     pub internal_traffic_policy: TrafficPolicy,
     /// Policy for traffic to external addresses and node ports.
     pub external_traffic_policy: TrafficPolicy,
+    /// Most connections (TCP) or flows (UDP) open at once per service port; clients beyond it
+    /// are refused. Approximate by at most one per worker, as workers check it concurrently.
+    pub max_connections: Option<u32>,
 }
 
 impl Service {
@@ -247,6 +250,7 @@ impl Service {
             publish_not_ready: false,
             internal_traffic_policy: TrafficPolicy::default(),
             external_traffic_policy: TrafficPolicy::default(),
+            max_connections: None,
         }
     }
 
@@ -346,6 +350,14 @@ impl Service {
                 };
                 return Err(ValidationError::new("session_affinity.timeout", problem));
             }
+        }
+        if self.max_connections == Some(0) {
+            let problem = Problem::OutOfRange {
+                got: 0,
+                min: 1,
+                max: u64::from(u32::MAX),
+            };
+            return Err(ValidationError::new("max_connections", problem));
         }
         if let Policy::Maglev { table_size } = self.policy {
             let size = u64::from(table_size);

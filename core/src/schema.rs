@@ -90,6 +90,9 @@ pub struct ServiceDoc {
     /// Traffic policy for external addresses and node ports.
     #[serde(default)]
     pub external_traffic_policy: TrafficDoc,
+    /// Most connections or flows open at once per service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// The endpoints; absent: keep the current ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Vec<EndpointDoc>>,
@@ -280,6 +283,7 @@ impl ServiceDoc {
             publish_not_ready: self.publish_not_ready,
             internal_traffic_policy: traffic(self.internal_traffic_policy),
             external_traffic_policy: traffic(self.external_traffic_policy),
+            max_connections: self.max_connections,
         };
         let endpoints = match &self.endpoints {
             None => None,
@@ -328,6 +332,7 @@ impl ServiceDoc {
             publish_not_ready: spec.publish_not_ready,
             internal_traffic_policy: traffic(spec.internal_traffic_policy),
             external_traffic_policy: traffic(spec.external_traffic_policy),
+            max_connections: spec.max_connections,
             endpoints: Some(
                 entry
                     .endpoints()

@@ -139,6 +139,9 @@ fn affinity_and_maglev_are_checked() {
     let s = web().policy(Policy::Maglev { table_size: 7 });
     assert_eq!(field_error(&s).0, "policy.table_size");
     web().policy(Policy::maglev()).validate().unwrap();
+    let mut s = web();
+    s.max_connections = Some(0);
+    assert_eq!(field_error(&s).0, "max_connections");
 }
 
 #[test]

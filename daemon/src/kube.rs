@@ -400,6 +400,7 @@ fn service(
             &object,
             "spec.externalTrafficPolicy",
         )?,
+        max_connections: None,
         endpoints: Some(endpoints),
     }))
 }

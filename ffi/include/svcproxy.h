@@ -256,6 +256,10 @@ typedef struct {
    `SVCPROXY_TRAFFIC_*` for external addresses and node ports.
    */
   uint32_t external_traffic_policy;
+  /*
+   Most connections or flows open at once per service port; 0: no limit.
+   */
+  uint32_t max_connections;
 } svcproxy_service;
 
 /*

@@ -92,6 +92,8 @@ pub struct svcproxy_service {
     pub internal_traffic_policy: u32,
     /// `SVCPROXY_TRAFFIC_*` for external addresses and node ports.
     pub external_traffic_policy: u32,
+    /// Most connections or flows open at once per service port; 0: no limit.
+    pub max_connections: u32,
 }
 
 /// An endpoint.
@@ -196,6 +198,7 @@ pub(crate) fn service(s: &svcproxy_service) -> Result<Service, Failure> {
             s.external_traffic_policy,
             "service.external_traffic_policy",
         )?,
+        max_connections: (s.max_connections > 0).then_some(s.max_connections),
     })
 }
 

@@ -48,6 +48,7 @@ macro_rules! suite {
             idle_udp_flows_expire,
             descriptor_exhaustion_backs_off_and_recovers,
             ipv6_tcp_and_udp,
+            per_service_connection_limit_refuses_beyond_it,
         );
     };
     (@tests $backend:expr, $suite:expr, $adjust:expr; $($name:ident),* $(,)?) => {
@@ -959,4 +960,28 @@ pub fn ipv6_tcp_and_udp(backend: BackendKind, _suite: u8) {
     client.connect(SocketAddr::new(ip, port)).unwrap();
     let (from, echo) = udp_ask(&client, b"six").unwrap();
     assert_eq!((from, echo.as_slice()), (udp.addr, &b"six"[..]));
+}
+
+pub fn per_service_connection_limit_refuses_beyond_it(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = TcpServer::identify();
+    let proxy = start(backend, &table(), config());
+    let ip = service_ip(suite);
+    let vip = SocketAddr::new(ip, 80);
+    let mut svc = service("limited", ip, 80, Protocol::Tcp);
+    svc.max_connections = Some(2);
+    publish(&proxy, svc, vec![server.endpoint()]);
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(vip).unwrap()).collect();
+    for c in &held {
+        assert_eq!(who(c).unwrap(), server.addr);
+    }
+    // The third is refused (reset), and counted.
+    let third = connect(vip).and_then(|c| who(&c));
+    assert!(third.is_err(), "over the limit: {third:?}");
+    assert_eq!(proxy.stats()[0].totals.refused, 1);
+    drop(held);
+    eventually("the limit to free", || {
+        proxy.stats()[0].totals.connections_active == 0
+    });
+    assert_eq!(who_answers(vip).unwrap(), server.addr);
 }

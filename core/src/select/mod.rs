@@ -144,6 +144,7 @@ pub struct PortState {
     balancer: Balancer,
     affinity: Option<(Arc<Affinity>, Duration)>,
     counters: Arc<Counters>,
+    limit: Option<u64>,
 }
 
 impl std::fmt::Debug for PortState {
@@ -232,14 +233,16 @@ impl PortState {
             balancer,
             affinity,
             counters: input.counters.clone(),
+            limit: input.service.max_connections.map(u64::from),
         }
     }
 
     /// Picks the backend for a new connection or flow from `client`, or `None` when no endpoint
-    /// is eligible (the client must be refused). `now` drives session affinity expiry.
+    /// is eligible or the service port is at its connection limit (the client must be refused).
+    /// `now` drives session affinity expiry.
     #[inline]
     pub fn select(&self, client: SocketAddr, now: Instant) -> Option<&Backend> {
-        if self.backends.is_empty() {
+        if self.backends.is_empty() || self.limit.is_some_and(|l| self.counters.active() >= l) {
             return None;
         }
         let Some((map, timeout)) = &self.affinity else {
