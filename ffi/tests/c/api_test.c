@@ -127,7 +127,7 @@ int main(void) {
     const char *addrs[] = {"127.0.0.1"};
     svcproxy_port port = {NULL, SVCPROXY_PROTOCOL_TCP, vip_port, 0, NULL, 0};
     svcproxy_service svc = {"c/web", addrs, 1, NULL, 0, &port, 1, SVCPROXY_POLICY_ROUND_ROBIN,
-                            0, 0, false, SVCPROXY_TRAFFIC_CLUSTER, SVCPROXY_TRAFFIC_CLUSTER};
+                            0, 0, false, SVCPROXY_TRAFFIC_CLUSTER, SVCPROXY_TRAFFIC_CLUSTER, 0};
     CHECK(svcproxy_batch_upsert_service(NULL, &svc, err, sizeof err) == SVCPROXY_RESULT_NULL);
     CHECK(svcproxy_batch_upsert_service(batch, NULL, err, sizeof err) == SVCPROXY_RESULT_NULL);
     /* Bad service fields are named. */
