@@ -27,6 +27,7 @@ type Service struct {
 	PublishNotReady       bool        `json:"publish_not_ready,omitempty"`
 	InternalTrafficPolicy string      `json:"internal_traffic_policy,omitempty"` // Cluster, Local
 	ExternalTrafficPolicy string      `json:"external_traffic_policy,omitempty"`
+	MaxConnections        uint32      `json:"max_connections,omitempty"`
 	Endpoints             *[]Endpoint `json:"endpoints,omitempty"`
 }
 
@@ -69,10 +70,10 @@ type Counters struct {
 
 // PortStats are the counters of one service port and its endpoints.
 type PortStats struct {
-	Service   string `json:"service"`
-	Port      string `json:"port"`
-	Protocol  string `json:"protocol"`
-	Totals    Counters
+	Service   string   `json:"service"`
+	Port      string   `json:"port"`
+	Protocol  string   `json:"protocol"`
+	Totals    Counters `json:"totals"`
 	Endpoints []struct {
 		Address  string   `json:"address"`
 		Counters Counters `json:"counters"`

@@ -49,6 +49,11 @@ macro_rules! suite {
             descriptor_exhaustion_backs_off_and_recovers,
             ipv6_tcp_and_udp,
             per_service_connection_limit_refuses_beyond_it,
+            random_payloads_arrive_intact,
+            udp_datagrams_arrive_intact,
+            a_backend_that_never_reads_holds_back_its_client,
+            a_client_that_never_reads_holds_back_its_backend,
+            table_swaps_every_millisecond_fail_no_connection,
         );
     };
     (@tests $backend:expr, $suite:expr, $adjust:expr; $($name:ident),* $(,)?) => {
@@ -984,4 +989,274 @@ pub fn per_service_connection_limit_refuses_beyond_it(backend: BackendKind, suit
         proxy.stats()[0].totals.connections_active == 0
     });
     assert_eq!(who_answers(vip).unwrap(), server.addr);
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// An echo backend: everything read is written back; at EOF it shuts down its side.
+fn echo_server() -> TcpServer {
+    TcpServer::spawn(|mut s| {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+pub fn random_payloads_arrive_intact(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = echo_server();
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "bytes",
+        Protocol::Tcp,
+        80,
+        vec![server.endpoint()],
+    );
+    let clients: Vec<_> = (0..16u64)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c + 1));
+                let mut checked = 0usize;
+                for _ in 0..3 {
+                    // Sizes from empty to 2 MiB, written in random pieces while the echo is
+                    // read concurrently, then a half-close: the whole echo must still arrive.
+                    let size = rng.below(2 << 20) as usize;
+                    let payload = rng.bytes(size);
+                    let want = digest(&payload);
+                    let stream = connect(vip).unwrap();
+                    let reader = {
+                        let mut r = stream.try_clone().unwrap();
+                        std::thread::spawn(move || {
+                            let mut got = Vec::new();
+                            r.read_to_end(&mut got).map(|_| got)
+                        })
+                    };
+                    let mut w = stream;
+                    let mut at = 0;
+                    while at < payload.len() {
+                        let n = (1 + rng.below(64 << 10) as usize).min(payload.len() - at);
+                        w.write_all(&payload[at..at + n]).unwrap();
+                        at += n;
+                    }
+                    w.shutdown(Shutdown::Write).unwrap();
+                    let got = reader.join().unwrap().unwrap();
+                    assert_eq!(got.len(), size, "client {c}: length");
+                    assert_eq!(digest(&got), want, "client {c}: content of {size} bytes");
+                    checked += size;
+                }
+                checked
+            })
+        })
+        .collect();
+    let total: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(total > 0);
+}
+
+pub fn udp_datagrams_arrive_intact(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = UdpServer::echo();
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "dgrams",
+        Protocol::Udp,
+        53,
+        vec![server.endpoint()],
+    );
+    let flows: Vec<_> = (0..8u64)
+        .map(|f| {
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x5151_5151 ^ (f + 1));
+                let client = udp_client(vip);
+                for _ in 0..100 {
+                    let size = 1 + rng.below(60_000) as usize;
+                    let payload = rng.bytes(size);
+                    let (_, echo) = udp_ask(&client, &payload).unwrap();
+                    assert!(
+                        echo == payload,
+                        "flow {f}: a {}-byte datagram changed",
+                        payload.len()
+                    );
+                }
+            })
+        })
+        .collect();
+    for f in flows {
+        f.join().unwrap();
+    }
+}
+
+/// Bytes one side can push towards a peer that does not read before a write blocks for a
+/// while: kernel buffers plus what the proxy holds.
+fn push_until_blocked(stream: &mut TcpStream) -> usize {
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let chunk = vec![0x33u8; 64 << 10];
+    let mut pushed = 0;
+    // Bounded: 256 MiB at most, far above any sane buffering.
+    while pushed < 256 << 20 {
+        match stream.write(&chunk) {
+            Ok(n) => pushed += n,
+            Err(_) => break,
+        }
+    }
+    pushed
+}
+
+/// Far more than socket buffers (a few MiB each way) plus one pipe or a few buffers.
+const HELD_BACK: usize = 64 << 20;
+
+pub fn a_backend_that_never_reads_holds_back_its_client(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let server = TcpServer::spawn(move |s| {
+        // Accept, never read, keep the connection until released.
+        let _ = release_rx.lock().unwrap().recv_timeout(IO_TIMEOUT);
+        drop(s);
+    });
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "stalled",
+        Protocol::Tcp,
+        80,
+        vec![server.endpoint()],
+    );
+    let mut c = connect(vip).unwrap();
+    let pushed = push_until_blocked(&mut c);
+    assert!(
+        pushed < HELD_BACK,
+        "{pushed} bytes went into a backend that reads nothing"
+    );
+    assert!(proxy.stats()[0].totals.bytes_in < HELD_BACK as u64);
+    drop(release_tx);
+}
+
+pub fn a_client_that_never_reads_holds_back_its_backend(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let pushed = Arc::new(AtomicUsize::new(0));
+    let server = {
+        let pushed = pushed.clone();
+        TcpServer::spawn(move |mut s| {
+            pushed.store(push_until_blocked(&mut s), Ordering::SeqCst);
+        })
+    };
+    let (_proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "deaf",
+        Protocol::Tcp,
+        80,
+        vec![server.endpoint()],
+    );
+    let c = connect(vip).unwrap();
+    eventually("the backend to block", || pushed.load(Ordering::SeqCst) > 0);
+    let pushed = pushed.load(Ordering::SeqCst);
+    assert!(
+        pushed < HELD_BACK,
+        "{pushed} bytes went towards a client that reads nothing"
+    );
+    drop(c);
+}
+
+pub fn table_swaps_every_millisecond_fail_no_connection(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let servers: Vec<TcpServer> = (0..3).map(|_| TcpServer::identify()).collect();
+    let endpoints = |which: &[usize]| {
+        which
+            .iter()
+            .map(|&i| servers[i].endpoint())
+            .collect::<Vec<_>>()
+    };
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "swaps",
+        Protocol::Tcp,
+        80,
+        endpoints(&[0, 1, 2]),
+    );
+    const CONNECTIONS: usize = 10_000;
+    const THREADS: usize = 8;
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for i in (t..CONNECTIONS).step_by(THREADS) {
+                    if let Err(e) = who_answers(vip) {
+                        failures.push(format!("connection {i}: {e}"));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                failures
+            })
+        })
+        .collect();
+    // Every set keeps at least two live endpoints; each swap is published at once.
+    let sets: [&[usize]; 3] = [&[0, 1], &[1, 2], &[2, 0]];
+    let mut swaps = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::SeqCst) < CONNECTIONS && std::time::Instant::now() < deadline {
+        proxy
+            .table()
+            .apply(svcproxy::Batch::new().replace_endpoints("swaps", endpoints(sets[swaps % 3])))
+            .unwrap();
+        swaps += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {CONNECTIONS} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(swaps > 100, "{swaps} table swaps during the run");
 }
