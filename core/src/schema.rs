@@ -5,13 +5,13 @@
 //! {
 //!   "upsert": [{
 //!     "name": "default/web",
-//!     "addresses": ["10.96.0.10"],
+//!     "addresses": ["198.18.0.10"],
 //!     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "target_port": "http"}],
 //!     "policy": "round_robin",
 //!     "session_affinity": "client_ip", "affinity_timeout_seconds": 10800,
 //!     "endpoints": [
-//!       {"address": "10.244.1.5", "ports": {"http": 8080}, "ready": true, "node": "node-a"},
-//!       {"address": "10.244.2.7:8080"}
+//!       {"address": "198.19.1.5", "ports": {"http": 8080}, "ready": true, "node": "node-a"},
+//!       {"address": "198.19.2.7:8080"}
 //!     ]
 //!   }],
 //!   "remove": ["default/old"]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use svcproxy_core::*;
 
-const VIP: &str = "10.96.0.1:80";
+const VIP: &str = "198.18.0.1:80";
 
 fn key() -> ServicePortKey {
     ServicePortKey::new(VIP.parse().unwrap(), Protocol::Tcp)
@@ -15,7 +15,7 @@ fn key() -> ServicePortKey {
 
 fn service(policy: Policy) -> Service {
     Service::new("default/svc")
-        .address("10.96.0.1".parse().unwrap())
+        .address("198.18.0.1".parse().unwrap())
         .port(ServicePort::tcp(80))
         .policy(policy)
 }
@@ -144,8 +144,8 @@ fn named_target_ports_resolve_per_endpoint() {
     assert_eq!(
         eligible(&t),
         vec![
-            "10.1.0.1:8080".parse().unwrap(),
-            "10.1.0.2:9090".parse().unwrap()
+            "198.19.10.1:8080".parse().unwrap(),
+            "198.19.10.2:9090".parse().unwrap()
         ],
         "an endpoint without the name is not used"
     );
@@ -155,8 +155,8 @@ fn named_target_ports_resolve_per_endpoint() {
     assert_eq!(
         eligible(&t),
         vec![
-            "10.1.0.0:7000".parse().unwrap(),
-            "10.1.0.1:7000".parse().unwrap()
+            "198.19.10.0:7000".parse().unwrap(),
+            "198.19.10.1:7000".parse().unwrap()
         ]
     );
 }

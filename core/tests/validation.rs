@@ -7,7 +7,7 @@ use svcproxy_core::*;
 
 fn web() -> Service {
     Service::new("default/web")
-        .address("10.96.0.10".parse().unwrap())
+        .address("198.18.0.10".parse().unwrap())
         .port(ServicePort::tcp(80))
 }
 
@@ -58,7 +58,7 @@ fn ports_are_checked() {
     assert_eq!(field_error(&s).1, "ports[0].port: must not be 0");
 
     let s = Service::new("a")
-        .address("10.0.0.1".parse().unwrap())
+        .address("198.19.0.1".parse().unwrap())
         .port(ServicePort::tcp(80).named("http"))
         .port(ServicePort::tcp(80).named("other"));
     assert_eq!(
@@ -68,7 +68,7 @@ fn ports_are_checked() {
 
     // TCP and UDP on one number are two ports.
     Service::new("dns")
-        .address("10.0.0.1".parse().unwrap())
+        .address("198.19.0.1".parse().unwrap())
         .port(ServicePort::udp(53).named("dns"))
         .port(ServicePort::tcp(53).named("dns-tcp"))
         .validate()
@@ -96,10 +96,10 @@ fn addresses_are_checked() {
         field_error(&s).1,
         "addresses[1]: 224.0.0.1 cannot be used here (multicast)"
     );
-    let s = web().address("10.96.0.10".parse().unwrap());
+    let s = web().address("198.18.0.10".parse().unwrap());
     assert_eq!(
         field_error(&s).1,
-        "addresses[1]: 10.96.0.10 appears more than once"
+        "addresses[1]: 198.18.0.10 appears more than once"
     );
     let mut s = web();
     s.external_addresses.push("0.0.0.0".parse().unwrap());
@@ -156,23 +156,23 @@ fn endpoints_are_checked_through_the_table() {
     };
     let ep = |s: &str| Endpoint::new(s.parse().unwrap());
     assert_eq!(
-        bad(vec![ep("10.0.0.1:80"), ep("0.0.0.0:80")]),
+        bad(vec![ep("198.19.0.1:80"), ep("0.0.0.0:80")]),
         "service \"default/web\": endpoints[1].address: 0.0.0.0 cannot be used here (unspecified)"
     );
     assert_eq!(
-        bad(vec![ep("10.0.0.1:80"), ep("10.0.0.1:80")]),
-        "service \"default/web\": endpoints[1].address: 10.0.0.1:80 appears more than once"
+        bad(vec![ep("198.19.0.1:80"), ep("198.19.0.1:80")]),
+        "service \"default/web\": endpoints[1].address: 198.19.0.1:80 appears more than once"
     );
     assert_eq!(
-        bad(vec![ep("10.0.0.1:80").weight(0)]),
+        bad(vec![ep("198.19.0.1:80").weight(0)]),
         "service \"default/web\": endpoints[0].weight: is 0, must be between 1 and 65535"
     );
     assert_eq!(
-        bad(vec![ep("10.0.0.1:80").named_port("http", 0)]),
+        bad(vec![ep("198.19.0.1:80").named_port("http", 0)]),
         "service \"default/web\": endpoints[0].ports[0].port: must not be 0"
     );
     assert_eq!(
-        bad(vec![ep("10.0.0.1:80").node("node a")]),
+        bad(vec![ep("198.19.0.1:80").node("node a")]),
         "service \"default/web\": endpoints[0].node: contains ' ', allowed are letters, digits and - . _ /"
     );
 }
@@ -183,14 +183,14 @@ fn a_rejected_batch_changes_nothing() {
     let ok = table
         .apply(Batch::new().upsert(web()).replace_endpoints(
             "default/web",
-            vec![Endpoint::new("10.0.0.1:80".parse().unwrap())],
+            vec![Endpoint::new("198.19.0.1:80".parse().unwrap())],
         ))
         .unwrap();
     let before = table.load_full();
 
     // The first change is fine, the second is not: neither lands.
     let other = Service::new("default/other")
-        .address("10.96.0.11".parse().unwrap())
+        .address("198.18.0.11".parse().unwrap())
         .port(ServicePort::tcp(80));
     let err = table
         .apply(Batch::new().upsert(other).remove("default/missing"))
@@ -224,7 +224,7 @@ fn two_services_cannot_share_a_frontend() {
     let err = table.apply(Batch::new().upsert(twin)).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "service \"default/twin\": 10.96.0.10:80/TCP is already used by service \"default/web\""
+        "service \"default/twin\": 198.18.0.10:80/TCP is already used by service \"default/web\""
     );
     // The same frontend in UDP is another service port.
     let mut udp = web();

@@ -32,9 +32,9 @@
 //!
 //! [[services]]                # the table schema shared with the admin API and the C/Go API
 //! name = "default/web"
-//! addresses = ["10.96.0.10"]
+//! addresses = ["198.18.0.10"]
 //! ports = [{ name = "http", port = 80, target_port = 8080 }]
-//! endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7" }]
+//! endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7" }]
 //! ```
 //!
 //! Errors name the file and the field.
@@ -360,7 +360,7 @@ forwarding = "splice"
 
 [node]
 name = "node-a"
-addresses = ["192.0.2.1"]
+addresses = ["198.18.2.1"]
 
 [admin]
 listen = "127.0.0.1:9999"
@@ -372,11 +372,11 @@ preserve_client_ip = true
 
 [[services]]
 name = "default/web"
-addresses = ["10.96.0.10"]
+addresses = ["198.18.0.10"]
 ports = [{ name = "http", port = 80, target_port = 8080 }, { name = "dns", port = 53, protocol = "UDP" }]
 policy = "maglev"
 session_affinity = "client_ip"
-endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7:8080", weight = 3, node = "node-a" }]
+endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight = 3, node = "node-a" }]
 "#,
         );
         let loaded = load(&path).unwrap();
@@ -430,7 +430,7 @@ endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7:8080", weight =
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("a.yaml"),
-            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n",
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}]}\n",
         )
         .unwrap();
         std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
@@ -440,7 +440,7 @@ endpoints = [{ address = "10.244.1.5" }, { address = "10.244.2.7:8080", weight =
         assert_eq!(loaded.services[0].name, "default/a");
         std::fs::write(
             dir.join("b.yml"),
-            "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n",
+            "kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 198.18.0.2, ports: [{port: 80}]}\n",
         )
         .unwrap();
         assert_ne!(signature(&dir), before, "a new file changes the signature");

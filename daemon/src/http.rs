@@ -173,7 +173,11 @@ impl Drop for Server {
 fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
     let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
-    let response = match read_request(stream) {
+    let peer = match stream.peer_addr() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let response = match read_request(stream, peer) {
         Ok(request) => handler(&request),
         Err(response) => response,
     };
@@ -182,9 +186,10 @@ fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send 
     }
 }
 
-fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
-    let peer = stream.peer_addr().map_err(|e| Response::error(400, e))?;
-    let mut reader = BufReader::new(stream.take(MAX_HEAD as u64));
+/// Reads one request from `input` (sent by `peer`), within the limits; an error is the
+/// response to send instead.
+pub fn read_request(input: &mut impl Read, peer: SocketAddr) -> Result<Request, Response> {
+    let mut reader = BufReader::new(input.take(MAX_HEAD as u64));
     let mut head = Vec::new();
     loop {
         let mut line = String::new();
@@ -237,9 +242,9 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, Response> {
     let mut body = Vec::with_capacity(length);
     let buffered = reader.buffer().len().min(length);
     body.extend_from_slice(&reader.buffer()[..buffered]);
-    let stream = reader.into_inner().into_inner();
+    let input = reader.into_inner().into_inner();
     let mut rest = vec![0; length - buffered];
-    stream
+    input
         .read_exact(&mut rest)
         .map_err(|e| Response::error(400, format!("body: {e}")))?;
     body.extend_from_slice(&rest);

@@ -466,8 +466,8 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
 spec:
-  clusterIPs: [10.96.0.10, fd00::10]
-  externalIPs: [192.0.2.7]
+  clusterIPs: [198.18.0.10, '::1']
+  externalIPs: [198.18.2.7]
   ports:
   - {name: http, port: 80, targetPort: web, nodePort: 30080}
   - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
@@ -486,11 +486,11 @@ metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: we
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints:
-- addresses: [10.244.1.5]
+- addresses: [198.19.1.5]
   conditions: {ready: true}
   nodeName: node-a
   zone: z1
-- addresses: [10.244.2.7]
+- addresses: [198.19.2.7]
   conditions: {ready: false, serving: true, terminating: true}
 ---
 apiVersion: discovery.k8s.io/v1
@@ -499,8 +499,8 @@ metadata: {name: web-2, namespace: shop, labels: {kubernetes.io/service-name: we
 addressType: IPv4
 ports: [{name: dns, port: 5353, protocol: UDP}]
 endpoints:
-- addresses: [10.244.1.5]
-- addresses: [10.244.3.9]
+- addresses: [198.19.1.5]
+- addresses: [198.19.3.9]
 ";
 
     #[test]
@@ -512,8 +512,8 @@ endpoints:
         assert_eq!(
             s.addresses,
             [
-                "10.96.0.10".parse::<IpAddr>().unwrap(),
-                "fd00::10".parse().unwrap()
+                "198.18.0.10".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
             ]
         );
         assert_eq!(
@@ -534,7 +534,7 @@ endpoints:
         assert_eq!(s.internal_traffic_policy, TrafficDoc::Local);
         let eps = s.endpoints.as_ref().unwrap();
         assert_eq!(eps.len(), 3, "one endpoint per IP across slices");
-        let pod = eps.iter().find(|e| e.address == "10.244.1.5").unwrap();
+        let pod = eps.iter().find(|e| e.address == "198.19.1.5").unwrap();
         assert_eq!(pod.ports.get("http"), Some(&8080));
         assert_eq!(
             pod.ports.get("dns"),
@@ -545,9 +545,9 @@ endpoints:
             (pod.node.as_deref(), pod.zone.as_deref()),
             (Some("node-a"), Some("z1"))
         );
-        let draining = eps.iter().find(|e| e.address == "10.244.2.7").unwrap();
+        let draining = eps.iter().find(|e| e.address == "198.19.2.7").unwrap();
         assert!(!draining.ready && draining.serving == Some(true) && draining.terminating);
-        let unknown = eps.iter().find(|e| e.address == "10.244.3.9").unwrap();
+        let unknown = eps.iter().find(|e| e.address == "198.19.3.9").unwrap();
         assert!(unknown.ready, "unset ready counts as ready");
         // And the table accepts it.
         let (service, endpoints) = s.to_model().unwrap();
@@ -567,13 +567,13 @@ items:
 - apiVersion: v1
   kind: Service
   metadata: {name: one}
-  spec: {clusterIP: 10.96.0.1, ports: [{port: 443, targetPort: 6443}]}
+  spec: {clusterIP: 198.18.0.1, ports: [{port: 443, targetPort: 6443}]}
 - apiVersion: discovery.k8s.io/v1
   kind: EndpointSlice
   metadata: {name: one-x, labels: {kubernetes.io/service-name: one}}
   addressType: IPv4
   ports: [{port: 6443}]
-  endpoints: [{addresses: [10.0.0.1]}]
+  endpoints: [{addresses: [198.19.0.1]}]
 - apiVersion: discovery.k8s.io/v1
   kind: EndpointSlice
   metadata: {name: empty, labels: {kubernetes.io/service-name: one}}
@@ -607,7 +607,7 @@ spec: {type: ExternalName, externalName: example.org}
 apiVersion: v1
 kind: Service
 metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: cilium}}
-spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+spec: {clusterIP: 198.18.0.5, ports: [{port: 80}]}
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -622,19 +622,19 @@ spec: {replicas: 3}
         let err = |yaml: &str| load(yaml).unwrap_err().to_string();
         assert_eq!(
             err(
-                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}"
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.300, ports: [{port: 80}]}"
             ),
-            "Service default/web: spec.clusterIPs[0]: \"10.96.0.300\" is not an IP address"
+            "Service default/web: spec.clusterIPs[0]: \"198.18.0.300\" is not an IP address"
         );
         assert_eq!(
             err(
-                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: SCTP}]}"
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80, protocol: SCTP}]}"
             ),
             "Service default/web: spec.ports[0].protocol: \"SCTP\" is not supported (TCP or UDP)"
         );
         assert_eq!(
             err(
-                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, sessionAffinity: Sticky, ports: [{port: 80}]}"
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, sessionAffinity: Sticky, ports: [{port: 80}]}"
             ),
             "Service default/web: spec.sessionAffinity: \"Sticky\" is not None or ClientIP"
         );
@@ -650,10 +650,10 @@ spec: {replicas: 3}
         );
         assert!(err("kind: [unclosed").starts_with("test.yaml: document 1:"));
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\n\
-                     addressType: IPv4\nendpoints: [{addresses: [10.0.0.999]}]\n---\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}";
+                     addressType: IPv4\nendpoints: [{addresses: [198.19.0.999]}]\n---\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80}]}";
         assert_eq!(
             err(slice),
-            "EndpointSlice default/s: endpoints[0].addresses[0]: \"10.0.0.999\" is not an IP address"
+            "EndpointSlice default/s: endpoints[0].addresses[0]: \"198.19.0.999\" is not an IP address"
         );
     }
 }

@@ -10,14 +10,6 @@
 //! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
 //! 2 a usage or configuration error at start.
 
-mod capture;
-mod config;
-mod daemon;
-mod demo;
-mod http;
-mod kube;
-mod metrics;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +21,9 @@ use clap::{Parser, Subcommand};
 use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig};
 use tracing::{error, info, warn};
 
-use config::Settings;
-use daemon::Daemon;
+use svcproxyd::config::{self, Settings};
+use svcproxyd::daemon::Daemon;
+use svcproxyd::{capture, demo, http};
 
 #[derive(Parser)]
 #[command(

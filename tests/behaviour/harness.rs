@@ -145,7 +145,9 @@ impl UdpServer {
     pub fn echo() -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         // Room for many large datagrams at once (tests send up to 64 KiB ones concurrently).
-        socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20).unwrap();
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(4 << 20)
+            .unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();

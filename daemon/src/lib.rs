@@ -1,0 +1,11 @@
+//! svcproxyd's parts, as a library for its binary and its tests: the config and Kubernetes
+//! manifest readers, the running daemon and its admin API, cluster IP capture, metrics and the
+//! demo. The program itself is `src/main.rs`.
+
+pub mod capture;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod http;
+pub mod kube;
+pub mod metrics;
