@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut batch = Batch::new();
     for (name, policy, ip) in policies {
         let svc = Service::new(name.replace(' ', "-"))
-            .address([10, 96, 0, ip].into())
+            .address([198, 18, 0, ip].into())
             .port(ServicePort::tcp(80))
             .policy(policy);
         batch = batch
@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("endpoints: 127.0.0.1:9001 (weight 1), :9002 (weight 2), :9003 (weight 3)\n");
 
     for (name, _, ip) in policies {
-        let key = ServicePortKey::new(SocketAddr::from(([10, 96, 0, ip], 80)), Protocol::Tcp);
+        let key = ServicePortKey::new(SocketAddr::from(([198, 18, 0, ip], 80)), Protocol::Tcp);
         let snapshot = table.load();
         let port = snapshot.lookup(&key).expect("published");
         let mut counts = BTreeMap::new();
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // A publish that does not change a service's endpoints keeps its rotation going.
-    let key = ServicePortKey::new(SocketAddr::from(([10, 96, 0, 10], 80)), Protocol::Tcp);
+    let key = ServicePortKey::new(SocketAddr::from(([198, 18, 0, 10], 80)), Protocol::Tcp);
     let client = SocketAddr::from(([127, 0, 0, 2], 30_000));
     let pick = |t: &Table| {
         t.load()
@@ -78,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut draining = endpoints.clone();
     draining[0].conditions = Conditions::SERVING_TERMINATING;
     let sticky = Service::new("sticky")
-        .address([10, 96, 0, 20].into())
+        .address([198, 18, 0, 20].into())
         .port(ServicePort::tcp(80))
         .affinity(SessionAffinity::ClientIp {
             timeout: Duration::from_secs(10_800),
@@ -88,7 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .upsert(sticky)
             .replace_endpoints("sticky", draining),
     )?;
-    let key = ServicePortKey::new(SocketAddr::from(([10, 96, 0, 20], 80)), Protocol::Tcp);
+    let key = ServicePortKey::new(SocketAddr::from(([198, 18, 0, 20], 80)), Protocol::Tcp);
     let snapshot = table.load();
     let port = snapshot.lookup(&key).unwrap();
     let picks: Vec<u16> = (0..5u16)

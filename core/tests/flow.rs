@@ -15,7 +15,7 @@ fn listener() -> ServicePortKey {
 }
 
 fn addr(i: usize) -> SocketAddr {
-    SocketAddr::from(([10, 1, 0, i as u8], 5353))
+    SocketAddr::from(([198, 19, 0, i as u8], 5353))
 }
 
 fn dns_table(n: usize) -> Table {

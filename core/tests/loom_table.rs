@@ -25,7 +25,7 @@ fn key(ip: [u8; 4], protocol: Protocol) -> ServicePortKey {
 }
 
 fn ep(i: u8) -> Endpoint {
-    Endpoint::new(SocketAddr::from(([10, 1, 0, i], 8080)))
+    Endpoint::new(SocketAddr::from(([198, 19, 0, i], 8080)))
 }
 
 #[test]
@@ -39,8 +39,8 @@ fn readers_see_whole_snapshots_and_retired_ones_are_freed() {
                 table
                     .apply(
                         Batch::new()
-                            .upsert(service("a", [10, 0, 0, 1], Protocol::Tcp))
-                            .upsert(service("b", [10, 0, 0, 2], Protocol::Tcp))
+                            .upsert(service("a", [198, 18, 0, 1], Protocol::Tcp))
+                            .upsert(service("b", [198, 18, 0, 2], Protocol::Tcp))
                             .replace_endpoints("a", vec![ep(1), ep(2)])
                             .replace_endpoints("b", vec![ep(3)]),
                     )
@@ -52,8 +52,8 @@ fn readers_see_whole_snapshots_and_retired_ones_are_freed() {
         let held = table.load_full();
         for _ in 0..2 {
             let snap = table.load();
-            let a = snap.lookup(&key([10, 0, 0, 1], Protocol::Tcp));
-            let b = snap.lookup(&key([10, 0, 0, 2], Protocol::Tcp));
+            let a = snap.lookup(&key([198, 18, 0, 1], Protocol::Tcp));
+            let b = snap.lookup(&key([198, 18, 0, 2], Protocol::Tcp));
             match snap.generation() {
                 0 => assert!(a.is_none() && b.is_none() && snap.service_count() == 0),
                 1 => {
@@ -84,13 +84,13 @@ fn concurrent_round_robin_picks_are_exact() {
         table
             .apply(
                 Batch::new()
-                    .upsert(service("a", [10, 0, 0, 1], Protocol::Tcp))
+                    .upsert(service("a", [198, 18, 0, 1], Protocol::Tcp))
                     .replace_endpoints("a", vec![ep(1), ep(2)]),
             )
             .unwrap();
         let pick = |table: &Table| {
             let snap = table.load();
-            let port = snap.lookup(&key([10, 0, 0, 1], Protocol::Tcp)).unwrap();
+            let port = snap.lookup(&key([198, 18, 0, 1], Protocol::Tcp)).unwrap();
             let client = SocketAddr::from(([127, 0, 0, 1], 1));
             port.select(client, Instant::now()).unwrap().addr()
         };
@@ -117,11 +117,11 @@ fn no_flow_survives_a_purge_that_removed_its_endpoint() {
         table
             .apply(
                 Batch::new()
-                    .upsert(service("dns", [10, 0, 0, 10], Protocol::Udp))
+                    .upsert(service("dns", [198, 18, 0, 10], Protocol::Udp))
                     .replace_endpoints("dns", vec![ep(1), ep(2)]),
             )
             .unwrap();
-        let listener = key([10, 0, 0, 10], Protocol::Udp);
+        let listener = key([198, 18, 0, 10], Protocol::Udp);
         let removed = ep(1).address;
         let flow_key = FlowKey {
             client: SocketAddr::from(([127, 0, 0, 1], 5000)),

@@ -21,7 +21,7 @@ fn service(policy: Policy) -> Service {
 }
 
 fn addr(i: usize) -> SocketAddr {
-    SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8080))
+    SocketAddr::from(([198, 19, (i >> 8) as u8, i as u8], 8080))
 }
 
 fn endpoints(n: usize) -> Vec<Endpoint> {
@@ -137,9 +137,9 @@ fn named_target_ports_resolve_per_endpoint() {
     let s = service(Policy::RoundRobin);
     let mut s = s;
     s.ports[0].target_port = TargetPort::Named("http".into());
-    let a = Endpoint::new(SocketAddr::from(([10, 1, 0, 1], 0))).named_port("http", 8080);
-    let b = Endpoint::new(SocketAddr::from(([10, 1, 0, 2], 0))).named_port("http", 9090);
-    let c = Endpoint::new(SocketAddr::from(([10, 1, 0, 3], 0))).named_port("metrics", 9100);
+    let a = Endpoint::new(SocketAddr::from(([198, 19, 10, 1], 0))).named_port("http", 8080);
+    let b = Endpoint::new(SocketAddr::from(([198, 19, 10, 2], 0))).named_port("http", 9090);
+    let c = Endpoint::new(SocketAddr::from(([198, 19, 10, 3], 0))).named_port("metrics", 9100);
     let t = table_with(s, vec![a, b, c]);
     assert_eq!(
         eligible(&t),
@@ -155,8 +155,8 @@ fn named_target_ports_resolve_per_endpoint() {
     assert_eq!(
         eligible(&t),
         vec![
-            "198.19.10.0:7000".parse().unwrap(),
-            "198.19.10.1:7000".parse().unwrap()
+            "198.19.0.0:7000".parse().unwrap(),
+            "198.19.0.1:7000".parse().unwrap()
         ]
     );
 }

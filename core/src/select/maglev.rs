@@ -63,7 +63,7 @@ mod tests {
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)
-            .map(|i| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8080)))
+            .map(|i| SocketAddr::from(([198, 18, (i >> 8) as u8, i as u8], 8080)))
             .collect()
     }
 
