@@ -44,7 +44,8 @@ mod proxy;
 pub use proxy::{BackendKind, DISABLE_IO_URING, Error, Options, Proxy, io_uring_available};
 pub use svcproxy_core as core;
 pub use svcproxy_core::{
-    Batch, Change, Conditions, DrainPolicy, Endpoint, Forwarding, IoUringConfig, Policy, PortStats,
-    Protocol, ProxyConfig, Service, ServicePort, ServicePortKey, SessionAffinity, Snapshot, Table,
-    TableConfig, TableError, TargetPort, TcpPolicy, TrafficPolicy,
+    Batch, Change, Conditions, CounterValues, DrainPolicy, Endpoint, Forwarding, IoUringConfig,
+    Policy, PortStats, Protocol, ProxyConfig, Service, ServicePort, ServicePortKey,
+    SessionAffinity, Snapshot, Table, TableConfig, TableError, TargetPort, TcpPolicy,
+    TrafficPolicy,
 };

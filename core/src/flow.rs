@@ -9,9 +9,13 @@
 //!
 //! A table is owned by one worker, so it needs no locks. Purge follows publishes: before
 //! handling datagrams the worker calls [`FlowTable::sync`] with the snapshot it loaded, and
-//! when the generation changed every flow whose endpoint is no longer eligible is removed,
-//! so the client's next datagram (same source port) picks a live endpoint. Idle flows are
-//! removed by [`FlowTable::expire`].
+//! when the generation changed every flow whose endpoint is no longer eligible is retired: it
+//! leaves the index at once, so the client's next datagram (same source port) picks a live
+//! endpoint, but keeps its backend-side socket for [`REPLY_GRACE`] (at most the idle timeout)
+//! so that replies already on their way still reach the client. Without that grace a request
+//! in flight during an endpoint change is lost, and a DNS client waits seconds to retry.
+//! [`FlowTable::expire`] removes retired flows after the grace and idle flows after the idle
+//! timeout.
 
 use std::hash::Hash;
 use std::net::SocketAddr;
@@ -25,6 +29,9 @@ use crate::select::Backend;
 use crate::slots::{SlotId, Slots};
 use crate::stats::Tally;
 use crate::table::Snapshot;
+
+/// How long a retired flow still delivers its endpoint's replies (capped by the idle timeout).
+pub const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// A client flow: who sent, and to which exact local address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,12 +59,18 @@ pub struct Flow<H> {
     /// The backend's handle (its backend-side socket).
     pub handle: H,
     last_seen: Instant,
+    retired_at: Option<Instant>,
 }
 
 impl<H> Flow<H> {
     /// When a datagram last passed, either way.
     pub fn last_seen(&self) -> Instant {
         self.last_seen
+    }
+
+    /// Whether the flow was retired: no new datagrams go to it, replies still come back.
+    pub fn is_retired(&self) -> bool {
+        self.retired_at.is_some()
     }
 }
 
@@ -128,6 +141,7 @@ impl<H> FlowTable<H> {
                 tally: backend.tally().clone(),
                 handle: make_handle(id)?,
                 last_seen: now,
+                retired_at: None,
             })
         })?;
         backend.tally().opened();
@@ -150,40 +164,49 @@ impl<H> FlowTable<H> {
         Some(flow)
     }
 
-    /// Removes and returns every flow idle for longer than the idle timeout.
+    /// Removes and returns every flow idle for longer than the idle timeout, and every flow
+    /// retired for longer than the reply grace.
     pub fn expire(&mut self, now: Instant) -> Vec<Flow<H>> {
         let timeout = self.idle_timeout;
-        self.remove_where(|f| now.saturating_duration_since(f.last_seen) > timeout)
-    }
-
-    /// Removes and returns every flow whose endpoint is not eligible in `snapshot`, if
-    /// `snapshot` is a generation this table has not seen yet. Call it with each snapshot
-    /// loaded before handling datagrams.
-    pub fn sync(&mut self, snapshot: &Snapshot) -> Vec<Flow<H>> {
-        if self.seen_generation == Some(snapshot.generation()) {
-            return Vec::new();
-        }
-        self.seen_generation = Some(snapshot.generation());
-        self.purge(snapshot)
-    }
-
-    /// Removes and returns every flow whose endpoint is not eligible in `snapshot`.
-    pub fn purge(&mut self, snapshot: &Snapshot) -> Vec<Flow<H>> {
-        self.remove_where(|f| {
-            !snapshot
-                .lookup(&f.listener)
-                .is_some_and(|port| port.contains(f.endpoint))
-        })
-    }
-
-    fn remove_where(&mut self, doomed: impl Fn(&Flow<H>) -> bool) -> Vec<Flow<H>> {
+        let grace = REPLY_GRACE.min(timeout);
         let ids: Vec<FlowId> = self
             .slots
             .iter()
-            .filter(|(_, f)| doomed(f))
+            .filter(|(_, f)| {
+                now.saturating_duration_since(f.last_seen) > timeout
+                    || f.retired_at
+                        .is_some_and(|at| now.saturating_duration_since(at) >= grace)
+            })
             .map(|(id, _)| id)
             .collect();
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Retires every flow whose endpoint is not eligible in `snapshot`, if `snapshot` is a
+    /// generation this table has not seen yet (see the module docs). Call it with each
+    /// snapshot loaded before handling datagrams.
+    pub fn sync(&mut self, snapshot: &Snapshot, now: Instant) {
+        if self.seen_generation == Some(snapshot.generation()) {
+            return;
+        }
+        self.seen_generation = Some(snapshot.generation());
+        self.purge(snapshot, now);
+    }
+
+    /// Retires every flow whose endpoint is not eligible in `snapshot`.
+    pub fn purge(&mut self, snapshot: &Snapshot, now: Instant) {
+        for (id, flow) in self.slots.iter_mut() {
+            let eligible = snapshot
+                .lookup(&flow.listener)
+                .is_some_and(|port| port.contains(flow.endpoint));
+            if eligible || flow.retired_at.is_some() {
+                continue;
+            }
+            flow.retired_at = Some(now);
+            if self.index.get(&flow.key) == Some(&id) {
+                self.index.remove(&flow.key);
+            }
+        }
     }
 
     /// Number of flows.

@@ -46,7 +46,7 @@ pub use backoff::Backoff;
 pub use config::{Forwarding, IoUringConfig, ProxyConfig};
 pub use control::{Control, WorkerContext};
 pub use error::{Problem, TableError, ValidationError};
-pub use flow::{Flow, FlowId, FlowKey, FlowTable};
+pub use flow::{Flow, FlowId, FlowKey, FlowTable, REPLY_GRACE};
 pub use model::{
     Conditions, Endpoint, NamedPort, Policy, Protocol, Scope, Service, ServicePort, ServicePortKey,
     SessionAffinity, TargetPort, TrafficPolicy,

@@ -116,33 +116,56 @@ fn idle_flows_expire_and_used_ones_stay() {
 }
 
 #[test]
-fn publishing_purges_flows_of_removed_endpoints_on_next_sync() {
+fn publishing_retires_flows_of_removed_endpoints_on_next_sync() {
     let table = dns_table(2);
     let mut flows = FlowTable::new(Duration::from_secs(30));
     let now = Instant::now();
     let snap = table.load_full();
-    assert!(flows.sync(&snap).is_empty());
+    flows.sync(&snap, now);
     let to0 = start(&mut flows, &snap, flow_key(1), now);
     let to1 = start(&mut flows, &snap, flow_key(2), now);
     assert_eq!(flows.get(to1).unwrap().endpoint, addr(1));
 
     set_endpoints(&table, &[0]);
     let snap = table.load_full();
-    let purged = flows.sync(&snap);
-    assert_eq!(purged.len(), 1);
-    assert_eq!(purged[0].endpoint, addr(1));
-    assert!(flows.get(to0).is_some());
-    // The same client source port now reaches the live endpoint.
+    flows.sync(&snap, now);
+    assert!(!flows.get(to0).unwrap().is_retired());
+    // The same client source port now reaches the live endpoint...
     assert_eq!(flows.lookup(&flow_key(2), now), None);
     let again = start(&mut flows, &snap, flow_key(2), now);
     assert_eq!(flows.get(again).unwrap().endpoint, addr(0));
+    // ...while the retired flow still resolves, for replies in flight, until the grace ends.
+    assert!(flows.get(to1).unwrap().is_retired());
+    assert!(flows.expire(now + REPLY_GRACE / 2).is_empty());
+    let gone = flows.expire(now + REPLY_GRACE);
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].endpoint, addr(1));
+    assert!(flows.get(to1).is_none());
+    assert_eq!(flows.lookup(&flow_key(2), now), Some(again));
     // Same generation again: nothing to do.
-    assert!(flows.sync(&snap).is_empty());
+    flows.sync(&snap, now);
+    assert!(flows.iter().all(|(_, f)| !f.is_retired()));
 
-    // Removing the service purges everything.
+    // Removing the service retires everything.
     table.apply(Batch::new().remove("dns")).unwrap();
-    assert_eq!(flows.sync(&table.load()).len(), 2);
+    flows.sync(&table.load(), now);
+    assert_eq!(flows.lookup(&flow_key(1), now), None);
+    assert_eq!(flows.expire(now + REPLY_GRACE).len(), 2);
     assert!(flows.is_empty());
+}
+
+#[test]
+fn the_reply_grace_is_capped_by_the_idle_timeout() {
+    let table = dns_table(1);
+    let idle = REPLY_GRACE / 4;
+    let mut flows = FlowTable::new(idle);
+    let now = Instant::now();
+    let snap = table.load_full();
+    flows.sync(&snap, now);
+    start(&mut flows, &snap, flow_key(1), now);
+    set_endpoints(&table, &[]);
+    flows.sync(&table.load(), now);
+    assert_eq!(flows.expire(now + idle).len(), 1);
 }
 
 proptest! {
@@ -161,9 +184,15 @@ proptest! {
         let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
         let before: Vec<SocketAddr> = flows.iter().map(|(_, f)| f.endpoint).collect();
         set_endpoints(&table, &kept);
-        flows.sync(&table.load());
+        flows.sync(&table.load(), now);
         let eligible: HashSet<SocketAddr> = kept.iter().map(|&i| addr(i)).collect();
-        prop_assert!(flows.iter().all(|(_, f)| eligible.contains(&f.endpoint)));
+        for c in 0..clients {
+            if let Some(id) = flows.lookup(&flow_key(1000 + c), now) {
+                prop_assert!(eligible.contains(&flows.get(id).unwrap().endpoint));
+            }
+        }
+        prop_assert!(flows.iter().all(|(_, f)| f.is_retired() != eligible.contains(&f.endpoint)));
+        flows.expire(now + REPLY_GRACE);
         let survivors = before.iter().filter(|e| eligible.contains(e)).count();
         prop_assert_eq!(flows.len(), survivors);
         let active = table.load().stats()[0].totals.connections_active;

@@ -111,7 +111,7 @@ fn concurrent_round_robin_picks_are_exact() {
 }
 
 #[test]
-fn no_flow_survives_a_purge_that_removed_its_endpoint() {
+fn no_datagram_reaches_an_endpoint_after_its_removal_is_seen() {
     loom::model(|| {
         let table = Arc::new(Table::default());
         table
@@ -130,7 +130,7 @@ fn no_flow_survives_a_purge_that_removed_its_endpoint() {
         let mut flows: FlowTable<()> = FlowTable::new(Duration::from_secs(30));
         {
             let snap = table.load();
-            flows.sync(&snap);
+            flows.sync(&snap, Instant::now());
             let backend = snap.lookup(&listener).unwrap().find(removed).unwrap();
             flows
                 .insert(flow_key, listener, backend, Instant::now(), |_| {
@@ -149,7 +149,7 @@ fn no_flow_survives_a_purge_that_removed_its_endpoint() {
         // The worker's loop: load, sync, then forward using the flow.
         for _ in 0..2 {
             let snap = table.load();
-            flows.sync(&snap);
+            flows.sync(&snap, Instant::now());
             let eligible = snap.lookup(&listener).unwrap().contains(removed);
             let flow = flows.lookup(&flow_key, Instant::now());
             let endpoint = flow.map(|id| flows.get(id).unwrap().endpoint);
@@ -158,7 +158,12 @@ fn no_flow_survives_a_purge_that_removed_its_endpoint() {
             }
         }
         writer.join().unwrap();
-        flows.sync(&table.load());
-        assert!(flows.iter().all(|(_, f)| f.endpoint != removed));
+        flows.sync(&table.load(), Instant::now());
+        assert!(
+            flows
+                .iter()
+                .all(|(_, f)| f.endpoint != removed || f.is_retired())
+        );
+        assert_eq!(flows.lookup(&flow_key, Instant::now()), None);
     });
 }

@@ -44,9 +44,7 @@ impl Worker {
                 }
             };
             let snapshot = self.ctx.table().load_full();
-            for flow in self.flows.sync(&snapshot) {
-                drop(flow.handle);
-            }
+            self.flows.sync(&snapshot, now);
             routes.clear();
             for i in 0..self.batch.len() {
                 let d = self.batch.get(i);

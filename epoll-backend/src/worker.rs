@@ -283,10 +283,7 @@ impl Worker {
         for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
             self.reconcile(key, wanted);
         }
-        for flow in self.flows.sync(&snapshot) {
-            debug!(client = %flow.key.client, endpoint = %flow.endpoint, "flow purged");
-            drop(flow.handle);
-        }
+        self.flows.sync(&snapshot, now);
         if let DrainPolicy::CloseAfter(grace) = self.ctx.config().tcp.drain {
             let mut doomed = Vec::new();
             for (id, c) in self.conns.iter() {

@@ -89,9 +89,7 @@ impl Worker {
             local: SocketAddr::new(local, listener.addr.port()),
         };
         let snapshot = self.ctx.table().load_full();
-        for flow in self.flows.sync(&snapshot) {
-            self.close_flow_socket(flow.handle);
-        }
+        self.flows.sync(&snapshot, now);
         let flow_id = match self.flows.lookup(&key, now) {
             Some(id) => id,
             None => match self.new_flow(key, listener, &snapshot, now) {

@@ -246,10 +246,7 @@ impl Worker {
         for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
             self.reconcile(key, wanted);
         }
-        for flow in self.flows.sync(&snapshot) {
-            debug!(client = %flow.key.client, endpoint = %flow.endpoint, "flow purged");
-            self.close_flow_socket(flow.handle);
-        }
+        self.flows.sync(&snapshot, now);
         if let Some(deadline) = self.ctx.config().tcp.drain_deadline(now) {
             for (_, conn) in self.conns.iter_mut() {
                 if conn.drain_at.is_none() && !snapshot.serves(&conn.listener, conn.backend_addr) {

@@ -39,6 +39,7 @@ macro_rules! suite {
             udp_replies_come_from_the_service_address,
             udp_wildcard_listener_replies_from_the_address_used,
             udp_flow_to_removed_endpoint_moves_on_next_datagram,
+            udp_reply_in_flight_from_a_removed_endpoint_still_arrives,
             udp_large_datagrams_pass_intact,
             shutdown_closes_everything_and_leaks_no_descriptor,
             idle_connections_are_closed,
@@ -539,6 +540,38 @@ pub fn udp_flow_to_removed_endpoint_moves_on_next_datagram(backend: BackendKind,
     assert_eq!(echo, b"c");
 }
 
+pub fn udp_reply_in_flight_from_a_removed_endpoint_still_arrives(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    // A backend that answers only when the test says so.
+    let late = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    late.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let next = UdpServer::echo();
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config(),
+        "late",
+        Protocol::Udp,
+        53,
+        vec![svcproxy::Endpoint::new(late.local_addr().unwrap())],
+    );
+    let client = udp_client(vip);
+    client.send(b"question").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, flow_socket) = late.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"question");
+    // The endpoint goes away while its answer is on its way.
+    set_endpoints(&proxy, "late", vec![next.endpoint()]);
+    late.send_to(b"answer", flow_socket).unwrap();
+    let n = client
+        .recv(&mut buf)
+        .expect("the reply in flight reaches the client");
+    assert_eq!(&buf[..n], b"answer");
+    // The client's next datagram goes to the live endpoint.
+    let (to, echo) = udp_ask(&client, b"again").unwrap();
+    assert_eq!((to, echo.as_slice()), (next.addr, &b"again"[..]));
+}
+
 pub fn udp_large_datagrams_pass_intact(backend: BackendKind, suite: u8) {
     let _g = shared();
     let server = UdpServer::echo();
@@ -992,26 +1025,26 @@ pub fn per_service_connection_limit_refuses_beyond_it(backend: BackendKind, suit
 }
 
 /// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
 }
 
-fn digest(bytes: &[u8]) -> u64 {
+pub fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
@@ -1019,7 +1052,7 @@ fn digest(bytes: &[u8]) -> u64 {
 }
 
 /// An echo backend: everything read is written back; at EOF it shuts down its side.
-fn echo_server() -> TcpServer {
+pub fn echo_server() -> TcpServer {
     TcpServer::spawn(|mut s| {
         let mut buf = vec![0u8; 64 << 10];
         loop {
