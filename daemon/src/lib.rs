@@ -2,6 +2,8 @@
 //! manifest readers, the running daemon and its admin API, cluster IP capture, metrics and the
 //! demo. The program itself is `src/main.rs`.
 
+#![forbid(unsafe_code)]
+
 pub mod capture;
 pub mod config;
 pub mod daemon;

@@ -10,6 +10,8 @@
 //! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
 //! 2 a usage or configuration error at start.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -17,6 +17,8 @@
 //!   from the exact address the client sent to ([`udp`]).
 //! - Out of descriptors: accepting pauses with backoff and resumes; nothing spins or panics.
 
+#![forbid(unsafe_code)]
+
 mod tcp;
 mod timers;
 mod token;

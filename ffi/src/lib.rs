@@ -13,6 +13,7 @@
 //! - Ownership: strings and arrays passed in are borrowed for the call only; handles returned
 //!   are owned by the caller until their `_free`.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![allow(non_camel_case_types)]
 
 mod abi;

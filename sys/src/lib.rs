@@ -8,6 +8,7 @@
 //! epoll backend lives in this crate, each with a `// SAFETY:` comment; most calls go through
 //! `rustix` and `socket2`, which are safe.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod ancillary;
