@@ -5,6 +5,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use proptest::prelude::*;
 use svcproxy_core::*;
 
@@ -169,7 +171,7 @@ fn the_reply_grace_is_capped_by_the_idle_timeout() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(64)))]
 
     /// After a sync, exactly the flows whose endpoint is still eligible remain.
     #[test]

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use proptest::prelude::*;
 use svcproxy_core::*;
 
@@ -162,7 +164,7 @@ fn named_target_ports_resolve_per_endpoint() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(64)))]
 
     #[test]
     fn round_robin_is_exact(n in 1usize..40, rounds in 1usize..6) {
@@ -187,6 +189,7 @@ proptest! {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "builds two 65,537-slot tables per case: minutes under Miri")]
     fn maglev_moves_about_one_nth_when_one_endpoint_goes(n in 3usize..30, gone in 0usize..30) {
         let gone = gone % n;
         let before = table_with(service(Policy::maglev()), endpoints(n));
@@ -387,7 +390,7 @@ fn session_policy_walks_endpoints_until_attempts_run_out() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
+    #![proptest_config(ProptestConfig::with_cases(common::cases(128)))]
 
     /// A client keeps its endpoint exactly while its idle gaps stay within the timeout.
     #[test]

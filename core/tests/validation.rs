@@ -1,6 +1,8 @@
 //! Validation: every bad field is rejected with its path and a readable problem, and a
 //! rejected batch leaves the table as it was.
 
+mod common;
+
 use std::time::Duration;
 
 use svcproxy_core::*;
@@ -275,7 +277,7 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig::with_cases(super::common::cases(512)))]
 
         /// Whatever the input, the table accepts exactly what validates, never panics, and a
         /// rejected change leaves the published snapshot untouched.

@@ -269,3 +269,72 @@ fn respond(stream: &mut TcpStream, r: &Response) -> io::Result<()> {
     stream.write_all(&r.body)?;
     stream.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_server() -> Server {
+        Server::start(SocketAddr::from(([127, 0, 0, 1], 0)), |_| {
+            Response::text(200, "text/plain", "ok".into())
+        })
+        .unwrap()
+    }
+
+    /// Sends `request` on a new connection and returns the response's status.
+    fn status(addr: SocketAddr, request: &[u8]) -> u16 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // The server may answer (and close) before it has read everything.
+        let _ = s.write_all(request);
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {reply:?}"))
+    }
+
+    const GET: &[u8] = b"GET /healthz HTTP/1.1\r\n\r\n";
+
+    #[test]
+    fn connections_past_the_limit_are_answered_503_until_one_ends() {
+        let server = ok_server();
+        // Connections that send nothing hold their slot until they close or time out. The
+        // acceptor takes connections in order, so once it answers the next one, all of these
+        // have been counted.
+        let mut held: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(server.addr()).unwrap())
+            .collect();
+        assert_eq!(status(server.addr(), GET), 503);
+        held.pop();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            match status(server.addr(), GET) {
+                200 => break,
+                503 if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => panic!("status {other} after a slot was freed"),
+            }
+        }
+    }
+
+    #[test]
+    fn heads_and_bodies_past_the_limits_are_refused() {
+        let server = ok_server();
+        let mut big_head = b"GET /healthz HTTP/1.1\r\nX-Fill: ".to_vec();
+        big_head.resize(MAX_HEAD + 1, b'a');
+        big_head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(status(server.addr(), &big_head), 431);
+        let big_body = format!(
+            "PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert_eq!(status(server.addr(), big_body.as_bytes()), 413);
+        let chunked = b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(status(server.addr(), chunked), 400);
+        assert_eq!(status(server.addr(), GET), 200, "the server still serves");
+    }
+}

@@ -1,21 +1,18 @@
-//! Bad input, fuzzed: the TOML config, the Kubernetes manifest import, the JSON table schema
-//! and the admin API get mutated versions of the seed corpus (`tests/corpus/`) and arbitrary
-//! bytes. Every input must give a result or an error with a message, never a panic, and an
-//! input that is rejected must leave the running table exactly as it was.
+//! Bad input, fuzzed with proptest: the TOML config, the Kubernetes manifest import, the JSON
+//! table schema and the admin API get mutated versions of the seed corpus (`tests/corpus/`)
+//! and arbitrary bytes, and each input must pass the checks in [`fuzz_checks`]: a result or an
+//! error with a message, never a panic, and a rejected input leaves the running table exactly as
+//! it was.
 //!
-//! This is property-based fuzzing with proptest: coverage-guided fuzzers (cargo-fuzz) need a
-//! nightly toolchain, which this project's machines do not have. Cases per target:
-//! `SVCPROXY_FUZZ_CASES` (default 256; CI runs the default, campaigns run more).
+//! This runs on stable in every `cargo test`; the coverage-guided cargo-fuzz targets in `fuzz/`
+//! (nightly) run the same checks. Cases per target: `SVCPROXY_FUZZ_CASES` (default 256; CI runs
+//! the default, campaigns run more).
 
-use std::io::Cursor;
+mod fuzz_checks;
+
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 
 use proptest::prelude::*;
-use svcproxy::{BackendKind, Options, Proxy, ProxyConfig, Table};
-use svcproxy_core::schema::BatchDoc;
-use svcproxyd::daemon::Daemon;
-use svcproxyd::{config, http, kube};
 
 fn cases() -> u32 {
     std::env::var("SVCPROXY_FUZZ_CASES")
@@ -142,108 +139,26 @@ fn inputs(kind: &str) -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// A table with one service in it, to check that rejected input leaves it alone.
-fn table() -> Table {
-    let table = Table::default();
-    let doc: BatchDoc =
-        serde_json::from_slice(&std::fs::read(corpus("batch").join("upsert.json")).unwrap())
-            .unwrap();
-    table.apply(doc.to_batch().unwrap()).unwrap();
-    table
-}
-
-/// Applies what was read; on rejection, the published snapshot must be the same one.
-fn apply_or_keep(
-    table: &Table,
-    batch: Result<svcproxy::core::Batch, String>,
-) -> Result<(), TestCaseError> {
-    let before = table.load_full();
-    match batch.and_then(|b| table.apply(b).map_err(|e| e.to_string())) {
-        Ok(_) => Ok(()),
-        Err(message) => {
-            prop_assert!(!message.is_empty());
-            let after = table.load();
-            prop_assert!(
-                std::ptr::eq(&*before, &**after),
-                "a rejected input changed the table"
-            );
-            Ok(())
-        }
-    }
-}
-
-fn to_batch(doc: BatchDoc) -> Result<svcproxy::core::Batch, String> {
-    doc.to_batch()
-        .map_err(|(s, e)| format!("service {s:?}: {e}"))
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn toml_config(input in inputs("config")) {
-        let dir = std::env::temp_dir().join(format!("svcproxyd-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("fuzz.toml");
-        std::fs::write(&path, &input).unwrap();
-        let loaded = config::load(&path);
-        std::fs::remove_dir_all(&dir).unwrap();
-        let table = table();
-        match loaded {
-            Ok(loaded) => apply_or_keep(&table, to_batch(BatchDoc { upsert: loaded.services, remove: vec![] }))?,
-            Err(e) => prop_assert!(e.to_string().contains("fuzz.toml"), "{}", e),
-        }
+        fuzz_checks::toml_config(&input).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn kubernetes_manifests(input in inputs("manifest")) {
-        let text = String::from_utf8_lossy(&input).into_owned();
-        let table = table();
-        match kube::services(&[("fuzz.yaml".into(), text)]) {
-            Ok(services) => apply_or_keep(&table, to_batch(BatchDoc { upsert: services, remove: vec![] }))?,
-            Err(e) => prop_assert!(!e.problem.is_empty() && !e.object.is_empty()),
-        }
+        fuzz_checks::kubernetes_manifests(&input).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn json_batches(input in inputs("batch")) {
-        let table = table();
-        match serde_json::from_slice::<BatchDoc>(&input) {
-            Ok(doc) => apply_or_keep(&table, to_batch(doc))?,
-            Err(e) => prop_assert!(!e.to_string().is_empty()),
-        }
+        fuzz_checks::json_batches(&input).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn admin_api(input in inputs("admin")) {
-        let daemon = daemon();
-        let before = daemon.table.load_full();
-        let peer = "127.0.0.1:1".parse().unwrap();
-        let response = match http::read_request(&mut Cursor::new(&input), peer) {
-            Ok(request) => daemon.handle(&request),
-            Err(response) => response,
-        };
-        prop_assert!([200, 400, 401, 404, 405, 409, 413, 431].contains(&response.status), "{}", response.status);
-        if response.status != 200 {
-            let after = daemon.table.load();
-            prop_assert!(std::ptr::eq(&*before, &**after), "a rejected request changed the table");
-        }
+        fuzz_checks::admin_api(&input).map_err(TestCaseError::fail)?;
     }
-}
-
-/// One daemon (with a running proxy) for the admin API cases.
-fn daemon() -> &'static Daemon {
-    static DAEMON: OnceLock<Daemon> = OnceLock::new();
-    DAEMON.get_or_init(|| {
-        let table = Arc::new(table());
-        let options = Options {
-            backend: BackendKind::Epoll,
-            config: ProxyConfig {
-                workers: 1,
-                ..ProxyConfig::default()
-            },
-        };
-        let proxy = Proxy::start(table.clone(), options).unwrap();
-        Daemon::new(table, proxy, None, None)
-    })
 }
