@@ -34,7 +34,7 @@ impl std::fmt::Display for Unavailable {
 }
 
 /// Opcodes the backend needs.
-const NEEDED: [(u8, &str); 13] = [
+const NEEDED: [(u8, &str); 12] = [
     (opcode::PollAdd::CODE, "poll"),
     (opcode::AcceptMulti::CODE, "accept"),
     (opcode::Connect::CODE, "connect"),
@@ -43,7 +43,6 @@ const NEEDED: [(u8, &str); 13] = [
     (opcode::RecvMsg::CODE, "recvmsg"),
     (opcode::SendMsg::CODE, "sendmsg"),
     (opcode::Splice::CODE, "splice"),
-    (opcode::Shutdown::CODE, "shutdown"),
     (opcode::AsyncCancel2::CODE, "async cancel"),
     (opcode::LinkTimeout::CODE, "link timeout"),
     (opcode::Timeout::CODE, "timeout"),
@@ -407,14 +406,6 @@ impl Ring {
     /// Completes once `fd` is ready for `events` (`POLLIN`, `POLLOUT`).
     pub(crate) fn poll(&mut self, fd: RawFd, events: u32, user_data: u64) -> io::Result<()> {
         self.push_plain(opcode::PollAdd::new(Fd(fd), events).build(), user_data)
-    }
-
-    /// Shuts down the write side of `fd`.
-    pub(crate) fn shutdown_write(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
-        self.push_plain(
-            opcode::Shutdown::new(Fd(fd), libc::SHUT_WR).build(),
-            user_data,
-        )
     }
 
     /// Cancels every operation on `fd`; the cancel itself completes only on failure.

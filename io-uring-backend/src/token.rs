@@ -26,16 +26,14 @@ pub(crate) enum Op {
     SendUp = 9,
     /// Send (or splice out) to the client.
     SendDown = 10,
-    /// A connection's shutdown.
-    Shutdown = 11,
     /// Multishot recvmsg on a UDP listener.
-    ListenerRecv = 12,
+    ListenerRecv = 11,
     /// Multishot receive on a UDP flow's socket.
-    FlowRecv = 13,
+    FlowRecv = 12,
     /// A datagram sent to an endpoint or back to a client.
-    UdpSend = 14,
+    UdpSend = 13,
     /// A completion to ignore (a failed cancel).
-    Ignore = 15,
+    Ignore = 14,
 }
 
 /// One-off timers.
@@ -67,11 +65,10 @@ pub(crate) fn op(user_data: u64) -> Option<Op> {
         8 => Op::RecvDown,
         9 => Op::SendUp,
         10 => Op::SendDown,
-        11 => Op::Shutdown,
-        12 => Op::ListenerRecv,
-        13 => Op::FlowRecv,
-        14 => Op::UdpSend,
-        15 => Op::Ignore,
+        11 => Op::ListenerRecv,
+        12 => Op::FlowRecv,
+        13 => Op::UdpSend,
+        14 => Op::Ignore,
         _ => return None,
     })
 }

@@ -204,8 +204,7 @@ impl Worker {
                 | Op::RecvUp
                 | Op::RecvDown
                 | Op::SendUp
-                | Op::SendDown
-                | Op::Shutdown),
+                | Op::SendDown),
             ) => self.on_conn(op, id, c, now),
             Some(Op::ListenerRecv) => self.on_listener_recv(id, c, now),
             Some(Op::FlowRecv) => self.on_flow_recv(id, c, now),
