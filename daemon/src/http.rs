@@ -2,15 +2,16 @@
 //! (`Connection: close`), `Content-Length` bodies only, and hard limits, because an admin port
 //! must not be a way to exhaust the proxy: at most [`MAX_CONNECTIONS`] connections at once
 //! (more are answered 503 and closed), [`MAX_HEAD`] bytes of request line and headers,
-//! [`MAX_BODY`] bytes of body, and a read timeout. General HTTP servers do not offer these
-//! limits together, and the admin API needs no more than this.
+//! [`MAX_BODY`] bytes of body, and one deadline for reading the whole request (a per-read
+//! timeout alone would let a client keep a slot by sending a byte now and then). General HTTP
+//! servers do not offer these limits together, and the admin API needs no more than this.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -20,6 +21,7 @@ pub const MAX_CONNECTIONS: usize = 16;
 pub const MAX_HEAD: usize = 16 << 10;
 /// Request body.
 pub const MAX_BODY: usize = 1 << 20;
+/// Time to read a whole request, and to write each part of a response.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request.
@@ -90,6 +92,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
@@ -171,18 +174,52 @@ impl Drop for Server {
 }
 
 fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let peer = match stream.peer_addr() {
         Ok(p) => p,
         Err(_) => return,
     };
-    let response = match read_request(stream, peer) {
+    let mut input = Deadline {
+        stream,
+        until: Instant::now() + TIMEOUT,
+    };
+    let response = match read_request(&mut input, peer) {
         Ok(request) => handler(&request),
         Err(response) => response,
     };
     if let Err(e) = respond(stream, &response) {
         debug!(error = %e, "admin response not sent");
+    }
+}
+
+/// Reads from a connection until one deadline for the whole request.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request took too long to arrive",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
+}
+
+/// The response to a failed read: 408 if it timed out, 400 otherwise.
+fn read_failed(what: &str, e: &io::Error) -> Response {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            Response::error(408, format!("{what}: the request took too long to arrive"))
+        }
+        _ => Response::error(400, format!("{what}: {e}")),
     }
 }
 
@@ -195,7 +232,7 @@ pub fn read_request(input: &mut impl Read, peer: SocketAddr) -> Result<Request, 
         let mut line = String::new();
         let n = reader
             .read_line(&mut line)
-            .map_err(|e| Response::error(400, e))?;
+            .map_err(|e| read_failed("head", &e))?;
         if n == 0 {
             return Err(Response::error(431, "request head too large or truncated"));
         }
@@ -246,7 +283,7 @@ pub fn read_request(input: &mut impl Read, peer: SocketAddr) -> Result<Request, 
     let mut rest = vec![0; length - buffered];
     input
         .read_exact(&mut rest)
-        .map_err(|e| Response::error(400, format!("body: {e}")))?;
+        .map_err(|e| read_failed("body", &e))?;
     body.extend_from_slice(&rest);
     Ok(Request {
         method: method.to_ascii_uppercase(),
@@ -319,6 +356,35 @@ mod tests {
                 other => panic!("status {other} after a slot was freed"),
             }
         }
+    }
+
+    #[test]
+    fn a_request_trickled_past_the_deadline_is_answered_408() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_side, peer) = listener.accept().unwrap();
+        // A byte every 50 ms: each read succeeds well within any per-read timeout, and the
+        // head never ends (if it were read to EOF, the answer would be 431, not 408).
+        let trickle = std::thread::spawn(move || {
+            for b in b"GET /healthz HTTP/1.1\r\nX-Slow: "
+                .iter()
+                .cycle()
+                .take(200)
+            {
+                if client.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut input = Deadline {
+            stream: &server_side,
+            until: Instant::now() + Duration::from_millis(300),
+        };
+        let refused = read_request(&mut input, peer).unwrap_err();
+        assert_eq!(refused.status, 408);
+        drop(server_side);
+        trickle.join().unwrap();
     }
 
     #[test]
