@@ -129,7 +129,14 @@ async fn sink_server(listener: TcpListener, sunk: Arc<AtomicU64>) {
     }
 }
 
+/// Receive buffer of the UDP echo servers. The default (`net.core.rmem_default`, 208 KiB) holds
+/// fewer than the 512 datagrams the UDP load keeps in flight, so bursts overflowed the servers'
+/// own sockets (counted as `UdpRcvbufErrors` in the backend namespace) and the harness measured
+/// its servers' loss as the candidates'. The kernel caps this at `net.core.rmem_max`.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
 async fn udp_echo(socket: UdpSocket) {
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(UDP_RECV_BUFFER);
     let mut buf = vec![0u8; 65_536];
     while let Ok((n, from)) = socket.recv_from(&mut buf).await {
         let _ = socket.send_to(&buf[..n], from).await;
