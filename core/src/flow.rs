@@ -122,6 +122,42 @@ impl<H> FlowTable<H> {
         }
     }
 
+    /// Starts a flow from `key` to an endpoint of the service port `listener` in `snapshot`,
+    /// chosen by the port's policy, as every backend does for a client's first datagram.
+    /// `Ok(None)`, with nothing added, when the port is gone, has no eligible endpoint, or this
+    /// table already holds `max_flows` flows (the last two are counted as refused). Otherwise
+    /// as [`FlowTable::insert`], with `make_handle` also given the endpoint; when it fails,
+    /// the endpoint counts a connect error and the error comes back with the endpoint.
+    pub fn open<E>(
+        &mut self,
+        key: FlowKey,
+        listener: ServicePortKey,
+        snapshot: &Snapshot,
+        now: Instant,
+        max_flows: usize,
+        make_handle: impl FnOnce(FlowId, SocketAddr) -> Result<H, E>,
+    ) -> Result<Option<FlowId>, (SocketAddr, E)> {
+        let Some(port) = snapshot.lookup(&listener) else {
+            return Ok(None);
+        };
+        let Some(backend) = port.select(key.client, now) else {
+            port.counters().add_refused();
+            return Ok(None);
+        };
+        if self.len() >= max_flows {
+            port.counters().add_refused();
+            return Ok(None);
+        }
+        let endpoint = backend.addr();
+        match self.insert(key, listener, backend, now, |id| make_handle(id, endpoint)) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => {
+                backend.tally().connect_error();
+                Err((endpoint, e))
+            }
+        }
+    }
+
     /// Starts a flow from `key` to `backend`. `make_handle` gets the new flow's id (to tag
     /// the backend-side socket with) and returns its handle; if it fails, nothing is added.
     /// Counts the flow as opened.

@@ -46,14 +46,13 @@ fn flow_key(port: u16) -> FlowKey {
     }
 }
 
-/// Starts a flow for `key` the way a backend does: select, then insert.
+/// Starts a flow for `key` the way a backend does, with the client's port as its handle.
 fn start(flows: &mut FlowTable<u16>, snap: &Snapshot, key: FlowKey, now: Instant) -> FlowId {
-    let port = snap.lookup(&listener()).unwrap();
-    let backend = port.select(key.client, now).unwrap();
     flows
-        .insert(key, listener(), backend, now, |_| {
+        .open(key, listener(), snap, now, usize::MAX, |_, _| {
             Ok::<_, Infallible>(key.client.port())
         })
+        .unwrap()
         .unwrap()
 }
 
@@ -84,21 +83,53 @@ fn lookup_reverse_lookup_and_stale_ids() {
 }
 
 #[test]
-fn a_failed_handle_adds_nothing() {
+fn a_failed_handle_adds_nothing_and_counts_a_connect_error() {
     let table = dns_table(1);
     let snap = table.load();
     let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
-    let backend = snap
-        .lookup(&listener())
-        .unwrap()
-        .select(flow_key(1).client, Instant::now())
-        .unwrap();
-    let r = flows.insert(flow_key(1), listener(), backend, Instant::now(), |_| {
+    let now = Instant::now();
+    let r = flows.open(flow_key(1), listener(), &snap, now, 8, |_, endpoint| {
+        assert_eq!(
+            endpoint,
+            addr(0),
+            "the handle is made for the chosen endpoint"
+        );
         Err("no fd")
     });
-    assert_eq!(r, Err("no fd"));
+    assert_eq!(r, Err((addr(0), "no fd")));
     assert!(flows.is_empty());
-    assert_eq!(table.load().stats()[0].totals.connections_total, 0);
+    let totals = table.load().stats()[0].totals;
+    assert_eq!(totals.connections_total, 0);
+    assert_eq!(totals.connect_errors, 1);
+}
+
+#[test]
+fn opening_is_refused_without_endpoints_or_room_and_skipped_for_unknown_ports() {
+    let table = dns_table(2);
+    let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
+    let now = Instant::now();
+    let handle = |_: FlowId, _: SocketAddr| Ok::<_, Infallible>(0);
+    let refused = |t: &Table| t.load().stats()[0].totals.refused;
+
+    // Room for one flow: the first opens, the second is refused.
+    let first = flows.open(flow_key(1), listener(), &table.load(), now, 1, handle);
+    assert!(matches!(first, Ok(Some(_))));
+    let second = flows.open(flow_key(2), listener(), &table.load(), now, 1, handle);
+    assert!(matches!(second, Ok(None)));
+    assert_eq!(refused(&table), 1);
+
+    // No eligible endpoint: refused.
+    set_endpoints(&table, &[]);
+    let none = flows.open(flow_key(3), listener(), &table.load(), now, 8, handle);
+    assert!(matches!(none, Ok(None)));
+    assert_eq!(refused(&table), 2);
+
+    // A port the table does not have: nothing to count.
+    let other = ServicePortKey::new("0.0.0.0:54".parse().unwrap(), Protocol::Udp);
+    let unknown = flows.open(flow_key(4), other, &table.load(), now, 8, handle);
+    assert!(matches!(unknown, Ok(None)));
+    assert_eq!(refused(&table), 2);
+    assert_eq!(flows.len(), 1);
 }
 
 #[test]

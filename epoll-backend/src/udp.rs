@@ -114,32 +114,22 @@ impl Worker {
         snapshot: &Snapshot,
         now: Instant,
     ) -> Option<FlowId> {
-        let port = snapshot.lookup(&listener)?;
-        let Some(backend) = port.select(key.client, now) else {
-            port.counters().add_refused();
-            return None;
-        };
-        if self.flows.len() >= self.ctx.config().max_udp_flows {
-            port.counters().add_refused();
-            return None;
-        }
-        let preserve = self.ctx.config().preserve_client_ip;
+        let config = self.ctx.config();
+        let (preserve, max_flows) = (config.preserve_client_ip, config.max_udp_flows);
         let source = preserve.then_some(key.client);
         let epoll = &self.epoll;
-        let result = self.flows.insert(key, listener, backend, now, |id| {
-            let socket = connect(backend.addr(), Protocol::Udp, source, preserve)?;
-            let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
-            watch(epoll, &socket, Token::new(Kind::Flow, id), flags)?;
-            Ok::<Socket, io::Error>(socket)
-        });
-        match result {
-            Ok(id) => Some(id),
-            Err(e) => {
-                debug!(endpoint = %backend.addr(), error = %e, "cannot open flow");
-                backend.tally().connect_error();
-                None
-            }
-        }
+        let opened = self
+            .flows
+            .open(key, listener, snapshot, now, max_flows, |id, endpoint| {
+                let socket = connect(endpoint, Protocol::Udp, source, preserve)?;
+                let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+                watch(epoll, &socket, Token::new(Kind::Flow, id), flags)?;
+                Ok::<Socket, io::Error>(socket)
+            });
+        opened.unwrap_or_else(|(endpoint, e)| {
+            debug!(%endpoint, error = %e, "cannot open flow");
+            None
+        })
     }
 
     /// Forwards replies waiting on a flow's socket back to its client.
