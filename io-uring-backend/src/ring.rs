@@ -183,14 +183,18 @@ impl Ring {
         &self.ring
     }
 
-    /// Queues `entry`, submitting first if the submission queue is full.
+    /// Queues `entries` together (all or none), submitting first while the submission queue
+    /// lacks room for them. Together matters for a linked chain: if the kernel (or its
+    /// submission-polling thread) takes the head without the rest, it ends the chain there and
+    /// runs the head on an io-wq thread, where a connect on a non-blocking socket completes at
+    /// once with EINPROGRESS instead of waiting for the handshake.
     ///
     /// # Safety
-    /// Every pointer in `entry` must stay valid until the operation's final completion.
-    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+    /// Every pointer in `entries` must stay valid until its operation's final completion.
+    unsafe fn push(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
         loop {
             // SAFETY: passed on from the caller.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
                 return Ok(());
             }
             self.submit()?;
@@ -208,14 +212,14 @@ impl Ring {
         self.memory.insert(user_data, memory);
         // SAFETY: every pointer in `entry` points into `memory`, now owned by `self.memory`
         // until `complete` sees the final completion for `user_data`.
-        unsafe { self.push(&entry.user_data(user_data)) }
+        unsafe { self.push(&[entry.user_data(user_data)]) }
     }
 
     /// Queues an operation that references no memory of ours.
     fn push_plain(&mut self, entry: squeue::Entry, user_data: u64) -> io::Result<()> {
         // SAFETY: the entry carries descriptors and numbers only, or pointers into buffer rings
         // that outlive the ring (see `send_buffer`).
-        unsafe { self.push(&entry.user_data(user_data)) }
+        unsafe { self.push(&[entry.user_data(user_data)]) }
     }
 
     /// Submits what is queued without waiting.
@@ -294,10 +298,15 @@ impl Ring {
         let ts: *const Timespec = &memory.1;
         let entry = opcode::Connect::new(Fd(fd), addr, len as libc::socklen_t)
             .build()
-            .flags(squeue::Flags::IO_LINK);
-        self.push_owning(entry, connect, memory)?;
-        let link = opcode::LinkTimeout::new(ts).build();
-        self.push_plain(link, timeout)
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(connect);
+        let link = opcode::LinkTimeout::new(ts).build().user_data(timeout);
+        // Boxed memory does not move when the map rehashes.
+        self.memory.insert(connect, memory);
+        // SAFETY: the address and the timespec point into `memory`, owned by `self.memory`
+        // until `complete` sees the connect's final completion; the kernel reads the timespec
+        // when it takes the timeout, which is queued with the connect.
+        unsafe { self.push(&[entry, link]) }
     }
 
     /// A receive into a buffer of `group`.
