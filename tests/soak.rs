@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use behaviour::harness::*;
-use behaviour::{Rng, digest, echo_server};
+use behaviour::{Rng, digest, echo_in_pieces, echo_server};
 use svcproxy::{
     BackendKind, CounterValues, Endpoint, Forwarding, Protocol, Proxy, ProxyConfig, Table,
 };
@@ -76,23 +76,7 @@ fn rss_bytes() -> u64 {
 fn short_connection(vip: SocketAddr, rng: &mut Rng, books: &mut Books) {
     let size = rng.below(256 << 10) as usize;
     let payload = rng.bytes(size);
-    let stream = connect(vip).unwrap();
-    let reader = {
-        let mut r = stream.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).map(|_| got)
-        })
-    };
-    let mut w = stream;
-    let mut at = 0;
-    while at < size {
-        let n = (1 + rng.below(32 << 10) as usize).min(size - at);
-        w.write_all(&payload[at..at + n]).unwrap();
-        at += n;
-    }
-    w.shutdown(Shutdown::Write).unwrap();
-    let got = reader.join().unwrap().unwrap();
+    let got = echo_in_pieces(vip, &payload, 32 << 10, rng);
     assert_eq!(got.len(), size, "short connection: length");
     assert_eq!(digest(&got), digest(&payload), "short connection: content");
     books.connections += 1;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use svcproxy::{BackendKind, Conditions, Protocol, SessionAffinity, Table};
@@ -405,49 +405,26 @@ pub fn endpoint_changes_under_load_fail_no_connection(backend: BackendKind, suit
         endpoints(&[0, 1, 2]),
     );
     const CLIENTS: usize = 200;
-    const THREADS: usize = 8;
-    let done = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (done, stop) = (done.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                for i in (t..CLIENTS).step_by(THREADS) {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let result = connect(vip).and_then(|mut s| {
-                        let msg = format!("client {i}\n");
-                        let who = who(&s)?;
-                        s.write_all(msg.as_bytes())?;
-                        s.shutdown(Shutdown::Write)?;
-                        let mut echo = String::new();
-                        s.read_to_string(&mut echo)?;
-                        assert_eq!(echo, msg);
-                        Ok(who)
-                    });
-                    if let Err(e) = result {
-                        failures.push(format!("client {i}: {e}"));
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                failures
-            })
-        })
-        .collect();
+    let exchange = move |i: usize| {
+        let mut s = connect(vip)?;
+        let msg = format!("client {i}\n");
+        who(&s)?;
+        s.write_all(msg.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut echo = String::new();
+        s.read_to_string(&mut echo)?;
+        assert_eq!(echo, msg);
+        Ok(())
+    };
     // Change the endpoint set while they run; every set keeps live endpoints only.
     let sets: [&[usize]; 4] = [&[0, 1, 2, 3], &[1, 2, 3], &[2, 3, 0], &[0, 1, 2]];
-    let mut changes = 0;
-    while done.load(Ordering::SeqCst) < CLIENTS && changes < 400 {
-        set_endpoints(&proxy, "churn", endpoints(sets[changes % sets.len()]));
-        changes += 1;
-    }
-    let failures: Vec<String> = clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect();
-    stop.store(true, Ordering::SeqCst);
+    let (failures, changes) = exchanges_during_changes(CLIENTS, exchange, |n| {
+        if n >= 400 {
+            return false;
+        }
+        set_endpoints(&proxy, "churn", endpoints(sets[n % sets.len()]));
+        true
+    });
     assert!(
         failures.is_empty(),
         "{} of {CLIENTS} failed: {:?}",
@@ -1055,6 +1032,65 @@ pub fn digest(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// Writes `payload` to the echo service at `vip` in random pieces of 1 to `max_piece` bytes
+/// while the echo is read concurrently, then half-closes: what came back, to the end.
+pub fn echo_in_pieces(vip: SocketAddr, payload: &[u8], max_piece: u64, rng: &mut Rng) -> Vec<u8> {
+    let stream = connect(vip).unwrap();
+    let reader = {
+        let mut r = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).map(|_| got)
+        })
+    };
+    let mut w = stream;
+    let mut at = 0;
+    while at < payload.len() {
+        let n = (1 + rng.below(max_piece) as usize).min(payload.len() - at);
+        w.write_all(&payload[at..at + n]).unwrap();
+        at += n;
+    }
+    w.shutdown(Shutdown::Write).unwrap();
+    reader.join().unwrap().unwrap()
+}
+
+/// Runs `connections` client exchanges, `exchange(i)` for each i, on 8 threads while the
+/// caller changes the table: `change(n)` is called with n = 0, 1, ... until every exchange is
+/// done or it returns false. Returns the failed exchanges and the number of changes made.
+fn exchanges_during_changes(
+    connections: usize,
+    exchange: impl Fn(usize) -> std::io::Result<()> + Send + Sync + 'static,
+    mut change: impl FnMut(usize) -> bool,
+) -> (Vec<String>, usize) {
+    const THREADS: usize = 8;
+    let exchange = Arc::new(exchange);
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (exchange, done) = (exchange.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for i in (t..connections).step_by(THREADS) {
+                    if let Err(e) = exchange(i) {
+                        failures.push(format!("connection {i}: {e}"));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut changes = 0;
+    while done.load(Ordering::SeqCst) < connections && change(changes) {
+        changes += 1;
+    }
+    let failures = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    (failures, changes)
+}
+
 /// An echo backend: everything read is written back; at EOF it shuts down its side.
 pub fn echo_server() -> TcpServer {
     TcpServer::spawn(|mut s| {
@@ -1096,23 +1132,7 @@ pub fn random_payloads_arrive_intact(backend: BackendKind, suite: u8) {
                     let size = rng.below(2 << 20) as usize;
                     let payload = rng.bytes(size);
                     let want = digest(&payload);
-                    let stream = connect(vip).unwrap();
-                    let reader = {
-                        let mut r = stream.try_clone().unwrap();
-                        std::thread::spawn(move || {
-                            let mut got = Vec::new();
-                            r.read_to_end(&mut got).map(|_| got)
-                        })
-                    };
-                    let mut w = stream;
-                    let mut at = 0;
-                    while at < payload.len() {
-                        let n = (1 + rng.below(64 << 10) as usize).min(payload.len() - at);
-                        w.write_all(&payload[at..at + n]).unwrap();
-                        at += n;
-                    }
-                    w.shutdown(Shutdown::Write).unwrap();
-                    let got = reader.join().unwrap().unwrap();
+                    let got = echo_in_pieces(vip, &payload, 64 << 10, &mut rng);
                     assert_eq!(got.len(), size, "client {c}: length");
                     assert_eq!(digest(&got), want, "client {c}: content of {size} bytes");
                     checked += size;
@@ -1256,39 +1276,21 @@ pub fn table_swaps_every_millisecond_fail_no_connection(backend: BackendKind, su
         endpoints(&[0, 1, 2]),
     );
     const CONNECTIONS: usize = 10_000;
-    const THREADS: usize = 8;
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                for i in (t..CONNECTIONS).step_by(THREADS) {
-                    if let Err(e) = who_answers(vip) {
-                        failures.push(format!("connection {i}: {e}"));
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                failures
-            })
-        })
-        .collect();
     // Every set keeps at least two live endpoints; each swap is published at once.
     let sets: [&[usize]; 3] = [&[0, 1], &[1, 2], &[2, 0]];
-    let mut swaps = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while done.load(Ordering::SeqCst) < CONNECTIONS && std::time::Instant::now() < deadline {
+    let exchange = move |_| who_answers(vip).map(drop);
+    let (failures, swaps) = exchanges_during_changes(CONNECTIONS, exchange, |n| {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
         proxy
             .table()
-            .apply(svcproxy::Batch::new().replace_endpoints("swaps", endpoints(sets[swaps % 3])))
+            .apply(svcproxy::Batch::new().replace_endpoints("swaps", endpoints(sets[n % 3])))
             .unwrap();
-        swaps += 1;
         std::thread::sleep(Duration::from_millis(1));
-    }
-    let failures: Vec<String> = clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect();
+        true
+    });
     assert!(
         failures.is_empty(),
         "{} of {CONNECTIONS} failed: {:?}",
