@@ -27,11 +27,13 @@ fn ensure(condition: bool, why: impl FnOnce() -> String) -> Result<(), String> {
 
 /// A table with one service in it, to check that rejected input leaves it alone.
 fn table() -> Table {
+    static SEED: OnceLock<svcproxy::core::Batch> = OnceLock::new();
+    let seed = SEED.get_or_init(|| {
+        let doc: BatchDoc = serde_json::from_slice(UPSERT).expect("the seed batch parses");
+        doc.to_batch().expect("the seed batch is valid")
+    });
     let table = Table::default();
-    let doc: BatchDoc = serde_json::from_slice(UPSERT).expect("the seed batch parses");
-    table
-        .apply(doc.to_batch().expect("the seed batch is valid"))
-        .expect("the seed batch applies");
+    table.apply(seed.clone()).expect("the seed batch applies");
     table
 }
 
