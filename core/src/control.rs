@@ -6,10 +6,11 @@
 //! failures are recorded per frontend so that the owner can show them.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::budget::{Budget, Permit};
 use crate::config::ProxyConfig;
 use crate::model::ServicePortKey;
 use crate::table::Table;
@@ -23,11 +24,7 @@ pub struct Control {
     progressed: Condvar,
     stopping: AtomicBool,
     deadline: Mutex<Option<Instant>>,
-    connections: AtomicUsize,
-    /// Workers waiting for the connection budget, and how many of them there are.
-    waiting: Box<[AtomicBool]>,
-    waiting_count: AtomicUsize,
-    wake: OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
+    budget: crate::loom::sync::Arc<Budget>,
     bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
 }
 
@@ -74,10 +71,7 @@ impl Control {
             progressed: Condvar::new(),
             stopping: AtomicBool::new(false),
             deadline: Mutex::new(None),
-            connections: AtomicUsize::new(0),
-            waiting: (0..workers).map(|_| AtomicBool::new(false)).collect(),
-            waiting_count: AtomicUsize::new(0),
-            wake: OnceLock::new(),
+            budget: crate::loom::sync::Arc::new(Budget::new(config.max_connections, workers)),
             bind_errors: Mutex::new(BTreeMap::new()),
         }
     }
@@ -153,53 +147,19 @@ impl Control {
 
     /// Sets how to wake worker `i` (once, before the workers start).
     pub fn set_waker(&self, wake: impl Fn(usize) + Send + Sync + 'static) {
-        let _ = self.wake.set(Box::new(wake));
+        self.budget.set_waker(wake);
     }
 
-    /// Takes one connection from the budget for `worker`. When `max_connections` are open it
-    /// returns false and the worker is woken once a connection anywhere is released.
+    /// One connection's unit of the budget for `worker`. When `max_connections` are open it
+    /// returns `None`, and the worker is woken once a connection anywhere ends.
     #[inline]
-    pub fn admit(&self, worker: usize) -> bool {
-        if self.try_admit() {
-            return true;
-        }
-        // Register first, then look again: a release either sees the registration or
-        // happened before the second look (both sides use sequentially consistent order).
-        if !self.waiting[worker].swap(true, Ordering::SeqCst) {
-            self.waiting_count.fetch_add(1, Ordering::SeqCst);
-        }
-        self.try_admit()
-    }
-
-    fn try_admit(&self) -> bool {
-        let max = self.config.max_connections;
-        self.connections
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Returns a connection to the budget, waking workers that wait for it.
-    #[inline]
-    pub fn release(&self) {
-        self.connections.fetch_sub(1, Ordering::SeqCst);
-        if self.waiting_count.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        for (i, flag) in self.waiting.iter().enumerate() {
-            if flag.swap(false, Ordering::SeqCst) {
-                self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-                if let Some(wake) = self.wake.get() {
-                    wake(i);
-                }
-            }
-        }
+    pub fn admit(&self, worker: usize) -> Option<Permit> {
+        self.budget.admit(worker)
     }
 
     /// TCP connections open now, over all workers.
     pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
+        self.budget.taken()
     }
 
     /// Records (or with `None`, clears) a failure to bind a frontend.
@@ -232,31 +192,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_connection_budget_is_exact() {
+    fn connections_are_the_permits_out() {
         let config = ProxyConfig {
-            max_connections: 2,
+            max_connections: 1,
             ..ProxyConfig::default()
         };
-        let c = Control::new(Arc::new(Table::default()), config, 2);
-        let woken = Arc::new(Mutex::new(Vec::new()));
-        let w = woken.clone();
-        c.set_waker(move |i| w.lock().unwrap().push(i));
-        assert!(c.admit(0) && c.admit(0));
-        assert!(!c.admit(1), "over the budget");
-        c.release();
-        assert_eq!(
-            *woken.lock().unwrap(),
-            vec![1],
-            "the waiting worker is woken"
-        );
-        assert!(c.admit(1));
-        assert_eq!(c.connections(), 2);
-        c.release();
-        assert_eq!(
-            woken.lock().unwrap().len(),
-            1,
-            "nobody waits: nobody is woken"
-        );
+        let c = Control::new(Arc::new(Table::default()), config, 1);
+        let permit = c.admit(0).expect("a unit");
+        assert!(c.admit(0).is_none());
+        assert_eq!(c.connections(), 1);
+        drop(permit);
+        assert_eq!(c.connections(), 0);
     }
 
     #[test]

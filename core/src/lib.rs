@@ -1,5 +1,6 @@
 //! svcproxy's core: the model, lock-free service tables, endpoint selection, the UDP flow
-//! table, counters and the TCP session policy. No I/O: the backends do that.
+//! table, counters, the connection budget and the connection engine that every data plane
+//! drives ([`engine`]). No I/O: the backends do that.
 //!
 //! ```
 //! use std::time::Instant;
@@ -29,8 +30,10 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod budget;
 pub mod config;
 pub mod control;
+pub mod engine;
 pub mod error;
 pub mod flow;
 mod loom;
@@ -44,8 +47,10 @@ pub mod stats;
 pub mod table;
 
 pub use backoff::Backoff;
+pub use budget::{Budget, Permit};
 pub use config::{Forwarding, IoUringConfig, ProxyConfig};
 pub use control::{Control, WorkerContext};
+pub use engine::{Connection, Driver, Engine, Lifecycle, OpenError};
 pub use error::{Problem, TableError, ValidationError};
 pub use flow::{Flow, FlowId, FlowKey, FlowTable, REPLY_GRACE};
 pub use model::{
@@ -53,7 +58,7 @@ pub use model::{
     SessionAffinity, TargetPort, TrafficPolicy,
 };
 pub use select::{Backend, PortState};
-pub use session::{DrainPolicy, Opened, TcpPolicy, TcpSession};
+pub use session::{DrainPolicy, TcpPolicy, TcpSession};
 pub use slots::{SlotId, Slots};
 pub use stats::{CounterValues, Counters, PortStats, Tally};
 pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};

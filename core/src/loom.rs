@@ -13,7 +13,7 @@ pub(crate) mod sync {
     pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
     pub(crate) mod atomic {
-        pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     }
 
     /// The published value: an `ArcSwap`.
@@ -47,7 +47,7 @@ pub(crate) mod sync {
     pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 
     pub(crate) mod atomic {
-        pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     }
 
     /// Under loom: a mutex around the published `Arc` (see the module docs).

@@ -1,14 +1,13 @@
-//! TCP session policy, sans I/O: the decisions both backends share, so neither re-implements
-//! them. A backend owns the sockets and reports what happened; [`TcpSession`] says what to do.
+//! TCP policy (timeouts, attempts, drain) and the per-connection record of connect attempts
+//! and half-close ([`TcpSession`]), sans I/O. The connection engine
+//! ([`crate::engine`]) drives them; see its docs for the whole lifecycle.
 //!
 //! - Connect: each attempt has a timeout (`connect_timeout`, doubled per attempt); a failed
 //!   or timed-out attempt moves to the next endpoint the policy gives that has not been tried,
-//!   up to `connect_attempts`; then the client is reset.
+//!   up to `connect_attempts`.
 //! - Half-close: EOF read from one side shuts down the write side of the other once every byte
 //!   read before it has been written; the other direction keeps running. When both directions
-//!   are shut, the session is finished and both sockets are closed.
-//! - Errors: a reset (or any other error) on one side resets the other, and both are closed.
-//! - Idle: no bytes either way for `idle_timeout` closes both sides.
+//!   are shut, the session is finished.
 //! - Endpoint removal: [`DrainPolicy`] keeps the connection or closes it after a grace period.
 
 use std::net::SocketAddr;
@@ -76,11 +75,12 @@ impl TcpPolicy {
         self.connect_timeout.saturating_mul(1 << n.min(16))
     }
 
-    /// When a connection whose endpoint was removed at `now` must be closed, if ever.
+    /// When a connection whose endpoint was removed at `now` must be closed, if ever (a grace
+    /// too long to represent is never).
     pub fn drain_deadline(&self, now: Instant) -> Option<Instant> {
         match self.drain {
             DrainPolicy::Keep => None,
-            DrainPolicy::CloseAfter(grace) => Some(now + grace),
+            DrainPolicy::CloseAfter(grace) => now.checked_add(grace),
         }
     }
 }
@@ -144,18 +144,6 @@ pub enum Step {
     Shutdown(Side),
     /// Shut down the write side of this socket; then both directions are done: close both.
     ShutdownAndFinish(Side),
-}
-
-/// A connection attempt [`TcpSession::open`] started: what `open` returned, the endpoint (now
-/// counted as opened) and the attempt's timeout.
-#[derive(Debug)]
-pub struct Opened<'p, T> {
-    /// What the caller's `open` returned (its socket).
-    pub value: T,
-    /// The endpoint.
-    pub backend: &'p Backend,
-    /// How long this attempt may take.
-    pub timeout: Duration,
 }
 
 /// Per-connection policy state.
@@ -222,46 +210,6 @@ impl TcpSession {
         port.retry(client, &tried, now)
     }
 
-    /// Opens a connection attempt to `first`, or, when opening fails at once (no route, ...),
-    /// to the next endpoints the policy allows, until `open` succeeds. Each failure is counted
-    /// on its endpoint; an error for which `fatal` holds (out of descriptors) stops at once and
-    /// is returned without counting. `Ok(None)`: every allowed endpoint failed.
-    // The attempt needs the policy, the endpoints and the client it is for, plus the two
-    // callbacks that keep the sockets out of this crate.
-    #[allow(clippy::too_many_arguments)]
-    pub fn open<'p, T, E>(
-        &mut self,
-        policy: &TcpPolicy,
-        port: &'p PortState,
-        first: Option<&'p Backend>,
-        client: SocketAddr,
-        now: Instant,
-        mut open: impl FnMut(&Backend) -> Result<T, E>,
-        fatal: impl Fn(&E) -> bool,
-    ) -> Result<Option<Opened<'p, T>>, E> {
-        let mut next = first;
-        while let Some(backend) = next {
-            match open(backend) {
-                Ok(value) => {
-                    let timeout = self.connecting(policy, backend.addr());
-                    backend.tally().opened();
-                    return Ok(Some(Opened {
-                        value,
-                        backend,
-                        timeout,
-                    }));
-                }
-                Err(e) if fatal(&e) => return Err(e),
-                Err(_) => {
-                    self.connecting(policy, backend.addr());
-                    backend.tally().connect_error();
-                    next = self.next_backend(policy, port, client, now);
-                }
-            }
-        }
-        Ok(None)
-    }
-
     /// EOF was read in `dir`; `pending` says whether bytes read before it are still waiting
     /// to be written.
     pub fn read_eof(&mut self, dir: Direction, pending: bool) -> Step {
@@ -297,11 +245,6 @@ impl TcpSession {
     /// Whether EOF has been seen in `dir`.
     pub fn eof_seen(&self, dir: Direction) -> bool {
         self.eof[dir.index()]
-    }
-
-    /// An error (reset or otherwise) on `side`: the side to reset before closing both.
-    pub fn failed(&self, side: Side) -> Side {
-        side.other()
     }
 }
 

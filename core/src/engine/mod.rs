@@ -1,0 +1,578 @@
+//! The connection engine: one worker's state machine, shared by every data plane. It decides;
+//! a [`Driver`] (the epoll or the io_uring backend) does the I/O.
+//!
+//! The engine owns, for one worker:
+//! - **listeners**: the set the table wants (a frontend with an eligible endpoint is listened
+//!   on, one without is closed so its clients get ECONNREFUSED at once), with bind failures
+//!   reported to [`Control`](crate::Control) and retried every second;
+//! - **admission**: each TCP connection holds a [`Permit`] of the proxy-wide budget, which
+//!   goes back when the connection ends;
+//! - **TCP connections** ([`Connection`]): connect attempts with doubling deadlines, moving to
+//!   the next endpoint when one fails, half-close per direction, resets, idle timeout, drain of
+//!   connections to removed endpoints, and shutdown;
+//! - **UDP flows**: the worker's [`FlowTable`], purged as the table changes and expired when
+//!   idle;
+//! - **timers**: cancellable ([`Timers`]); every entry belongs to a live connection, pause or
+//!   tick, so closed connections leave none behind.
+//!
+//! Its inputs are events, given by the driver as method calls: a client was accepted
+//! ([`Engine::accepted`]), a connect completed or failed, EOF was read, bytes moved, an error,
+//! the time ([`Engine::poll`], which also applies a newly published table and begins the
+//! shutdown). Its outputs are the [`Driver`]'s methods: open or close a listener, start or
+//! stop accepting, open a socket and connect, start forwarding, abort a connect, close a
+//! connection, open or close a flow socket. The driver turns them into system calls or ring
+//! operations, and keeps what only it knows how to move: bytes (splice pipes, provided
+//! buffers) and operations in flight.
+//!
+//! Over budget, one behaviour for every driver: the worker stops accepting, so further clients
+//! wait in the kernel's accept queue; a client already accepted (a multishot accept can hand
+//! over a few before it is cancelled) waits in the engine's queue *without* a budget unit, and
+//! is served first when one comes back. Out of descriptors (accepting or opening a backend
+//! socket), accepting pauses with [`Backoff`] and the client waits in the same queue. At
+//! shutdown the waiting clients are refused (reset).
+
+mod tcp;
+pub mod timers;
+mod udp;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::backoff::Backoff;
+use crate::config::ProxyConfig;
+use crate::control::WorkerContext;
+use crate::flow::{FlowId, FlowTable};
+use crate::model::{Protocol, ServicePortKey};
+use crate::session::Side;
+use crate::slots::{SlotId, Slots};
+use crate::table::Snapshot;
+
+pub use tcp::{Connection, Lifecycle};
+pub use timers::{TimerId, Timers};
+
+/// Names a connection of an [`Engine`].
+pub type ConnId = SlotId;
+/// Names a listener of an [`Engine`].
+pub type ListenerId = SlotId;
+
+/// How often flows are expired and failed binds retried.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Why a socket could not be opened or connected.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Out of descriptors or socket memory: the client waits and accepting pauses.
+    Exhausted(io::Error),
+    /// Anything else (no route, address in use, ...): the endpoint counts a connect error and
+    /// the next one is tried.
+    Failed(io::Error),
+}
+
+/// The I/O half of a worker: what the [`Engine`] asks of a data plane. Every method is a
+/// command; none calls back into the engine.
+pub trait Driver {
+    /// A listening socket and what the driver keeps beside it.
+    type Listener;
+    /// A connection's sockets and forwarding state, made by the driver when it accepts a
+    /// client.
+    type Conn;
+    /// A UDP flow's backend-side socket.
+    type Flow;
+
+    /// Opens a listener for `key` and starts serving it: TCP listeners take clients when
+    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive.
+    fn listen(
+        &mut self,
+        id: ListenerId,
+        key: ServicePortKey,
+        accepting: bool,
+    ) -> io::Result<Self::Listener>;
+
+    /// Stops serving a listener; closing its socket is the driver's (now, or once the
+    /// operations in flight on it have ended).
+    fn unlisten(&mut self, id: ListenerId, listener: Self::Listener);
+
+    /// Starts (`true`) or stops taking clients from a TCP listener.
+    fn accepting(&mut self, id: ListenerId, listener: &mut Self::Listener, on: bool);
+
+    /// The worker is out of descriptors or memory: let go of what can be given back (spare
+    /// pipes).
+    fn out_of_resources(&mut self);
+
+    /// Opens a backend socket (replacing the previous attempt's, which has ended) and starts
+    /// connecting it to `to`, from `source` when given (the client's address, transparent).
+    fn connect(
+        &mut self,
+        id: ConnId,
+        conn: &mut Self::Conn,
+        to: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> Result<(), OpenError>;
+
+    /// The attempt's deadline passed: end it. `true` when it has ended now; `false` when the
+    /// driver will report [`Engine::connect_failed`] (or [`Engine::connected`]) later.
+    fn abort_connect(&mut self, id: ConnId, conn: &mut Self::Conn) -> bool;
+
+    /// Connected: start moving bytes both ways.
+    fn forward(&mut self, id: ConnId, conn: &mut Self::Conn);
+
+    /// Closes a connection, resetting the socket of `reset` if given. Freeing it is the
+    /// driver's (now, or once its operations in flight have ended).
+    fn close(&mut self, conn: Self::Conn, reset: Option<Side>);
+
+    /// Opens a socket for a UDP flow, connected to `endpoint`, from `source` when given, and
+    /// starts receiving its replies.
+    fn open_flow(
+        &mut self,
+        id: FlowId,
+        endpoint: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> io::Result<Self::Flow>;
+
+    /// Closes a flow's socket (now, or once the operations in flight on it have ended).
+    fn close_flow(&mut self, flow: Self::Flow);
+}
+
+/// A listener of the engine: its frontend and the driver's socket.
+#[derive(Debug)]
+pub struct Listening<L> {
+    /// The frontend.
+    pub key: ServicePortKey,
+    /// The driver's listener.
+    pub io: L,
+}
+
+/// Why accepting is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// The budget is spent; accepting resumes once the waiting clients are served.
+    Budget,
+    /// Out of descriptors; accepting resumes when the backoff timer fires.
+    Resources,
+}
+
+/// An accepted client waiting for a budget unit or descriptors.
+#[derive(Debug)]
+struct Waiting<C> {
+    listener: ServicePortKey,
+    peer: SocketAddr,
+    io: C,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Connect(ConnId),
+    Idle(ConnId),
+    Drain(ConnId),
+    AcceptResume,
+    Tick,
+    Shutdown,
+}
+
+/// One worker's engine; see the module docs.
+pub struct Engine<D: Driver> {
+    ctx: WorkerContext,
+    config: ProxyConfig,
+    applied: Option<Arc<Snapshot>>,
+    listeners: Slots<Listening<D::Listener>>,
+    by_key: HashMap<ServicePortKey, ListenerId>,
+    failed_binds: BTreeSet<ServicePortKey>,
+    conns: Slots<Connection<D::Conn>>,
+    waiting: VecDeque<Waiting<D::Conn>>,
+    paused: Option<Pause>,
+    backoff: Backoff,
+    flows: FlowTable<D::Flow>,
+    timers: Timers<Timer>,
+    stopping: bool,
+    /// Inside [`Engine::serve_waiting`]: connections closed meanwhile leave the serving to it.
+    serving: bool,
+}
+
+impl<D: Driver> std::fmt::Debug for Engine<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("worker", &self.ctx.index)
+            .field("listeners", &self.listeners.len())
+            .field("connections", &self.conns.len())
+            .field("waiting", &self.waiting.len())
+            .field("flows", &self.flows.len())
+            .field("timers", &self.timers.len())
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Driver> Engine<D> {
+    /// The engine of worker `ctx`.
+    pub fn new(ctx: WorkerContext) -> Self {
+        let config = *ctx.config();
+        Self {
+            ctx,
+            config,
+            applied: None,
+            listeners: Slots::new(),
+            by_key: HashMap::new(),
+            failed_binds: BTreeSet::new(),
+            conns: Slots::new(),
+            waiting: VecDeque::new(),
+            paused: None,
+            backoff: Backoff::default(),
+            flows: FlowTable::new(config.udp_idle_timeout),
+            timers: Timers::default(),
+            stopping: false,
+            serving: false,
+        }
+    }
+
+    /// The worker's context.
+    pub fn ctx(&self) -> &WorkerContext {
+        &self.ctx
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Opens the current table's listeners and starts the tick. Call once, first.
+    pub fn start(&mut self, io: &mut D, now: Instant) {
+        self.apply_table(io, now);
+        self.timers.add(now + TICK, Timer::Tick);
+    }
+
+    /// Brings the engine up to `now`: begins the shutdown once it was asked for, runs the
+    /// timers that are due and applies a newly published table. Call after each batch of
+    /// events, and when [`Engine::next_deadline`] has passed.
+    pub fn poll(&mut self, io: &mut D, now: Instant) {
+        if !self.stopping && self.ctx.control.stopping() {
+            self.begin_stop(io, now);
+        }
+        while let Some(timer) = self.timers.pop_due(now) {
+            self.fire(io, timer, now);
+        }
+        let current = self.ctx.table().load().generation();
+        if self
+            .applied
+            .as_ref()
+            .is_none_or(|s| s.generation() != current)
+        {
+            self.apply_table(io, now);
+        }
+    }
+
+    /// When [`Engine::poll`] must run next, at the latest.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// The shutdown has begun and every connection has ended.
+    pub fn finished(&self) -> bool {
+        self.stopping && self.conns.is_empty()
+    }
+
+    /// Whether the shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// The worker was woken from another thread (a publish, the shutdown, or a budget unit
+    /// that came back): serve waiting clients.
+    pub fn woken(&mut self, io: &mut D, now: Instant) {
+        self.serve_waiting(io, now);
+    }
+
+    /// Timers armed now (each belongs to a live connection, a pause or the tick).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Accepted clients waiting for a budget unit or descriptors.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// A listener.
+    pub fn listener(&self, id: ListenerId) -> Option<&Listening<D::Listener>> {
+        self.listeners.get(id)
+    }
+
+    /// A listener, mutably.
+    pub fn listener_mut(&mut self, id: ListenerId) -> Option<&mut Listening<D::Listener>> {
+        self.listeners.get_mut(id)
+    }
+
+    /// The listener of a frontend.
+    pub fn listener_for(&self, key: &ServicePortKey) -> Option<&D::Listener> {
+        let id = self.by_key.get(key)?;
+        Some(&self.listeners.get(*id)?.io)
+    }
+
+    /// Every listener's id.
+    pub fn listener_ids(&self) -> Vec<ListenerId> {
+        self.listeners.ids()
+    }
+
+    /// Whether TCP listeners should take clients now.
+    pub fn may_accept(&self) -> bool {
+        self.paused.is_none() && !self.stopping
+    }
+
+    fn fire(&mut self, io: &mut D, timer: Timer, now: Instant) {
+        match timer {
+            Timer::Connect(id) => self.connect_deadline(io, id, now),
+            Timer::Idle(id) => self.idle_check(io, id, now),
+            Timer::Drain(id) => {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.state.drain = None;
+                    debug!(client = %conn.state.client, "closing a connection to a removed endpoint");
+                    self.close(io, id, None);
+                }
+            }
+            Timer::AcceptResume => {
+                // Resume once the waiting clients are served (or pause again).
+                self.paused = Some(Pause::Budget);
+                self.serve_waiting(io, now);
+            }
+            Timer::Tick => {
+                self.expire_flows(io, now);
+                let snapshot = self.ctx.table().load();
+                for key in std::mem::take(&mut self.failed_binds) {
+                    self.reconcile(io, key, snapshot.wants_listener(&key));
+                }
+                self.timers.add(now + TICK, Timer::Tick);
+            }
+            Timer::Shutdown => {
+                for id in self.conns.ids() {
+                    self.close(io, id, None);
+                }
+            }
+        }
+    }
+
+    /// Brings listeners, flows and draining connections in line with the current table.
+    fn apply_table(&mut self, io: &mut D, now: Instant) {
+        let snapshot = self.ctx.table().load_full();
+        for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
+            self.reconcile(io, key, wanted);
+        }
+        self.flows.sync(&snapshot, now);
+        if let Some(deadline) = self.config.tcp.drain_deadline(now) {
+            for (id, conn) in self.conns.iter_mut() {
+                let state = &mut conn.state;
+                let served = state
+                    .backend_addr()
+                    .is_none_or(|b| snapshot.serves(&state.listener, b));
+                if state.drain.is_none() && !served {
+                    state.drain = Some(self.timers.add(deadline, Timer::Drain(id)));
+                }
+            }
+        }
+        let generation = snapshot.generation();
+        self.applied = Some(snapshot);
+        self.ctx.control.report_applied(self.ctx.index, generation);
+    }
+
+    /// Opens or closes the listener of `key`.
+    fn reconcile(&mut self, io: &mut D, key: ServicePortKey, wanted: bool) {
+        let wanted = wanted && !self.stopping;
+        match (wanted, self.by_key.get(&key).copied()) {
+            (true, None) => self.open_listener(io, key),
+            (false, Some(id)) => {
+                self.by_key.remove(&key);
+                if let Some(l) = self.listeners.remove(id) {
+                    debug!(%key, "listener closed");
+                    io.unlisten(id, l.io);
+                }
+            }
+            _ => {}
+        }
+        if !wanted && self.failed_binds.remove(&key) {
+            self.ctx.control.set_bind_error(key, None);
+        }
+    }
+
+    fn open_listener(&mut self, io: &mut D, key: ServicePortKey) {
+        let accepting = self.may_accept();
+        let opened = self.listeners.insert_with(|id| {
+            io.listen(id, key, accepting)
+                .map(|l| Listening { key, io: l })
+        });
+        match opened {
+            Ok(id) => {
+                self.by_key.insert(key, id);
+                self.ctx.control.set_bind_error(key, None);
+                debug!(%key, "listening");
+            }
+            Err(e) => {
+                if self.failed_binds.insert(key) {
+                    warn!(%key, error = %e, "cannot listen; retrying every second");
+                }
+                self.ctx.control.set_bind_error(key, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Shutdown began: stop listening (clients are refused from now on), refuse waiting
+    /// clients, close UDP flows, and give open connections until the deadline.
+    fn begin_stop(&mut self, io: &mut D, now: Instant) {
+        self.stopping = true;
+        self.by_key.clear();
+        for id in self.listeners.ids() {
+            if let Some(l) = self.listeners.remove(id) {
+                io.unlisten(id, l.io);
+            }
+        }
+        for key in std::mem::take(&mut self.failed_binds) {
+            self.ctx.control.set_bind_error(key, None);
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            io.close(w.io, Some(Side::Client));
+        }
+        let ids: Vec<FlowId> = self.flows.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            if let Some(flow) = self.flows.remove(id) {
+                io.close_flow(flow.handle);
+            }
+        }
+        let deadline = self.ctx.control.deadline().unwrap_or(now);
+        self.timers.add(deadline, Timer::Shutdown);
+    }
+
+    /// Accepting failed for lack of descriptors or memory (`what` failed): pause it with
+    /// backoff. Other accept errors are the driver's to log; they change nothing.
+    pub fn out_of_resources(&mut self, io: &mut D, what: &str, error: &io::Error, now: Instant) {
+        io.out_of_resources();
+        if self.paused == Some(Pause::Resources) {
+            return;
+        }
+        let delay = self.backoff.fail();
+        warn!(%error, ?delay, "cannot {what}, out of resources; accepting paused");
+        self.pause(io, Pause::Resources);
+        self.timers.add(now + delay, Timer::AcceptResume);
+    }
+
+    fn pause(&mut self, io: &mut D, why: Pause) {
+        let was = self.paused.replace(why);
+        if was.is_none() {
+            self.set_accepting(io, false);
+        }
+    }
+
+    fn set_accepting(&mut self, io: &mut D, on: bool) {
+        for (id, l) in self.listeners.iter_mut() {
+            if l.key.protocol == Protocol::Tcp {
+                io.accepting(id, &mut l.io, on);
+            }
+        }
+    }
+
+    /// A client was accepted on `listener`, as `conn` (its socket in the driver's state).
+    pub fn accepted(
+        &mut self,
+        io: &mut D,
+        listener: ListenerId,
+        conn: D::Conn,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
+        let key = match self.listeners.get(listener) {
+            Some(l) if !self.stopping => l.key,
+            _ => return io.close(conn, Some(Side::Client)),
+        };
+        let waiting = Waiting {
+            listener: key,
+            peer,
+            io: conn,
+        };
+        if !self.waiting.is_empty() {
+            // Others came first.
+            self.waiting.push_back(waiting);
+            return;
+        }
+        match self.ctx.control.admit(self.ctx.index) {
+            Some(permit) => {
+                if let Err(w) = self.start_connection(io, waiting, permit, now) {
+                    self.waiting.push_back(w);
+                }
+            }
+            None => {
+                self.waiting.push_back(waiting);
+                self.pause(io, Pause::Budget);
+            }
+        }
+    }
+
+    /// Serves waiting clients while budget and descriptors allow; then accepting resumes if it
+    /// was paused for the budget.
+    fn serve_waiting(&mut self, io: &mut D, now: Instant) {
+        if self.paused == Some(Pause::Resources) || self.serving {
+            return;
+        }
+        self.serving = true;
+        let served = self.serve_queue(io, now);
+        self.serving = false;
+        if served && self.paused == Some(Pause::Budget) && !self.stopping {
+            self.paused = None;
+            self.set_accepting(io, true);
+        }
+    }
+
+    /// Starts waiting clients in order; false when one has to wait on.
+    fn serve_queue(&mut self, io: &mut D, now: Instant) -> bool {
+        while let Some(w) = self.waiting.pop_front() {
+            let Some(permit) = self.ctx.control.admit(self.ctx.index) else {
+                self.waiting.push_front(w);
+                self.pause(io, Pause::Budget);
+                return false;
+            };
+            if let Err(w) = self.start_connection(io, w, permit, now) {
+                // Out of descriptors again: it stays first in line.
+                self.waiting.push_front(w);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Closes a connection, resetting the socket of `reset` if given; its budget unit goes
+    /// back, and waiting clients are served.
+    pub fn close(&mut self, io: &mut D, id: ConnId, reset: Option<Side>) {
+        let Some(conn) = self.conns.remove(id) else {
+            return;
+        };
+        let Connection { io: sockets, state } = conn;
+        for timer in [state.timer, state.drain].into_iter().flatten() {
+            self.timers.cancel(timer);
+        }
+        io.close(sockets, reset);
+        state.end();
+        if !self.waiting.is_empty() {
+            self.serve_waiting(io, Instant::now());
+        }
+    }
+
+    /// A connection.
+    pub fn conn(&self, id: ConnId) -> Option<&Connection<D::Conn>> {
+        self.conns.get(id)
+    }
+
+    /// A connection, mutably.
+    pub fn conn_mut(&mut self, id: ConnId) -> Option<&mut Connection<D::Conn>> {
+        self.conns.get_mut(id)
+    }
+
+    /// Every connection, with its id.
+    pub fn connections(&self) -> impl Iterator<Item = (ConnId, &Connection<D::Conn>)> {
+        self.conns.iter()
+    }
+
+    /// Connections open now.
+    pub fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+}

@@ -1,0 +1,326 @@
+//! TCP connections of the engine: what a connection is in ([`Lifecycle`]) and the events that
+//! move it.
+//!
+//! - Connect: each attempt has a deadline (`connect_timeout`, doubled per attempt). A failed,
+//!   refused or timed-out attempt moves to the next endpoint the policy gives that has not
+//!   been tried, up to `connect_attempts`; then the client is reset. An attempt that cannot
+//!   even open its socket counts a connect error on its endpoint and moves on at once, except
+//!   for lack of descriptors on the first attempt: then the client waits (module docs).
+//! - Connected: the idle timer runs. It is checked, not re-armed, on activity: when it fires
+//!   the connection closes if it has been quiet for `idle_timeout`, else the timer is set for
+//!   the end of the quiet period.
+//! - Half-close ([`Lifecycle::read_eof`], [`Lifecycle::drained`]): EOF read in one direction
+//!   shuts down the write side of the other socket once every byte read before it has been
+//!   written; when both directions are shut, the connection is finished.
+//! - Errors ([`Engine::failed`]): an error on one side resets the other, and both close.
+//! - Drain: connections to an endpoint that left the table are closed after the drain policy's
+//!   grace (or kept, by default).
+//!
+//! Every timer a connection arms is cancelled when it closes, and its budget unit goes back.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::{ConnId, Driver, Engine, OpenError, Timer, TimerId, Waiting};
+use crate::budget::Permit;
+use crate::model::ServicePortKey;
+use crate::select::{Backend, PortState};
+use crate::session::{Direction, Side, Step, TcpSession};
+use crate::stats::Tally;
+
+/// One connection: the driver's sockets and the engine's state.
+#[derive(Debug)]
+pub struct Connection<C> {
+    /// The driver's sockets and forwarding state.
+    pub io: C,
+    /// Where the connection is in its life.
+    pub state: Lifecycle,
+}
+
+/// The engine's part of a connection.
+#[derive(Debug)]
+pub struct Lifecycle {
+    pub(super) listener: ServicePortKey,
+    pub(super) client: SocketAddr,
+    /// The endpoint of the attempt under way (or connected), counted as opened on its tally.
+    backend: Option<(SocketAddr, Tally)>,
+    session: TcpSession,
+    connected: bool,
+    last_activity: Instant,
+    /// The connect deadline while connecting, the idle check once connected.
+    pub(super) timer: Option<TimerId>,
+    pub(super) drain: Option<TimerId>,
+    _permit: Permit,
+}
+
+impl Lifecycle {
+    fn new(listener: ServicePortKey, client: SocketAddr, permit: Permit, now: Instant) -> Self {
+        Self {
+            listener,
+            client,
+            backend: None,
+            session: TcpSession::new(),
+            connected: false,
+            last_activity: now,
+            timer: None,
+            drain: None,
+            _permit: permit,
+        }
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// The frontend the client connected to.
+    pub fn listener(&self) -> &ServicePortKey {
+        &self.listener
+    }
+
+    /// The endpoint being connected to, or connected.
+    pub fn backend_addr(&self) -> Option<SocketAddr> {
+        self.backend.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// Whether the backend socket is connected.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Bytes moved at `now` (postpones the idle timeout).
+    #[inline]
+    pub fn active(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// Counts `n` bytes delivered in `dir`.
+    #[inline]
+    pub fn delivered(&self, dir: Direction, n: usize) {
+        if let Some((_, tally)) = &self.backend {
+            match dir {
+                Direction::Upstream => tally.bytes_in(n as u64),
+                Direction::Downstream => tally.bytes_out(n as u64),
+            }
+        }
+    }
+
+    /// EOF was read in `dir`; `pending` says whether bytes read before it still wait to be
+    /// written. The driver carries out the step: [`Step::Shutdown`] by shutting down that
+    /// socket's write side, [`Step::ShutdownAndFinish`] by closing the connection.
+    pub fn read_eof(&mut self, dir: Direction, pending: bool) -> Step {
+        self.session.read_eof(dir, pending)
+    }
+
+    /// Every byte read in `dir` has been written; a step as for [`Lifecycle::read_eof`].
+    pub fn drained(&mut self, dir: Direction) -> Step {
+        self.session.drained(dir)
+    }
+
+    /// Whether EOF has been read in `dir`.
+    pub fn eof_seen(&self, dir: Direction) -> bool {
+        self.session.eof_seen(dir)
+    }
+
+    /// The connection ended: the endpoint counts it closed, the budget unit goes back.
+    pub(super) fn end(self) {
+        if let Some((_, tally)) = &self.backend {
+            tally.closed();
+        }
+    }
+}
+
+/// How starting a connect attempt went.
+enum Attempt {
+    Connecting,
+    /// Out of descriptors on the first attempt: the client waits.
+    Exhausted(std::io::Error),
+    /// Every endpoint allowed failed at once.
+    Failed,
+}
+
+impl<D: Driver> Engine<D> {
+    /// Starts serving a client holding `permit`. `Err` gives the client back to wait, when no
+    /// backend socket can be opened for lack of descriptors (its budget unit goes back).
+    pub(super) fn start_connection(
+        &mut self,
+        io: &mut D,
+        w: Waiting<D::Conn>,
+        permit: Permit,
+        now: Instant,
+    ) -> Result<(), Waiting<D::Conn>> {
+        let snapshot = self.ctx.table().load();
+        let Some(port) = snapshot.lookup(&w.listener) else {
+            io.close(w.io, Some(Side::Client));
+            return Ok(());
+        };
+        let Some(first) = port.select(w.peer, now) else {
+            port.counters().add_refused();
+            io.close(w.io, Some(Side::Client));
+            return Ok(());
+        };
+        let (listener, peer) = (w.listener, w.peer);
+        let id = self.conns.insert(Connection {
+            io: w.io,
+            state: Lifecycle::new(listener, peer, permit, now),
+        });
+        match self.attempt(io, id, port, first, true, now) {
+            Attempt::Connecting => {
+                self.backoff.succeed();
+                Ok(())
+            }
+            Attempt::Failed => {
+                self.close(io, id, Some(Side::Client));
+                Ok(())
+            }
+            Attempt::Exhausted(e) => {
+                let conn = self.conns.remove(id).expect("inserted above");
+                self.out_of_resources(io, "open a backend socket", &e, now);
+                Err(Waiting {
+                    listener,
+                    peer,
+                    io: conn.io,
+                })
+            }
+        }
+    }
+
+    /// Starts connecting to `first` or, after immediate failures, the next endpoints allowed.
+    fn attempt(
+        &mut self,
+        io: &mut D,
+        id: ConnId,
+        port: &PortState,
+        first: &Backend,
+        may_wait: bool,
+        now: Instant,
+    ) -> Attempt {
+        let policy = self.config.tcp;
+        let preserve = self.config.preserve_client_ip;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Attempt::Failed;
+        };
+        let client = conn.state.client;
+        let source = preserve.then(|| SocketAddr::new(client.ip(), 0));
+        let mut next = Some(first);
+        while let Some(backend) = next {
+            let timeout = conn.state.session.connecting(&policy, backend.addr());
+            match io.connect(id, &mut conn.io, backend.addr(), source) {
+                Ok(()) => {
+                    backend.tally().opened();
+                    conn.state.backend = Some((backend.addr(), backend.tally().clone()));
+                    conn.state.timer = now
+                        .checked_add(timeout)
+                        .map(|at| self.timers.add(at, Timer::Connect(id)));
+                    return Attempt::Connecting;
+                }
+                Err(OpenError::Exhausted(e)) if may_wait => return Attempt::Exhausted(e),
+                Err(OpenError::Exhausted(e) | OpenError::Failed(e)) => {
+                    debug!(backend = %backend.addr(), error = %e, "cannot connect");
+                    backend.tally().connect_error();
+                    next = conn.state.session.next_backend(&policy, port, client, now);
+                }
+            }
+        }
+        Attempt::Failed
+    }
+
+    /// The backend socket of `id` connected.
+    pub fn connected(&mut self, io: &mut D, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if conn.state.connected {
+            return;
+        }
+        if let Some(timer) = conn.state.timer.take() {
+            self.timers.cancel(timer);
+        }
+        conn.state.connected = true;
+        conn.state.last_activity = now;
+        conn.state.timer = self
+            .config
+            .tcp
+            .idle_timeout
+            .and_then(|idle| now.checked_add(idle))
+            .map(|at| self.timers.add(at, Timer::Idle(id)));
+        io.forward(id, &mut conn.io);
+    }
+
+    /// The attempt of `id` failed (refused, unreachable, aborted after its deadline): the next
+    /// endpoint, or the client is reset.
+    pub fn connect_failed(&mut self, io: &mut D, id: ConnId, now: Instant) {
+        let policy = self.config.tcp;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if conn.state.connected {
+            return;
+        }
+        if let Some(timer) = conn.state.timer.take() {
+            self.timers.cancel(timer);
+        }
+        if let Some((_, tally)) = conn.state.backend.take() {
+            tally.connect_error();
+            tally.closed();
+        }
+        let snapshot = self.ctx.table().load();
+        let next = snapshot.lookup(&conn.state.listener).and_then(|port| {
+            let next = conn
+                .state
+                .session
+                .next_backend(&policy, port, conn.state.client, now);
+            next.map(|backend| (port, backend))
+        });
+        let started = next.is_some_and(|(port, backend)| {
+            matches!(
+                self.attempt(io, id, port, backend, false, now),
+                Attempt::Connecting
+            )
+        });
+        if !started {
+            self.close(io, id, Some(Side::Client));
+        }
+    }
+
+    /// An error on `side` of `id` (a reset, or any other): the other side is reset and both
+    /// are closed.
+    pub fn failed(&mut self, io: &mut D, id: ConnId, side: Side) {
+        self.close(io, id, Some(side.other()));
+    }
+
+    pub(super) fn connect_deadline(&mut self, io: &mut D, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        conn.state.timer = None;
+        if conn.state.connected {
+            return;
+        }
+        debug!(backend = ?conn.state.backend_addr(), "connect timed out");
+        if io.abort_connect(id, &mut conn.io) {
+            self.connect_failed(io, id, now);
+        }
+    }
+
+    pub(super) fn idle_check(&mut self, io: &mut D, id: ConnId, now: Instant) {
+        let (Some(conn), Some(idle)) = (self.conns.get_mut(id), self.config.tcp.idle_timeout)
+        else {
+            return;
+        };
+        conn.state.timer = None;
+        match conn.state.last_activity.checked_add(idle) {
+            Some(quiet_until) if quiet_until > now => {
+                conn.state.timer = Some(self.timers.add(quiet_until, Timer::Idle(id)));
+            }
+            Some(_) => {
+                debug!(client = %conn.state.client, "idle timeout");
+                self.close(io, id, None);
+            }
+            // So far away it never comes.
+            None => {}
+        }
+    }
+}

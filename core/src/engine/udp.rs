@@ -1,0 +1,84 @@
+//! UDP flows of the engine: mapping a client datagram to its flow (started on the first
+//! datagram: the port's policy picks the endpoint, the driver opens a socket connected to it),
+//! ending flows whose endpoint's port refuses, and expiring idle ones. Purge follows publishes:
+//! [`Engine::udp_snapshot`] syncs the flow table with the table it loads, so a flow whose
+//! endpoint stopped being eligible is out of the index before the next datagram is mapped
+//! (see [`crate::flow`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::{Driver, Engine};
+use crate::flow::{FlowId, FlowKey, FlowTable};
+use crate::model::ServicePortKey;
+use crate::table::Snapshot;
+
+impl<D: Driver> Engine<D> {
+    /// The current table, with the flows synced to it. Load it once per batch of client
+    /// datagrams and map the batch against it.
+    pub fn udp_snapshot(&mut self, now: Instant) -> Arc<Snapshot> {
+        let snapshot = self.ctx.table().load_full();
+        self.flows.sync(&snapshot, now);
+        snapshot
+    }
+
+    /// The flow of a datagram from `client` to `local` (the listener's own address when the
+    /// driver could not tell) on `listener`: the existing one, or one started now. `None`: the
+    /// datagram is dropped (no eligible endpoint, the flow limit, or no socket could be had).
+    pub fn flow_for(
+        &mut self,
+        io: &mut D,
+        snapshot: &Snapshot,
+        listener: &ServicePortKey,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        now: Instant,
+    ) -> Option<FlowId> {
+        let key = FlowKey {
+            client,
+            local: SocketAddr::new(local.unwrap_or(listener.addr.ip()), listener.addr.port()),
+        };
+        if let Some(id) = self.flows.lookup(&key, now) {
+            return Some(id);
+        }
+        let source = self.config.preserve_client_ip.then_some(client);
+        let max = self.config.max_udp_flows;
+        self.flows
+            .open(key, *listener, snapshot, now, max, |id, endpoint| {
+                io.open_flow(id, endpoint, source)
+            })
+            .unwrap_or_else(|(endpoint, e)| {
+                debug!(%endpoint, error = %e, "cannot open flow");
+                None
+            })
+    }
+
+    /// The worker's flows.
+    pub fn flows(&self) -> &FlowTable<D::Flow> {
+        &self.flows
+    }
+
+    /// The worker's flows, mutably (to mark them used, or change the driver's handles).
+    pub fn flows_mut(&mut self) -> &mut FlowTable<D::Flow> {
+        &mut self.flows
+    }
+
+    /// Receiving on the flow's socket failed (typically ECONNREFUSED: the endpoint's port is
+    /// closed): the flow ends, and its client's next datagram picks an endpoint again.
+    pub fn flow_failed(&mut self, io: &mut D, id: FlowId) {
+        if let Some(flow) = self.flows.remove(id) {
+            debug!(endpoint = %flow.endpoint, "flow failed");
+            flow.tally.connect_error();
+            io.close_flow(flow.handle);
+        }
+    }
+
+    pub(super) fn expire_flows(&mut self, io: &mut D, now: Instant) {
+        for flow in self.flows.expire(now) {
+            io.close_flow(flow.handle);
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The connection engine without sockets: events in, the driver's commands out. A recording
+//! driver stands in for the data plane; time is passed explicitly.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use svcproxy_core::engine::{ConnId, ListenerId, OpenError};
+use svcproxy_core::session::{Direction, Side, Step};
+use svcproxy_core::*;
+
+/// What the engine asked of the driver. Connections are named by the client's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cmd {
+    Listen(ServicePortKey),
+    Unlisten(ServicePortKey),
+    Accepting(bool),
+    OutOfResources,
+    Connect(u16, SocketAddr),
+    Abort(u16),
+    Forward(u16),
+    Close(u16, Option<Side>),
+}
+
+#[derive(Default)]
+struct Recorder {
+    cmds: Vec<Cmd>,
+    /// Results for the next `connect` calls (default: success).
+    connects: VecDeque<Result<(), OpenError>>,
+}
+
+impl Recorder {
+    fn take(&mut self) -> Vec<Cmd> {
+        std::mem::take(&mut self.cmds)
+    }
+}
+
+impl Driver for Recorder {
+    type Listener = ServicePortKey;
+    type Conn = u16;
+    type Flow = SocketAddr;
+
+    fn listen(
+        &mut self,
+        _: ListenerId,
+        key: ServicePortKey,
+        _: bool,
+    ) -> io::Result<Self::Listener> {
+        self.cmds.push(Cmd::Listen(key));
+        Ok(key)
+    }
+    fn unlisten(&mut self, _: ListenerId, key: Self::Listener) {
+        self.cmds.push(Cmd::Unlisten(key));
+    }
+    fn accepting(&mut self, _: ListenerId, _: &mut Self::Listener, on: bool) {
+        self.cmds.push(Cmd::Accepting(on));
+    }
+    fn out_of_resources(&mut self) {
+        self.cmds.push(Cmd::OutOfResources);
+    }
+    fn connect(
+        &mut self,
+        _: ConnId,
+        conn: &mut u16,
+        to: SocketAddr,
+        _: Option<SocketAddr>,
+    ) -> Result<(), OpenError> {
+        self.cmds.push(Cmd::Connect(*conn, to));
+        self.connects.pop_front().unwrap_or(Ok(()))
+    }
+    fn abort_connect(&mut self, _: ConnId, conn: &mut u16) -> bool {
+        self.cmds.push(Cmd::Abort(*conn));
+        true
+    }
+    fn forward(&mut self, _: ConnId, conn: &mut u16) {
+        self.cmds.push(Cmd::Forward(*conn));
+    }
+    fn close(&mut self, conn: u16, reset: Option<Side>) {
+        self.cmds.push(Cmd::Close(conn, reset));
+    }
+    fn open_flow(
+        &mut self,
+        _: engine::ListenerId,
+        endpoint: SocketAddr,
+        _: Option<SocketAddr>,
+    ) -> io::Result<SocketAddr> {
+        Ok(endpoint)
+    }
+    fn close_flow(&mut self, _: SocketAddr) {}
+}
+
+const FRONTEND: &str = "127.0.0.1:8080";
+
+fn ep(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 1, i], 9000))
+}
+
+fn frontend() -> ServicePortKey {
+    ServicePortKey::new(FRONTEND.parse().unwrap(), Protocol::Tcp)
+}
+
+fn client(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 2], port))
+}
+
+fn set_endpoints(table: &Table, eps: &[SocketAddr]) {
+    let eps = eps.iter().map(|&a| Endpoint::new(a)).collect();
+    table
+        .apply(Batch::new().replace_endpoints("web", eps))
+        .unwrap();
+}
+
+struct Fixture {
+    table: Arc<Table>,
+    control: Arc<Control>,
+    engine: Engine<Recorder>,
+    io: Recorder,
+    listener: ListenerId,
+    t0: Instant,
+}
+
+fn fixture(config: ProxyConfig, endpoints: &[SocketAddr]) -> Fixture {
+    let table = Arc::new(Table::default());
+    let web = Service::new("web")
+        .address("127.0.0.1".parse().unwrap())
+        .port(ServicePort::tcp(8080));
+    table.apply(Batch::new().upsert(web)).unwrap();
+    set_endpoints(&table, endpoints);
+    let control = Arc::new(Control::new(table.clone(), config, 1));
+    let mut engine = Engine::new(WorkerContext {
+        index: 0,
+        control: control.clone(),
+    });
+    let mut io = Recorder::default();
+    let t0 = Instant::now();
+    engine.start(&mut io, t0);
+    assert_eq!(io.take(), vec![Cmd::Listen(frontend())]);
+    let listener = engine.listener_ids()[0];
+    Fixture {
+        table,
+        control,
+        engine,
+        io,
+        listener,
+        t0,
+    }
+}
+
+impl Fixture {
+    fn accept(&mut self, port: u16, now: Instant) {
+        self.engine
+            .accepted(&mut self.io, self.listener, port, client(port), now);
+    }
+
+    /// The connection of the client on `port`.
+    fn id(&self, port: u16) -> ConnId {
+        self.engine
+            .connections()
+            .find(|(_, c)| c.io == port)
+            .map(|(id, _)| id)
+            .expect("the connection exists")
+    }
+
+    fn stats(&self) -> Vec<(SocketAddr, CounterValues)> {
+        self.table.load().stats()[0].endpoints.clone()
+    }
+}
+
+fn config() -> ProxyConfig {
+    ProxyConfig {
+        tcp: TcpPolicy {
+            connect_timeout: Duration::from_secs(1),
+            connect_attempts: 3,
+            idle_timeout: Some(Duration::from_secs(10)),
+            drain: DrainPolicy::Keep,
+        },
+        ..ProxyConfig::default()
+    }
+}
+
+#[test]
+fn closed_connections_leave_no_timer_behind() {
+    let mut f = fixture(config(), &[ep(1), ep(2)]);
+    let baseline = f.engine.timer_count();
+    for round in 0..10_000u32 {
+        let port = 1000 + (round % 50_000) as u16;
+        let now = f.t0 + Duration::from_micros(u64::from(round));
+        f.accept(port, now);
+        let id = f.id(port);
+        f.engine.connected(&mut f.io, id, now);
+        f.engine.close(&mut f.io, id, None);
+    }
+    assert_eq!(f.engine.conn_count(), 0);
+    assert_eq!(
+        f.engine.timer_count(),
+        baseline,
+        "every connect deadline and idle timer was cancelled with its connection"
+    );
+    assert_eq!(f.control.connections(), 0, "every budget unit came back");
+}
+
+#[test]
+fn connect_failures_move_to_the_next_endpoint_then_reset_the_client() {
+    let mut f = fixture(config(), &[ep(1), ep(2), ep(3)]);
+    // The first socket cannot even be opened (no route): the next endpoint at once.
+    f.io.connects
+        .push_back(Err(OpenError::Failed(io::Error::other("no route"))));
+    f.accept(7, f.t0);
+    let first = f.io.take();
+    assert_eq!(first.len(), 2, "two attempts: {first:?}");
+    let id = f.id(7);
+    // The second attempt is refused later.
+    f.engine.connect_failed(&mut f.io, id, f.t0);
+    assert!(
+        matches!(f.io.take()[..], [Cmd::Connect(7, _)]),
+        "third endpoint"
+    );
+    // The third never answers: its deadline is 4 s (1 s doubled twice).
+    f.engine
+        .poll(&mut f.io, f.t0 + Duration::from_millis(3_999));
+    assert!(f.io.take().is_empty(), "not yet");
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(4));
+    assert_eq!(
+        f.io.take(),
+        vec![Cmd::Abort(7), Cmd::Close(7, Some(Side::Client))],
+        "three attempts were allowed: the client is reset"
+    );
+    let tried: Vec<SocketAddr> = first
+        .iter()
+        .filter_map(|c| match c {
+            Cmd::Connect(_, to) => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_ne!(tried[0], tried[1]);
+    let errors: u64 = f.stats().iter().map(|(_, v)| v.connect_errors).sum();
+    assert_eq!(errors, 3, "each failed attempt counted once");
+    let active: u64 = f.stats().iter().map(|(_, v)| v.connections_active).sum();
+    assert_eq!(active, 0);
+    assert_eq!(f.control.connections(), 0);
+    assert_eq!(f.engine.timer_count(), 1, "only the tick is left");
+}
+
+#[test]
+fn over_budget_clients_wait_without_a_unit_and_are_served_in_order() {
+    let mut f = fixture(
+        ProxyConfig {
+            max_connections: 1,
+            ..config()
+        },
+        &[ep(1)],
+    );
+    f.accept(1, f.t0);
+    assert!(matches!(f.io.take()[..], [Cmd::Connect(1, _)]));
+    f.accept(2, f.t0);
+    f.accept(3, f.t0);
+    assert_eq!(
+        f.io.take(),
+        vec![Cmd::Accepting(false)],
+        "accepting paused once"
+    );
+    assert_eq!(f.engine.waiting_count(), 2);
+    assert_eq!(f.control.connections(), 1, "waiting clients hold no unit");
+    let first = f.id(1);
+    f.engine.close(&mut f.io, first, None);
+    let cmds = f.io.take();
+    assert!(
+        matches!(cmds[..], [Cmd::Close(1, None), Cmd::Connect(2, _)]),
+        "{cmds:?}"
+    );
+    assert_eq!(f.control.connections(), 1);
+    let second = f.id(2);
+    f.engine.close(&mut f.io, second, None);
+    let cmds = f.io.take();
+    assert!(
+        matches!(
+            cmds[..],
+            [
+                Cmd::Close(2, None),
+                Cmd::Connect(3, _),
+                Cmd::Accepting(true)
+            ]
+        ),
+        "the queue is empty again: accepting resumes ({cmds:?})"
+    );
+}
+
+#[test]
+fn shutdown_refuses_waiting_clients_and_the_budget_stays_exact() {
+    let mut f = fixture(
+        ProxyConfig {
+            max_connections: 1,
+            ..config()
+        },
+        &[ep(1)],
+    );
+    f.accept(1, f.t0);
+    let first = f.id(1);
+    f.engine.connected(&mut f.io, first, f.t0);
+    f.accept(2, f.t0);
+    f.accept(3, f.t0);
+    f.io.take();
+    f.control.begin_shutdown(f.t0 + Duration::from_secs(5));
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(
+        f.io.take(),
+        vec![
+            Cmd::Unlisten(frontend()),
+            Cmd::Close(2, Some(Side::Client)),
+            Cmd::Close(3, Some(Side::Client)),
+        ]
+    );
+    assert_eq!(
+        f.control.connections(),
+        1,
+        "refusing waiting clients released nothing"
+    );
+    assert!(!f.engine.finished());
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(5));
+    assert_eq!(f.io.take(), vec![Cmd::Close(1, None)]);
+    assert!(f.engine.finished());
+    assert_eq!(f.control.connections(), 0);
+}
+
+#[test]
+fn out_of_descriptors_the_client_waits_and_accepting_backs_off() {
+    let mut f = fixture(config(), &[ep(1)]);
+    f.io.connects
+        .push_back(Err(OpenError::Exhausted(io::Error::other("EMFILE"))));
+    f.accept(1, f.t0);
+    let cmds = f.io.take();
+    assert!(
+        matches!(
+            cmds[..],
+            [
+                Cmd::Connect(1, _),
+                Cmd::OutOfResources,
+                Cmd::Accepting(false)
+            ]
+        ),
+        "{cmds:?}"
+    );
+    assert_eq!(f.engine.waiting_count(), 1);
+    assert_eq!(f.control.connections(), 0);
+    // The first backoff is 10 ms.
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_millis(10));
+    let cmds = f.io.take();
+    assert!(
+        matches!(cmds[..], [Cmd::Connect(1, _), Cmd::Accepting(true)]),
+        "{cmds:?}"
+    );
+    assert_eq!(f.control.connections(), 1);
+}
+
+#[test]
+fn idle_connections_close_after_the_quiet_period_only() {
+    let mut f = fixture(config(), &[ep(1)]);
+    f.accept(1, f.t0);
+    let id = f.id(1);
+    f.engine.connected(&mut f.io, id, f.t0);
+    f.io.take();
+    f.engine
+        .conn_mut(id)
+        .unwrap()
+        .state
+        .active(f.t0 + Duration::from_secs(6));
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(10));
+    assert!(f.io.take().is_empty(), "active 4 s ago");
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(15));
+    assert!(f.io.take().is_empty(), "quiet for 9 s");
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(16));
+    assert_eq!(f.io.take(), vec![Cmd::Close(1, None)]);
+    assert_eq!(f.engine.timer_count(), 1);
+}
+
+#[test]
+fn drain_policy_closes_connections_to_removed_endpoints_after_the_grace() {
+    let config = ProxyConfig {
+        tcp: TcpPolicy {
+            drain: DrainPolicy::CloseAfter(Duration::from_secs(5)),
+            ..config().tcp
+        },
+        ..config()
+    };
+    let mut f = fixture(config, &[ep(1)]);
+    f.accept(1, f.t0);
+    let id = f.id(1);
+    f.engine.connected(&mut f.io, id, f.t0);
+    set_endpoints(&f.table, &[ep(2)]);
+    f.io.take();
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(1));
+    f.engine
+        .poll(&mut f.io, f.t0 + Duration::from_millis(5_999));
+    assert!(f.io.take().is_empty());
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(6));
+    assert_eq!(f.io.take(), vec![Cmd::Close(1, None)]);
+}
+
+#[test]
+fn a_grace_too_long_to_represent_keeps_the_connection() {
+    let config = ProxyConfig {
+        tcp: TcpPolicy {
+            drain: DrainPolicy::CloseAfter(Duration::MAX),
+            idle_timeout: Some(Duration::MAX),
+            ..config().tcp
+        },
+        ..config()
+    };
+    let mut f = fixture(config, &[ep(1)]);
+    f.accept(1, f.t0);
+    let id = f.id(1);
+    f.engine.connected(&mut f.io, id, f.t0);
+    set_endpoints(&f.table, &[ep(2)]);
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(1));
+    assert!(f.engine.conn(id).is_some(), "no overflow, no close");
+}
+
+#[test]
+fn half_close_orderings() {
+    let mut f = fixture(config(), &[ep(1)]);
+    f.accept(1, f.t0);
+    let id = f.id(1);
+    f.engine.connected(&mut f.io, id, f.t0);
+    let state = &mut f.engine.conn_mut(id).unwrap().state;
+    // EOF from the client with bytes still to write: nothing yet.
+    assert_eq!(state.read_eof(Direction::Upstream, true), Step::Continue);
+    assert!(state.eof_seen(Direction::Upstream));
+    assert_eq!(
+        state.drained(Direction::Upstream),
+        Step::Shutdown(Side::Backend)
+    );
+    assert_eq!(state.drained(Direction::Upstream), Step::Continue, "once");
+    // Draining a direction without EOF does nothing.
+    assert_eq!(state.drained(Direction::Downstream), Step::Continue);
+    assert_eq!(
+        state.read_eof(Direction::Downstream, false),
+        Step::ShutdownAndFinish(Side::Client)
+    );
+}
+
+#[test]
+fn an_error_on_one_side_resets_the_other() {
+    let mut f = fixture(config(), &[ep(1)]);
+    f.accept(1, f.t0);
+    let id = f.id(1);
+    f.engine.connected(&mut f.io, id, f.t0);
+    f.io.take();
+    f.engine.failed(&mut f.io, id, Side::Backend);
+    assert_eq!(f.io.take(), vec![Cmd::Close(1, Some(Side::Client))]);
+    assert_eq!(f.stats()[0].1.connections_active, 0);
+}
+
+#[test]
+fn no_eligible_endpoint_refuses_and_a_removed_port_closes_its_listener() {
+    let mut f = fixture(config(), &[ep(1)]);
+    set_endpoints(&f.table, &[]);
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Unlisten(frontend())]);
+    // A client the kernel had already handed over is refused.
+    f.engine.accepted(&mut f.io, f.listener, 9, client(9), f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Close(9, Some(Side::Client))]);
+    assert_eq!(f.control.connections(), 0);
+}
