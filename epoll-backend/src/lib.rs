@@ -20,7 +20,6 @@
 #![forbid(unsafe_code)]
 
 mod tcp;
-mod timers;
 mod token;
 mod udp;
 mod worker;

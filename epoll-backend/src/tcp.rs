@@ -18,13 +18,12 @@
 //! source always means the socket is drained, and clearing "readable" never loses an edge.
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use rustix::net::Shutdown;
 use socket2::Socket;
+use svcproxy_core::Connection;
 use svcproxy_core::session::{Direction, Side, Step};
-use svcproxy_core::{ServicePortKey, Tally, TcpSession};
 use svcproxy_sys::{Pipe, PipePool};
 
 /// Readiness of one socket, as last reported by epoll and not yet consumed.
@@ -46,7 +45,6 @@ pub(crate) struct Half {
     spill: Vec<u8>,
     /// Large reads lately: splice instead of copying.
     streaming: bool,
-    eof: bool,
 }
 
 impl Half {
@@ -90,21 +88,16 @@ pub(crate) enum Pumped {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Failed(pub(crate) Side);
 
+/// A connection's sockets and forwarding state (the engine keeps the rest).
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) client: Socket,
-    pub(crate) backend: Socket,
-    pub(crate) client_addr: SocketAddr,
-    pub(crate) listener: ServicePortKey,
-    pub(crate) backend_addr: SocketAddr,
-    pub(crate) tally: Tally,
-    pub(crate) session: TcpSession,
-    pub(crate) connected: bool,
-    pub(crate) attempt: u32,
-    pub(crate) ready: [Ready; 2],
+    /// The socket of the connect attempt under way, or connected.
+    pub(crate) backend: Option<Socket>,
+    ready: [Ready; 2],
     halves: [Half; 2],
-    pub(crate) last_activity: Instant,
-    pub(crate) draining: bool,
+    /// The client could not be watched: the connection ends at its first pump.
+    pub(crate) broken: bool,
 }
 
 fn side_index(side: Side) -> usize {
@@ -122,243 +115,18 @@ fn dir_index(dir: Direction) -> usize {
 }
 
 impl Conn {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        client: Socket,
-        backend: Socket,
-        client_addr: SocketAddr,
-        listener: ServicePortKey,
-        backend_addr: SocketAddr,
-        tally: Tally,
-        session: TcpSession,
-        now: Instant,
-    ) -> Self {
+    pub(crate) fn new(client: Socket) -> Self {
         Self {
             client,
-            backend,
-            client_addr,
-            listener,
-            backend_addr,
-            tally,
-            session,
-            connected: false,
-            attempt: 1,
+            backend: None,
             ready: [Ready::default(); 2],
             halves: [Half::default(), Half::default()],
-            last_activity: now,
-            draining: false,
-        }
-    }
-
-    pub(crate) fn socket(&self, side: Side) -> &Socket {
-        match side {
-            Side::Client => &self.client,
-            Side::Backend => &self.backend,
+            broken: false,
         }
     }
 
     pub(crate) fn ready_mut(&mut self, side: Side) -> &mut Ready {
         &mut self.ready[side_index(side)]
-    }
-
-    /// Moves bytes both ways until sockets would block, the budget is spent, or the connection
-    /// ends.
-    pub(crate) fn pump(
-        &mut self,
-        buffers: &mut Buffers,
-        budget: &mut usize,
-        now: Instant,
-    ) -> Result<Pumped, Failed> {
-        let mut result = Pumped::Idle;
-        for dir in Direction::BOTH {
-            match self.pump_one(dir, buffers, budget, now)? {
-                Pumped::Finished => return Ok(Pumped::Finished),
-                Pumped::Idle => {}
-                other => result = other,
-            }
-        }
-        Ok(result)
-    }
-
-    fn pump_one(
-        &mut self,
-        dir: Direction,
-        buffers: &mut Buffers,
-        budget: &mut usize,
-        now: Instant,
-    ) -> Result<Pumped, Failed> {
-        let Buffers {
-            pipes: pool,
-            scratch,
-        } = buffers;
-        let (src, dst) = (dir.from(), dir.to());
-        let (si, di, hi) = (side_index(src), side_index(dst), dir_index(dir));
-        let mut outcome = Pumped::Idle;
-        loop {
-            // First empty what is held into the destination.
-            if self.halves[hi].pending() {
-                if !self.ready[di].writable {
-                    break;
-                }
-                let to = if dst == Side::Client {
-                    &self.client
-                } else {
-                    &self.backend
-                };
-                let half = &mut self.halves[hi];
-                let written = if half.held > 0 {
-                    let pipe = half.pipe.as_ref().expect("bytes held imply a pipe");
-                    pipe.drain(to, half.held)
-                } else {
-                    (&*to).write(&half.spill)
-                };
-                match written {
-                    Ok(n) => {
-                        if half.held > 0 {
-                            half.held -= n;
-                        } else {
-                            half.spill.drain(..n);
-                            if half.spill.is_empty() {
-                                half.spill = Vec::new();
-                            }
-                        }
-                        self.last_activity = now;
-                        self.count(dir, n, budget);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.ready[di].writable = false;
-                        break;
-                    }
-                    Err(_) => return Err(Failed(dst)),
-                }
-                if self.halves[hi].pending() {
-                    continue;
-                }
-                if self.halves[hi].eof {
-                    let step = self.session.drained(dir);
-                    if self.apply(step) {
-                        return Ok(Pumped::Finished);
-                    }
-                }
-            }
-            // Then read from the source; nothing is held at this point. Small transfers are
-            // copied through a stack buffer (one read and one write cost less than two splices
-            // for a few bytes); a read that fills the buffer marks the direction as streaming,
-            // and streams are spliced through a pipe until the direction next goes idle.
-            if self.halves[hi].eof || !self.ready[si].readable {
-                break;
-            }
-            if *budget == 0 {
-                outcome = Pumped::Budget;
-                break;
-            }
-            let from = if src == Side::Client {
-                &self.client
-            } else {
-                &self.backend
-            };
-            let to = if dst == Side::Client {
-                &self.client
-            } else {
-                &self.backend
-            };
-            let half = &mut self.halves[hi];
-            if half.streaming
-                && half.pipe.is_none()
-                && let Ok(p) = pool.take()
-            {
-                half.pipe = Some(p);
-            }
-            let mut written = 0;
-            let mut drained = false;
-            let read = match (&half.pipe, half.streaming) {
-                (Some(pipe), true) => {
-                    let room = pipe.capacity() - half.held;
-                    pipe.fill(from, room).inspect(|&n| half.held += n)
-                }
-                _ => {
-                    let chunk = &mut scratch[..];
-                    let read = (&*from).read(chunk);
-                    if let Ok(n @ 1..) = read {
-                        half.streaming = n == COPY_CHUNK;
-                        // A short read emptied the socket: the next bytes bring a new edge (but
-                        // an end of stream already announced does not: read on to it).
-                        drained = n < COPY_CHUNK && !self.ready[si].peer_closed;
-                        if self.ready[di].writable {
-                            match (&*to).write(&chunk[..n]) {
-                                Ok(w) => written = w,
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                    self.ready[di].writable = false;
-                                }
-                                Err(_) => return Err(Failed(dst)),
-                            }
-                        }
-                        half.spill.extend_from_slice(&chunk[written..n]);
-                    }
-                    read
-                }
-            };
-            match read {
-                Ok(0) => {
-                    let pending = self.halves[hi].pending();
-                    self.halves[hi].eof = true;
-                    let step = self.session.read_eof(dir, pending);
-                    if self.apply(step) {
-                        return Ok(Pumped::Finished);
-                    }
-                }
-                Ok(_) => {
-                    self.last_activity = now;
-                    if written > 0 {
-                        self.count(dir, written, budget);
-                    }
-                    if drained {
-                        self.ready[si].readable = false;
-                        if !self.halves[hi].pending() {
-                            break;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Nothing is held when reading, so this means the socket is drained.
-                    self.ready[si].readable = false;
-                    break;
-                }
-                Err(_) => return Err(Failed(src)),
-            }
-        }
-        let half = &mut self.halves[hi];
-        if half.held == 0 && (half.eof || !self.ready[si].readable) {
-            half.streaming = false;
-            if let Some(pipe) = half.pipe.take() {
-                pool.give(pipe);
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// Counts `n` bytes delivered in `dir` against the counters and the budget.
-    fn count(&mut self, dir: Direction, n: usize, budget: &mut usize) {
-        *budget = budget.saturating_sub(n);
-        match dir {
-            Direction::Upstream => self.tally.bytes_in(n as u64),
-            Direction::Downstream => self.tally.bytes_out(n as u64),
-        }
-    }
-
-    /// Carries out a half-close step; true when the connection is finished.
-    fn apply(&mut self, step: Step) -> bool {
-        match step {
-            Step::Continue => false,
-            Step::Shutdown(side) => {
-                let _ = rustix::net::shutdown(self.socket(side), Shutdown::Write);
-                false
-            }
-            Step::ShutdownAndFinish(side) => {
-                let _ = rustix::net::shutdown(self.socket(side), Shutdown::Write);
-                true
-            }
-        }
     }
 
     /// Gives empty pipes back to the pool (pipes holding bytes are closed with the connection).
@@ -369,6 +137,189 @@ impl Conn {
             {
                 pool.give(pipe);
             }
+        }
+    }
+}
+
+/// Moves bytes both ways until sockets would block, the budget is spent, or the connection
+/// ends.
+pub(crate) fn pump(
+    conn: &mut Connection<Conn>,
+    buffers: &mut Buffers,
+    budget: &mut usize,
+    now: Instant,
+) -> Result<Pumped, Failed> {
+    if conn.io.broken {
+        return Err(Failed(Side::Client));
+    }
+    let mut result = Pumped::Idle;
+    for dir in Direction::BOTH {
+        match pump_one(conn, dir, buffers, budget, now)? {
+            Pumped::Finished => return Ok(Pumped::Finished),
+            Pumped::Idle => {}
+            other => result = other,
+        }
+    }
+    Ok(result)
+}
+
+fn pump_one(
+    conn: &mut Connection<Conn>,
+    dir: Direction,
+    buffers: &mut Buffers,
+    budget: &mut usize,
+    now: Instant,
+) -> Result<Pumped, Failed> {
+    let Connection { io, state } = conn;
+    let Some(backend) = io.backend.as_ref() else {
+        return Ok(Pumped::Idle);
+    };
+    let sockets = [&io.client, backend];
+    let Buffers {
+        pipes: pool,
+        scratch,
+    } = buffers;
+    let (src, dst) = (dir.from(), dir.to());
+    let (si, di) = (side_index(src), side_index(dst));
+    let (from, to) = (sockets[si], sockets[di]);
+    let ready = &mut io.ready;
+    let half = &mut io.halves[dir_index(dir)];
+    let mut outcome = Pumped::Idle;
+    loop {
+        // First empty what is held into the destination.
+        if half.pending() {
+            if !ready[di].writable {
+                break;
+            }
+            let written = match &half.pipe {
+                Some(pipe) if half.held > 0 => pipe.drain(to, half.held),
+                _ => (&*to).write(&half.spill),
+            };
+            match written {
+                Ok(n) => {
+                    if half.held > 0 {
+                        half.held -= n;
+                    } else {
+                        half.spill.drain(..n);
+                        if half.spill.is_empty() {
+                            half.spill = Vec::new();
+                        }
+                    }
+                    state.active(now);
+                    count(state, dir, n, budget);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready[di].writable = false;
+                    break;
+                }
+                Err(_) => return Err(Failed(dst)),
+            }
+            if half.pending() {
+                continue;
+            }
+            if state.eof_seen(dir) && finish(state.drained(dir), sockets) {
+                return Ok(Pumped::Finished);
+            }
+        }
+        // Then read from the source; nothing is held at this point. Small transfers are
+        // copied through a stack buffer (one read and one write cost less than two splices
+        // for a few bytes); a read that fills the buffer marks the direction as streaming,
+        // and streams are spliced through a pipe until the direction next goes idle.
+        if state.eof_seen(dir) || !ready[si].readable {
+            break;
+        }
+        if *budget == 0 {
+            outcome = Pumped::Budget;
+            break;
+        }
+        if half.streaming
+            && half.pipe.is_none()
+            && let Ok(p) = pool.take()
+        {
+            half.pipe = Some(p);
+        }
+        let mut written = 0;
+        let mut drained = false;
+        let read = match (&half.pipe, half.streaming) {
+            (Some(pipe), true) => {
+                let room = pipe.capacity() - half.held;
+                pipe.fill(from, room).inspect(|&n| half.held += n)
+            }
+            _ => {
+                let chunk = &mut scratch[..];
+                let read = (&*from).read(chunk);
+                if let Ok(n @ 1..) = read {
+                    half.streaming = n == COPY_CHUNK;
+                    // A short read emptied the socket: the next bytes bring a new edge (but
+                    // an end of stream already announced does not: read on to it).
+                    drained = n < COPY_CHUNK && !ready[si].peer_closed;
+                    if ready[di].writable {
+                        match (&*to).write(&chunk[..n]) {
+                            Ok(w) => written = w,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                ready[di].writable = false;
+                            }
+                            Err(_) => return Err(Failed(dst)),
+                        }
+                    }
+                    half.spill.extend_from_slice(&chunk[written..n]);
+                }
+                read
+            }
+        };
+        match read {
+            Ok(0) => {
+                if finish(state.read_eof(dir, half.pending()), sockets) {
+                    return Ok(Pumped::Finished);
+                }
+            }
+            Ok(_) => {
+                state.active(now);
+                if written > 0 {
+                    count(state, dir, written, budget);
+                }
+                if drained {
+                    ready[si].readable = false;
+                    if !half.pending() {
+                        break;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing is held when reading, so this means the socket is drained.
+                ready[si].readable = false;
+                break;
+            }
+            Err(_) => return Err(Failed(src)),
+        }
+    }
+    if half.held == 0 && (state.eof_seen(dir) || !ready[si].readable) {
+        half.streaming = false;
+        if let Some(pipe) = half.pipe.take() {
+            pool.give(pipe);
+        }
+    }
+    Ok(outcome)
+}
+
+/// Counts `n` bytes delivered in `dir` against the counters and the budget.
+fn count(state: &svcproxy_core::Lifecycle, dir: Direction, n: usize, budget: &mut usize) {
+    *budget = budget.saturating_sub(n);
+    state.delivered(dir, n);
+}
+
+/// Carries out a half-close step on `sockets` (client, backend); true when the connection is
+/// finished.
+fn finish(step: Step, sockets: [&Socket; 2]) -> bool {
+    match step {
+        Step::Continue => false,
+        Step::Shutdown(side) => {
+            let _ = rustix::net::shutdown(sockets[side_index(side)], Shutdown::Write);
+            false
+        }
+        Step::ShutdownAndFinish(side) => {
+            let _ = rustix::net::shutdown(sockets[side_index(side)], Shutdown::Write);
+            true
         }
     }
 }

@@ -8,16 +8,13 @@
 //! endpoint stopped being eligible is gone before its client's next datagram is routed.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use rustix::event::epoll;
-use socket2::Socket;
-use svcproxy_core::{FlowId, FlowKey, Protocol, ServicePortKey, SlotId, Snapshot};
-use svcproxy_sys::{connect, send_many};
+use svcproxy_core::engine::ListenerId;
+use svcproxy_core::{FlowId, SlotId};
+use svcproxy_sys::send_many;
 use tracing::debug;
 
-use crate::token::{Kind, Token, watch};
 use crate::worker::{Work, Worker};
 
 /// Batches taken from one socket before other work gets a turn.
@@ -25,43 +22,36 @@ const ROUNDS: usize = 8;
 
 impl Worker {
     /// Forwards datagrams waiting on a UDP listener.
-    pub(crate) fn udp_from_clients(&mut self, listener: SlotId, now: Instant) {
-        let mut routes: Vec<(FlowId, usize)> = Vec::with_capacity(self.batch.capacity());
+    pub(crate) fn udp_from_clients(&mut self, listener: ListenerId, now: Instant) {
+        let mut routes: Vec<(FlowId, usize)> = Vec::with_capacity(self.io.batch.capacity());
         for _ in 0..ROUNDS {
-            let Some(l) = self.listener_slots.get(listener) else {
+            let Some(l) = self.engine.listener(listener) else {
                 return;
             };
             let key = l.key;
             // A batch smaller than the buffers means the socket is empty: the next datagram
             // brings a new edge, so there is no need to ask again.
-            let drained = match self.batch.recv(&l.socket) {
+            let drained = match self.io.batch.recv(&l.io) {
                 Ok(0) => return,
-                Ok(n) => n < self.batch.capacity(),
+                Ok(n) => n < self.io.batch.capacity(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!(%key, error = %e, "receive failed");
                     return;
                 }
             };
-            let snapshot = self.ctx.table().load_full();
-            self.flows.sync(&snapshot, now);
+            let snapshot = self.engine.udp_snapshot(now);
             routes.clear();
-            for i in 0..self.batch.len() {
-                let d = self.batch.get(i);
-                let Some(peer) = d.peer else { continue };
-                if d.truncated {
+            for i in 0..self.io.batch.len() {
+                let d = self.io.batch.get(i);
+                let (Some(peer), false) = (d.peer, d.truncated) else {
                     continue;
-                }
-                let local = SocketAddr::new(d.local.unwrap_or(key.addr.ip()), key.addr.port());
-                let flow_key = FlowKey {
-                    client: peer,
-                    local,
                 };
-                let id = match self.flows.lookup(&flow_key, now) {
-                    Some(id) => Some(id),
-                    None => self.new_flow(flow_key, key, &snapshot, now),
-                };
-                if let Some(id) = id {
+                let local = d.local;
+                if let Some(id) =
+                    self.engine
+                        .flow_for(&mut self.io, &snapshot, &key, peer, local, now)
+                {
                     routes.push((id, i));
                 }
             }
@@ -70,7 +60,7 @@ impl Worker {
                 return;
             }
         }
-        self.ready.push_back(Work::Udp(listener));
+        self.io.ready.push_back(Work::Udp(listener));
     }
 
     /// Sends each run of consecutive datagrams of one flow with one call.
@@ -81,9 +71,9 @@ impl Worker {
             let end = start + routes[start..].iter().take_while(|(f, _)| *f == id).count();
             let payloads: Vec<&[u8]> = routes[start..end]
                 .iter()
-                .map(|&(_, i)| self.batch.get(i).data)
+                .map(|&(_, i)| self.io.batch.get(i).data)
                 .collect();
-            if let Some(flow) = self.flows.get(id) {
+            if let Some(flow) = self.engine.flows().get(id) {
                 let mut sent = 0;
                 while sent < payloads.len() {
                     match send_many(&flow.handle, &payloads[sent..], None, None) {
@@ -106,72 +96,34 @@ impl Worker {
         }
     }
 
-    /// Starts a flow: pick an endpoint, open a socket connected to it, watch it for replies.
-    fn new_flow(
-        &mut self,
-        key: FlowKey,
-        listener: ServicePortKey,
-        snapshot: &Snapshot,
-        now: Instant,
-    ) -> Option<FlowId> {
-        let config = self.ctx.config();
-        let (preserve, max_flows) = (config.preserve_client_ip, config.max_udp_flows);
-        let source = preserve.then_some(key.client);
-        let epoll = &self.epoll;
-        let opened = self
-            .flows
-            .open(key, listener, snapshot, now, max_flows, |id, endpoint| {
-                let socket = connect(endpoint, Protocol::Udp, source, preserve)?;
-                let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
-                watch(epoll, &socket, Token::new(Kind::Flow, id), flags)?;
-                Ok::<Socket, io::Error>(socket)
-            });
-        opened.unwrap_or_else(|(endpoint, e)| {
-            debug!(%endpoint, error = %e, "cannot open flow");
-            None
-        })
-    }
-
     /// Forwards replies waiting on a flow's socket back to its client.
-    pub(crate) fn udp_from_backend(&mut self, id: FlowId, now: Instant) {
+    pub(crate) fn udp_from_backend(&mut self, id: SlotId, now: Instant) {
         for _ in 0..ROUNDS {
-            let Some(flow) = self.flows.get(id) else {
+            let Some(flow) = self.engine.flows().get(id) else {
                 return;
             };
-            let drained = match self.batch.recv(&flow.handle) {
+            let drained = match self.io.batch.recv(&flow.handle) {
                 Ok(0) => return,
-                Ok(n) => n < self.batch.capacity(),
+                Ok(n) => n < self.io.batch.capacity(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    // Typically ECONNREFUSED: the endpoint's port is closed. End the flow; the
-                    // client's next datagram picks an endpoint again.
-                    debug!(endpoint = %flow.endpoint, error = %e, "flow failed");
-                    flow.tally.connect_error();
-                    self.flows.remove(id);
+                    debug!(endpoint = %flow.endpoint, error = %e, "receive from endpoint failed");
+                    self.engine.flow_failed(&mut self.io, id);
                     return;
                 }
             };
-            let listener = self
-                .listeners
-                .get(&flow.listener)
-                .and_then(|l| self.listener_slots.get(*l));
-            let Some(listener) = listener else {
+            let Some(listener) = self.engine.listener_for(&flow.listener) else {
                 return;
             };
-            let payloads: Vec<&[u8]> = (0..self.batch.len())
-                .map(|i| self.batch.get(i))
+            let payloads: Vec<&[u8]> = (0..self.io.batch.len())
+                .map(|i| self.io.batch.get(i))
                 .filter(|d| !d.truncated)
                 .map(|d| d.data)
                 .collect();
             let (client, local) = (flow.key.client, flow.key.local.ip());
             let mut sent = 0;
             while sent < payloads.len() {
-                match send_many(
-                    &listener.socket,
-                    &payloads[sent..],
-                    Some(client),
-                    Some(local),
-                ) {
+                match send_many(listener, &payloads[sent..], Some(client), Some(local)) {
                     Ok(n) => {
                         let bytes: usize = payloads[sent..sent + n].iter().map(|p| p.len()).sum();
                         flow.tally.datagrams_out(n as u64, bytes as u64);
@@ -185,11 +137,11 @@ impl Worker {
                     }
                 }
             }
-            self.flows.touch(id, now);
+            self.engine.flows_mut().touch(id, now);
             if drained {
                 return;
             }
         }
-        self.ready.push_back(Work::Replies(id));
+        self.io.ready.push_back(Work::Replies(id));
     }
 }

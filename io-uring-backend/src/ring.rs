@@ -19,7 +19,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use io_uring::types::{CancelBuilder, Fd, Timespec};
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use svcproxy_sys::ancillary::{ControlBuf, NameBuf, write_pktinfo, write_sockaddr};
 
@@ -34,7 +34,7 @@ impl std::fmt::Display for Unavailable {
 }
 
 /// Opcodes the backend needs.
-const NEEDED: [(u8, &str); 12] = [
+const NEEDED: [(u8, &str); 10] = [
     (opcode::PollAdd::CODE, "poll"),
     (opcode::AcceptMulti::CODE, "accept"),
     (opcode::Connect::CODE, "connect"),
@@ -44,14 +44,12 @@ const NEEDED: [(u8, &str); 12] = [
     (opcode::SendMsg::CODE, "sendmsg"),
     (opcode::Splice::CODE, "splice"),
     (opcode::AsyncCancel2::CODE, "async cancel"),
-    (opcode::LinkTimeout::CODE, "link timeout"),
-    (opcode::Timeout::CODE, "timeout"),
     (opcode::Read::CODE, "read"),
 ];
 
 /// Whether this kernel and process may use io_uring with what the backend needs: a ring can be
-/// set up (not disabled by `kernel.io_uring_disabled`, seccomp or an old kernel), every opcode
-/// is supported, and provided-buffer rings can be registered.
+/// set up (not disabled by `kernel.io_uring_disabled`, seccomp or an old kernel), waits can
+/// have a timeout, every opcode is supported, and provided-buffer rings can be registered.
 ///
 /// The test ring lives on a thread of its own: tearing a ring down queues work for the task that
 /// created it, which would interrupt a blocking call of the caller's (EINTR on a socket with a
@@ -79,6 +77,11 @@ fn probe_here() -> Result<(), Unavailable> {
     ring.submitter()
         .register_probe(&mut probe)
         .map_err(|e| Unavailable(format!("cannot probe io_uring opcodes: {e}")))?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err(Unavailable(
+            "the kernel's io_uring cannot wait with a timeout (IORING_FEAT_EXT_ARG)".into(),
+        ));
+    }
     if let Some((_, name)) = NEEDED.iter().find(|(code, _)| !probe.is_supported(*code)) {
         return Err(Unavailable(format!(
             "the kernel's io_uring lacks the {name} operation"
@@ -185,9 +188,7 @@ impl Ring {
 
     /// Queues `entries` together (all or none), submitting first while the submission queue
     /// lacks room for them. Together matters for a linked chain: if the kernel (or its
-    /// submission-polling thread) takes the head without the rest, it ends the chain there and
-    /// runs the head on an io-wq thread, where a connect on a non-blocking socket completes at
-    /// once with EINPROGRESS instead of waiting for the handshake.
+    /// submission-polling thread) took the head without the rest, it would end the chain there.
     ///
     /// # Safety
     /// Every pointer in `entries` must stay valid until its operation's final completion.
@@ -242,14 +243,23 @@ impl Ring {
         }
     }
 
-    /// Submits what is queued and waits for at least one completion.
-    pub(crate) fn submit_and_wait(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
+    /// Submits what is queued and waits for at least one completion, or until `timeout` has
+    /// passed.
+    pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let result = match timeout {
+            Some(t) => {
+                let ts = Timespec::from(t);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
             Ok(_) => Ok(()),
             Err(e)
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
                 ) =>
             {
                 Ok(())
@@ -282,31 +292,13 @@ impl Ring {
         self.push_plain(entry, user_data)
     }
 
-    /// A connect with a deadline: `connect` completes with the result (`-ECANCELED` when the
-    /// deadline passed first), `timeout` with the deadline's.
-    pub(crate) fn connect(
-        &mut self,
-        fd: RawFd,
-        to: SocketAddr,
-        deadline: Duration,
-        connect: u64,
-        timeout: u64,
-    ) -> io::Result<()> {
-        let mut memory = Box::new((NameBuf::default(), Timespec::from(deadline)));
-        let len = write_sockaddr(to, &mut memory.0);
-        let addr = memory.0.0.as_ptr().cast::<libc::sockaddr>();
-        let ts: *const Timespec = &memory.1;
-        let entry = opcode::Connect::new(Fd(fd), addr, len as libc::socklen_t)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(connect);
-        let link = opcode::LinkTimeout::new(ts).build().user_data(timeout);
-        // Boxed memory does not move when the map rehashes.
-        self.memory.insert(connect, memory);
-        // SAFETY: the address and the timespec point into `memory`, owned by `self.memory`
-        // until `complete` sees the connect's final completion; the kernel reads the timespec
-        // when it takes the timeout, which is queued with the connect.
-        unsafe { self.push(&[entry, link]) }
+    /// A connect; its deadline is the engine's (the caller cancels it when it passes).
+    pub(crate) fn connect(&mut self, fd: RawFd, to: SocketAddr, user_data: u64) -> io::Result<()> {
+        let mut memory = Box::new(NameBuf::default());
+        let len = write_sockaddr(to, &mut memory);
+        let addr = memory.0.as_ptr().cast::<libc::sockaddr>();
+        let entry = opcode::Connect::new(Fd(fd), addr, len as libc::socklen_t).build();
+        self.push_owning(entry, user_data, memory)
     }
 
     /// A receive into a buffer of `group`.
@@ -423,13 +415,6 @@ impl Ring {
             .build()
             .flags(squeue::Flags::SKIP_SUCCESS);
         self.push_plain(entry, user_data)
-    }
-
-    /// Completes after `after`.
-    pub(crate) fn timeout(&mut self, after: Duration, user_data: u64) -> io::Result<()> {
-        let ts = Box::new(Timespec::from(after));
-        let entry = opcode::Timeout::new(&*ts).build();
-        self.push_owning(entry, user_data, ts)
     }
 
     /// Reads the 8-byte counter of an eventfd (to be woken from other threads).

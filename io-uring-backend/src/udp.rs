@@ -6,6 +6,11 @@
 //! the exact local address the client used. Buffers return to the ring when their send has
 //! completed; a socket that finds the ring empty waits until one does.
 //!
+//! Every socket counts the operations queued on it (its multishot receive and its sends), and
+//! one the engine has closed is dropped only when that count is back to zero: a descriptor
+//! closed under a queued send could be reused before the ring submits it, and the datagram
+//! would leave through another socket.
+//!
 //! The flow table is synced with the snapshot before each datagram is mapped, so a flow whose
 //! endpoint stopped being eligible is gone before its client's next datagram.
 
@@ -16,25 +21,35 @@ use std::time::Instant;
 
 use io_uring::types::RecvMsgOut;
 use socket2::Socket;
-use svcproxy_core::{FlowId, FlowKey, Protocol, ServicePortKey, SlotId, Snapshot};
+use svcproxy_core::engine::ListenerId;
+use svcproxy_core::{FlowId, Protocol, SlotId};
 use svcproxy_sys::ancillary::{parse_pktinfo, parse_sockaddr};
 use svcproxy_sys::connect;
 use tracing::debug;
 
 use crate::ring::{Completion, RECVMSG_CONTROL, RECVMSG_NAME};
 use crate::token::{self, Op};
-use crate::worker::Worker;
+use crate::worker::{Io, Worker};
 
-/// A flow's socket, and whether its multishot receive is in flight.
+/// A flow's socket, its multishot receive and its sends in flight.
 pub(crate) struct FlowSocket {
     socket: Socket,
     id: FlowId,
     armed: bool,
+    sends: u32,
 }
 
-/// A datagram send in flight: the buffer it is sent from.
+/// Which socket a datagram send is queued on.
+#[derive(Debug, Clone, Copy)]
+enum Sender {
+    Flow(FlowId),
+    Listener(ListenerId),
+}
+
+/// A datagram send in flight: the buffer it is sent from and the socket it is queued on.
 pub(crate) struct UdpOp {
     bid: u16,
+    on: Sender,
 }
 
 /// The layout a multishot `recvmsg` result is parsed with (only the two lengths matter).
@@ -45,19 +60,101 @@ fn recvmsg_layout() -> libc::msghdr {
     h
 }
 
+impl Io {
+    pub(crate) fn start_flow(
+        &mut self,
+        id: FlowId,
+        endpoint: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> io::Result<FlowSocket> {
+        let socket = connect(endpoint, Protocol::Udp, source, source.is_some())?;
+        let mut flow = FlowSocket {
+            socket,
+            id,
+            armed: false,
+            sends: 0,
+        };
+        self.arm_flow(&mut flow);
+        Ok(flow)
+    }
+
+    fn arm_flow(&mut self, flow: &mut FlowSocket) {
+        if flow.armed {
+            return;
+        }
+        let fd = flow.socket.as_raw_fd();
+        let ud = token::user_data(Op::FlowRecv, flow.id);
+        if self
+            .ring
+            .recv_multi(fd, self.udp_buffers.group(), ud)
+            .is_ok()
+        {
+            flow.armed = true;
+        }
+    }
+
+    /// Closes the socket of an ended flow once nothing is queued on it.
+    pub(crate) fn end_flow(&mut self, flow: FlowSocket) {
+        if flow.armed {
+            self.cancel(&flow.socket, flow.id);
+        }
+        if flow.armed || flow.sends > 0 {
+            self.closing_flows.insert(flow.id, flow);
+        }
+    }
+
+    /// Queues a send of `len` bytes of buffer `bid` from `offset` on `fd`: to the connected
+    /// peer, or to `to` from local address `from`. False (nothing queued) on failure.
+    fn queue_send(
+        &mut self,
+        fd: i32,
+        on: Sender,
+        bid: u16,
+        (offset, len): (usize, usize),
+        to: Option<(SocketAddr, std::net::IpAddr)>,
+    ) -> bool {
+        let span = self.udp_buffers.span(bid, offset, len);
+        let op = self.udp_ops.insert(UdpOp { bid, on });
+        let ud = token::user_data(Op::UdpSend, op);
+        let queued = match to {
+            Some((client, local)) => self.ring.sendmsg(fd, span, client, local, ud),
+            None => self.ring.send_bytes(fd, span, ud),
+        };
+        if queued.is_err() {
+            self.udp_ops.remove(op);
+        }
+        queued.is_ok()
+    }
+
+    /// A closed flow socket's operation ended; the socket goes with the last one.
+    fn closing_flow_done(&mut self, id: FlowId, recv_ended: bool) {
+        let Some(flow) = self.closing_flows.get_mut(&id) else {
+            return;
+        };
+        if recv_ended {
+            flow.armed = false;
+        } else {
+            flow.sends -= 1;
+        }
+        if !flow.armed && flow.sends == 0 {
+            self.closing_flows.remove(&id);
+        }
+    }
+}
+
 impl Worker {
     /// A completion of a UDP listener's multishot `recvmsg`.
-    pub(crate) fn on_listener_recv(&mut self, id: SlotId, c: Completion, now: Instant) {
+    pub(crate) fn on_listener_recv(&mut self, id: ListenerId, c: Completion, now: Instant) {
         if let Some(bid) = c.buffer() {
             let forwarded = c.result > 0 && self.client_datagram(id, bid, c.result as usize, now);
             if !forwarded {
-                self.udp_buffers.recycle(bid);
+                self.io.udp_buffers.recycle(bid);
             }
         } else if c.result == -libc::ENOBUFS
-            && let Some(l) = self.listener_slots.get_mut(id)
+            && let Some(l) = self.engine.listener_mut(id)
         {
-            l.starved = true;
-            self.udp_starved.push((Op::ListenerRecv, id));
+            l.io.starved = true;
+            self.io.udp_starved.push((Op::ListenerRecv, id));
         }
         if !c.more() {
             self.listener_disarmed(id);
@@ -65,12 +162,18 @@ impl Worker {
     }
 
     /// Forwards a client datagram held in buffer `bid`; false if it was dropped.
-    fn client_datagram(&mut self, listener_id: SlotId, bid: u16, len: usize, now: Instant) -> bool {
-        let Some(listener) = self.listener_slots.get(listener_id).map(|l| l.key) else {
+    fn client_datagram(
+        &mut self,
+        listener: ListenerId,
+        bid: u16,
+        len: usize,
+        now: Instant,
+    ) -> bool {
+        let Some(key) = self.engine.listener(listener).map(|l| l.key) else {
             return false;
         };
         let layout = recvmsg_layout();
-        let buffer = self.udp_buffers.bytes(bid, len);
+        let buffer = self.io.udp_buffers.bytes(bid, len);
         let Ok(out) = RecvMsgOut::parse(buffer, &layout) else {
             return false;
         };
@@ -80,187 +183,140 @@ impl Worker {
         let Some(peer) = parse_sockaddr(out.name_data()) else {
             return false;
         };
-        let local = parse_pktinfo(out.control_data()).unwrap_or(listener.addr.ip());
+        let local = parse_pktinfo(out.control_data());
         let payload = out.payload_data();
-        let offset = payload.as_ptr() as usize - buffer.as_ptr() as usize;
-        let payload_len = payload.len();
-        let key = FlowKey {
-            client: peer,
-            local: SocketAddr::new(local, listener.addr.port()),
+        let span = (
+            payload.as_ptr() as usize - buffer.as_ptr() as usize,
+            payload.len(),
+        );
+        let snapshot = self.engine.udp_snapshot(now);
+        let Some(flow_id) = self
+            .engine
+            .flow_for(&mut self.io, &snapshot, &key, peer, local, now)
+        else {
+            return false;
         };
-        let snapshot = self.ctx.table().load_full();
-        self.flows.sync(&snapshot, now);
-        let flow_id = match self.flows.lookup(&key, now) {
-            Some(id) => id,
-            None => match self.new_flow(key, listener, &snapshot, now) {
-                Some(id) => id,
-                None => return false,
-            },
-        };
-        let Some(flow) = self.flows.get(flow_id) else {
+        let Some(flow) = self.engine.flows_mut().get_mut(flow_id) else {
             return false;
         };
         let fd = flow.handle.socket.as_raw_fd();
-        let span = self.udp_buffers.span(bid, offset, payload_len);
-        let op = self.udp_ops.insert(UdpOp { bid });
-        if self
-            .ring
-            .send_bytes(fd, span, token::user_data(Op::UdpSend, op))
-            .is_err()
+        if !self
+            .io
+            .queue_send(fd, Sender::Flow(flow_id), bid, span, None)
         {
-            self.udp_ops.remove(op);
             return false;
         }
-        flow.tally.datagrams_in(1, payload_len as u64);
+        flow.handle.sends += 1;
+        flow.tally.datagrams_in(1, span.1 as u64);
         true
-    }
-
-    /// Starts a flow: pick an endpoint, open a socket connected to it, receive its replies.
-    fn new_flow(
-        &mut self,
-        key: FlowKey,
-        listener: ServicePortKey,
-        snapshot: &Snapshot,
-        now: Instant,
-    ) -> Option<FlowId> {
-        let config = self.ctx.config();
-        let (preserve, max_flows) = (config.preserve_client_ip, config.max_udp_flows);
-        let source = preserve.then_some(key.client);
-        let opened = self
-            .flows
-            .open(key, listener, snapshot, now, max_flows, |id, endpoint| {
-                let socket = connect(endpoint, Protocol::Udp, source, preserve)?;
-                Ok::<_, io::Error>(FlowSocket {
-                    socket,
-                    id,
-                    armed: false,
-                })
-            });
-        let id = opened.unwrap_or_else(|(endpoint, e)| {
-            debug!(%endpoint, error = %e, "cannot open flow");
-            None
-        })?;
-        self.arm_flow(id);
-        Some(id)
-    }
-
-    fn arm_flow(&mut self, id: FlowId) {
-        let group = self.udp_buffers.group();
-        let Some(flow) = self.flows.get(id) else {
-            return;
-        };
-        if flow.handle.armed {
-            return;
-        }
-        let fd = flow.handle.socket.as_raw_fd();
-        if self
-            .ring
-            .recv_multi(fd, group, token::user_data(Op::FlowRecv, id))
-            .is_ok()
-            && let Some(flow) = self.flows.get_mut(id)
-        {
-            flow.handle.armed = true;
-        }
     }
 
     /// A completion of a flow socket's multishot receive: a reply to send back.
     pub(crate) fn on_flow_recv(&mut self, id: FlowId, c: Completion, now: Instant) {
-        if self.flows.get(id).is_none() {
-            // The flow ended; its socket waits for this last completion.
+        if self.engine.flows().get(id).is_none() {
+            // The flow ended; its socket waits for its last operations.
             if let Some(bid) = c.buffer() {
-                self.udp_buffers.recycle(bid);
+                self.io.udp_buffers.recycle(bid);
+                self.io.recycled = true;
             }
             if !c.more() {
-                self.closing_flows.remove(&id);
+                self.io.closing_flow_done(id, true);
             }
             return;
         }
-        let mut keep_armed = c.more();
         if let Some(bid) = c.buffer() {
             if !(c.result > 0 && self.reply(id, bid, c.result as usize, now)) {
-                self.udp_buffers.recycle(bid);
+                self.io.udp_buffers.recycle(bid);
+                self.io.recycled = true;
             }
         } else if c.result == -libc::ENOBUFS {
-            self.udp_starved.push((Op::FlowRecv, id));
-            keep_armed = false;
+            self.io.udp_starved.push((Op::FlowRecv, id));
         } else if c.result < 0 && c.result != -libc::ECANCELED {
-            // Typically ECONNREFUSED: the endpoint's port is closed. End the flow; the
-            // client's next datagram picks an endpoint again.
-            if let Some(mut flow) = self.flows.remove(id) {
-                debug!(endpoint = %flow.endpoint, error = c.result, "flow failed");
-                flow.tally.connect_error();
+            // Typically ECONNREFUSED: the endpoint's port is closed.
+            if let Some(flow) = self.engine.flows_mut().get_mut(id) {
                 flow.handle.armed = c.more();
-                self.close_flow_socket(flow.handle);
             }
+            self.engine.flow_failed(&mut self.io, id);
             return;
         }
-        if let Some(flow) = self.flows.get_mut(id) {
-            flow.handle.armed = keep_armed;
-        }
-        if !c.more() && c.result != -libc::ENOBUFS {
-            self.arm_flow(id);
+        if !c.more()
+            && let Some(flow) = self.engine.flows_mut().get_mut(id)
+        {
+            flow.handle.armed = false;
+            if c.result != -libc::ENOBUFS {
+                self.io.arm_flow(&mut flow.handle);
+            }
         }
     }
 
     /// Sends a reply held in buffer `bid` back to the flow's client; false if dropped.
     fn reply(&mut self, id: FlowId, bid: u16, len: usize, now: Instant) -> bool {
-        let Some(flow) = self.flows.get(id) else {
+        let Some(flow) = self.engine.flows().get(id) else {
             return false;
         };
-        let Some(listener) = self.listener_socket(&flow.listener) else {
+        let Some(listener) = self.engine.listener_id(&flow.listener) else {
             return false;
         };
-        let fd = listener.as_raw_fd();
         let (client, local) = (flow.key.client, flow.key.local.ip());
-        let span = self.udp_buffers.span(bid, 0, len);
-        let op = self.udp_ops.insert(UdpOp { bid });
-        if self
-            .ring
-            .sendmsg(fd, span, client, local, token::user_data(Op::UdpSend, op))
-            .is_err()
-        {
-            self.udp_ops.remove(op);
+        let Some(l) = self.engine.listener_mut(listener) else {
+            return false;
+        };
+        let fd = l.io.socket.as_raw_fd();
+        if !self.io.queue_send(
+            fd,
+            Sender::Listener(listener),
+            bid,
+            (0, len),
+            Some((client, local)),
+        ) {
             return false;
         }
-        flow.tally.datagrams_out(1, len as u64);
-        self.flows.touch(id, now);
+        l.io.sends += 1;
+        if let Some(flow) = self.engine.flows().get(id) {
+            flow.tally.datagrams_out(1, len as u64);
+        }
+        self.engine.flows_mut().touch(id, now);
         true
     }
 
-    /// A datagram send completed: its buffer goes back to the ring.
+    /// A datagram send completed: its buffer goes back to the ring, its socket counts it done.
     pub(crate) fn on_udp_send(&mut self, id: SlotId, c: Completion) {
         if c.result < 0 && c.result != -libc::ECANCELED {
             debug!(error = c.result, "datagram send failed");
         }
-        if let Some(op) = self.udp_ops.remove(id) {
-            self.udp_buffers.recycle(op.bid);
-            self.wake_udp_starved();
+        let Some(op) = self.io.udp_ops.remove(id) else {
+            return;
+        };
+        self.io.udp_buffers.recycle(op.bid);
+        self.io.recycled = true;
+        match op.on {
+            Sender::Flow(flow) => match self.engine.flows_mut().get_mut(flow) {
+                Some(f) => f.handle.sends -= 1,
+                None => self.io.closing_flow_done(flow, false),
+            },
+            Sender::Listener(l) => match self.engine.listener_mut(l) {
+                Some(l) => l.io.sends -= 1,
+                None => self.io.closing_listener_done(l, false),
+            },
         }
     }
 
     /// Re-arms UDP receives that found the buffer ring empty.
-    fn wake_udp_starved(&mut self) {
-        for (op, id) in std::mem::take(&mut self.udp_starved) {
+    pub(crate) fn wake_udp_starved(&mut self) {
+        for (op, id) in std::mem::take(&mut self.io.udp_starved) {
             match op {
                 Op::ListenerRecv => {
-                    if let Some(l) = self.listener_slots.get_mut(id) {
-                        l.starved = false;
+                    if let Some(l) = self.engine.listener_mut(id) {
+                        l.io.starved = false;
+                        self.io.arm_listener(id, &mut l.io);
                     }
-                    self.arm_listener(id);
                 }
-                _ => self.arm_flow(id),
+                _ => {
+                    if let Some(flow) = self.engine.flows_mut().get_mut(id) {
+                        self.io.arm_flow(&mut flow.handle);
+                    }
+                }
             }
-        }
-    }
-
-    /// Closes the socket of an ended flow once its receive in flight has ended.
-    pub(crate) fn close_flow_socket(&mut self, handle: FlowSocket) {
-        if handle.armed {
-            let fd = handle.socket.as_raw_fd();
-            let _ = self
-                .ring
-                .cancel_fd(fd, token::user_data(Op::Ignore, handle.id));
-            self.closing_flows.insert(handle.id, handle.socket);
         }
     }
 }

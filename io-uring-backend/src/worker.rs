@@ -1,24 +1,31 @@
-//! One worker: its ring, listeners, timers and the table it applies. TCP connections are in
-//! [`crate::tcp`], UDP in [`crate::udp`].
+//! One worker: the ring loop that drives the core's connection engine. [`Io`] is the driver
+//! (the engine's commands become ring operations); the loop turns completions into the
+//! engine's events and waits for the next completion or the engine's next deadline, whichever
+//! comes first. TCP forwarding is in [`crate::tcp`], UDP in [`crate::udp`].
+//!
+//! What the engine has closed may still have operations in flight: such connections,
+//! listeners and flow sockets wait in `Io`'s closing maps, their operations cancelled, and are
+//! dropped with their last completion, so no descriptor is closed under a queued operation and
+//! no completion reaches a reused slot.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::Socket;
 use svcproxy_core::config::Forwarding;
-use svcproxy_core::{
-    Backoff, FlowId, FlowTable, Protocol, ServicePortKey, SlotId, Slots, Snapshot, WorkerContext,
-};
+use svcproxy_core::engine::{ConnId, ListenerId};
+use svcproxy_core::{Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext};
 use svcproxy_sys::socket::is_resource_exhaustion;
 use svcproxy_sys::{ListenOptions, PipePool, Waker, listen};
 use tracing::{debug, warn};
 
 use crate::ring::{BufRing, Completion, Ring, RingOptions};
 use crate::tcp::Conn;
-use crate::token::{self, Op, Timer};
+use crate::token::{self, Op};
 use crate::udp::{FlowSocket, UdpOp};
 
 /// Buffer group of TCP buffers.
@@ -37,46 +44,95 @@ pub(crate) struct Listener {
     pub(crate) socket: Socket,
     /// The multishot accept or recvmsg is in flight.
     pub(crate) armed: bool,
-    /// Closing: the socket is dropped once the operation in flight has ended.
-    pub(crate) closing: bool,
     /// A UDP listener waiting for buffers to come back to the ring.
     pub(crate) starved: bool,
+    /// Replies queued on a UDP listener.
+    pub(crate) sends: u32,
 }
 
-pub(crate) struct Worker {
+/// The driver: the ring, its buffers, and what waits for its last completions.
+pub(crate) struct Io {
     // Field order matters: the ring is dropped (and its operations torn down) before the
     // buffer rings whose memory they use.
     pub(crate) ring: Ring,
     pub(crate) tcp_buffers: BufRing,
     pub(crate) udp_buffers: BufRing,
-    pub(crate) ctx: WorkerContext,
-    waker: Arc<Waker>,
-    applied: Option<Arc<Snapshot>>,
-    pub(crate) listeners: HashMap<ServicePortKey, SlotId>,
-    pub(crate) listener_slots: Slots<Listener>,
-    failed_binds: BTreeSet<ServicePortKey>,
-    pub(crate) conns: Slots<Conn>,
-    pub(crate) flows: FlowTable<FlowSocket>,
-    /// Sockets of ended flows whose receive is still in flight, by the flow's old id.
-    pub(crate) closing_flows: HashMap<FlowId, Socket>,
-    pub(crate) udp_ops: Slots<UdpOp>,
-    /// Directions of connections that found the TCP buffer ring empty.
-    pub(crate) starved: Vec<SlotId>,
-    /// UDP sockets that found the UDP buffer ring empty: listeners and flows.
-    pub(crate) udp_starved: Vec<(Op, SlotId)>,
     pub(crate) pipes: PipePool,
     pub(crate) forwarding: Forwarding,
-    accept_backoff: Backoff,
-    accept_paused: bool,
-    /// Accepted clients waiting for the connection budget or for descriptors.
-    pub(crate) parked: VecDeque<(ServicePortKey, Socket)>,
+    pub(crate) udp_ops: Slots<UdpOp>,
+    /// Connections that found the TCP buffer ring empty.
+    pub(crate) starved: Vec<ConnId>,
+    /// UDP sockets that found the UDP buffer ring empty: listeners and flows.
+    pub(crate) udp_starved: Vec<(Op, SlotId)>,
+    /// Buffers went back to a ring since starved receives were last re-armed.
+    pub(crate) recycled: bool,
+    /// Closed by the engine, waiting for their last completions.
+    pub(crate) closing_conns: HashMap<ConnId, Conn>,
+    pub(crate) closing_listeners: HashMap<ListenerId, Listener>,
+    pub(crate) closing_flows: HashMap<FlowId, FlowSocket>,
     /// A descriptor held in reserve: multishot accept can take every descriptor before a
-    /// backend socket is opened, so when none is left one parked client is served with this
+    /// backend socket is opened, so when none is left one waiting client is served with this
     /// one (then the next as connections end), instead of all waiting forever.
     pub(crate) reserve: Option<std::fs::File>,
-    pub(crate) stopping: bool,
-    listen_options: ListenOptions,
+    pub(crate) listen_options: ListenOptions,
+}
+
+pub(crate) struct Worker {
+    pub(crate) io: Io,
+    pub(crate) engine: Engine<Io>,
+    waker: Arc<Waker>,
     completions: Vec<Completion>,
+}
+
+impl Io {
+    /// Nothing closed is still waiting for a completion.
+    fn settled(&self) -> bool {
+        self.closing_conns.is_empty()
+            && self.closing_listeners.is_empty()
+            && self.closing_flows.is_empty()
+    }
+
+    /// Starts the listener's multishot operation if it is not running.
+    pub(crate) fn arm_listener(&mut self, id: ListenerId, l: &mut Listener) {
+        if l.armed || l.starved {
+            return;
+        }
+        let fd = l.socket.as_raw_fd();
+        let result = match l.key.protocol {
+            Protocol::Tcp => self.ring.accept(fd, token::user_data(Op::Accept, id)),
+            Protocol::Udp => {
+                self.ring
+                    .recvmsg_multi(fd, UDP_GROUP, token::user_data(Op::ListenerRecv, id))
+            }
+        };
+        match result {
+            Ok(()) => l.armed = true,
+            Err(e) => warn!(key = %l.key, error = %e, "cannot arm listener"),
+        }
+    }
+
+    /// Cancels every operation on `fd`.
+    pub(crate) fn cancel(&mut self, fd: &impl AsRawFd, id: SlotId) {
+        let _ = self
+            .ring
+            .cancel_fd(fd.as_raw_fd(), token::user_data(Op::Ignore, id));
+    }
+
+    /// An operation of a closed listener ended (its multishot one when `recv_ended`, else a
+    /// send); the socket goes with the last one.
+    pub(crate) fn closing_listener_done(&mut self, id: ListenerId, recv_ended: bool) {
+        let Some(l) = self.closing_listeners.get_mut(&id) else {
+            return;
+        };
+        if recv_ended {
+            l.armed = false;
+        } else {
+            l.sends -= 1;
+        }
+        if !l.armed && l.sends == 0 {
+            self.closing_listeners.remove(&id);
+        }
+    }
 }
 
 impl Worker {
@@ -94,81 +150,64 @@ impl Worker {
         )?;
         let udp_buffers = BufRing::new(ring.raw(), UDP_GROUP, UDP_BUFFERS, UDP_BUFFER_SIZE)?;
         Ok(Self {
-            ring,
-            tcp_buffers,
-            udp_buffers,
-            waker,
-            applied: None,
-            listeners: HashMap::new(),
-            listener_slots: Slots::new(),
-            failed_binds: BTreeSet::new(),
-            conns: Slots::new(),
-            flows: FlowTable::new(config.udp_idle_timeout),
-            closing_flows: HashMap::new(),
-            udp_ops: Slots::new(),
-            starved: Vec::new(),
-            udp_starved: Vec::new(),
-            pipes: PipePool::new(config.pipe_size, SPARE_PIPES),
-            forwarding: config.io_uring.forwarding,
-            accept_backoff: Backoff::default(),
-            accept_paused: false,
-            parked: VecDeque::new(),
-            reserve: std::fs::File::open("/dev/null").ok(),
-            stopping: false,
-            listen_options: ListenOptions {
-                backlog: config.listen_backlog as i32,
-                transparent: false,
-                ..ListenOptions::default()
+            io: Io {
+                ring,
+                tcp_buffers,
+                udp_buffers,
+                pipes: PipePool::new(config.pipe_size, SPARE_PIPES),
+                forwarding: config.io_uring.forwarding,
+                udp_ops: Slots::new(),
+                starved: Vec::new(),
+                udp_starved: Vec::new(),
+                recycled: false,
+                closing_conns: HashMap::new(),
+                closing_listeners: HashMap::new(),
+                closing_flows: HashMap::new(),
+                reserve: std::fs::File::open("/dev/null").ok(),
+                listen_options: ListenOptions {
+                    backlog: config.listen_backlog as i32,
+                    ..ListenOptions::default()
+                },
             },
+            engine: Engine::new(ctx),
+            waker,
             completions: Vec::new(),
-            ctx,
         })
     }
 
     pub(crate) fn run(&mut self) -> io::Result<()> {
-        let now = Instant::now();
-        self.ring.read_eventfd(
+        self.io.ring.read_eventfd(
             self.waker.as_fd().as_raw_fd(),
             token::user_data(Op::Wake, SlotId::from_u64(0)),
         )?;
-        self.ring.timeout(
-            Duration::from_secs(1),
-            token::user_data(Op::Tick, SlotId::from_u64(0)),
-        )?;
-        self.apply_table(now);
+        self.engine.start(&mut self.io, Instant::now());
         let mut completions = std::mem::take(&mut self.completions);
         let result = loop {
-            if self.ctx.control.stopping() && !self.stopping {
-                self.begin_stop(Instant::now());
-            }
-            if self.stopping && self.conns.is_empty() && self.settled() {
+            let now = Instant::now();
+            self.engine.poll(&mut self.io, now);
+            if self.engine.finished() && self.io.settled() {
                 break Ok(());
             }
-            if let Err(e) = self.ring.submit_and_wait() {
+            let timeout = self
+                .engine
+                .next_deadline()
+                .map(|at| at.saturating_duration_since(now));
+            if let Err(e) = self.io.ring.submit_and_wait(timeout) {
                 break Err(e);
             }
-            self.ring.completions(&mut completions);
+            self.io.ring.completions(&mut completions);
             let now = Instant::now();
             for c in &completions {
                 self.dispatch(*c, now);
             }
-            let current = self.ctx.table().load().generation();
-            if self
-                .applied
-                .as_ref()
-                .is_none_or(|s| s.generation() != current)
-            {
-                self.apply_table(now);
+            if std::mem::take(&mut self.io.recycled) {
+                self.wake_starved();
+                self.wake_udp_starved();
             }
         };
-        self.tcp_buffers.unregister(self.ring.raw());
-        self.udp_buffers.unregister(self.ring.raw());
+        self.io.tcp_buffers.unregister(self.io.ring.raw());
+        self.io.udp_buffers.unregister(self.io.ring.raw());
         result
-    }
-
-    /// No listener or flow socket is still waiting for its last completion.
-    fn settled(&self) -> bool {
-        self.listener_slots.is_empty() && self.closing_flows.is_empty()
     }
 
     fn dispatch(&mut self, c: Completion, now: Instant) {
@@ -176,36 +215,15 @@ impl Worker {
         match token::op(c.user_data) {
             Some(Op::Wake) => {
                 let _ = self
+                    .io
                     .ring
                     .read_eventfd(self.waker.as_fd().as_raw_fd(), c.user_data);
-                self.resume_parked(now);
+                self.engine.woken(&mut self.io, now);
             }
-            Some(Op::Tick) => {
-                self.tick(now);
-                let _ = self.ring.timeout(Duration::from_secs(1), c.user_data);
-            }
-            Some(Op::Timer) => match token::which_timer(c.user_data) {
-                Some(Timer::Shutdown) => {
-                    for id in self.conns.ids() {
-                        self.teardown(id, None);
-                    }
-                }
-                Some(Timer::AcceptResume) => {
-                    self.accept_paused = false;
-                    self.resume_parked(now);
-                    self.arm_all_accepts();
-                }
-                None => {}
-            },
             Some(Op::Accept) => self.on_accept(id, c, now),
-            Some(
-                op @ (Op::Connect
-                | Op::ConnectTimeout
-                | Op::RecvUp
-                | Op::RecvDown
-                | Op::SendUp
-                | Op::SendDown),
-            ) => self.on_conn(op, id, c, now),
+            Some(op @ (Op::Connect | Op::RecvUp | Op::RecvDown | Op::SendUp | Op::SendDown)) => {
+                self.on_conn(op, id, c, now)
+            }
             Some(Op::ListenerRecv) => self.on_listener_recv(id, c, now),
             Some(Op::FlowRecv) => self.on_flow_recv(id, c, now),
             Some(Op::UdpSend) => self.on_udp_send(id, c),
@@ -213,171 +231,33 @@ impl Worker {
         }
     }
 
-    /// Once a second: idle and draining connections, idle flows, failed binds.
-    fn tick(&mut self, now: Instant) {
-        let config = *self.ctx.config();
-        let mut doomed = Vec::new();
-        for (id, conn) in self.conns.iter() {
-            let idle = config.tcp.idle_timeout.is_some_and(|t| {
-                conn.connected && now.saturating_duration_since(conn.last_activity) >= t
-            });
-            let drained = conn.drain_at.is_some_and(|at| now >= at);
-            if (idle || drained) && !conn.closing {
-                doomed.push(id);
+    fn on_accept(&mut self, id: ListenerId, c: Completion, now: Instant) {
+        let client = (c.result >= 0).then(|| crate::ring::accepted(c.result));
+        if self.engine.listener(id).is_none() {
+            // Closed: the client (if any) is dropped, the socket goes with the last completion.
+            drop(client);
+            if !c.more() {
+                self.io.closing_listener_done(id, true);
             }
+            return;
         }
-        for id in doomed {
-            debug!("closing an idle or drained connection");
-            self.teardown(id, None);
-        }
-        for flow in self.flows.expire(now) {
-            self.close_flow_socket(flow.handle);
-        }
-        let snapshot = self.ctx.table().load();
-        for key in std::mem::take(&mut self.failed_binds) {
-            self.reconcile(key, snapshot.wants_listener(&key));
-        }
-    }
-
-    /// Brings listeners, flows and draining connections in line with the current table.
-    fn apply_table(&mut self, now: Instant) {
-        let snapshot = self.ctx.table().load_full();
-        for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
-            self.reconcile(key, wanted);
-        }
-        self.flows.sync(&snapshot, now);
-        if let Some(deadline) = self.ctx.config().tcp.drain_deadline(now) {
-            for (_, conn) in self.conns.iter_mut() {
-                if conn.drain_at.is_none() && !snapshot.serves(&conn.listener, conn.backend_addr) {
-                    conn.drain_at = Some(deadline);
+        match client {
+            Some(socket) => match socket.peer_addr().ok().and_then(|a| a.as_socket()) {
+                Some(peer) => {
+                    self.engine
+                        .accepted(&mut self.io, id, Conn::new(socket), peer, now);
                 }
-            }
-        }
-        let generation = snapshot.generation();
-        self.applied = Some(snapshot);
-        self.ctx.control.report_applied(self.ctx.index, generation);
-    }
-
-    fn reconcile(&mut self, key: ServicePortKey, wanted: bool) {
-        let wanted = wanted && !self.stopping;
-        match (wanted, self.listeners.get(&key).copied()) {
-            (true, None) => self.open_listener(key),
-            (false, Some(id)) => self.close_listener(id),
-            _ => {}
-        }
-        if !wanted && self.failed_binds.remove(&key) {
-            self.ctx.control.set_bind_error(key, None);
-        }
-    }
-
-    fn open_listener(&mut self, key: ServicePortKey) {
-        match listen(key, &self.listen_options) {
-            Ok(socket) => {
-                let id = self.listener_slots.insert(Listener {
-                    key,
-                    socket,
-                    armed: false,
-                    closing: false,
-                    starved: false,
-                });
-                self.listeners.insert(key, id);
-                self.ctx.control.set_bind_error(key, None);
-                debug!(%key, "listening");
-                self.arm_listener(id);
-            }
-            Err(e) => {
-                if self.failed_binds.insert(key) {
-                    warn!(%key, error = %e, "cannot listen; retrying every second");
+                None => svcproxy_sys::reset(socket),
+            },
+            None if c.result == -libc::ECANCELED => {}
+            None => {
+                let e = io::Error::from_raw_os_error(-c.result);
+                if is_resource_exhaustion(&e) {
+                    self.engine
+                        .out_of_resources(&mut self.io, "accept", &e, now);
+                } else {
+                    debug!(error = %e, "accept failed");
                 }
-                self.ctx.control.set_bind_error(key, Some(e.to_string()));
-            }
-        }
-    }
-
-    /// Starts the listener's multishot operation if it is not running and should.
-    pub(crate) fn arm_listener(&mut self, id: SlotId) {
-        let paused = self.accept_paused;
-        let Some(l) = self.listener_slots.get_mut(id) else {
-            return;
-        };
-        if l.armed || l.closing || l.starved || self.stopping {
-            return;
-        }
-        let fd = l.socket.as_raw_fd();
-        let result = match l.key.protocol {
-            Protocol::Tcp if paused => return,
-            Protocol::Tcp => self.ring.accept(fd, token::user_data(Op::Accept, id)),
-            Protocol::Udp => {
-                self.ring
-                    .recvmsg_multi(fd, UDP_GROUP, token::user_data(Op::ListenerRecv, id))
-            }
-        };
-        match result {
-            Ok(()) => l.armed = true,
-            Err(e) => warn!(key = %l.key, error = %e, "cannot arm listener"),
-        }
-    }
-
-    fn arm_all_accepts(&mut self) {
-        for id in self.listener_slots.ids() {
-            self.arm_listener(id);
-        }
-    }
-
-    /// Stops listening: cancels the operation in flight; the socket goes with its last
-    /// completion.
-    fn close_listener(&mut self, id: SlotId) {
-        let Some(l) = self.listener_slots.get_mut(id) else {
-            return;
-        };
-        self.listeners.remove(&l.key);
-        l.closing = true;
-        debug!(key = %l.key, "listener closing");
-        // A TCP listener stops taking connections now (clients get ECONNREFUSED at once), not
-        // when its cancelled accept has completed.
-        if l.key.protocol == Protocol::Tcp {
-            let _ = l.socket.shutdown(std::net::Shutdown::Both);
-        }
-        if l.armed {
-            let _ = self
-                .ring
-                .cancel_fd(l.socket.as_raw_fd(), token::user_data(Op::Ignore, id));
-        } else {
-            self.listener_slots.remove(id);
-        }
-    }
-
-    /// The listener's multishot operation ended.
-    pub(crate) fn listener_disarmed(&mut self, id: SlotId) {
-        let Some(l) = self.listener_slots.get_mut(id) else {
-            return;
-        };
-        l.armed = false;
-        if l.closing {
-            self.listener_slots.remove(id);
-        } else {
-            self.arm_listener(id);
-        }
-    }
-
-    fn on_accept(&mut self, id: SlotId, c: Completion, now: Instant) {
-        let key = match self.listener_slots.get(id) {
-            Some(l) => l.key,
-            None => return,
-        };
-        if c.result >= 0 {
-            let socket = crate::ring::accepted(c.result);
-            if self.stopping {
-                drop(socket);
-            } else {
-                self.accepted(key, socket, now);
-            }
-        } else if c.result != -libc::ECANCELED {
-            let e = io::Error::from_raw_os_error(-c.result);
-            if is_resource_exhaustion(&e) {
-                self.pause_accepting("accept", &e);
-            } else {
-                debug!(%key, error = %e, "accept failed");
             }
         }
         if !c.more() {
@@ -385,94 +265,104 @@ impl Worker {
         }
     }
 
-    /// A client was accepted: take it into the budget, or park it until there is room.
-    fn accepted(&mut self, key: ServicePortKey, socket: Socket, now: Instant) {
-        if !self.parked.is_empty() || !self.ctx.control.admit(self.ctx.index) {
-            // Over the budget: hold it, and stop accepting more until a connection ends.
-            self.parked.push_back((key, socket));
-            self.stop_accepting();
+    /// The listener's multishot operation ended: start it again if it should run.
+    pub(crate) fn listener_disarmed(&mut self, id: ListenerId) {
+        let accepting = self.engine.may_accept();
+        let Some(l) = self.engine.listener_mut(id) else {
+            self.io.closing_listener_done(id, true);
             return;
+        };
+        l.io.armed = false;
+        if accepting || l.key.protocol == Protocol::Udp {
+            self.io.arm_listener(id, &mut l.io);
         }
-        if let Err(socket) = self.start(key, socket, now) {
-            self.parked.push_back((key, socket));
+    }
+}
+
+impl svcproxy_core::Driver for Io {
+    type Listener = Listener;
+    type Conn = Conn;
+    type Flow = FlowSocket;
+
+    fn listen(
+        &mut self,
+        id: ListenerId,
+        key: ServicePortKey,
+        accepting: bool,
+    ) -> io::Result<Listener> {
+        let mut l = Listener {
+            key,
+            socket: listen(key, &self.listen_options)?,
+            armed: false,
+            starved: false,
+            sends: 0,
+        };
+        if accepting || key.protocol == Protocol::Udp {
+            self.arm_listener(id, &mut l);
+        }
+        Ok(l)
+    }
+
+    fn unlisten(&mut self, id: ListenerId, l: Listener) {
+        // A TCP listener stops taking connections now (clients get ECONNREFUSED at once), not
+        // when its cancelled accept has completed.
+        if l.key.protocol == Protocol::Tcp {
+            let _ = l.socket.shutdown(std::net::Shutdown::Both);
+        }
+        if l.armed {
+            self.cancel(&l.socket, id);
+        }
+        if l.armed || l.sends > 0 {
+            self.closing_listeners.insert(id, l);
         }
     }
 
-    /// Cancels every multishot accept (they are re-armed when there is room again).
-    fn stop_accepting(&mut self) {
-        for (id, l) in self.listener_slots.iter() {
-            if l.key.protocol == Protocol::Tcp && l.armed {
-                let _ = self
-                    .ring
-                    .cancel_fd(l.socket.as_raw_fd(), token::user_data(Op::Ignore, id));
-            }
-        }
-        self.accept_paused = true;
-    }
-
-    /// Starts parked clients while the budget and descriptors allow, then accepts again.
-    pub(crate) fn resume_parked(&mut self, now: Instant) {
-        while let Some((key, socket)) = self.parked.pop_front() {
-            if !self.ctx.control.admit(self.ctx.index) {
-                self.parked.push_front((key, socket));
-                return;
-            }
-            if let Err(socket) = self.start(key, socket, now) {
-                // Out of descriptors again: it stays first in line.
-                self.parked.push_front((key, socket));
-                return;
-            }
-        }
-        if self.accept_paused {
-            self.accept_paused = false;
-            self.arm_all_accepts();
+    fn accepting(&mut self, id: ListenerId, l: &mut Listener, on: bool) {
+        if on {
+            self.arm_listener(id, l);
+        } else if l.armed {
+            // It stays armed until the cancelled accept's last completion.
+            self.cancel(&l.socket, id);
         }
     }
 
-    /// Out of descriptors (or socket memory): stop accepting for a while.
-    pub(crate) fn pause_accepting(&mut self, what: &str, error: &io::Error) {
+    fn out_of_resources(&mut self) {
         self.pipes.clear();
-        if self.accept_paused {
-            return;
-        }
-        let delay = self.accept_backoff.fail();
-        warn!(%error, ?delay, "cannot {what}, out of resources; accepting paused");
-        self.stop_accepting();
-        let _ = self.ring.timeout(delay, token::timer(Timer::AcceptResume));
     }
 
-    /// Accepting worked again.
-    pub(crate) fn accept_succeeded(&mut self) {
-        self.accept_backoff.succeed();
+    fn connect(
+        &mut self,
+        id: ConnId,
+        conn: &mut Conn,
+        to: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> Result<(), svcproxy_core::OpenError> {
+        self.start_connect(id, conn, to, source)
     }
 
-    fn begin_stop(&mut self, now: Instant) {
-        self.stopping = true;
-        for id in self.listener_slots.ids() {
-            self.close_listener(id);
-        }
-        for key in std::mem::take(&mut self.failed_binds) {
-            self.ctx.control.set_bind_error(key, None);
-        }
-        for (_, socket) in std::mem::take(&mut self.parked) {
-            svcproxy_sys::reset(socket);
-            self.ctx.control.release();
-        }
-        let ids: Vec<FlowId> = self.flows.iter().map(|(id, _)| id).collect();
-        for id in ids {
-            if let Some(flow) = self.flows.remove(id) {
-                self.close_flow_socket(flow.handle);
-            }
-        }
-        let deadline = self.ctx.control.deadline().unwrap_or(now);
-        let _ = self.ring.timeout(
-            deadline.saturating_duration_since(now),
-            token::timer(Timer::Shutdown),
-        );
+    fn abort_connect(&mut self, id: ConnId, conn: &mut Conn) -> bool {
+        self.cancel_connect(id, conn);
+        false
     }
 
-    pub(crate) fn listener_socket(&self, key: &ServicePortKey) -> Option<&Socket> {
-        let id = self.listeners.get(key)?;
-        Some(&self.listener_slots.get(*id)?.socket)
+    fn forward(&mut self, id: ConnId, conn: &mut Conn) {
+        self.start_forwarding(id, conn);
+    }
+
+    fn close(&mut self, conn: Conn, reset: Option<svcproxy_core::session::Side>) {
+        self.close_conn(conn, reset);
+    }
+
+    fn open_flow(
+        &mut self,
+        id: FlowId,
+        endpoint: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> io::Result<FlowSocket> {
+        self.start_flow(id, endpoint, source)
+    }
+
+    fn close_flow(&mut self, flow: FlowSocket) {
+        self.end_flow(flow);
     }
 }

@@ -21,8 +21,6 @@ use svcproxy_core::{Protocol, ServicePortKey};
 pub struct ListenOptions {
     /// TCP accept queue length.
     pub backlog: i32,
-    /// Bind with `IP_TRANSPARENT` (needs CAP_NET_ADMIN; for TPROXY capture).
-    pub transparent: bool,
     /// `SO_RCVBUF` for UDP listeners (the kernel caps it at `net.core.rmem_max`).
     pub udp_recv_buffer: usize,
 }
@@ -31,7 +29,6 @@ impl Default for ListenOptions {
     fn default() -> Self {
         Self {
             backlog: 4096,
-            transparent: false,
             udp_recv_buffer: 4 << 20,
         }
     }
@@ -63,14 +60,8 @@ pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
-        if options.transparent {
-            socket.set_ip_transparent_v6(true)?;
-        }
     } else {
         socket.set_freebind_v4(true)?;
-        if options.transparent {
-            socket.set_ip_transparent_v4(true)?;
-        }
     }
     match key.protocol {
         Protocol::Tcp => {
@@ -197,4 +188,15 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Sorts an error of opening or connecting a socket for the connection engine: lack of
+/// descriptors or socket memory ([`is_resource_exhaustion`]) makes the client wait, anything
+/// else moves to the next endpoint.
+pub fn open_error(e: io::Error) -> svcproxy_core::OpenError {
+    if is_resource_exhaustion(&e) {
+        svcproxy_core::OpenError::Exhausted(e)
+    } else {
+        svcproxy_core::OpenError::Failed(e)
+    }
 }

@@ -308,8 +308,12 @@ impl<D: Driver> Engine<D> {
 
     /// The listener of a frontend.
     pub fn listener_for(&self, key: &ServicePortKey) -> Option<&D::Listener> {
-        let id = self.by_key.get(key)?;
-        Some(&self.listeners.get(*id)?.io)
+        Some(&self.listeners.get(self.listener_id(key)?)?.io)
+    }
+
+    /// The id of a frontend's listener.
+    pub fn listener_id(&self, key: &ServicePortKey) -> Option<ListenerId> {
+        self.by_key.get(key).copied()
     }
 
     /// Every listener's id.
