@@ -12,6 +12,12 @@
 //! - RSS at the end of the load is at most [`RSS_GROWTH_BOUND`] above RSS after warm-up;
 //! - after shutdown the process has exactly the descriptors it had before.
 //!
+//! Then, per backend, a burst of short connections (`SVCPROXY_SOAK_CONNS`, default 20,000; a
+//! real check is 200,000) opened and closed as fast as two clients can: whatever a closed
+//! connection leaves behind (a timer entry, a slot) shows as RSS growing with their number, so
+//! growth after warm-up must stay under [`SHORT_CONN_SLACK`] plus [`SHORT_CONN_BYTES`] per
+//! connection. (A timer entry left per connection costs about 32 bytes.)
+//!
 //! It runs alone in its own test binary: descriptors and RSS are per process.
 
 mod behaviour;
@@ -34,6 +40,12 @@ use svcproxy::{
 /// one small allocation per connection or datagram exceeds this within a long soak.
 const RSS_GROWTH_BOUND: u64 = 32 << 20;
 
+/// RSS the short-connection burst may grow by whatever the count (allocator and page noise).
+const SHORT_CONN_SLACK: u64 = 256 << 10;
+
+/// RSS the short-connection burst may grow by per connection.
+const SHORT_CONN_BYTES: u64 = 4;
+
 /// Upper bound on iterations of any load loop, whatever the duration.
 const MAX_ITERATIONS: u64 = 10_000_000;
 
@@ -42,6 +54,14 @@ fn soak_secs() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
+}
+
+fn soak_connections() -> u64 {
+    std::env::var("SVCPROXY_SOAK_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+        .min(MAX_ITERATIONS)
 }
 
 /// What the clients did, to compare with the proxy's counters.
@@ -283,16 +303,86 @@ fn soak(name: &str, backend: BackendKind, adjust: fn(&mut ProxyConfig)) {
     assert_eq!(fds_after, fds_before, "{name}: descriptors leaked");
 }
 
+/// `count` connections from two clients, each a one-byte echo and a close.
+fn connection_burst(vip: SocketAddr, count: u64) {
+    let clients: Vec<JoinHandle<()>> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                for _ in 0..count / 2 {
+                    let mut s = connect(vip).unwrap();
+                    s.write_all(b"x").unwrap();
+                    s.read_exact(&mut byte).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+}
+
+fn short_connections(name: &str, backend: BackendKind, adjust: fn(&mut ProxyConfig)) {
+    let count = soak_connections();
+    let server = echo_server();
+    let mut config = config();
+    adjust(&mut config);
+    let proxy = start(backend, &Arc::new(Table::default()), config);
+    let ip = service_ip(111);
+    publish(
+        &proxy,
+        service("burst", ip, 80, Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let vip = SocketAddr::new(ip, 80);
+    connection_burst(vip, count / 10);
+    eventually("the warm-up's connections closed", || {
+        proxy.connections() == 0
+    });
+    let rss_warm = rss_bytes();
+    let started = Instant::now();
+    connection_burst(vip, count);
+    let elapsed = started.elapsed();
+    eventually("every connection closed", || proxy.connections() == 0);
+    let rss_end = rss_bytes();
+    let growth = rss_end.saturating_sub(rss_warm);
+    println!(
+        "short connections {name}: {count} in {elapsed:.1?}; RSS {} KiB after warm-up, {} KiB \
+         after, {:.2} bytes per connection",
+        rss_warm >> 10,
+        rss_end >> 10,
+        growth as f64 / count as f64,
+    );
+    assert!(
+        growth <= SHORT_CONN_SLACK + SHORT_CONN_BYTES * count,
+        "{name}: RSS grew by {growth} bytes over {count} closed connections"
+    );
+    let total = totals(&proxy, "burst");
+    assert_eq!(total.connections_active, 0, "{name}: connections open");
+    proxy.shutdown(IO_TIMEOUT).unwrap();
+}
+
+/// Each backend and io_uring mode, by name.
+const BACKENDS: [(&str, BackendKind, fn(&mut ProxyConfig)); 3] = [
+    ("epoll", BackendKind::Epoll, |_| {}),
+    ("io_uring", BackendKind::IoUring, |_| {}),
+    ("io_uring splice", BackendKind::IoUring, |c| {
+        c.io_uring.forwarding = Forwarding::Splice
+    }),
+];
+
 #[test]
 fn mixed_load_leaks_nothing_and_the_counters_add_up() {
-    soak("epoll", BackendKind::Epoll, |_| {});
-    match svcproxy::io_uring_available() {
-        Ok(()) => {
-            soak("io_uring", BackendKind::IoUring, |_| {});
-            soak("io_uring splice", BackendKind::IoUring, |c| {
-                c.io_uring.forwarding = Forwarding::Splice
-            });
+    let uring = svcproxy::io_uring_available();
+    for (name, backend, adjust) in BACKENDS {
+        if backend == BackendKind::IoUring && uring.is_err() {
+            continue;
         }
+        soak(name, backend, adjust);
+        short_connections(name, backend, adjust);
+    }
+    match uring {
+        Ok(()) => {}
         Err(why) if std::env::var_os("CI").is_none() => {
             println!("soak io_uring: skipped, io_uring is not available ({why})")
         }
