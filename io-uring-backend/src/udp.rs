@@ -320,3 +320,110 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use svcproxy_core::{Control, ProxyConfig, Table, WorkerContext};
+    use svcproxy_sys::Waker;
+
+    use super::*;
+
+    fn worker() -> Option<Worker> {
+        if let Err(why) = crate::probe() {
+            assert!(std::env::var_os("CI").is_none(), "no io_uring in CI: {why}");
+            println!("skipped: io_uring is not available ({why})");
+            return None;
+        }
+        let control = Arc::new(Control::new(
+            Arc::new(Table::default()),
+            ProxyConfig::default(),
+            1,
+        ));
+        let waker = Arc::new(Waker::new().unwrap());
+        Some(Worker::new(WorkerContext { index: 0, control }, waker).unwrap())
+    }
+
+    /// Waits for a completion of `op` for which `done` holds (others are dropped).
+    fn complete(w: &mut Worker, op: Op, done: impl Fn(&Completion) -> bool) -> Completion {
+        let mut completions = Vec::new();
+        for _ in 0..100 {
+            w.io.ring
+                .submit_and_wait(Some(Duration::from_millis(100)))
+                .unwrap();
+            w.io.ring.completions(&mut completions);
+            if let Some(c) = completions
+                .iter()
+                .find(|c| token::op(c.user_data) == Some(op) && done(c))
+            {
+                return *c;
+            }
+        }
+        panic!("no completion of {op:?}");
+    }
+
+    fn is_open(fd: i32) -> bool {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok()
+    }
+
+    /// A flow whose multishot receive has ended, so that nothing but what the test queues
+    /// holds its socket; with a buffer of ours holding `payload`, sent by the endpoint.
+    fn quiet_flow(w: &mut Worker, endpoint: &UdpSocket, payload: &[u8]) -> (FlowSocket, u16) {
+        let id = FlowId::from_u64(7);
+        let mut flow =
+            w.io.start_flow(id, endpoint.local_addr().unwrap(), None)
+                .unwrap();
+        let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
+        endpoint.send_to(payload, flow_addr).unwrap();
+        let reply = complete(w, Op::FlowRecv, |c| c.result > 0);
+        w.io.cancel(&flow.socket, id);
+        complete(w, Op::FlowRecv, |c| !c.more());
+        flow.armed = false;
+        (flow, reply.buffer().unwrap())
+    }
+
+    #[test]
+    fn a_flow_socket_with_a_send_queued_outlives_its_flow() {
+        let Some(mut w) = worker() else { return };
+        let endpoint = UdpSocket::bind("127.0.0.1:0").unwrap();
+        endpoint
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (mut flow, bid) = quiet_flow(&mut w, &endpoint, b"ping");
+        let (id, fd) = (flow.id, flow.socket.as_raw_fd());
+        let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
+        // A send is queued, not yet submitted, when the flow ends.
+        assert!(w.io.queue_send(fd, Sender::Flow(id), bid, (0, 4), None));
+        flow.sends += 1;
+        w.io.end_flow(flow);
+        assert!(is_open(fd), "closed under a queued send");
+        assert!(w.io.closing_flows.contains_key(&id));
+        // The send goes out through the flow's own socket; then the socket is closed.
+        let send = complete(&mut w, Op::UdpSend, |_| true);
+        assert_eq!(send.result, 4, "the send itself succeeded");
+        w.on_udp_send(token::id(send.user_data), send);
+        let mut got = [0u8; 16];
+        let (n, from) = endpoint.recv_from(&mut got).unwrap();
+        assert_eq!((&got[..n], from), (&b"ping"[..], flow_addr));
+        assert!(
+            w.io.closing_flows.is_empty(),
+            "closed with its last operation"
+        );
+        assert!(!is_open(fd));
+    }
+
+    #[test]
+    fn a_flow_socket_with_nothing_queued_closes_at_once() {
+        let Some(mut w) = worker() else { return };
+        let endpoint = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (flow, bid) = quiet_flow(&mut w, &endpoint, b"ping");
+        w.io.udp_buffers.recycle(bid);
+        let fd = flow.socket.as_raw_fd();
+        w.io.end_flow(flow);
+        assert!(!is_open(fd));
+        assert!(w.io.closing_flows.is_empty());
+    }
+}
