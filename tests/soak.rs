@@ -362,8 +362,11 @@ fn short_connections(name: &str, backend: BackendKind, adjust: fn(&mut ProxyConf
     proxy.shutdown(IO_TIMEOUT).unwrap();
 }
 
-/// Each backend and io_uring mode, by name.
-const BACKENDS: [(&str, BackendKind, fn(&mut ProxyConfig)); 3] = [
+/// A backend or io_uring mode: its name, kind and settings.
+type Mode = (&'static str, BackendKind, fn(&mut ProxyConfig));
+
+/// Each backend and io_uring mode.
+const BACKENDS: [Mode; 3] = [
     ("epoll", BackendKind::Epoll, |_| {}),
     ("io_uring", BackendKind::IoUring, |_| {}),
     ("io_uring splice", BackendKind::IoUring, |c| {

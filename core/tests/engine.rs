@@ -74,8 +74,8 @@ impl Driver for Recorder {
         self.cmds.push(Cmd::Abort(*conn));
         true
     }
-    fn forward(&mut self, _: ConnId, conn: &mut u16) {
-        self.cmds.push(Cmd::Forward(*conn));
+    fn forward(&mut self, _: ConnId, conn: &mut Connection<u16>) {
+        self.cmds.push(Cmd::Forward(conn.io));
     }
     fn close(&mut self, conn: u16, reset: Option<Side>) {
         self.cmds.push(Cmd::Close(conn, reset));

@@ -13,7 +13,9 @@ use rustix::event::{Timespec, epoll};
 use socket2::Socket;
 use svcproxy_core::engine::{ConnId, ListenerId};
 use svcproxy_core::session::Side;
-use svcproxy_core::{Driver, Engine, FlowId, OpenError, Protocol, ServicePortKey, WorkerContext};
+use svcproxy_core::{
+    Connection, Driver, Engine, FlowId, OpenError, Protocol, ServicePortKey, WorkerContext,
+};
 use svcproxy_sys::dgram::MAX_DATAGRAM;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
 use svcproxy_sys::{ListenOptions, PipePool, RecvBatch, Waker, accept, connect, listen, reset};
@@ -120,7 +122,8 @@ impl Driver for Io {
         true
     }
 
-    fn forward(&mut self, id: ConnId, conn: &mut Conn) {
+    fn forward(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
+        let conn = &mut conn.io;
         // The client is watched from now on; bytes it sent meanwhile are reported at once.
         match watch(
             &self.epoll,

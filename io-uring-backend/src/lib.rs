@@ -16,6 +16,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 // The only module with unsafe code: the ring, its buffers and the probe.
+mod inflight;
 #[allow(unsafe_code)]
 mod ring;
 mod tcp;

@@ -29,7 +29,7 @@ use socket2::Socket;
 use svcproxy_core::config::Forwarding;
 use svcproxy_core::engine::ConnId;
 use svcproxy_core::session::{Direction, Side, Step};
-use svcproxy_core::{OpenError, Protocol};
+use svcproxy_core::{Connection, OpenError, Protocol};
 use svcproxy_sys::outbound;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
 use tracing::debug;
@@ -58,8 +58,6 @@ struct Dir {
     polling_out: bool,
     /// Waiting for a buffer to come back to the ring.
     starved: bool,
-    /// EOF was read: receiving is over.
-    done: bool,
     /// Buffers forwarding: filled buffers, oldest first.
     queue: VecDeque<Chunk>,
     /// Splice forwarding: the pipe and the bytes in it.
@@ -165,17 +163,19 @@ impl Io {
         }
     }
 
-    pub(crate) fn start_forwarding(&mut self, id: ConnId, conn: &mut Conn) {
+    pub(crate) fn start_forwarding(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
         for dir in Direction::BOTH {
             self.arm_recv(id, conn, dir);
         }
     }
 
     /// Starts receiving in `dir` if it should: not at EOF, not starved, with room.
-    fn arm_recv(&mut self, id: ConnId, conn: &mut Conn, dir: Direction) {
+    fn arm_recv(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
+        let eof = conn.state.eof_seen(dir);
+        let conn = &mut conn.io;
         let src = conn.fd(dir.from());
         let d = &mut conn.dirs[index(dir)];
-        if d.recv_armed || d.done || d.starved || d.held > 0 || d.queue.len() >= MAX_QUEUED {
+        if d.recv_armed || eof || d.starved || d.held > 0 || d.queue.len() >= MAX_QUEUED {
             return;
         }
         let ud = token::user_data(recv_op(dir), id);
@@ -345,10 +345,9 @@ impl Worker {
                     None => d.held = n as usize,
                 }
                 io.kick_send(id, &mut conn.io, dir);
-                io.arm_recv(id, &mut conn.io, dir);
+                io.arm_recv(id, conn, dir);
             }
             0 => {
-                d.done = true;
                 let pending = d.pending();
                 let step = conn.state.read_eof(dir, pending);
                 self.step(id, step);
@@ -357,7 +356,7 @@ impl Worker {
                 d.starved = true;
                 io.starved.push(id);
             }
-            e if e == -libc::EAGAIN => io.arm_recv(id, &mut conn.io, dir),
+            e if e == -libc::EAGAIN => io.arm_recv(id, conn, dir),
             e if e == -libc::ECANCELED => {}
             _ => self.engine.failed(&mut self.io, id, dir.from()),
         }
@@ -425,7 +424,7 @@ impl Worker {
             let step = conn.state.drained(dir);
             self.step(id, step);
         } else {
-            io.arm_recv(id, &mut conn.io, dir);
+            io.arm_recv(id, conn, dir);
         }
     }
 
@@ -455,7 +454,7 @@ impl Worker {
                     d.starved = false;
                 }
                 for dir in Direction::BOTH {
-                    self.io.arm_recv(id, &mut conn.io, dir);
+                    self.io.arm_recv(id, conn, dir);
                 }
             }
         }

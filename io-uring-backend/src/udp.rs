@@ -6,10 +6,8 @@
 //! the exact local address the client used. Buffers return to the ring when their send has
 //! completed; a socket that finds the ring empty waits until one does.
 //!
-//! Every socket counts the operations queued on it (its multishot receive and its sends), and
-//! one the engine has closed is dropped only when that count is back to zero: a descriptor
-//! closed under a queued send could be reused before the ring submits it, and the datagram
-//! would leave through another socket.
+//! Flow and listener sockets count the operations queued on them, and one the engine has
+//! closed is dropped with its last one ([`crate::inflight`]).
 //!
 //! The flow table is synced with the snapshot before each datagram is mapped, so a flow whose
 //! endpoint stopped being eligible is gone before its client's next datagram.
@@ -27,16 +25,22 @@ use svcproxy_sys::ancillary::{parse_pktinfo, parse_sockaddr};
 use svcproxy_sys::connect;
 use tracing::debug;
 
+use crate::inflight::InFlight;
 use crate::ring::{Completion, RECVMSG_CONTROL, RECVMSG_NAME};
 use crate::token::{self, Op};
 use crate::worker::{Io, Worker};
 
-/// A flow's socket, its multishot receive and its sends in flight.
+/// A flow's socket, with its multishot receive and its sends in flight.
 pub(crate) struct FlowSocket {
     socket: Socket,
     id: FlowId,
-    armed: bool,
-    sends: u32,
+    ops: InFlight,
+}
+
+impl AsMut<InFlight> for FlowSocket {
+    fn as_mut(&mut self) -> &mut InFlight {
+        &mut self.ops
+    }
 }
 
 /// Which socket a datagram send is queued on.
@@ -71,15 +75,14 @@ impl Io {
         let mut flow = FlowSocket {
             socket,
             id,
-            armed: false,
-            sends: 0,
+            ops: InFlight::default(),
         };
         self.arm_flow(&mut flow);
         Ok(flow)
     }
 
     fn arm_flow(&mut self, flow: &mut FlowSocket) {
-        if flow.armed {
+        if flow.ops.armed {
             return;
         }
         let fd = flow.socket.as_raw_fd();
@@ -89,18 +92,16 @@ impl Io {
             .recv_multi(fd, self.udp_buffers.group(), ud)
             .is_ok()
         {
-            flow.armed = true;
+            flow.ops.armed = true;
         }
     }
 
     /// Closes the socket of an ended flow once nothing is queued on it.
     pub(crate) fn end_flow(&mut self, flow: FlowSocket) {
-        if flow.armed {
+        if flow.ops.armed {
             self.cancel(&flow.socket, flow.id);
         }
-        if flow.armed || flow.sends > 0 {
-            self.closing_flows.insert(flow.id, flow);
-        }
+        self.closing_flows.hold(flow.id, flow);
     }
 
     /// Queues a send of `len` bytes of buffer `bid` from `offset` on `fd`: to the connected
@@ -124,21 +125,6 @@ impl Io {
             self.udp_ops.remove(op);
         }
         queued.is_ok()
-    }
-
-    /// A closed flow socket's operation ended; the socket goes with the last one.
-    fn closing_flow_done(&mut self, id: FlowId, recv_ended: bool) {
-        let Some(flow) = self.closing_flows.get_mut(&id) else {
-            return;
-        };
-        if recv_ended {
-            flow.armed = false;
-        } else {
-            flow.sends -= 1;
-        }
-        if !flow.armed && flow.sends == 0 {
-            self.closing_flows.remove(&id);
-        }
     }
 }
 
@@ -206,7 +192,7 @@ impl Worker {
         {
             return false;
         }
-        flow.handle.sends += 1;
+        flow.handle.ops.sends += 1;
         flow.tally.datagrams_in(1, span.1 as u64);
         true
     }
@@ -220,7 +206,7 @@ impl Worker {
                 self.io.recycled = true;
             }
             if !c.more() {
-                self.io.closing_flow_done(id, true);
+                self.io.closing_flows.ended(id, true);
             }
             return;
         }
@@ -234,7 +220,7 @@ impl Worker {
         } else if c.result < 0 && c.result != -libc::ECANCELED {
             // Typically ECONNREFUSED: the endpoint's port is closed.
             if let Some(flow) = self.engine.flows_mut().get_mut(id) {
-                flow.handle.armed = c.more();
+                flow.handle.ops.armed = c.more();
             }
             self.engine.flow_failed(&mut self.io, id);
             return;
@@ -242,7 +228,7 @@ impl Worker {
         if !c.more()
             && let Some(flow) = self.engine.flows_mut().get_mut(id)
         {
-            flow.handle.armed = false;
+            flow.handle.ops.armed = false;
             if c.result != -libc::ENOBUFS {
                 self.io.arm_flow(&mut flow.handle);
             }
@@ -271,7 +257,7 @@ impl Worker {
         ) {
             return false;
         }
-        l.io.sends += 1;
+        l.io.ops.sends += 1;
         if let Some(flow) = self.engine.flows().get(id) {
             flow.tally.datagrams_out(1, len as u64);
         }
@@ -291,12 +277,12 @@ impl Worker {
         self.io.recycled = true;
         match op.on {
             Sender::Flow(flow) => match self.engine.flows_mut().get_mut(flow) {
-                Some(f) => f.handle.sends -= 1,
-                None => self.io.closing_flow_done(flow, false),
+                Some(f) => f.handle.ops.sends -= 1,
+                None => self.io.closing_flows.ended(flow, false),
             },
             Sender::Listener(l) => match self.engine.listener_mut(l) {
-                Some(l) => l.io.sends -= 1,
-                None => self.io.closing_listener_done(l, false),
+                Some(l) => l.io.ops.sends -= 1,
+                None => self.io.closing_listeners.ended(l, false),
             },
         }
     }
@@ -381,7 +367,7 @@ mod tests {
         let reply = complete(w, Op::FlowRecv, |c| c.result > 0);
         w.io.cancel(&flow.socket, id);
         complete(w, Op::FlowRecv, |c| !c.more());
-        flow.armed = false;
+        flow.ops.armed = false;
         (flow, reply.buffer().unwrap())
     }
 
@@ -397,10 +383,10 @@ mod tests {
         let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
         // A send is queued, not yet submitted, when the flow ends.
         assert!(w.io.queue_send(fd, Sender::Flow(id), bid, (0, 4), None));
-        flow.sends += 1;
+        flow.ops.sends += 1;
         w.io.end_flow(flow);
         assert!(is_open(fd), "closed under a queued send");
-        assert!(w.io.closing_flows.contains_key(&id));
+        assert!(w.io.closing_flows.holds(id));
         // The send goes out through the flow's own socket; then the socket is closed.
         let send = complete(&mut w, Op::UdpSend, |_| true);
         assert_eq!(send.result, 4, "the send itself succeeded");

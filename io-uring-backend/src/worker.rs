@@ -23,6 +23,7 @@ use svcproxy_sys::socket::is_resource_exhaustion;
 use svcproxy_sys::{ListenOptions, PipePool, Waker, listen};
 use tracing::{debug, warn};
 
+use crate::inflight::{Closing, InFlight};
 use crate::ring::{BufRing, Completion, Ring, RingOptions};
 use crate::tcp::Conn;
 use crate::token::{self, Op};
@@ -42,12 +43,16 @@ const SPARE_PIPES: usize = 64;
 pub(crate) struct Listener {
     pub(crate) key: ServicePortKey,
     pub(crate) socket: Socket,
-    /// The multishot accept or recvmsg is in flight.
-    pub(crate) armed: bool,
+    /// Its multishot accept or `recvmsg`, and (UDP) the replies queued on it.
+    pub(crate) ops: InFlight,
     /// A UDP listener waiting for buffers to come back to the ring.
     pub(crate) starved: bool,
-    /// Replies queued on a UDP listener.
-    pub(crate) sends: u32,
+}
+
+impl AsMut<InFlight> for Listener {
+    fn as_mut(&mut self) -> &mut InFlight {
+        &mut self.ops
+    }
 }
 
 /// The driver: the ring, its buffers, and what waits for its last completions.
@@ -68,8 +73,8 @@ pub(crate) struct Io {
     pub(crate) recycled: bool,
     /// Closed by the engine, waiting for their last completions.
     pub(crate) closing_conns: HashMap<ConnId, Conn>,
-    pub(crate) closing_listeners: HashMap<ListenerId, Listener>,
-    pub(crate) closing_flows: HashMap<FlowId, FlowSocket>,
+    pub(crate) closing_listeners: Closing<Listener>,
+    pub(crate) closing_flows: Closing<FlowSocket>,
     /// A descriptor held in reserve: multishot accept can take every descriptor before a
     /// backend socket is opened, so when none is left one waiting client is served with this
     /// one (then the next as connections end), instead of all waiting forever.
@@ -94,7 +99,7 @@ impl Io {
 
     /// Starts the listener's multishot operation if it is not running.
     pub(crate) fn arm_listener(&mut self, id: ListenerId, l: &mut Listener) {
-        if l.armed || l.starved {
+        if l.ops.armed || l.starved {
             return;
         }
         let fd = l.socket.as_raw_fd();
@@ -106,7 +111,7 @@ impl Io {
             }
         };
         match result {
-            Ok(()) => l.armed = true,
+            Ok(()) => l.ops.armed = true,
             Err(e) => warn!(key = %l.key, error = %e, "cannot arm listener"),
         }
     }
@@ -116,22 +121,6 @@ impl Io {
         let _ = self
             .ring
             .cancel_fd(fd.as_raw_fd(), token::user_data(Op::Ignore, id));
-    }
-
-    /// An operation of a closed listener ended (its multishot one when `recv_ended`, else a
-    /// send); the socket goes with the last one.
-    pub(crate) fn closing_listener_done(&mut self, id: ListenerId, recv_ended: bool) {
-        let Some(l) = self.closing_listeners.get_mut(&id) else {
-            return;
-        };
-        if recv_ended {
-            l.armed = false;
-        } else {
-            l.sends -= 1;
-        }
-        if !l.armed && l.sends == 0 {
-            self.closing_listeners.remove(&id);
-        }
     }
 }
 
@@ -161,8 +150,8 @@ impl Worker {
                 udp_starved: Vec::new(),
                 recycled: false,
                 closing_conns: HashMap::new(),
-                closing_listeners: HashMap::new(),
-                closing_flows: HashMap::new(),
+                closing_listeners: Closing::default(),
+                closing_flows: Closing::default(),
                 reserve: std::fs::File::open("/dev/null").ok(),
                 listen_options: ListenOptions {
                     backlog: config.listen_backlog as i32,
@@ -237,7 +226,7 @@ impl Worker {
             // Closed: the client (if any) is dropped, the socket goes with the last completion.
             drop(client);
             if !c.more() {
-                self.io.closing_listener_done(id, true);
+                self.io.closing_listeners.ended(id, true);
             }
             return;
         }
@@ -269,10 +258,10 @@ impl Worker {
     pub(crate) fn listener_disarmed(&mut self, id: ListenerId) {
         let accepting = self.engine.may_accept();
         let Some(l) = self.engine.listener_mut(id) else {
-            self.io.closing_listener_done(id, true);
+            self.io.closing_listeners.ended(id, true);
             return;
         };
-        l.io.armed = false;
+        l.io.ops.armed = false;
         if accepting || l.key.protocol == Protocol::Udp {
             self.io.arm_listener(id, &mut l.io);
         }
@@ -293,9 +282,8 @@ impl svcproxy_core::Driver for Io {
         let mut l = Listener {
             key,
             socket: listen(key, &self.listen_options)?,
-            armed: false,
+            ops: InFlight::default(),
             starved: false,
-            sends: 0,
         };
         if accepting || key.protocol == Protocol::Udp {
             self.arm_listener(id, &mut l);
@@ -309,18 +297,16 @@ impl svcproxy_core::Driver for Io {
         if l.key.protocol == Protocol::Tcp {
             let _ = l.socket.shutdown(std::net::Shutdown::Both);
         }
-        if l.armed {
+        if l.ops.armed {
             self.cancel(&l.socket, id);
         }
-        if l.armed || l.sends > 0 {
-            self.closing_listeners.insert(id, l);
-        }
+        self.closing_listeners.hold(id, l);
     }
 
     fn accepting(&mut self, id: ListenerId, l: &mut Listener, on: bool) {
         if on {
             self.arm_listener(id, l);
-        } else if l.armed {
+        } else if l.ops.armed {
             // It stays armed until the cancelled accept's last completion.
             self.cancel(&l.socket, id);
         }
@@ -345,7 +331,7 @@ impl svcproxy_core::Driver for Io {
         false
     }
 
-    fn forward(&mut self, id: ConnId, conn: &mut Conn) {
+    fn forward(&mut self, id: ConnId, conn: &mut svcproxy_core::Connection<Conn>) {
         self.start_forwarding(id, conn);
     }
 

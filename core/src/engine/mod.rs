@@ -119,7 +119,7 @@ pub trait Driver {
     fn abort_connect(&mut self, id: ConnId, conn: &mut Self::Conn) -> bool;
 
     /// Connected: start moving bytes both ways.
-    fn forward(&mut self, id: ConnId, conn: &mut Self::Conn);
+    fn forward(&mut self, id: ConnId, conn: &mut Connection<Self::Conn>);
 
     /// Closes a connection, resetting the socket of `reset` if given. Freeing it is the
     /// driver's (now, or once its operations in flight have ended).

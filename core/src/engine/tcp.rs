@@ -23,11 +23,12 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::{ConnId, Driver, Engine, OpenError, Timer, TimerId, Waiting};
+use super::{ConnId, Driver, Engine, OpenError, Timer, TimerId, Timers, Waiting};
 use crate::budget::Permit;
 use crate::model::ServicePortKey;
 use crate::select::{Backend, PortState};
 use crate::session::{Direction, Side, Step, TcpSession};
+use crate::slots::Slots;
 use crate::stats::Tally;
 
 /// One connection: the driver's sockets and the engine's state.
@@ -132,6 +133,20 @@ impl Lifecycle {
     }
 }
 
+/// The connection `id` if its connect attempt was under way, with the attempt's deadline
+/// disarmed.
+fn attempt_ended<'c, C>(
+    conns: &'c mut Slots<Connection<C>>,
+    timers: &mut Timers<Timer>,
+    id: ConnId,
+) -> Option<&'c mut Connection<C>> {
+    let conn = conns.get_mut(id).filter(|c| !c.state.connected)?;
+    if let Some(timer) = conn.state.timer.take() {
+        timers.cancel(timer);
+    }
+    Some(conn)
+}
+
 /// How starting a connect attempt went.
 enum Attempt {
     Connecting,
@@ -229,15 +244,9 @@ impl<D: Driver> Engine<D> {
 
     /// The backend socket of `id` connected.
     pub fn connected(&mut self, io: &mut D, id: ConnId, now: Instant) {
-        let Some(conn) = self.conns.get_mut(id) else {
+        let Some(conn) = attempt_ended(&mut self.conns, &mut self.timers, id) else {
             return;
         };
-        if conn.state.connected {
-            return;
-        }
-        if let Some(timer) = conn.state.timer.take() {
-            self.timers.cancel(timer);
-        }
         conn.state.connected = true;
         conn.state.last_activity = now;
         conn.state.timer = self
@@ -246,22 +255,16 @@ impl<D: Driver> Engine<D> {
             .idle_timeout
             .and_then(|idle| now.checked_add(idle))
             .map(|at| self.timers.add(at, Timer::Idle(id)));
-        io.forward(id, &mut conn.io);
+        io.forward(id, conn);
     }
 
     /// The attempt of `id` failed (refused, unreachable, aborted after its deadline): the next
     /// endpoint, or the client is reset.
     pub fn connect_failed(&mut self, io: &mut D, id: ConnId, now: Instant) {
         let policy = self.config.tcp;
-        let Some(conn) = self.conns.get_mut(id) else {
+        let Some(conn) = attempt_ended(&mut self.conns, &mut self.timers, id) else {
             return;
         };
-        if conn.state.connected {
-            return;
-        }
-        if let Some(timer) = conn.state.timer.take() {
-            self.timers.cancel(timer);
-        }
         if let Some((_, tally)) = conn.state.backend.take() {
             tally.connect_error();
             tally.closed();
