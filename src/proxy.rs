@@ -148,7 +148,7 @@ impl Proxy {
                     for i in index..workers {
                         control.report_stopped(i);
                     }
-                    proxy.stop(Instant::now());
+                    proxy.stop(Some(Instant::now()));
                     return Err(Error::Io(e));
                 }
             }
@@ -156,11 +156,11 @@ impl Proxy {
         let generation = table.load().generation();
         let applied = control.wait_applied(generation, START_TIMEOUT);
         if let Some(error) = proxy.failed_worker() {
-            proxy.stop(Instant::now());
+            proxy.stop(Some(Instant::now()));
             return Err(error);
         }
         if !applied {
-            proxy.stop(Instant::now());
+            proxy.stop(Some(Instant::now()));
             return Err(Error::Timeout {
                 generation,
                 timeout: START_TIMEOUT,
@@ -209,10 +209,12 @@ impl Proxy {
     }
 
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest
-    /// and stops the workers.
+    /// and stops the workers. `Err` names the first worker that failed (after all stopped).
     pub fn shutdown(mut self, grace: Duration) -> Result<(), Error> {
-        self.stop(Instant::now() + grace);
-        Ok(())
+        match self.stop(Instant::now().checked_add(grace)) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     fn failed_worker(&mut self) -> Option<Error> {
@@ -229,20 +231,29 @@ impl Proxy {
         })
     }
 
-    fn stop(&mut self, deadline: Instant) {
+    /// Stops the workers, closing what is open at `deadline` (`None`: whenever it ends);
+    /// returns the first worker's error, if one failed or panicked.
+    fn stop(&mut self, deadline: Option<Instant>) -> Option<Error> {
         self.control.table().unsubscribe(self.subscription);
         self.control.begin_shutdown(deadline);
         self.wakers.iter().for_each(|w| w.wake());
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
+        let mut first = None;
+        for (worker, thread) in self.threads.drain(..).enumerate() {
+            let error = match thread.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => io::Error::other("panicked"),
+            };
+            first.get_or_insert(Error::Worker { worker, error });
         }
+        first
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.stop(Instant::now());
+            self.stop(Some(Instant::now()));
         }
     }
 }

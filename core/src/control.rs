@@ -106,7 +106,7 @@ impl Control {
     /// Waits until every worker has applied `generation` (or a later one), or stopped.
     /// Returns false on timeout.
     pub fn wait_applied(&self, generation: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let done = || {
             self.applied.iter().all(|a| {
                 let g = a.load(Ordering::Acquire);
@@ -115,7 +115,9 @@ impl Control {
         };
         let mut guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         while !done() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
             if left.is_zero() {
                 return false;
             }
@@ -128,9 +130,10 @@ impl Control {
         true
     }
 
-    /// Starts a graceful shutdown: stop accepting; close what is left at `deadline`.
-    pub fn begin_shutdown(&self, deadline: Instant) {
-        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+    /// Starts a graceful shutdown: stop accepting; close what is left at `deadline` (`None`:
+    /// connections run until they end).
+    pub fn begin_shutdown(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
         self.stopping.store(true, Ordering::Release);
     }
 
@@ -140,7 +143,7 @@ impl Control {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// When remaining connections are closed, once shutdown has begun.
+    /// When remaining connections are closed, once shutdown has begun (`None`: never).
     pub fn deadline(&self) -> Option<Instant> {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }

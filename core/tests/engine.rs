@@ -302,7 +302,8 @@ fn shutdown_refuses_waiting_clients_and_the_budget_stays_exact() {
     f.accept(2, f.t0);
     f.accept(3, f.t0);
     f.io.take();
-    f.control.begin_shutdown(f.t0 + Duration::from_secs(5));
+    f.control
+        .begin_shutdown(Some(f.t0 + Duration::from_secs(5)));
     f.engine.poll(&mut f.io, f.t0);
     assert_eq!(
         f.io.take(),

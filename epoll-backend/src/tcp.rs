@@ -11,8 +11,7 @@
 //! could not write at once wait in a heap buffer that exists only while it holds them. When no
 //! pipe can be had (out of descriptors), streams are copied too, so connections keep moving.
 //!
-//! The "pipe full or socket empty" trap (DESIGN-NOTES section 3): splicing into a pipe that
-//! already holds bytes can fail with `WouldBlock` because the pipe ran out of slots, not
+//! The "pipe full or socket empty" trap: splicing into a pipe that already holds bytes can fail with `WouldBlock` because the pipe ran out of slots, not
 //! because the socket is empty. A direction therefore reads only when it holds nothing (it
 //! drains first, and waits for the destination if that blocks), so `WouldBlock` from the
 //! source always means the socket is drained, and clearing "readable" never loses an edge.

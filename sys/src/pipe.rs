@@ -1,8 +1,9 @@
 //! Pipes for zero-copy forwarding with splice(2): socket -> pipe -> socket.
 //!
-//! Both ends are non-blocking. Note the trap (DESIGN-NOTES section 3): `fill` returning
-//! `WouldBlock` means "socket empty" only if the pipe was empty; with bytes in the pipe it may
-//! mean "pipe full" (every skb fragment takes a pipe slot). Callers track the bytes they hold.
+//! Both ends are non-blocking. Note the trap: `fill` returning `WouldBlock` means "socket
+//! empty" only if the pipe was empty; with bytes in the pipe it may mean "pipe full" (every
+//! skb fragment takes a pipe slot, so a 64 KiB pipe can fill at about 23 KiB of MSS-sized
+//! segments). Callers track the bytes they hold.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -60,7 +61,7 @@ impl Pipe {
 }
 
 /// Spare empty pipes, so that connections take a pipe only while data flows and give it back
-/// when idle (DESIGN-NOTES section 3: idle connections hold no pipes). Never give back a pipe
+/// when idle (idle connections hold no pipes). Never give back a pipe
 /// that still holds bytes: they would reach another connection.
 #[derive(Debug)]
 pub struct PipePool {
@@ -99,10 +100,5 @@ impl PipePool {
     /// Closes every spare pipe (to give descriptors back when they run out).
     pub fn clear(&mut self) {
         self.free.clear();
-    }
-
-    /// Spare pipes held.
-    pub fn spare(&self) -> usize {
-        self.free.len()
     }
 }

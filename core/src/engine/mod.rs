@@ -443,8 +443,9 @@ impl<D: Driver> Engine<D> {
                 io.close_flow(flow.handle);
             }
         }
-        let deadline = self.ctx.control.deadline().unwrap_or(now);
-        self.timers.add(deadline, Timer::Shutdown);
+        if let Some(deadline) = self.ctx.control.deadline() {
+            self.timers.add(deadline.max(now), Timer::Shutdown);
+        }
     }
 
     /// Accepting failed for lack of descriptors or memory (`what` failed): pause it with

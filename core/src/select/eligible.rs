@@ -1,4 +1,5 @@
-//! Which endpoints of a service may take traffic on one service port (DESIGN-NOTES section 1).
+//! Which endpoints of a service may take traffic on one service port, as Kubernetes' own
+//! proxies choose them (EndpointSlice conditions).
 //!
 //! In order: the endpoint must have a backend port for the service port (named target ports
 //! resolve per endpoint); under [`TrafficPolicy::Local`] it must run on this node; then, unless
