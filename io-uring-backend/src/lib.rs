@@ -1,13 +1,17 @@
-//! svcproxy's io_uring backend.
+//! svcproxy's io_uring backend: a driver of the core's connection engine
+//! ([`svcproxy_core::engine`]), which decides everything about listeners, admission,
+//! connection lifecycle, UDP flows and timers; this crate turns its commands into ring
+//! operations and completions into its events.
 //!
 //! [`run`] is the body of one worker thread: one ring per worker (single issuer, deferred task
 //! running; or a submission-polling kernel thread), its own `SO_REUSEPORT` listeners, its own
-//! connections and UDP flows. Every socket operation is a ring operation: multishot accept,
-//! connect with a linked timeout, receive into provided buffers (or splice through pipes),
-//! send, shutdown, cancel; UDP with multishot `recvmsg` and `sendmsg`. The steady state makes
-//! one `io_uring_enter` per batch of completions and no other system call per operation.
-//! Timers are ring timeouts (a one-second tick for idle, drain and flow expiry; deadlines for
-//! connects and shutdown).
+//! connections and UDP flows. Socket I/O is ring operations: multishot accept, connect,
+//! receive into provided buffers (or splice through pipes), send, cancel; UDP with multishot
+//! `recvmsg` and `sendmsg`. Two things are direct system calls: creating sockets, and
+//! `shutdown(2)` of a write side (the ring would hand `IORING_OP_SHUTDOWN` to an io-wq thread).
+//! The worker waits in `io_uring_enter` for the next completion or the engine's next
+//! deadline, whichever comes first, so timers fire on time and a connect whose deadline passes
+//! is cancelled.
 //!
 //! Behaviour is the epoll backend's: the same behaviour suite runs against both.
 //! [`probe`] says whether io_uring can be used here; the facade falls back to epoll if not.
@@ -15,8 +19,8 @@
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-// The only module with unsafe code: the ring, its buffers and the probe.
 mod inflight;
+// The only module with unsafe code: the ring, its buffers and the probe.
 #[allow(unsafe_code)]
 mod ring;
 mod tcp;

@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use socket2::Socket;
@@ -34,7 +34,7 @@ use svcproxy_sys::outbound;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
 use tracing::debug;
 
-use crate::ring::Completion;
+use crate::ring::{Completion, Group, Span};
 use crate::token::{self, Op};
 use crate::worker::{Io, Worker};
 
@@ -116,15 +116,20 @@ impl Conn {
     }
 
     fn socket(&self, side: Side) -> Option<&Socket> {
-        match side {
-            Side::Client => Some(&self.client),
-            Side::Backend => self.backend.as_ref(),
-        }
+        socket(&self.client, &self.backend, side)
     }
+}
 
-    fn fd(&self, side: Side) -> i32 {
-        self.socket(side).map_or(-1, |s| s.as_raw_fd())
+/// The socket of `side`, given a connection's two (borrowed apart from its other fields).
+fn socket<'c>(client: &'c Socket, backend: &'c Option<Socket>, side: Side) -> Option<&'c Socket> {
+    match side {
+        Side::Client => Some(client),
+        Side::Backend => backend.as_ref(),
     }
+}
+
+fn fd<'c>(client: &'c Socket, backend: &'c Option<Socket>, side: Side) -> Option<BorrowedFd<'c>> {
+    socket(client, backend, side).map(AsFd::as_fd)
 }
 
 impl Io {
@@ -149,7 +154,7 @@ impl Io {
         }
         .map_err(open_error)?;
         self.ring
-            .connect(socket.as_raw_fd(), to, token::user_data(Op::Connect, id))
+            .connect(socket.as_fd(), to, token::user_data(Op::Connect, id))
             .map_err(OpenError::Failed)?;
         conn.inflight += 1;
         conn.backend = Some(socket);
@@ -157,9 +162,9 @@ impl Io {
     }
 
     /// Cancels the connect in flight; its completion reports the failure.
-    pub(crate) fn cancel_connect(&mut self, id: ConnId, conn: &Conn) {
+    pub(crate) fn cancel_connect(&mut self, conn: &Conn) {
         if let Some(backend) = &conn.backend {
-            self.cancel(backend, id);
+            self.cancel(backend);
         }
     }
 
@@ -172,39 +177,60 @@ impl Io {
     /// Starts receiving in `dir` if it should: not at EOF, not starved, with room.
     fn arm_recv(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
         let eof = conn.state.eof_seen(dir);
-        let conn = &mut conn.io;
-        let src = conn.fd(dir.from());
-        let d = &mut conn.dirs[index(dir)];
+        let Conn {
+            client,
+            backend,
+            dirs,
+            inflight,
+            ..
+        } = &mut conn.io;
+        let d = &mut dirs[index(dir)];
         if d.recv_armed || eof || d.starved || d.held > 0 || d.queue.len() >= MAX_QUEUED {
             return;
         }
+        let Some(src) = fd(client, backend, dir.from()) else {
+            return;
+        };
         let ud = token::user_data(recv_op(dir), id);
         // Splice waits for readiness first and takes a pipe only when bytes are there, so idle
         // connections hold none.
         let result = if self.forwarding == Forwarding::Splice {
-            d.polling_in = true;
             self.ring.poll(src, libc::POLLIN as u32, ud)
         } else {
-            self.ring.recv(src, self.tcp_buffers.group(), ud)
+            self.ring.recv(src, Group::Tcp, ud)
         };
         if result.is_ok() {
+            d.polling_in = self.forwarding == Forwarding::Splice;
             d.recv_armed = true;
-            conn.inflight += 1;
+            *inflight += 1;
         }
     }
 
     /// Sends what waits in `dir`, if no send is in flight.
     fn kick_send(&mut self, id: ConnId, conn: &mut Conn, dir: Direction) {
-        let dst = conn.fd(dir.to());
-        let d = &mut conn.dirs[index(dir)];
+        let Conn {
+            client,
+            backend,
+            dirs,
+            inflight,
+            ..
+        } = conn;
+        let d = &mut dirs[index(dir)];
+        let Some(dst) = fd(client, backend, dir.to()) else {
+            return;
+        };
         if d.send_armed {
             return;
         }
         let ud = token::user_data(send_op(dir), id);
         let result = if let Some(chunk) = d.queue.front() {
-            let (offset, len) = (chunk.sent as usize, (chunk.len - chunk.sent) as usize);
-            self.ring
-                .send_buffer(dst, &self.tcp_buffers, chunk.bid, offset, len, ud)
+            let span = Span {
+                group: Group::Tcp,
+                bid: chunk.bid,
+                offset: chunk.sent as usize,
+                len: (chunk.len - chunk.sent) as usize,
+            };
+            self.ring.send(dst, span, true, ud)
         } else if let (Some(pipe), 1..) = (&d.pipe, d.held) {
             let (read, _) = pipe.fds();
             self.ring.splice(read, dst, d.held as u32, ud)
@@ -213,7 +239,7 @@ impl Io {
         };
         if result.is_ok() {
             d.send_armed = true;
-            conn.inflight += 1;
+            *inflight += 1;
         }
     }
 
@@ -227,7 +253,7 @@ impl Io {
             Some(id) if conn.inflight > 0 => {
                 for side in [Side::Client, Side::Backend] {
                     if let Some(socket) = conn.socket(side) {
-                        self.cancel(socket, id);
+                        self.cancel(socket);
                     }
                 }
                 self.closing_conns.insert(id, conn);
@@ -240,7 +266,7 @@ impl Io {
     fn free_conn(&mut self, mut conn: Conn) {
         for d in &mut conn.dirs {
             for chunk in d.queue.drain(..) {
-                self.tcp_buffers.recycle(chunk.bid);
+                self.ring.recycle(Group::Tcp, chunk.bid);
                 self.recycled = true;
             }
             if let Some(pipe) = d.pipe.take()
@@ -258,7 +284,7 @@ impl Io {
     /// A completion for a connection the engine has closed.
     fn closing_completion(&mut self, id: ConnId, c: Completion) {
         if let Some(bid) = c.buffer() {
-            self.tcp_buffers.recycle(bid);
+            self.ring.recycle(Group::Tcp, bid);
             self.recycled = true;
         }
         let Some(conn) = self.closing_conns.get_mut(&id) else {
@@ -301,8 +327,14 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let src = conn.io.fd(dir.from());
-        let d = &mut conn.io.dirs[index(dir)];
+        let Conn {
+            client,
+            backend,
+            dirs,
+            inflight,
+            ..
+        } = &mut conn.io;
+        let d = &mut dirs[index(dir)];
         d.recv_armed = false;
         if d.polling_in {
             d.polling_in = false;
@@ -320,16 +352,19 @@ impl Worker {
                 d.pipe = Some(p);
             }
             let ud = token::user_data(recv_op(dir), id);
+            let Some(src) = fd(client, backend, dir.from()) else {
+                return;
+            };
             let submitted = match &d.pipe {
                 Some(pipe) => {
                     let (_, write) = pipe.fds();
                     io.ring.splice(src, write, pipe.capacity() as u32, ud)
                 }
-                None => io.ring.recv(src, io.tcp_buffers.group(), ud),
+                None => io.ring.recv(src, Group::Tcp, ud),
             };
             if submitted.is_ok() {
                 d.recv_armed = true;
-                conn.io.inflight += 1;
+                *inflight += 1;
             }
             return;
         }
@@ -367,8 +402,14 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let dst = conn.io.fd(dir.to());
-        let d = &mut conn.io.dirs[index(dir)];
+        let Conn {
+            client,
+            backend,
+            dirs,
+            inflight,
+            ..
+        } = &mut conn.io;
+        let d = &mut dirs[index(dir)];
         d.send_armed = false;
         if d.polling_out {
             d.polling_out = false;
@@ -384,10 +425,13 @@ impl Worker {
         if c.result == -libc::EAGAIN {
             // The destination is full: wait until it takes more.
             let ud = token::user_data(send_op(dir), id);
+            let Some(dst) = fd(client, backend, dir.to()) else {
+                return;
+            };
             if io.ring.poll(dst, libc::POLLOUT as u32, ud).is_ok() {
                 d.send_armed = true;
                 d.polling_out = true;
-                conn.io.inflight += 1;
+                *inflight += 1;
             }
             return;
         }
@@ -416,7 +460,7 @@ impl Worker {
             io.pipes.give(pipe);
         }
         if let Some(bid) = recycled {
-            io.tcp_buffers.recycle(bid);
+            io.ring.recycle(Group::Tcp, bid);
             io.recycled = true;
         }
         io.kick_send(id, &mut conn.io, dir);

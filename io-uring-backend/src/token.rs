@@ -26,8 +26,6 @@ pub(crate) enum Op {
     FlowRecv = 9,
     /// A datagram sent to an endpoint or back to a client.
     UdpSend = 10,
-    /// A completion to ignore (a failed cancel).
-    Ignore = 11,
 }
 
 pub(crate) fn user_data(op: Op, id: SlotId) -> u64 {
@@ -46,7 +44,6 @@ pub(crate) fn op(user_data: u64) -> Option<Op> {
         8 => Op::ListenerRecv,
         9 => Op::FlowRecv,
         10 => Op::UdpSend,
-        11 => Op::Ignore,
         _ => return None,
     })
 }

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Instant;
 
 use io_uring::types::RecvMsgOut;
@@ -26,7 +26,7 @@ use svcproxy_sys::connect;
 use tracing::debug;
 
 use crate::inflight::InFlight;
-use crate::ring::{Completion, RECVMSG_CONTROL, RECVMSG_NAME};
+use crate::ring::{Completion, Group, Span, recvmsg_layout};
 use crate::token::{self, Op};
 use crate::worker::{Io, Worker};
 
@@ -56,14 +56,6 @@ pub(crate) struct UdpOp {
     on: Sender,
 }
 
-/// The layout a multishot `recvmsg` result is parsed with (only the two lengths matter).
-fn recvmsg_layout() -> libc::msghdr {
-    let mut h = crate::ring::zeroed_msghdr();
-    h.msg_namelen = RECVMSG_NAME as libc::socklen_t;
-    h.msg_controllen = RECVMSG_CONTROL;
-    h
-}
-
 impl Io {
     pub(crate) fn start_flow(
         &mut self,
@@ -85,11 +77,10 @@ impl Io {
         if flow.ops.armed {
             return;
         }
-        let fd = flow.socket.as_raw_fd();
         let ud = token::user_data(Op::FlowRecv, flow.id);
         if self
             .ring
-            .recv_multi(fd, self.udp_buffers.group(), ud)
+            .recv_multi(flow.socket.as_fd(), Group::Udp, ud)
             .is_ok()
         {
             flow.ops.armed = true;
@@ -99,27 +90,32 @@ impl Io {
     /// Closes the socket of an ended flow once nothing is queued on it.
     pub(crate) fn end_flow(&mut self, flow: FlowSocket) {
         if flow.ops.armed {
-            self.cancel(&flow.socket, flow.id);
+            self.cancel(&flow.socket);
         }
         self.closing_flows.hold(flow.id, flow);
     }
 
-    /// Queues a send of `len` bytes of buffer `bid` from `offset` on `fd`: to the connected
-    /// peer, or to `to` from local address `from`. False (nothing queued) on failure.
+    /// Queues a send of `len` bytes of UDP buffer `bid` from `offset` on `socket`: to the
+    /// connected peer, or to `to` from local address `from`. False (nothing queued) on failure.
     fn queue_send(
         &mut self,
-        fd: i32,
+        socket: BorrowedFd<'_>,
         on: Sender,
         bid: u16,
         (offset, len): (usize, usize),
         to: Option<(SocketAddr, std::net::IpAddr)>,
     ) -> bool {
-        let span = self.udp_buffers.span(bid, offset, len);
+        let span = Span {
+            group: Group::Udp,
+            bid,
+            offset,
+            len,
+        };
         let op = self.udp_ops.insert(UdpOp { bid, on });
         let ud = token::user_data(Op::UdpSend, op);
         let queued = match to {
-            Some((client, local)) => self.ring.sendmsg(fd, span, client, local, ud),
-            None => self.ring.send_bytes(fd, span, ud),
+            Some((client, local)) => self.ring.sendmsg(socket, span, client, local, ud),
+            None => self.ring.send(socket, span, false, ud),
         };
         if queued.is_err() {
             self.udp_ops.remove(op);
@@ -134,7 +130,7 @@ impl Worker {
         if let Some(bid) = c.buffer() {
             let forwarded = c.result > 0 && self.client_datagram(id, bid, c.result as usize, now);
             if !forwarded {
-                self.io.udp_buffers.recycle(bid);
+                self.io.ring.recycle(Group::Udp, bid);
             }
         } else if c.result == -libc::ENOBUFS
             && let Some(l) = self.engine.listener_mut(id)
@@ -159,7 +155,7 @@ impl Worker {
             return false;
         };
         let layout = recvmsg_layout();
-        let buffer = self.io.udp_buffers.bytes(bid, len);
+        let buffer = self.io.ring.bytes(Group::Udp, bid, len);
         let Ok(out) = RecvMsgOut::parse(buffer, &layout) else {
             return false;
         };
@@ -185,7 +181,7 @@ impl Worker {
         let Some(flow) = self.engine.flows_mut().get_mut(flow_id) else {
             return false;
         };
-        let fd = flow.handle.socket.as_raw_fd();
+        let fd = flow.handle.socket.as_fd();
         if !self
             .io
             .queue_send(fd, Sender::Flow(flow_id), bid, span, None)
@@ -202,7 +198,7 @@ impl Worker {
         if self.engine.flows().get(id).is_none() {
             // The flow ended; its socket waits for its last operations.
             if let Some(bid) = c.buffer() {
-                self.io.udp_buffers.recycle(bid);
+                self.io.ring.recycle(Group::Udp, bid);
                 self.io.recycled = true;
             }
             if !c.more() {
@@ -212,7 +208,7 @@ impl Worker {
         }
         if let Some(bid) = c.buffer() {
             if !(c.result > 0 && self.reply(id, bid, c.result as usize, now)) {
-                self.io.udp_buffers.recycle(bid);
+                self.io.ring.recycle(Group::Udp, bid);
                 self.io.recycled = true;
             }
         } else if c.result == -libc::ENOBUFS {
@@ -247,7 +243,7 @@ impl Worker {
         let Some(l) = self.engine.listener_mut(listener) else {
             return false;
         };
-        let fd = l.io.socket.as_raw_fd();
+        let fd = l.io.socket.as_fd();
         if !self.io.queue_send(
             fd,
             Sender::Listener(listener),
@@ -273,7 +269,7 @@ impl Worker {
         let Some(op) = self.io.udp_ops.remove(id) else {
             return;
         };
-        self.io.udp_buffers.recycle(op.bid);
+        self.io.ring.recycle(Group::Udp, op.bid);
         self.io.recycled = true;
         match op.on {
             Sender::Flow(flow) => match self.engine.flows_mut().get_mut(flow) {
@@ -310,6 +306,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -341,11 +338,11 @@ mod tests {
                 .submit_and_wait(Some(Duration::from_millis(100)))
                 .unwrap();
             w.io.ring.completions(&mut completions);
-            if let Some(c) = completions
+            if let Some(i) = completions
                 .iter()
-                .find(|c| token::op(c.user_data) == Some(op) && done(c))
+                .position(|c| token::op(c.tag) == Some(op) && done(c))
             {
-                return *c;
+                return completions.swap_remove(i);
             }
         }
         panic!("no completion of {op:?}");
@@ -365,7 +362,7 @@ mod tests {
         let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
         endpoint.send_to(payload, flow_addr).unwrap();
         let reply = complete(w, Op::FlowRecv, |c| c.result > 0);
-        w.io.cancel(&flow.socket, id);
+        w.io.cancel(&flow.socket);
         complete(w, Op::FlowRecv, |c| !c.more());
         flow.ops.armed = false;
         (flow, reply.buffer().unwrap())
@@ -382,7 +379,7 @@ mod tests {
         let (id, fd) = (flow.id, flow.socket.as_raw_fd());
         let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
         // A send is queued, not yet submitted, when the flow ends.
-        assert!(w.io.queue_send(fd, Sender::Flow(id), bid, (0, 4), None));
+        assert!(w.io.queue_send(flow.socket.as_fd(), Sender::Flow(id), bid, (0, 4), None));
         flow.ops.sends += 1;
         w.io.end_flow(flow);
         assert!(is_open(fd), "closed under a queued send");
@@ -390,7 +387,7 @@ mod tests {
         // The send goes out through the flow's own socket; then the socket is closed.
         let send = complete(&mut w, Op::UdpSend, |_| true);
         assert_eq!(send.result, 4, "the send itself succeeded");
-        w.on_udp_send(token::id(send.user_data), send);
+        w.on_udp_send(token::id(send.tag), send);
         let mut got = [0u8; 16];
         let (n, from) = endpoint.recv_from(&mut got).unwrap();
         assert_eq!((&got[..n], from), (&b"ping"[..], flow_addr));
@@ -399,6 +396,11 @@ mod tests {
             "closed with its last operation"
         );
         assert!(!is_open(fd));
+        assert_eq!(
+            w.io.ring.in_flight(),
+            0,
+            "each operation ended with its completion"
+        );
     }
 
     #[test]
@@ -406,7 +408,7 @@ mod tests {
         let Some(mut w) = worker() else { return };
         let endpoint = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (flow, bid) = quiet_flow(&mut w, &endpoint, b"ping");
-        w.io.udp_buffers.recycle(bid);
+        w.io.ring.recycle(Group::Udp, bid);
         let fd = flow.socket.as_raw_fd();
         w.io.end_flow(flow);
         assert!(!is_open(fd));

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,15 +24,11 @@ use svcproxy_sys::{ListenOptions, PipePool, Waker, listen};
 use tracing::{debug, warn};
 
 use crate::inflight::{Closing, InFlight};
-use crate::ring::{BufRing, Completion, Ring, RingOptions};
+use crate::ring::{Completion, Group, Ring, RingOptions};
 use crate::tcp::Conn;
 use crate::token::{self, Op};
 use crate::udp::{FlowSocket, UdpOp};
 
-/// Buffer group of TCP buffers.
-const TCP_GROUP: u16 = 1;
-/// Buffer group of UDP buffers.
-const UDP_GROUP: u16 = 2;
 /// UDP buffers per worker.
 const UDP_BUFFERS: u16 = 256;
 /// A UDP buffer holds the largest datagram plus the recvmsg header, address and control data.
@@ -57,11 +53,7 @@ impl AsMut<InFlight> for Listener {
 
 /// The driver: the ring, its buffers, and what waits for its last completions.
 pub(crate) struct Io {
-    // Field order matters: the ring is dropped (and its operations torn down) before the
-    // buffer rings whose memory they use.
     pub(crate) ring: Ring,
-    pub(crate) tcp_buffers: BufRing,
-    pub(crate) udp_buffers: BufRing,
     pub(crate) pipes: PipePool,
     pub(crate) forwarding: Forwarding,
     pub(crate) udp_ops: Slots<UdpOp>,
@@ -102,12 +94,12 @@ impl Io {
         if l.ops.armed || l.starved {
             return;
         }
-        let fd = l.socket.as_raw_fd();
+        let fd = l.socket.as_fd();
         let result = match l.key.protocol {
             Protocol::Tcp => self.ring.accept(fd, token::user_data(Op::Accept, id)),
             Protocol::Udp => {
                 self.ring
-                    .recvmsg_multi(fd, UDP_GROUP, token::user_data(Op::ListenerRecv, id))
+                    .recvmsg_multi(fd, Group::Udp, token::user_data(Op::ListenerRecv, id))
             }
         };
         match result {
@@ -116,11 +108,9 @@ impl Io {
         }
     }
 
-    /// Cancels every operation on `fd`.
-    pub(crate) fn cancel(&mut self, fd: &impl AsRawFd, id: SlotId) {
-        let _ = self
-            .ring
-            .cancel_fd(fd.as_raw_fd(), token::user_data(Op::Ignore, id));
+    /// Cancels every operation on `socket`.
+    pub(crate) fn cancel(&mut self, socket: &impl AsFd) {
+        let _ = self.ring.cancel_fd(socket.as_fd());
     }
 }
 
@@ -130,19 +120,15 @@ impl Worker {
         let ring = Ring::new(RingOptions {
             entries: config.io_uring.entries,
             sqpoll: config.io_uring.sqpoll,
+            tcp_buffers: (
+                config.io_uring.buffers,
+                config.io_uring.buffer_size as usize,
+            ),
+            udp_buffers: (UDP_BUFFERS, UDP_BUFFER_SIZE),
         })?;
-        let tcp_buffers = BufRing::new(
-            ring.raw(),
-            TCP_GROUP,
-            config.io_uring.buffers,
-            config.io_uring.buffer_size as usize,
-        )?;
-        let udp_buffers = BufRing::new(ring.raw(), UDP_GROUP, UDP_BUFFERS, UDP_BUFFER_SIZE)?;
         Ok(Self {
             io: Io {
                 ring,
-                tcp_buffers,
-                udp_buffers,
                 pipes: PipePool::new(config.pipe_size, SPARE_PIPES),
                 forwarding: config.io_uring.forwarding,
                 udp_ops: Slots::new(),
@@ -166,47 +152,39 @@ impl Worker {
 
     pub(crate) fn run(&mut self) -> io::Result<()> {
         self.io.ring.read_eventfd(
-            self.waker.as_fd().as_raw_fd(),
+            self.waker.as_fd(),
             token::user_data(Op::Wake, SlotId::from_u64(0)),
         )?;
         self.engine.start(&mut self.io, Instant::now());
         let mut completions = std::mem::take(&mut self.completions);
-        let result = loop {
+        loop {
             let now = Instant::now();
             self.engine.poll(&mut self.io, now);
             if self.engine.finished() && self.io.settled() {
-                break Ok(());
+                return Ok(());
             }
             let timeout = self
                 .engine
                 .next_deadline()
                 .map(|at| at.saturating_duration_since(now));
-            if let Err(e) = self.io.ring.submit_and_wait(timeout) {
-                break Err(e);
-            }
+            self.io.ring.submit_and_wait(timeout)?;
             self.io.ring.completions(&mut completions);
             let now = Instant::now();
-            for c in &completions {
-                self.dispatch(*c, now);
+            for c in completions.drain(..) {
+                self.dispatch(c, now);
             }
             if std::mem::take(&mut self.io.recycled) {
                 self.wake_starved();
                 self.wake_udp_starved();
             }
-        };
-        self.io.tcp_buffers.unregister(self.io.ring.raw());
-        self.io.udp_buffers.unregister(self.io.ring.raw());
-        result
+        }
     }
 
     fn dispatch(&mut self, c: Completion, now: Instant) {
-        let id = token::id(c.user_data);
-        match token::op(c.user_data) {
+        let id = token::id(c.tag);
+        match token::op(c.tag) {
             Some(Op::Wake) => {
-                let _ = self
-                    .io
-                    .ring
-                    .read_eventfd(self.waker.as_fd().as_raw_fd(), c.user_data);
+                let _ = self.io.ring.read_eventfd(self.waker.as_fd(), c.tag);
                 self.engine.woken(&mut self.io, now);
             }
             Some(Op::Accept) => self.on_accept(id, c, now),
@@ -216,12 +194,12 @@ impl Worker {
             Some(Op::ListenerRecv) => self.on_listener_recv(id, c, now),
             Some(Op::FlowRecv) => self.on_flow_recv(id, c, now),
             Some(Op::UdpSend) => self.on_udp_send(id, c),
-            Some(Op::Ignore) | None => {}
+            None => {}
         }
     }
 
-    fn on_accept(&mut self, id: ListenerId, c: Completion, now: Instant) {
-        let client = (c.result >= 0).then(|| crate::ring::accepted(c.result));
+    fn on_accept(&mut self, id: ListenerId, mut c: Completion, now: Instant) {
+        let client = c.take_accepted();
         if self.engine.listener(id).is_none() {
             // Closed: the client (if any) is dropped, the socket goes with the last completion.
             drop(client);
@@ -298,7 +276,7 @@ impl svcproxy_core::Driver for Io {
             let _ = l.socket.shutdown(std::net::Shutdown::Both);
         }
         if l.ops.armed {
-            self.cancel(&l.socket, id);
+            self.cancel(&l.socket);
         }
         self.closing_listeners.hold(id, l);
     }
@@ -308,7 +286,7 @@ impl svcproxy_core::Driver for Io {
             self.arm_listener(id, l);
         } else if l.ops.armed {
             // It stays armed until the cancelled accept's last completion.
-            self.cancel(&l.socket, id);
+            self.cancel(&l.socket);
         }
     }
 
@@ -326,8 +304,8 @@ impl svcproxy_core::Driver for Io {
         self.start_connect(id, conn, to, source)
     }
 
-    fn abort_connect(&mut self, id: ConnId, conn: &mut Conn) -> bool {
-        self.cancel_connect(id, conn);
+    fn abort_connect(&mut self, _: ConnId, conn: &mut Conn) -> bool {
+        self.cancel_connect(conn);
         false
     }
 

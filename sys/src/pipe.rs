@@ -40,9 +40,8 @@ impl Pipe {
     }
 
     /// The read and write ends, for a ring's splice operations (the pipe stays their owner).
-    pub fn fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
-        use std::os::fd::AsRawFd;
-        (self.read.as_raw_fd(), self.write.as_raw_fd())
+    pub fn fds(&self) -> (std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>) {
+        (self.read.as_fd(), self.write.as_fd())
     }
 
     /// Moves up to `len` bytes from `socket` into the pipe. `Ok(0)` is end of stream.
