@@ -5,9 +5,13 @@
 //! permit is dropped: it cannot be returned twice or forgotten. A worker that finds the budget
 //! spent is registered as waiting and woken (through the function given to
 //! [`Budget::set_waker`]) once a unit anywhere comes back. The protocol has no lost wake-up:
-//! a worker registers before it looks again, and a release looks for registrations after it
-//! gave its unit back (both in sequentially consistent order). `tests/loom_budget.rs` checks
-//! this under every interleaving.
+//! a refused worker registers, then looks again with a read-modify-write of the count (one
+//! that writes even when it takes nothing); a release decrements the count, then looks for
+//! registrations. Both touch the count by read-modify-write, so one comes first in its
+//! modification order: if the release does, the second look takes its unit; if the second
+//! look does, the release reads from it (acquire from release) and so sees the registration.
+//! This needs no ordering stronger than acquire/release, and `tests/loom_budget.rs` checks it
+//! under every interleaving.
 
 use std::sync::OnceLock;
 
@@ -65,24 +69,24 @@ impl Budget {
         let _ = self.wake.set(Box::new(wake));
     }
 
-    /// A unit for `worker`, or `None` when all are out; then `worker` is woken once a unit
-    /// comes back.
+    /// A unit of `budget` for `worker`, or `None` when all are out; then `worker` is woken
+    /// once a unit comes back.
     #[inline]
-    pub fn admit(self: &Arc<Self>, worker: usize) -> Option<Permit> {
-        if self.try_take() {
-            return Some(self.permit());
+    pub fn admit(budget: &Arc<Self>, worker: usize) -> Option<Permit> {
+        if budget.try_take() {
+            return Some(Self::permit(budget));
         }
         // Register first, then look again: a release either sees the registration or
         // happened before the second look.
-        if !self.waiting[worker].swap(true, Ordering::SeqCst) {
-            self.waiting_count.fetch_add(1, Ordering::SeqCst);
+        if !budget.waiting[worker].swap(true, Ordering::SeqCst) {
+            budget.waiting_count.fetch_add(1, Ordering::SeqCst);
         }
-        self.try_take().then(|| self.permit())
+        budget.look_again().then(|| Self::permit(budget))
     }
 
-    fn permit(self: &Arc<Self>) -> Permit {
+    fn permit(budget: &Arc<Self>) -> Permit {
         Permit {
-            budget: self.clone(),
+            budget: budget.clone(),
         }
     }
 
@@ -92,6 +96,18 @@ impl Budget {
                 (n < self.max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// Takes a unit if one is free, by a read-modify-write that writes even when none is (see
+    /// the module docs for why).
+    fn look_again(&self) -> bool {
+        let prev = self
+            .taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(if n < self.max { n + 1 } else { n })
+            })
+            .unwrap_or_else(|n| n);
+        prev < self.max
     }
 
     fn release(&self) {
@@ -126,16 +142,16 @@ mod tests {
         let woken = Arc::new(Mutex::new(Vec::new()));
         let w = woken.clone();
         budget.set_waker(move |i| w.lock().unwrap().push(i));
-        let a = budget.admit(0).expect("first unit");
-        let b = budget.admit(0).expect("second unit");
-        assert!(budget.admit(1).is_none(), "over the budget");
+        let a = Budget::admit(&budget, 0).expect("first unit");
+        let b = Budget::admit(&budget, 0).expect("second unit");
+        assert!(Budget::admit(&budget, 1).is_none(), "over the budget");
         drop(a);
         assert_eq!(
             *woken.lock().unwrap(),
             vec![1],
             "the waiting worker is woken"
         );
-        let c = budget.admit(1).expect("a unit came back");
+        let c = Budget::admit(&budget, 1).expect("a unit came back");
         assert_eq!(budget.taken(), 2);
         drop(b);
         drop(c);

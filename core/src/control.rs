@@ -157,7 +157,7 @@ impl Control {
     /// returns `None`, and the worker is woken once a connection anywhere ends.
     #[inline]
     pub fn admit(&self, worker: usize) -> Option<Permit> {
-        self.budget.admit(worker)
+        Budget::admit(&self.budget, worker)
     }
 
     /// TCP connections open now, over all workers.

@@ -24,9 +24,9 @@ fn a_refused_worker_is_never_forgotten() {
                 woken.fetch_add(1, Ordering::SeqCst);
             });
         }
-        let held = budget.admit(0).expect("the only unit");
+        let held = Budget::admit(&budget, 0).expect("the only unit");
         let releaser = thread::spawn(move || drop(held));
-        let second = budget.admit(1);
+        let second = Budget::admit(&budget, 1);
         releaser.join().unwrap();
         match second {
             Some(permit) => {
@@ -45,9 +45,9 @@ fn concurrent_admits_never_exceed_the_budget() {
         let budget = Arc::new(Budget::new(1, 2));
         let other = {
             let budget = budget.clone();
-            thread::spawn(move || budget.admit(1).map(|p| (p, budget.taken())))
+            thread::spawn(move || Budget::admit(&budget, 1).map(|p| (p, budget.taken())))
         };
-        let mine = budget.admit(0);
+        let mine = Budget::admit(&budget, 0);
         let theirs = other.join().unwrap();
         assert!(
             mine.is_some() != theirs.is_some(),

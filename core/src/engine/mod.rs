@@ -38,7 +38,6 @@ mod udp;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -47,6 +46,7 @@ use crate::backoff::Backoff;
 use crate::config::ProxyConfig;
 use crate::control::WorkerContext;
 use crate::flow::{FlowId, FlowTable};
+use crate::loom::sync::Arc;
 use crate::model::{Protocol, ServicePortKey};
 use crate::session::Side;
 use crate::slots::{SlotId, Slots};

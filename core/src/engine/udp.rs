@@ -6,13 +6,13 @@
 //! (see [`crate::flow`]).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::debug;
 
 use super::{Driver, Engine};
 use crate::flow::{FlowId, FlowKey, FlowTable};
+use crate::loom::sync::Arc;
 use crate::model::ServicePortKey;
 use crate::table::Snapshot;
 
