@@ -15,10 +15,16 @@ use crate::topo::{Topology, run};
 /// What a candidate child prints once it serves.
 pub const READY: &str = "SVCBENCH-READY";
 
+/// Another build of this harness (`--baseline`), whose svcproxy runs as the `base-*`
+/// candidates: the same workloads through the code before and after a change, in one run.
+pub static BASELINE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Direct,
     Svcproxy(&'static str),
+    /// svcproxy of the [`BASELINE`] build; the name is `base-` and the backend mode.
+    Baseline(&'static str),
     Tokio,
     Haproxy,
     Nginx,
@@ -30,6 +36,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct (no proxy)".into(),
             Kind::Svcproxy(b) => format!("svcproxy {b}"),
+            Kind::Baseline(b) => format!("svcproxy {} (baseline)", mode(b)),
             Kind::Tokio => "tokio copy_bidirectional".into(),
             Kind::Haproxy => "HAProxy (splice-auto)".into(),
             Kind::Nginx => "nginx stream".into(),
@@ -134,6 +141,11 @@ impl Drop for Running {
     }
 }
 
+/// The backend mode of a candidate's name (`base-uring` is `uring` of the baseline build).
+fn mode(name: &'static str) -> &'static str {
+    name.strip_prefix("base-").unwrap_or(name)
+}
+
 fn addrs(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
 }
@@ -202,8 +214,15 @@ pub fn start(
                 nft_cleanup: Some(ns),
             })
         }
-        Kind::Svcproxy(backend) => {
-            let exe = std::env::current_exe()?;
+        Kind::Svcproxy(name) | Kind::Baseline(name) => {
+            let exe = match kind {
+                Kind::Baseline(_) => BASELINE
+                    .get()
+                    .cloned()
+                    .ok_or_else(|| io::Error::other("no --baseline build given"))?,
+                _ => std::env::current_exe()?,
+            };
+            let backend = mode(name);
             let mut cmd = topo.command_in_client(&exe.to_string_lossy());
             cmd.args([
                 "serve-svcproxy",

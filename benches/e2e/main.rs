@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo bench --bench e2e` (as root for the namespace topology and kernel DNAT; any user
 //! gets the loopback topology). Options after `--`: `--duration SECS`, `--workloads a,b`,
-//! `--candidates a,b`, `--out FILE`, `--quick`.
+//! `--candidates a,b`, `--out FILE`, `--quick`, `--baseline PATH` (another build of this
+//! harness, e.g. of the commit before a change: its svcproxy joins as `base-epoll`,
+//! `base-uring`, ...).
 
 mod backends;
 mod candidates;
@@ -52,6 +54,10 @@ struct Cli {
     /// candidates, and the report gives each median.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Another build of this benchmark (its `e2e` binary): its svcproxy runs beside this one
+    /// as the candidates `base-epoll`, `base-uring`, `base-uring-splice`, `base-uring-sqpoll`.
+    #[arg(long)]
+    baseline: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -133,13 +139,23 @@ fn main() -> io::Result<()> {
         .workloads
         .unwrap_or_else(|| WORKLOADS.iter().map(|s| s.to_string()).collect());
     let mut kinds = vec![Kind::Direct, Kind::Svcproxy("epoll")];
-    match svcproxy::io_uring_available() {
+    let uring = svcproxy::io_uring_available();
+    match &uring {
         Ok(()) => {
             for mode in ["uring", "uring-splice", "uring-sqpoll"] {
                 kinds.push(Kind::Svcproxy(mode));
             }
         }
         Err(why) => eprintln!("io_uring candidates skipped: {why}"),
+    }
+    if let Some(base) = cli.baseline {
+        let _ = candidates::BASELINE.set(base);
+        kinds.push(Kind::Baseline("base-epoll"));
+        if uring.is_ok() {
+            for mode in ["base-uring", "base-uring-splice", "base-uring-sqpoll"] {
+                kinds.push(Kind::Baseline(mode));
+            }
+        }
     }
     kinds.push(Kind::Tokio);
     if which("haproxy") {
@@ -213,7 +229,7 @@ fn median(mut cells: Vec<Cell>) -> Option<Cell> {
 fn short(kind: Kind) -> &'static str {
     match kind {
         Kind::Direct => "direct",
-        Kind::Svcproxy(b) => b,
+        Kind::Svcproxy(b) | Kind::Baseline(b) => b,
         Kind::Tokio => "tokio",
         Kind::Haproxy => "haproxy",
         Kind::Nginx => "nginx",

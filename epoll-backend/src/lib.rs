@@ -1,21 +1,24 @@
-//! svcproxy's epoll backend.
+//! svcproxy's epoll backend: a driver of the core's connection engine
+//! ([`svcproxy_core::engine`]), which decides everything about listeners, admission,
+//! connection lifecycle (connect attempts and deadlines, half-close, resets, idle, drain,
+//! shutdown), UDP flows and timers. This crate turns the engine's commands into system calls
+//! and epoll events into the engine's events, and moves the bytes.
 //!
 //! [`run`] is the body of one worker thread. Each worker has its own epoll instance (edge
 //! triggered), its own `SO_REUSEPORT` listener per service frontend (the kernel spreads clients
 //! over workers), its own connections and its own UDP flow table; workers share only the
 //! service table and the [`Control`](svcproxy_core::Control) block. The facade crate
-//! (`svcproxy`) starts the workers and wakes them when the table is published.
+//! (`svcproxy`) starts the workers and wakes them when the table is published. The loop waits
+//! for events or the engine's next deadline, whichever comes first.
 //!
-//! What a worker does:
-//! - Listeners follow the table: a frontend whose service port has an eligible endpoint is
-//!   listened on; one without (or gone) is closed, so clients get ECONNREFUSED at once.
-//! - TCP: accept, pick an endpoint, connect without blocking, then forward with splice(2)
-//!   through pipes taken from a pool only while bytes flow ([`tcp`]). Decisions (retries,
-//!   half-close, resets, idle and drain) come from the core's TCP session policy.
-//! - UDP: datagrams are received in batches, mapped to flows (core flow table), sent to the
-//!   endpoint through a connected socket per flow, and replies go back through the listener
-//!   from the exact address the client sent to ([`udp`]).
-//! - Out of descriptors: accepting pauses with backoff and resumes; nothing spins or panics.
+//! What this crate does itself:
+//! - TCP: accept, open a non-blocking backend socket and connect, then forward with splice(2)
+//!   through pipes taken from a pool only while bytes flow, or by copy for small transfers
+//!   ([`tcp`]).
+//! - UDP: datagrams are received in batches, mapped to flows by the engine, sent to the
+//!   endpoint through a connected socket per flow (consecutive datagrams of a flow in one
+//!   `sendmmsg`), and replies go back through the listener from the exact address the client
+//!   sent to ([`udp`]).
 
 #![forbid(unsafe_code)]
 
