@@ -51,7 +51,7 @@ struct Cli {
     #[arg(long)]
     workers: Option<usize>,
     /// Rounds: every candidate runs every workload once per round, rounds interleave the
-    /// candidates, and the report gives each median.
+    /// candidates (each round starting one candidate later), and the report gives each median.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Another build of this benchmark (its `e2e` binary): its svcproxy runs beside this one
@@ -177,7 +177,10 @@ fn main() -> io::Result<()> {
 
     let mut samples: Vec<Vec<Vec<Cell>>> = vec![vec![Vec::new(); workloads.len()]; kinds.len()];
     for round in 0..cli.repeat.max(1) {
-        for (k, &kind) in kinds.iter().enumerate() {
+        // Each round starts one candidate later: a fixed order would give every candidate the
+        // same neighbours and the same place in the machine's drift, round after round.
+        let order = (0..kinds.len()).map(|i| (i + round) % kinds.len());
+        for (k, kind) in order.map(|k| (k, kinds[k])) {
             eprintln!("== {} (round {})", kind.name(), round + 1);
             let running = match candidates::start(kind, &topo, workers, idle_count, &scratch.0) {
                 Ok(r) => r,

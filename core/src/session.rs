@@ -188,6 +188,11 @@ impl TcpSession {
         policy.attempt_timeout(n)
     }
 
+    /// The endpoint of the last attempt.
+    pub fn last_tried(&self) -> Option<SocketAddr> {
+        self.retried.last().copied().or(self.first)
+    }
+
     /// Endpoints tried so far.
     pub fn tried(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.first.iter().chain(self.retried.iter()).copied()

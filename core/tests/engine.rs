@@ -77,7 +77,7 @@ impl Driver for Recorder {
     fn forward(&mut self, _: ConnId, conn: &mut Connection<u16>) {
         self.cmds.push(Cmd::Forward(conn.io));
     }
-    fn close(&mut self, conn: u16, reset: Option<Side>) {
+    fn close(&mut self, _: Option<ConnId>, conn: u16, reset: Option<Side>) {
         self.cmds.push(Cmd::Close(conn, reset));
     }
     fn open_flow(

@@ -141,7 +141,7 @@ impl Driver for Io {
         }
     }
 
-    fn close(&mut self, mut conn: Conn, reset_side: Option<Side>) {
+    fn close(&mut self, _: Option<ConnId>, mut conn: Conn, reset_side: Option<Side>) {
         conn.release_pipes(&mut self.buffers.pipes);
         let Conn {
             client, backend, ..

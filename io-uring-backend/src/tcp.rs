@@ -76,8 +76,6 @@ pub(crate) struct Conn {
     client: Socket,
     /// The socket of the connect attempt under way, or connected.
     backend: Option<Socket>,
-    /// The engine's id, known from the first connect on.
-    id: Option<ConnId>,
     dirs: [Dir; 2],
     /// Operations in flight on this connection's sockets.
     inflight: u32,
@@ -109,7 +107,6 @@ impl Conn {
         Self {
             client,
             backend: None,
-            id: None,
             dirs: [Dir::default(), Dir::default()],
             inflight: 0,
         }
@@ -141,7 +138,6 @@ impl Io {
         to: SocketAddr,
         source: Option<SocketAddr>,
     ) -> Result<(), OpenError> {
-        conn.id = Some(id);
         // The previous attempt's socket has no operation left.
         conn.backend = None;
         let open = || outbound(to, Protocol::Tcp, source, source.is_some(), false);
@@ -245,11 +241,11 @@ impl Io {
 
     /// Closes a connection the engine has ended: resets `reset`'s socket if given, cancels
     /// what is in flight and frees it with the last completion.
-    pub(crate) fn close_conn(&mut self, conn: Conn, reset: Option<Side>) {
+    pub(crate) fn close_conn(&mut self, id: Option<ConnId>, conn: Conn, reset: Option<Side>) {
         if let Some(socket) = reset.and_then(|side| conn.socket(side)) {
             let _ = socket.set_linger(Some(std::time::Duration::ZERO));
         }
-        match conn.id {
+        match id {
             Some(id) if conn.inflight > 0 => {
                 for side in [Side::Client, Side::Backend] {
                     if let Some(socket) = conn.socket(side) {

@@ -313,8 +313,13 @@ impl svcproxy_core::Driver for Io {
         self.start_forwarding(id, conn);
     }
 
-    fn close(&mut self, conn: Conn, reset: Option<svcproxy_core::session::Side>) {
-        self.close_conn(conn, reset);
+    fn close(
+        &mut self,
+        id: Option<ConnId>,
+        conn: Conn,
+        reset: Option<svcproxy_core::session::Side>,
+    ) {
+        self.close_conn(id, conn, reset);
     }
 
     fn open_flow(

@@ -121,9 +121,10 @@ pub trait Driver {
     /// Connected: start moving bytes both ways.
     fn forward(&mut self, id: ConnId, conn: &mut Connection<Self::Conn>);
 
-    /// Closes a connection, resetting the socket of `reset` if given. Freeing it is the
-    /// driver's (now, or once its operations in flight have ended).
-    fn close(&mut self, conn: Self::Conn, reset: Option<Side>);
+    /// Closes a connection (`id` is `None` for a client refused before it became one),
+    /// resetting the socket of `reset` if given. Freeing it is the driver's (now, or once its
+    /// operations in flight have ended).
+    fn close(&mut self, id: Option<ConnId>, conn: Self::Conn, reset: Option<Side>);
 
     /// Opens a socket for a UDP flow, connected to `endpoint`, from `source` when given, and
     /// starts receiving its replies.
@@ -435,7 +436,7 @@ impl<D: Driver> Engine<D> {
             self.ctx.control.set_bind_error(key, None);
         }
         for w in std::mem::take(&mut self.waiting) {
-            io.close(w.io, Some(Side::Client));
+            io.close(None, w.io, Some(Side::Client));
         }
         let ids: Vec<FlowId> = self.flows.iter().map(|(id, _)| id).collect();
         for id in ids {
@@ -487,7 +488,7 @@ impl<D: Driver> Engine<D> {
     ) {
         let key = match self.listeners.get(listener) {
             Some(l) if !self.stopping => l.key,
-            _ => return io.close(conn, Some(Side::Client)),
+            _ => return io.close(None, conn, Some(Side::Client)),
         };
         let waiting = Waiting {
             listener: key,
@@ -554,7 +555,7 @@ impl<D: Driver> Engine<D> {
         for timer in [state.timer, state.drain].into_iter().flatten() {
             self.timers.cancel(timer);
         }
-        io.close(sockets, reset);
+        io.close(Some(id), sockets, reset);
         state.end();
         if !self.waiting.is_empty() {
             self.serve_waiting(io, Instant::now());

@@ -45,8 +45,9 @@ pub struct Connection<C> {
 pub struct Lifecycle {
     pub(super) listener: ServicePortKey,
     pub(super) client: SocketAddr,
-    /// The endpoint of the attempt under way (or connected), counted as opened on its tally.
-    backend: Option<(SocketAddr, Tally)>,
+    /// The counters of the endpoint of the attempt under way (or connected), which counts it
+    /// as opened; the endpoint is the session's last one tried.
+    backend: Option<Tally>,
     session: TcpSession,
     connected: bool,
     last_activity: Instant,
@@ -83,7 +84,7 @@ impl Lifecycle {
 
     /// The endpoint being connected to, or connected.
     pub fn backend_addr(&self) -> Option<SocketAddr> {
-        self.backend.as_ref().map(|(addr, _)| *addr)
+        self.backend.as_ref().and(self.session.last_tried())
     }
 
     /// Whether the backend socket is connected.
@@ -100,7 +101,7 @@ impl Lifecycle {
     /// Counts `n` bytes delivered in `dir`.
     #[inline]
     pub fn delivered(&self, dir: Direction, n: usize) {
-        if let Some((_, tally)) = &self.backend {
+        if let Some(tally) = &self.backend {
             match dir {
                 Direction::Upstream => tally.bytes_in(n as u64),
                 Direction::Downstream => tally.bytes_out(n as u64),
@@ -127,7 +128,7 @@ impl Lifecycle {
 
     /// The connection ended: the endpoint counts it closed, the budget unit goes back.
     pub(super) fn end(self) {
-        if let Some((_, tally)) = &self.backend {
+        if let Some(tally) = &self.backend {
             tally.closed();
         }
     }
@@ -168,12 +169,12 @@ impl<D: Driver> Engine<D> {
     ) -> Result<(), Waiting<D::Conn>> {
         let snapshot = self.ctx.table().load();
         let Some(port) = snapshot.lookup(&w.listener) else {
-            io.close(w.io, Some(Side::Client));
+            io.close(None, w.io, Some(Side::Client));
             return Ok(());
         };
         let Some(first) = port.select(w.peer, now) else {
             port.counters().add_refused();
-            io.close(w.io, Some(Side::Client));
+            io.close(None, w.io, Some(Side::Client));
             return Ok(());
         };
         let (listener, peer) = (w.listener, w.peer);
@@ -225,7 +226,7 @@ impl<D: Driver> Engine<D> {
             match io.connect(id, &mut conn.io, backend.addr(), source) {
                 Ok(()) => {
                     backend.tally().opened();
-                    conn.state.backend = Some((backend.addr(), backend.tally().clone()));
+                    conn.state.backend = Some(backend.tally().clone());
                     conn.state.timer = now
                         .checked_add(timeout)
                         .map(|at| self.timers.add(at, Timer::Connect(id)));
@@ -265,7 +266,7 @@ impl<D: Driver> Engine<D> {
         let Some(conn) = attempt_ended(&mut self.conns, &mut self.timers, id) else {
             return;
         };
-        if let Some((_, tally)) = conn.state.backend.take() {
+        if let Some(tally) = conn.state.backend.take() {
             tally.connect_error();
             tally.closed();
         }
