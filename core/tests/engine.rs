@@ -137,7 +137,7 @@ fn fixture(config: ProxyConfig, endpoints: &[SocketAddr]) -> Fixture {
     let t0 = Instant::now();
     engine.start(&mut io, t0);
     assert_eq!(io.take(), vec![Cmd::Listen(frontend())]);
-    let listener = engine.listener_ids()[0];
+    let listener = engine.listener_id(&frontend()).expect("listening");
     Fixture {
         table,
         control,

@@ -276,11 +276,6 @@ impl<D: Driver> Engine<D> {
         self.stopping && self.conns.is_empty()
     }
 
-    /// Whether the shutdown has begun.
-    pub fn stopping(&self) -> bool {
-        self.stopping
-    }
-
     /// The worker was woken from another thread (a publish, the shutdown, or a budget unit
     /// that came back): serve waiting clients.
     pub fn woken(&mut self, io: &mut D, now: Instant) {
@@ -315,11 +310,6 @@ impl<D: Driver> Engine<D> {
     /// The id of a frontend's listener.
     pub fn listener_id(&self, key: &ServicePortKey) -> Option<ListenerId> {
         self.by_key.get(key).copied()
-    }
-
-    /// Every listener's id.
-    pub fn listener_ids(&self) -> Vec<ListenerId> {
-        self.listeners.ids()
     }
 
     /// Whether TCP listeners should take clients now.

@@ -72,16 +72,6 @@ impl Lifecycle {
         }
     }
 
-    /// The client's address.
-    pub fn client(&self) -> SocketAddr {
-        self.client
-    }
-
-    /// The frontend the client connected to.
-    pub fn listener(&self) -> &ServicePortKey {
-        &self.listener
-    }
-
     /// The endpoint being connected to, or connected.
     pub fn backend_addr(&self) -> Option<SocketAddr> {
         self.backend.as_ref().and(self.session.last_tried())

@@ -9,7 +9,7 @@
 //! the entry's generation, so an id kept after its timer fired never cancels a later one).
 
 use std::num::NonZeroU32;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use slab::Slab;
 
@@ -76,11 +76,6 @@ impl<T> Timers<T> {
     /// The earliest deadline, if any.
     pub fn next(&self) -> Option<Instant> {
         self.heap.first().map(|&key| self.entries[key as usize].at)
-    }
-
-    /// Time from `now` until the earliest deadline (zero if it has passed).
-    pub fn next_in(&self, now: Instant) -> Option<Duration> {
-        self.next().map(|at| at.saturating_duration_since(now))
     }
 
     /// Removes and returns a timer whose deadline is at or before `now`, earliest first.
@@ -152,6 +147,8 @@ impl<T> Timers<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -169,7 +166,7 @@ mod tests {
         assert_eq!(timers.pop_due(now), Some("first"));
         assert_eq!(timers.pop_due(now), Some("second"));
         assert_eq!(timers.pop_due(now), None);
-        assert_eq!(timers.next_in(now), Some(Duration::from_secs(1)));
+        assert_eq!(timers.next(), Some(t0 + Duration::from_secs(3)));
         assert_eq!(timers.len(), 1);
         assert_eq!(timers.cancel(late), Some("late"));
         assert!(timers.is_empty());
