@@ -9,9 +9,9 @@
 //! receive into provided buffers (or splice through pipes), send, cancel; UDP with multishot
 //! `recvmsg` and `sendmsg`. Two things are direct system calls: creating sockets, and
 //! `shutdown(2)` of a write side (the ring would hand `IORING_OP_SHUTDOWN` to an io-wq thread).
-//! The worker waits in `io_uring_enter` for the next completion or the engine's next
-//! deadline, whichever comes first, so timers fire on time and a connect whose deadline passes
-//! is cancelled.
+//! The worker waits in `io_uring_enter` for the next completion; one ring timeout kept armed
+//! for the engine's next deadline ends the wait by then, so timers fire on time and a connect
+//! whose deadline passes is cancelled.
 //!
 //! Behaviour is the epoll backend's: the same behaviour suite runs against both.
 //! [`probe`] says whether io_uring can be used here; the facade falls back to epoll if not.

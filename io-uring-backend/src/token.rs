@@ -26,6 +26,8 @@ pub(crate) enum Op {
     FlowRecv = 9,
     /// A datagram sent to an endpoint or back to a client.
     UdpSend = 10,
+    /// The timeout armed for the engine's next deadline; the id is its sequence number.
+    Deadline = 11,
 }
 
 pub(crate) fn user_data(op: Op, id: SlotId) -> u64 {
@@ -44,6 +46,7 @@ pub(crate) fn op(user_data: u64) -> Option<Op> {
         8 => Op::ListenerRecv,
         9 => Op::FlowRecv,
         10 => Op::UdpSend,
+        11 => Op::Deadline,
         _ => return None,
     })
 }

@@ -4,9 +4,10 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
 
 use io_uring::opcode;
-use io_uring::types::{CancelBuilder, Fd};
+use io_uring::types::{CancelBuilder, Fd, Timespec};
 use svcproxy_sys::ancillary::{NameBuf, write_pktinfo, write_sockaddr};
 
 use super::submission::{Kind, Memory, SendMsgMemory};
@@ -185,6 +186,14 @@ impl Ring {
             .build()
             .flags(io_uring::squeue::Flags::SKIP_SUCCESS);
         self.push_untracked(entry)
+    }
+
+    /// Completes (with `-ETIME`) after `after`.
+    pub(crate) fn timeout(&mut self, after: Duration, tag: u64) -> io::Result<()> {
+        let ts = Box::new(Timespec::from(after));
+        let entry = opcode::Timeout::new(&*ts).build();
+        // SAFETY: the timespec is kept with the operation.
+        unsafe { self.push(entry, tag, Kind::Plain, Memory::Timespec(ts)) }
     }
 
     /// Reads the 8-byte counter of an eventfd (to be woken from other threads).

@@ -21,7 +21,7 @@ impl std::fmt::Display for Unavailable {
 }
 
 /// Opcodes the backend needs.
-const NEEDED: [(u8, &str); 10] = [
+const NEEDED: [(u8, &str); 11] = [
     (opcode::PollAdd::CODE, "poll"),
     (opcode::AcceptMulti::CODE, "accept"),
     (opcode::Connect::CODE, "connect"),
@@ -32,6 +32,7 @@ const NEEDED: [(u8, &str); 10] = [
     (opcode::Splice::CODE, "splice"),
     (opcode::AsyncCancel2::CODE, "async cancel"),
     (opcode::Read::CODE, "read"),
+    (opcode::Timeout::CODE, "timeout"),
 ];
 
 /// Whether this kernel and process may use io_uring with what the backend needs: a ring can be

@@ -22,6 +22,7 @@ pub(super) enum Memory {
     RecvMsg(Box<libc::msghdr>),
     SendMsg(Box<SendMsgMemory>),
     Counter(Box<[u8; 8]>),
+    Timespec(Box<Timespec>),
 }
 
 /// What a `sendmsg` points into.
