@@ -216,14 +216,14 @@ impl Worker {
             Some(Op::ListenerRecv) => self.on_listener_recv(id, c, now),
             Some(Op::FlowRecv) => self.on_flow_recv(id, c, now),
             Some(Op::UdpSend) => self.on_udp_send(id, c),
-            Some(Op::Deadline) => {
+            Some(Op::Deadline)
                 if self
                     .armed
-                    .is_some_and(|(_, seq)| SlotId::from_u64(seq) == id)
-                {
-                    self.armed = None;
-                }
+                    .is_some_and(|(_, seq)| SlotId::from_u64(seq) == id) =>
+            {
+                self.armed = None;
             }
+            Some(Op::Deadline) => {}
             None => {}
         }
     }
