@@ -184,7 +184,9 @@ fn config() -> ProxyConfig {
 fn closed_connections_leave_no_timer_behind() {
     let mut f = fixture(config(), &[ep(1), ep(2)]);
     let baseline = f.engine.timer_count();
-    for round in 0..10_000u32 {
+    // Miri interprets every step: a few hundred connections show the same there.
+    let connections = if cfg!(miri) { 300 } else { 10_000u32 };
+    for round in 0..connections {
         let port = 1000 + (round % 50_000) as u16;
         let now = f.t0 + Duration::from_micros(u64::from(round));
         f.accept(port, now);
