@@ -154,6 +154,14 @@ impl Fixture {
             .accepted(&mut self.io, self.listener, port, client(port), now);
     }
 
+    /// A client on `port`, accepted and connected at `now`; its connection.
+    fn open(&mut self, port: u16, now: Instant) -> ConnId {
+        self.accept(port, now);
+        let id = self.id(port);
+        self.engine.connected(&mut self.io, id, now);
+        id
+    }
+
     /// The connection of the client on `port`.
     fn id(&self, port: u16) -> ConnId {
         self.engine
@@ -298,9 +306,7 @@ fn shutdown_refuses_waiting_clients_and_the_budget_stays_exact() {
         },
         &[ep(1)],
     );
-    f.accept(1, f.t0);
-    let first = f.id(1);
-    f.engine.connected(&mut f.io, first, f.t0);
+    f.open(1, f.t0);
     f.accept(2, f.t0);
     f.accept(3, f.t0);
     f.io.take();
@@ -360,9 +366,7 @@ fn out_of_descriptors_the_client_waits_and_accepting_backs_off() {
 #[test]
 fn idle_connections_close_after_the_quiet_period_only() {
     let mut f = fixture(config(), &[ep(1)]);
-    f.accept(1, f.t0);
-    let id = f.id(1);
-    f.engine.connected(&mut f.io, id, f.t0);
+    let id = f.open(1, f.t0);
     f.io.take();
     f.engine
         .conn_mut(id)
@@ -388,9 +392,7 @@ fn drain_policy_closes_connections_to_removed_endpoints_after_the_grace() {
         ..config()
     };
     let mut f = fixture(config, &[ep(1)]);
-    f.accept(1, f.t0);
-    let id = f.id(1);
-    f.engine.connected(&mut f.io, id, f.t0);
+    f.open(1, f.t0);
     set_endpoints(&f.table, &[ep(2)]);
     f.io.take();
     f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(1));
@@ -412,9 +414,7 @@ fn a_grace_too_long_to_represent_keeps_the_connection() {
         ..config()
     };
     let mut f = fixture(config, &[ep(1)]);
-    f.accept(1, f.t0);
-    let id = f.id(1);
-    f.engine.connected(&mut f.io, id, f.t0);
+    let id = f.open(1, f.t0);
     set_endpoints(&f.table, &[ep(2)]);
     f.engine.poll(&mut f.io, f.t0 + Duration::from_secs(1));
     assert!(f.engine.conn(id).is_some(), "no overflow, no close");
@@ -423,9 +423,7 @@ fn a_grace_too_long_to_represent_keeps_the_connection() {
 #[test]
 fn half_close_orderings() {
     let mut f = fixture(config(), &[ep(1)]);
-    f.accept(1, f.t0);
-    let id = f.id(1);
-    f.engine.connected(&mut f.io, id, f.t0);
+    let id = f.open(1, f.t0);
     let state = &mut f.engine.conn_mut(id).unwrap().state;
     // EOF from the client with bytes still to write: nothing yet.
     assert_eq!(state.read_eof(Direction::Upstream, true), Step::Continue);
@@ -446,9 +444,7 @@ fn half_close_orderings() {
 #[test]
 fn an_error_on_one_side_resets_the_other() {
     let mut f = fixture(config(), &[ep(1)]);
-    f.accept(1, f.t0);
-    let id = f.id(1);
-    f.engine.connected(&mut f.io, id, f.t0);
+    let id = f.open(1, f.t0);
     f.io.take();
     f.engine.failed(&mut f.io, id, Side::Backend);
     assert_eq!(f.io.take(), vec![Cmd::Close(1, Some(Side::Client))]);
