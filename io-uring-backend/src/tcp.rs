@@ -113,20 +113,41 @@ impl Conn {
     }
 
     fn socket(&self, side: Side) -> Option<&Socket> {
-        socket(&self.client, &self.backend, side)
+        match side {
+            Side::Client => Some(&self.client),
+            Side::Backend => self.backend.as_ref(),
+        }
+    }
+
+    /// Direction `dir`'s state, its source and destination sockets, and the count of
+    /// operations in flight, borrowed apart.
+    fn direction(&mut self, dir: Direction) -> Directed<'_> {
+        let Conn {
+            client,
+            backend,
+            dirs,
+            inflight,
+        } = self;
+        let (client, backend) = (&*client, &*backend);
+        let fd = move |side| match side {
+            Side::Client => Some(client.as_fd()),
+            Side::Backend => backend.as_ref().map(AsFd::as_fd),
+        };
+        Directed {
+            state: &mut dirs[index(dir)],
+            from: fd(dir.from()),
+            to: fd(dir.to()),
+            inflight,
+        }
     }
 }
 
-/// The socket of `side`, given a connection's two (borrowed apart from its other fields).
-fn socket<'c>(client: &'c Socket, backend: &'c Option<Socket>, side: Side) -> Option<&'c Socket> {
-    match side {
-        Side::Client => Some(client),
-        Side::Backend => backend.as_ref(),
-    }
-}
-
-fn fd<'c>(client: &'c Socket, backend: &'c Option<Socket>, side: Side) -> Option<BorrowedFd<'c>> {
-    socket(client, backend, side).map(AsFd::as_fd)
+/// What [`Conn::direction`] lends.
+struct Directed<'c> {
+    state: &'c mut Dir,
+    from: Option<BorrowedFd<'c>>,
+    to: Option<BorrowedFd<'c>>,
+    inflight: &'c mut u32,
 }
 
 impl Io {
@@ -173,18 +194,16 @@ impl Io {
     /// Starts receiving in `dir` if it should: not at EOF, not starved, with room.
     fn arm_recv(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
         let eof = conn.state.eof_seen(dir);
-        let Conn {
-            client,
-            backend,
-            dirs,
+        let Directed {
+            state: d,
+            from,
             inflight,
             ..
-        } = &mut conn.io;
-        let d = &mut dirs[index(dir)];
+        } = conn.io.direction(dir);
         if d.recv_armed || eof || d.starved || d.held > 0 || d.queue.len() >= MAX_QUEUED {
             return;
         }
-        let Some(src) = fd(client, backend, dir.from()) else {
+        let Some(src) = from else {
             return;
         };
         let ud = token::user_data(recv_op(dir), id);
@@ -204,15 +223,13 @@ impl Io {
 
     /// Sends what waits in `dir`, if no send is in flight.
     fn kick_send(&mut self, id: ConnId, conn: &mut Conn, dir: Direction) {
-        let Conn {
-            client,
-            backend,
-            dirs,
+        let Directed {
+            state: d,
+            to,
             inflight,
             ..
-        } = conn;
-        let d = &mut dirs[index(dir)];
-        let Some(dst) = fd(client, backend, dir.to()) else {
+        } = conn.direction(dir);
+        let Some(dst) = to else {
             return;
         };
         if d.send_armed {
@@ -323,14 +340,12 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let Conn {
-            client,
-            backend,
-            dirs,
+        let Directed {
+            state: d,
+            from,
             inflight,
             ..
-        } = &mut conn.io;
-        let d = &mut dirs[index(dir)];
+        } = conn.io.direction(dir);
         d.recv_armed = false;
         if d.polling_in {
             d.polling_in = false;
@@ -348,7 +363,7 @@ impl Worker {
                 d.pipe = Some(p);
             }
             let ud = token::user_data(recv_op(dir), id);
-            let Some(src) = fd(client, backend, dir.from()) else {
+            let Some(src) = from else {
                 return;
             };
             let submitted = match &d.pipe {
@@ -398,14 +413,12 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let Conn {
-            client,
-            backend,
-            dirs,
+        let Directed {
+            state: d,
+            to,
             inflight,
             ..
-        } = &mut conn.io;
-        let d = &mut dirs[index(dir)];
+        } = conn.io.direction(dir);
         d.send_armed = false;
         if d.polling_out {
             d.polling_out = false;
@@ -421,7 +434,7 @@ impl Worker {
         if c.result == -libc::EAGAIN {
             // The destination is full: wait until it takes more.
             let ud = token::user_data(send_op(dir), id);
-            let Some(dst) = fd(client, backend, dir.to()) else {
+            let Some(dst) = to else {
                 return;
             };
             if io.ring.poll(dst, libc::POLLOUT as u32, ud).is_ok() {
