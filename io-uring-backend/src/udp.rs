@@ -348,8 +348,10 @@ mod tests {
         panic!("no completion of {op:?}");
     }
 
-    fn is_open(fd: i32) -> bool {
-        std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok()
+    /// What descriptor `fd` is now (`socket:[inode]`), if it is open. Tests run in parallel
+    /// threads, so a closed number can be reused at once: compare identities, not numbers.
+    fn identity(fd: i32) -> Option<std::path::PathBuf> {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
     }
 
     /// A flow whose multishot receive has ended, so that nothing but what the test queues
@@ -377,12 +379,13 @@ mod tests {
             .unwrap();
         let (mut flow, bid) = quiet_flow(&mut w, &endpoint, b"ping");
         let (id, fd) = (flow.id, flow.socket.as_raw_fd());
+        let socket = identity(fd);
         let flow_addr = flow.socket.local_addr().unwrap().as_socket().unwrap();
         // A send is queued, not yet submitted, when the flow ends.
         assert!(w.io.queue_send(flow.socket.as_fd(), Sender::Flow(id), bid, (0, 4), None));
         flow.ops.sends += 1;
         w.io.end_flow(flow);
-        assert!(is_open(fd), "closed under a queued send");
+        assert_eq!(identity(fd), socket, "closed under a queued send");
         assert!(w.io.closing_flows.holds(id));
         // The send goes out through the flow's own socket; then the socket is closed.
         let send = complete(&mut w, Op::UdpSend, |_| true);
@@ -395,7 +398,7 @@ mod tests {
             w.io.closing_flows.is_empty(),
             "closed with its last operation"
         );
-        assert!(!is_open(fd));
+        assert_ne!(identity(fd), socket, "closed");
         assert_eq!(
             w.io.ring.in_flight(),
             0,
@@ -410,8 +413,9 @@ mod tests {
         let (flow, bid) = quiet_flow(&mut w, &endpoint, b"ping");
         w.io.ring.recycle(Group::Udp, bid);
         let fd = flow.socket.as_raw_fd();
+        let socket = identity(fd);
         w.io.end_flow(flow);
-        assert!(!is_open(fd));
+        assert_ne!(identity(fd), socket, "closed at once");
         assert!(w.io.closing_flows.is_empty());
     }
 }
