@@ -46,13 +46,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let snapshot = table.load();
         let port = snapshot.lookup(&key).expect("published");
         let mut counts = BTreeMap::new();
+        let mut open = Vec::new();
         for c in 0..600u16 {
             let client = SocketAddr::from(([127, 0, 0, 2], 20_000 + c));
             let backend = port
                 .select(client, Instant::now())
                 .expect("endpoints are ready");
-            // As a backend does: count the connection as open (least connections reads this).
-            backend.tally().opened();
+            // As a backend does: count the connection as open (least connections reads this)
+            // for as long as it is kept.
+            open.push(backend.tally().open());
             *counts.entry(backend.addr().port()).or_insert(0) += 1;
         }
         println!("{name:>22}: 600 connections kept open -> {counts:?}");

@@ -48,5 +48,5 @@ pub use svcproxy_core::{
     Batch, Change, Conditions, CounterValues, DrainPolicy, Endpoint, Forwarding, IoUringConfig,
     Policy, PortStats, Protocol, ProxyConfig, Service, ServicePort, ServicePortKey,
     SessionAffinity, Snapshot, Table, TableConfig, TableError, TargetPort, TcpPolicy,
-    TrafficPolicy,
+    TrafficPolicy, WorkerHealth,
 };

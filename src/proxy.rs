@@ -1,4 +1,6 @@
-//! The running proxy: worker threads of the chosen backend, woken on every table publish.
+//! The running proxy: worker threads of the chosen backend, woken on every table publish, each
+//! supervised ([`svcproxy_core::supervisor`]): a worker that panics or fails is restarted with
+//! backoff, and one that keeps failing is reported down ([`Proxy::workers`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -7,7 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use svcproxy_core::table::SubscriptionId;
-use svcproxy_core::{Control, PortStats, ProxyConfig, ServicePortKey, Table, WorkerContext};
+use svcproxy_core::{
+    Control, PortStats, ProxyConfig, ServicePortKey, Table, WorkerContext, WorkerHealth, supervise,
+};
 use svcproxy_sys::Waker;
 use tracing::info;
 
@@ -138,9 +142,11 @@ impl Proxy {
             let waker = waker.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("svcproxy-{index}"))
-                .spawn(move || match backend {
-                    BackendKind::IoUring => svcproxy_uring::run(ctx, waker),
-                    _ => svcproxy_epoll::run(ctx, waker),
+                .spawn(move || {
+                    supervise(&ctx, || match backend {
+                        BackendKind::IoUring => svcproxy_uring::run(ctx.clone(), waker.clone()),
+                        _ => svcproxy_epoll::run(ctx.clone(), waker.clone()),
+                    })
                 });
             match thread {
                 Ok(t) => proxy.threads.push(t),
@@ -155,7 +161,7 @@ impl Proxy {
         }
         let generation = table.load().generation();
         let applied = control.wait_applied(generation, START_TIMEOUT);
-        if let Some(error) = proxy.failed_worker() {
+        if let Some(error) = proxy.down() {
             proxy.stop(Some(Instant::now()));
             return Err(error);
         }
@@ -181,9 +187,14 @@ impl Proxy {
 
     /// Waits until every worker has applied the table's current generation (listeners opened
     /// and closed, UDP flows purged). Returns that generation.
+    /// A worker that is down fails it.
     pub fn sync(&self, timeout: Duration) -> Result<u64, Error> {
         let generation = self.control.table().load().generation();
-        if self.control.wait_applied(generation, timeout) {
+        let applied = self.control.wait_applied(generation, timeout);
+        if let Some(down) = self.down() {
+            return Err(down);
+        }
+        if applied {
             Ok(generation)
         } else {
             Err(Error::Timeout {
@@ -203,32 +214,47 @@ impl Proxy {
         self.control.connections()
     }
 
+    /// How each worker is doing (restarts, last failure, down), by worker number.
+    pub fn workers(&self) -> Vec<WorkerHealth> {
+        self.control.worker_health()
+    }
+
+    /// The first worker that is down (given up on after failing again and again), if any.
+    pub fn down(&self) -> Option<Error> {
+        let (worker, health) = self
+            .workers()
+            .into_iter()
+            .enumerate()
+            .find(|(_, h)| h.down)?;
+        let reason = health.last_failure.unwrap_or_default();
+        Some(Error::Worker {
+            worker,
+            error: io::Error::other(reason),
+        })
+    }
+
     /// Frontends that could not be bound (retried every second), with the reason.
     pub fn bind_errors(&self) -> BTreeMap<ServicePortKey, String> {
         self.control.bind_errors()
     }
 
+    /// Stops accepting and waits up to `grace` for open connections to finish (and the
+    /// workers with them); returns whether they all did. The proxy serves nothing new after
+    /// this; [`Proxy::shutdown`] then closes what is left.
+    pub fn drain(&self, grace: Duration) -> bool {
+        self.control.begin_shutdown(Instant::now().checked_add(grace));
+        self.wakers.iter().for_each(|w| w.wake());
+        self.control.wait_stopped(grace)
+    }
+
     /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest
     /// and stops the workers. `Err` names the first worker that failed (after all stopped).
     pub fn shutdown(mut self, grace: Duration) -> Result<(), Error> {
-        match self.stop(Instant::now().checked_add(grace)) {
+        self.drain(grace);
+        match self.stop(Some(Instant::now())) {
             Some(error) => Err(error),
             None => Ok(()),
         }
-    }
-
-    fn failed_worker(&mut self) -> Option<Error> {
-        let finished = self.threads.iter().position(|t| t.is_finished())?;
-        let thread = self.threads.remove(finished);
-        let error = match thread.join() {
-            Ok(Ok(())) => io::Error::other("stopped unexpectedly"),
-            Ok(Err(e)) => e,
-            Err(_) => io::Error::other("panicked"),
-        };
-        Some(Error::Worker {
-            worker: finished,
-            error,
-        })
     }
 
     /// Stops the workers, closing what is open at `deadline` (`None`: whenever it ends);

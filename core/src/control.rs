@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 use crate::budget::{Budget, Permit};
 use crate::config::ProxyConfig;
 use crate::model::ServicePortKey;
+use crate::supervisor::WorkerHealth;
 use crate::table::Table;
+
+/// The generation a stopped worker reports applied: later than any real one.
+const STOPPED: u64 = u64::MAX - 1;
 
 /// Shared state of one running proxy.
 pub struct Control {
@@ -26,6 +30,7 @@ pub struct Control {
     deadline: Mutex<Option<Instant>>,
     budget: crate::loom::sync::Arc<Budget>,
     bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
+    health: Mutex<Vec<WorkerHealth>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -73,6 +78,7 @@ impl Control {
             deadline: Mutex::new(None),
             budget: crate::loom::sync::Arc::new(Budget::new(config.max_connections, workers)),
             bind_errors: Mutex::new(BTreeMap::new()),
+            health: Mutex::new(vec![WorkerHealth::default(); workers]),
         }
     }
 
@@ -100,19 +106,28 @@ impl Control {
 
     /// A worker reports that it has stopped (it applies nothing more).
     pub fn report_stopped(&self, worker: usize) {
-        self.report_applied(worker, u64::MAX - 1);
+        self.report_applied(worker, STOPPED);
+    }
+
+    /// Waits until every worker has stopped; false on timeout.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        self.wait_applied(STOPPED, timeout)
     }
 
     /// Waits until every worker has applied `generation` (or a later one), or stopped.
     /// Returns false on timeout.
     pub fn wait_applied(&self, generation: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now().checked_add(timeout);
-        let done = || {
+        self.wait_until(timeout, || {
             self.applied.iter().all(|a| {
                 let g = a.load(Ordering::Acquire);
                 g != u64::MAX && g >= generation
             })
-        };
+        })
+    }
+
+    /// Waits until `done` holds, rechecking at each report of progress; false on timeout.
+    fn wait_until(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
         let mut guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         while !done() {
             let left = deadline.map_or(Duration::MAX, |d| {
@@ -135,6 +150,33 @@ impl Control {
     pub fn begin_shutdown(&self, deadline: Option<Instant>) {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
         self.stopping.store(true, Ordering::Release);
+        let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        self.progressed.notify_all();
+    }
+
+    /// Waits up to `timeout` for shutdown to begin; returns whether it has.
+    pub fn wait_stopping(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, || self.stopping())
+    }
+
+    /// The supervisor reports that `worker` failed with `reason`: it is being restarted, or
+    /// (`down`) it has been given up on.
+    pub fn report_worker(&self, worker: usize, reason: String, down: bool) {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = &mut health[worker];
+        if !down {
+            h.restarts += 1;
+        }
+        h.down = down;
+        h.last_failure = Some(reason);
+    }
+
+    /// How each worker is doing, by worker number.
+    pub fn worker_health(&self) -> Vec<WorkerHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether shutdown has begun.

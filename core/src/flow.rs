@@ -27,7 +27,7 @@ use hashbrown::HashMap;
 use crate::model::ServicePortKey;
 use crate::select::Backend;
 use crate::slots::{SlotId, Slots};
-use crate::stats::Tally;
+use crate::stats::Opened;
 use crate::table::Snapshot;
 
 /// How long a retired flow still delivers its endpoint's replies (capped by the idle timeout).
@@ -55,7 +55,7 @@ pub struct Flow<H> {
     /// The endpoint's backend address.
     pub endpoint: SocketAddr,
     /// Counters to update for the flow's datagrams.
-    pub tally: Tally,
+    pub tally: Opened,
     /// The backend's handle (its backend-side socket).
     pub handle: H,
     last_seen: Instant,
@@ -174,29 +174,25 @@ impl<H> FlowTable<H> {
                 key,
                 listener,
                 endpoint: backend.addr(),
-                tally: backend.tally().clone(),
                 handle: make_handle(id)?,
+                tally: backend.tally().open(),
                 last_seen: now,
                 retired_at: None,
             })
         })?;
-        backend.tally().opened();
         if let Some(old) = self.index.insert(key, id) {
-            // The caller replaced a live flow; end the old one's accounting.
-            if let Some(flow) = self.slots.remove(old) {
-                flow.tally.closed();
-            }
+            // The caller replaced a live flow; dropping it ends its accounting.
+            self.slots.remove(old);
         }
         Ok(id)
     }
 
-    /// Removes a flow, counting it as closed.
+    /// Removes a flow; it counts as closed once dropped.
     pub fn remove(&mut self, id: FlowId) -> Option<Flow<H>> {
         let flow = self.slots.remove(id)?;
         if self.index.get(&flow.key) == Some(&id) {
             self.index.remove(&flow.key);
         }
-        flow.tally.closed();
         Some(flow)
     }
 

@@ -35,6 +35,8 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod flow;
 mod loom;
 pub mod model;
@@ -44,6 +46,7 @@ pub mod select;
 pub mod session;
 pub mod slots;
 pub mod stats;
+pub mod supervisor;
 pub mod table;
 
 pub use backoff::Backoff;
@@ -60,5 +63,6 @@ pub use model::{
 pub use select::{Backend, PortState};
 pub use session::{DrainPolicy, TcpPolicy, TcpSession};
 pub use slots::{SlotId, Slots};
-pub use stats::{CounterValues, Counters, PortStats, Tally};
+pub use stats::{CounterValues, Counters, Opened, PortStats, Tally};
+pub use supervisor::{WorkerHealth, supervise};
 pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};

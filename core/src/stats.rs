@@ -112,22 +112,16 @@ impl Tally {
         self.endpoint.active()
     }
 
-    /// Counts a connection or flow opened to the endpoint. Call it as soon as the endpoint is
-    /// chosen, so that least-connections sees attempts in flight.
+    /// Counts a connection or flow opened to the endpoint, until the returned [`Opened`] is
+    /// dropped. Call it as soon as the endpoint is chosen, so that least-connections sees
+    /// attempts in flight.
     #[inline]
-    pub fn opened(&self) {
+    pub fn open(&self) -> Opened {
         for c in [&self.port, &self.endpoint] {
             c.connections_total.fetch_add(1, Ordering::Relaxed);
             c.connections_active.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Counts the end of a connection or flow counted by [`Tally::opened`].
-    #[inline]
-    pub fn closed(&self) {
-        for c in [&self.port, &self.endpoint] {
-            c.connections_active.fetch_sub(1, Ordering::Relaxed);
-        }
+        Opened(self.clone())
     }
 
     /// Counts a failed connection attempt to the endpoint.
@@ -169,6 +163,29 @@ impl Tally {
         for c in [&self.port, &self.endpoint] {
             c.datagrams_out.fetch_add(n, Ordering::Relaxed);
             c.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection or flow counted open by [`Tally::open`]; dropping it counts it closed, so a
+/// worker that fails and unwinds leaves no connection counted open. Its counters are the
+/// [`Tally`] it derefs to.
+#[derive(Debug)]
+pub struct Opened(Tally);
+
+impl std::ops::Deref for Opened {
+    type Target = Tally;
+
+    fn deref(&self) -> &Tally {
+        &self.0
+    }
+}
+
+impl Drop for Opened {
+    #[inline]
+    fn drop(&mut self) {
+        for c in [&self.0.port, &self.0.endpoint] {
+            c.connections_active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

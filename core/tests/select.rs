@@ -230,30 +230,27 @@ fn least_connections_prefers_the_least_loaded() {
     let snap = t.load();
     let port = snap.lookup(&key()).unwrap();
     // Load endpoints 0 and 1 with four connections each; 2 stays idle.
-    for b in &port.backends()[..2] {
-        for _ in 0..4 {
-            b.tally().opened();
-        }
-    }
+    let mut open: Vec<Vec<_>> = port.backends()[..2]
+        .iter()
+        .map(|b| (0..4).map(|_| b.tally().open()).collect())
+        .collect();
     for i in 0..4 {
         let b = port.select(client(i), Instant::now()).unwrap();
         assert_eq!(b.addr(), addr(2));
-        b.tally().opened();
+        open[0].push(b.tally().open());
     }
     // All have four now: the next three go one to each.
     let mut next: Vec<SocketAddr> = (0..3)
         .map(|i| {
             let b = port.select(client(i), Instant::now()).unwrap();
-            b.tally().opened();
+            open[0].push(b.tally().open());
             b.addr()
         })
         .collect();
     next.sort();
     assert_eq!(next, vec![addr(0), addr(1), addr(2)]);
     // Closing connections makes an endpoint preferred again.
-    for _ in 0..3 {
-        port.backends()[1].tally().closed();
-    }
+    open[1].truncate(1);
     assert_eq!(
         port.select(client(9), Instant::now()).unwrap().addr(),
         addr(1)
@@ -267,9 +264,10 @@ fn weighted_least_connections_scales_by_weight() {
     let snap = t.load();
     let port = snap.lookup(&key()).unwrap();
     let mut counts = HashMap::<SocketAddr, usize>::new();
+    let mut open = Vec::new();
     for i in 0..400 {
         let b = port.select(client(i), Instant::now()).unwrap();
-        b.tally().opened();
+        open.push(b.tally().open());
         *counts.entry(b.addr()).or_default() += 1;
     }
     assert_eq!(counts[&addr(0)], 300);

@@ -178,17 +178,17 @@ fn counters_persist_across_publishes_and_show_in_stats() {
                 .replace_endpoints("a", eps(&["198.19.10.1:80", "198.19.10.2:80"])),
         )
         .unwrap();
-    {
+    let open = {
         let snap = table.load();
         let b = snap
             .lookup(&key("198.19.0.1:80"))
             .unwrap()
             .select(client(), Instant::now())
             .unwrap();
-        b.tally().opened();
         b.tally().bytes_in(100);
         b.tally().bytes_out(7);
-    }
+        b.tally().open()
+    };
     // Add a third endpoint: the first keeps its counters.
     table
         .apply(Batch::new().replace_endpoints(
@@ -209,4 +209,6 @@ fn counters_persist_across_publishes_and_show_in_stats() {
     assert_eq!(s.endpoints[0].0, "198.19.10.1:80".parse().unwrap());
     assert_eq!(s.endpoints[0].1.bytes_out, 7);
     assert_eq!(s.endpoints[2].1, CounterValues::default());
+    drop(open);
+    assert_eq!(table.load().stats()[0].totals.connections_active, 0);
 }

@@ -34,11 +34,8 @@ use svcproxy_core::WorkerContext;
 use svcproxy_sys::Waker;
 
 /// Runs one worker until shutdown completes. `waker` must be signalled after each table
-/// publish and when shutdown begins.
+/// publish and when shutdown begins. Run it under [`svcproxy_core::supervise`], which
+/// restarts it after a failure and reports when it has stopped.
 pub fn run(ctx: WorkerContext, waker: Arc<Waker>) -> io::Result<()> {
-    let index = ctx.index;
-    let control = ctx.control.clone();
-    let result = worker::Worker::new(ctx, waker).and_then(|mut w| w.run());
-    control.report_stopped(index);
-    result
+    worker::Worker::new(ctx, waker).and_then(|mut w| w.run())
 }

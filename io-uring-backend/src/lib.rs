@@ -37,11 +37,8 @@ use svcproxy_sys::Waker;
 pub use ring::{Unavailable, probe};
 
 /// Runs one worker until shutdown completes. `waker` must be signalled after each table
-/// publish and when shutdown begins.
+/// publish and when shutdown begins. Run it under [`svcproxy_core::supervise`], which
+/// restarts it after a failure and reports when it has stopped.
 pub fn run(ctx: WorkerContext, waker: Arc<Waker>) -> io::Result<()> {
-    let index = ctx.index;
-    let control = ctx.control.clone();
-    let result = worker::Worker::new(ctx, waker).and_then(|mut w| w.run());
-    control.report_stopped(index);
-    result
+    worker::Worker::new(ctx, waker).and_then(|mut w| w.run())
 }

@@ -55,6 +55,7 @@ macro_rules! suite {
             a_backend_that_never_reads_holds_back_its_client,
             a_client_that_never_reads_holds_back_its_backend,
             table_swaps_every_millisecond_fail_no_connection,
+            a_worker_that_panics_is_restarted_then_reported_down,
         );
     };
     (@tests $backend:expr, $suite:expr, $adjust:expr; $($name:ident),* $(,)?) => {
@@ -1298,4 +1299,75 @@ pub fn table_swaps_every_millisecond_fail_no_connection(backend: BackendKind, su
         &failures[..failures.len().min(5)]
     );
     assert!(swaps > 100, "{swaps} table swaps during the run");
+}
+
+/// Publishes a service whose name makes `worker` panic while applying the table (see
+/// `svcproxy_core::fault`; this package's tests build the core with fault injection):
+/// `times` times in this process, or every time.
+fn inject_panic(proxy: &svcproxy::Proxy, suite: u8, worker: usize, times: Option<u32>) {
+    let limit = times.map_or("always".to_string(), |n| n.to_string());
+    let name = format!("fault-injection/panic-{worker}-{limit}-suite{suite}");
+    let svc = service(&name, service_ip(suite), free_port(Protocol::Tcp), Protocol::Tcp);
+    proxy
+        .table()
+        .apply(svcproxy::Batch::new().upsert(svc))
+        .unwrap();
+}
+
+pub fn a_worker_that_panics_is_restarted_then_reported_down(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let server = TcpServer::identify();
+    let config = svcproxy::ProxyConfig {
+        workers: 1,
+        ..config()
+    };
+    let (proxy, vip) = serve(
+        backend,
+        suite,
+        config,
+        "supervised",
+        Protocol::Tcp,
+        free_port(Protocol::Tcp),
+        vec![server.endpoint()],
+    );
+    let held = connect(vip).unwrap();
+    assert_eq!(who(&held).unwrap(), server.addr);
+
+    // One panic: the worker is restarted (its connections are lost) and serves again.
+    inject_panic(&proxy, suite, 0, Some(1));
+    proxy.sync(IO_TIMEOUT).expect("the restarted worker applies the table");
+    let health = &proxy.workers()[0];
+    assert_eq!(health.restarts, 1, "{health:?}");
+    assert!(!health.down);
+    let reason = health.last_failure.as_deref().unwrap_or_default();
+    assert!(reason.contains("panicked: fault injected"), "{reason}");
+    let active = |proxy: &svcproxy::Proxy| {
+        let stats = proxy.stats();
+        let port = stats.iter().find(|s| s.service == "supervised").unwrap();
+        port.totals.connections_active
+    };
+    assert_eq!(active(&proxy), 0, "the lost connection is not counted open");
+    assert_eq!(proxy.connections(), 0, "its budget unit went back");
+    assert_eq!(who_answers(vip).unwrap(), server.addr);
+    assert!(proxy.down().is_none());
+    drop(held);
+
+    // A panic at every restart: the worker is given up on, and the proxy says so.
+    inject_panic(&proxy, suite, 0, None);
+    let err = proxy.sync(IO_TIMEOUT).expect_err("a worker that is down fails sync");
+    assert!(
+        matches!(&err, svcproxy::Error::Worker { worker: 0, .. }),
+        "{err}"
+    );
+    let health = &proxy.workers()[0];
+    assert!(health.down, "{health:?}");
+    // Failures in a row (the run between them was short): the first one counts.
+    assert_eq!(
+        health.restarts,
+        u64::from(svcproxy::core::supervisor::MAX_RESTARTS)
+    );
+    assert!(connect(vip).and_then(|s| who(&s)).is_err(), "nothing serves");
+    let stopped = proxy.shutdown(Duration::ZERO).expect_err("shutdown reports it");
+    assert!(err.to_string().contains("fault injected"), "{err}");
+    assert!(stopped.to_string().contains("fault injected"), "{stopped}");
 }

@@ -352,6 +352,8 @@ impl<D: Driver> Engine<D> {
     /// Brings listeners, flows and draining connections in line with the current table.
     fn apply_table(&mut self, io: &mut D, now: Instant) {
         let snapshot = self.ctx.table().load_full();
+        #[cfg(feature = "fault-injection")]
+        crate::fault::at_apply(self.ctx.index, &snapshot);
         for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
             self.reconcile(io, key, wanted);
         }
@@ -546,7 +548,8 @@ impl<D: Driver> Engine<D> {
             self.timers.cancel(timer);
         }
         io.close(Some(id), sockets, reset);
-        state.end();
+        // Dropping the state counts the connection closed and gives its budget unit back.
+        drop(state);
         if !self.waiting.is_empty() {
             self.serve_waiting(io, Instant::now());
         }

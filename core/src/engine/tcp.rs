@@ -29,7 +29,7 @@ use crate::model::ServicePortKey;
 use crate::select::{Backend, PortState};
 use crate::session::{Direction, Side, Step, TcpSession};
 use crate::slots::Slots;
-use crate::stats::Tally;
+use crate::stats::Opened;
 
 /// One connection: the driver's sockets and the engine's state.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ pub struct Lifecycle {
     pub(super) client: SocketAddr,
     /// The counters of the endpoint of the attempt under way (or connected), which counts it
     /// as opened; the endpoint is the session's last one tried.
-    backend: Option<Tally>,
+    backend: Option<Opened>,
     session: TcpSession,
     connected: bool,
     last_activity: Instant,
@@ -114,13 +114,6 @@ impl Lifecycle {
     /// Whether EOF has been read in `dir`.
     pub fn eof_seen(&self, dir: Direction) -> bool {
         self.session.eof_seen(dir)
-    }
-
-    /// The connection ended: the endpoint counts it closed, the budget unit goes back.
-    pub(super) fn end(self) {
-        if let Some(tally) = &self.backend {
-            tally.closed();
-        }
     }
 }
 
@@ -215,8 +208,7 @@ impl<D: Driver> Engine<D> {
             let timeout = conn.state.session.connecting(&policy, backend.addr());
             match io.connect(id, &mut conn.io, backend.addr(), source) {
                 Ok(()) => {
-                    backend.tally().opened();
-                    conn.state.backend = Some(backend.tally().clone());
+                    conn.state.backend = Some(backend.tally().open());
                     conn.state.timer = now
                         .checked_add(timeout)
                         .map(|at| self.timers.add(at, Timer::Connect(id)));
@@ -258,7 +250,6 @@ impl<D: Driver> Engine<D> {
         };
         if let Some(tally) = conn.state.backend.take() {
             tally.connect_error();
-            tally.closed();
         }
         let snapshot = self.ctx.table().load();
         let next = snapshot.lookup(&conn.state.listener).and_then(|port| {
