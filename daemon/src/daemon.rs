@@ -131,7 +131,12 @@ impl Daemon {
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/metrics") => {
                 let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
-                let text = metrics::render(&self.table.load(), seconds, self.proxy.connections());
+                let text = metrics::render(
+                    &self.table.load(),
+                    seconds,
+                    self.proxy.connections(),
+                    &self.proxy.workers(),
+                );
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             ("GET", "/services") => {
@@ -194,13 +199,23 @@ impl Daemon {
         }
     }
 
+    /// Why the daemon is not healthy: shutting down, or a worker down; `None` when healthy.
+    pub fn unhealthy(&self) -> Option<String> {
+        if let Some(down) = self.proxy.down() {
+            return Some(down.to_string());
+        }
+        self.stopping
+            .load(Ordering::SeqCst)
+            .then(|| "shutting down".to_string())
+    }
+
     fn healthz(&self) -> Response {
         let snapshot = self.table.load();
         let secs = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
         };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "lastUpdated": secs(snapshot.updated()),
             "currentTime": secs(SystemTime::now()),
             "generation": snapshot.generation(),
@@ -208,11 +223,19 @@ impl Daemon {
             "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
             "reloads": self.reloads.load(Ordering::SeqCst),
             "lastReloadError": *lock(&self.reload_error),
+            "workers": self.proxy.workers().iter().map(|w| serde_json::json!({
+                "restarts": w.restarts,
+                "lastFailure": w.last_failure,
+                "down": w.down,
+            })).collect::<Vec<_>>(),
         });
-        if self.stopping.load(Ordering::SeqCst) {
-            return Response::json(503, &body);
+        match self.unhealthy() {
+            Some(reason) => {
+                body["unhealthy"] = reason.into();
+                Response::json(503, &body)
+            }
+            None => Response::json(200, &body),
         }
-        Response::json(200, &body)
     }
 }
 

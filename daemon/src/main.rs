@@ -277,8 +277,16 @@ fn run(args: RunArgs) -> ExitCode {
         }
     }
     let mut seen = config::signature(&args.config);
+    let mut failed = false;
     while !term.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
+        if let Some(down) = daemon.proxy.down() {
+            error!(
+                "{down}: stopping, so that what supervises svcproxyd (systemd, the kubelet) starts it again"
+            );
+            failed = true;
+            break;
+        }
         let now = config::signature(&args.config);
         if now == seen && !hup.swap(false, Ordering::SeqCst) {
             continue;
@@ -298,20 +306,25 @@ fn run(args: RunArgs) -> ExitCode {
             });
         daemon.reloaded(outcome);
     }
+    // The admin endpoint stays up while connections drain, answering /healthz with 503.
     info!(grace = ?settings.shutdown_grace, "shutting down");
     daemon.stopping.store(true, Ordering::SeqCst);
+    if !daemon.proxy.drain(settings.shutdown_grace) {
+        info!("the grace period ended; closing the connections left");
+    }
     drop(admin);
     let Ok(daemon) = Arc::try_unwrap(daemon) else {
         error!("the admin endpoint still holds the daemon");
         return ExitCode::from(1);
     };
-    let code = match daemon.proxy.shutdown(settings.shutdown_grace) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("shutdown: {e}");
-            ExitCode::from(1)
-        }
-    };
+    let stopped = daemon.proxy.shutdown(Duration::ZERO);
+    if let Err(e) = &stopped {
+        error!("shutdown: {e}");
+    }
     info!("stopped");
-    code
+    if failed || stopped.is_err() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

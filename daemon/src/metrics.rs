@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use svcproxy::core::CounterValues;
-use svcproxy::{PortStats, Snapshot};
+use svcproxy::{PortStats, Snapshot, WorkerHealth};
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -70,8 +70,13 @@ const METRICS: [Metric; 8] = [
 ];
 
 /// The exposition: per service port and per endpoint counters, table generation, last
-/// publish latency and open connections.
-pub fn render(snapshot: &Snapshot, publish_seconds: f64, connections: usize) -> String {
+/// publish latency, open connections and each worker's restarts and state.
+pub fn render(
+    snapshot: &Snapshot,
+    publish_seconds: f64,
+    connections: usize,
+    workers: &[WorkerHealth],
+) -> String {
     let stats: Vec<PortStats> = snapshot.stats();
     let mut out = String::new();
     for m in &METRICS {
@@ -134,5 +139,21 @@ pub fn render(snapshot: &Snapshot, publish_seconds: f64, connections: usize) -> 
     );
     let _ = writeln!(out, "# TYPE svcproxy_open_connections gauge");
     let _ = writeln!(out, "svcproxy_open_connections {connections}");
+    let _ = writeln!(
+        out,
+        "# HELP svcproxy_worker_restarts_total Times a worker was restarted after it failed."
+    );
+    let _ = writeln!(out, "# TYPE svcproxy_worker_restarts_total counter");
+    for (i, w) in workers.iter().enumerate() {
+        let _ = writeln!(out, "svcproxy_worker_restarts_total{{worker=\"{i}\"}} {}", w.restarts);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP svcproxy_worker_up Whether a worker serves (0: given up on after failing again and again)."
+    );
+    let _ = writeln!(out, "# TYPE svcproxy_worker_up gauge");
+    for (i, w) in workers.iter().enumerate() {
+        let _ = writeln!(out, "svcproxy_worker_up{{worker=\"{i}\"}} {}", u8::from(!w.down));
+    }
     out
 }

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
@@ -83,6 +84,8 @@ fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 struct Daemon {
     child: Child,
     admin: SocketAddr,
+    /// What it has logged so far.
+    log: Arc<Mutex<String>>,
 }
 
 impl Daemon {
@@ -92,10 +95,23 @@ impl Daemon {
             .arg(config)
             .args(["--no-capture", "--admin", &admin.to_string()])
             .args(extra)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut d = Self { child, admin };
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut child = child;
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut d = Self { child, admin, log };
         eventually("the admin endpoint", || {
             assert!(
                 d.child.try_wait().unwrap().is_none(),
@@ -118,6 +134,11 @@ impl Daemon {
     fn stop(mut self) -> i32 {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        self.exit_code("SIGTERM")
+    }
+
+    /// Waits for the process to exit (after `after`), returning its exit code.
+    fn exit_code(&mut self, after: &str) -> i32 {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -125,7 +146,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "svcproxyd did not exit on SIGTERM"
+                "svcproxyd did not exit after {after}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -328,4 +349,78 @@ fn the_admin_endpoint_requires_a_token_when_one_is_set_and_off_loopback() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not loopback: set a bearer token"));
+}
+
+/// A backend that echoes each connection until the client closes it.
+fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &s, &mut &s);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_zero() {
+    let dir = temp("supervision");
+    let port = free_port();
+    let vip = SocketAddr::from(([127, 0, 0, 1], port));
+    let path = dir.join("svcproxyd.toml");
+    let text = config(port, &[echo_backend()])
+        .replace("workers = 1", "workers = 2\nshutdown_grace_s = 60");
+    std::fs::write(&path, text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut d = Daemon::start(&path, admin, &[]);
+    // Connections through both workers (the kernel spreads them; 16 all on worker 0 is a
+    // chance of 1 in 65536): those on worker 1 keep the drain, and so the daemon, going.
+    let held: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect_timeout(&vip, TIMEOUT).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.write_all(b"x").unwrap();
+            s.read_exact(&mut [0]).unwrap();
+            s
+        })
+        .collect();
+    assert_eq!(http(admin, "GET", "/healthz", "", "").0, 200);
+
+    // Worker 0 panics whenever it applies a table holding this service (a test build's
+    // fault injection), so its restarts fail until it is given up on.
+    let fault = format!(
+        r#"{{"name": "fault-injection/panic-0", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
+        free_port()
+    );
+    let (status, body) = http(admin, "PUT", "/services/fault-injection/panic-0", "", &fault);
+    assert_eq!(status, 200, "{body}");
+    let mut health = String::new();
+    eventually("/healthz to say 503", || {
+        let (status, body) = http(admin, "GET", "/healthz", "", "");
+        health = body;
+        status == 503
+    });
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let reason = health["unhealthy"].as_str().unwrap();
+    assert!(
+        reason.contains("worker 0 failed") && reason.contains("fault injected"),
+        "{reason}"
+    );
+    assert_eq!(health["workers"][0]["down"], true);
+    assert_eq!(health["workers"][1]["down"], false);
+    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    assert!(metrics.contains("svcproxy_worker_up{worker=\"0\"} 0"), "{metrics}");
+    assert!(metrics.contains("svcproxy_worker_up{worker=\"1\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("svcproxy_worker_restarts_total{worker=\"0\"} 5"),
+        "{metrics}"
+    );
+    drop(held);
+    assert_eq!(d.exit_code("a worker went down"), 1);
+    let log = d.log.lock().unwrap().clone();
+    assert!(log.contains("worker failed; restarting it"), "{log}");
+    assert!(log.contains("worker 0 failed: panicked: fault injected"), "{log}");
 }
