@@ -242,7 +242,8 @@ impl Proxy {
     /// workers with them); returns whether they all did. The proxy serves nothing new after
     /// this; [`Proxy::shutdown`] then closes what is left.
     pub fn drain(&self, grace: Duration) -> bool {
-        self.control.begin_shutdown(Instant::now().checked_add(grace));
+        self.control
+            .begin_shutdown(Instant::now().checked_add(grace));
         self.wakers.iter().for_each(|w| w.wake());
         self.control.wait_stopped(grace)
     }

@@ -1,8 +1,13 @@
 //! Proxy settings shared by every backend: worker count, timeouts, limits and buffer sizes.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use crate::session::TcpPolicy;
+use crate::session::{TcpPolicy, check_duration};
+
+/// The range of [`ProxyConfig::udp_idle_timeout`]: 1 second to 1 day.
+pub const UDP_IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(86_400);
 
 /// How a proxy runs. Validate with [`ProxyConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,7 +16,8 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// TCP timeouts, connect attempts and drain policy.
     pub tcp: TcpPolicy,
-    /// UDP flows without a datagram either way for this long are closed.
+    /// UDP flows without a datagram either way for this long are closed
+    /// ([`UDP_IDLE_TIMEOUT_RANGE`]).
     pub udp_idle_timeout: Duration,
     /// Most TCP connections open at once, over all workers; clients beyond it wait in the
     /// accept queue.
@@ -103,9 +109,11 @@ impl ProxyConfig {
                 return Err(format!("{field} is {got}, must be between {min} and {max}"));
             }
         }
-        if self.udp_idle_timeout.is_zero() {
-            return Err("udp_idle_timeout must be greater than 0".into());
-        }
+        check_duration(
+            "udp_idle_timeout",
+            self.udp_idle_timeout,
+            UDP_IDLE_TIMEOUT_RANGE,
+        )?;
         let u = &self.io_uring;
         if !u.buffers.is_power_of_two() || u.buffers > 1 << 15 {
             return Err(format!(
@@ -134,5 +142,36 @@ impl ProxyConfig {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::DrainPolicy;
+
+    #[test]
+    fn every_duration_has_a_range() {
+        assert_eq!(ProxyConfig::default().validate(), Ok(()));
+        let with = |f: fn(&mut ProxyConfig)| {
+            let mut c = ProxyConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(
+            with(|c| c.tcp.drain = DrainPolicy::CloseAfter(Duration::MAX)),
+            format!(
+                "tcp.drain is {:?}, must be between 0ns and 86400s",
+                Duration::MAX
+            )
+        );
+        assert!(
+            with(|c| c.tcp.idle_timeout = Some(Duration::MAX)).starts_with("tcp.idle_timeout is")
+        );
+        assert!(
+            with(|c| c.tcp.connect_timeout = Duration::ZERO)
+                .starts_with("tcp.connect_timeout is 0ns")
+        );
+        assert!(with(|c| c.udp_idle_timeout = Duration::MAX).starts_with("udp_idle_timeout is"));
     }
 }

@@ -26,7 +26,10 @@ pub fn at_apply(worker: usize, snapshot: &Snapshot) {
         if parts.next().and_then(|w| w.parse().ok()) != Some(worker) {
             continue;
         }
-        let limit = parts.next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
+        let limit = parts
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX);
         let fire = {
             let mut panics = PANICS.lock().unwrap_or_else(PoisonError::into_inner);
             let count = panics

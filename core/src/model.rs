@@ -348,7 +348,7 @@ impl Service {
                     min: 1,
                     max,
                 };
-                return Err(ValidationError::new("session_affinity.timeout", problem));
+                return Err(ValidationError::new("affinity_timeout_seconds", problem));
             }
         }
         if self.max_connections == Some(0) {
@@ -367,11 +367,11 @@ impl Service {
                     min: MAGLEV_MIN_SIZE,
                     max: MAGLEV_MAX_SIZE,
                 };
-                return Err(ValidationError::new("policy.table_size", problem));
+                return Err(ValidationError::new("maglev_table_size", problem));
             }
             if !is_prime(size) {
                 return Err(ValidationError::new(
-                    "policy.table_size",
+                    "maglev_table_size",
                     Problem::NotPrime(size),
                 ));
             }

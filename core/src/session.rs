@@ -11,12 +11,38 @@
 //! - Endpoint removal: [`DrainPolicy`] keeps the connection or closes it after a grace period.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use crate::select::{Backend, PortState};
 
 /// Largest number of connect attempts per connection.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 8;
+/// The range of [`TcpPolicy::connect_timeout`]: 1 ms to 10 minutes.
+pub const CONNECT_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(600);
+/// The range of [`TcpPolicy::idle_timeout`] when set: 1 second to 365 days.
+pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(365 * 86_400);
+/// The range of a [`DrainPolicy::CloseAfter`] grace: up to 1 day.
+pub const DRAIN_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(86_400);
+
+/// Checks that `field` (a duration) lies in `range`; the error names the field and range.
+pub fn check_duration(
+    field: &str,
+    got: Duration,
+    range: RangeInclusive<Duration>,
+) -> Result<(), String> {
+    if range.contains(&got) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} is {got:?}, must be between {:?} and {:?}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
 
 /// What happens to open connections when their endpoint is no longer eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,19 +79,24 @@ impl Default for TcpPolicy {
 }
 
 impl TcpPolicy {
-    /// Checks the values; names the offending field.
+    /// Checks the values against the documented ranges; names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.connect_timeout.is_zero() {
-            return Err("connect_timeout must be greater than 0".into());
-        }
+        check_duration(
+            "connect_timeout",
+            self.connect_timeout,
+            CONNECT_TIMEOUT_RANGE,
+        )?;
         if !(1..=MAX_CONNECT_ATTEMPTS).contains(&self.connect_attempts) {
             return Err(format!(
                 "connect_attempts is {}, must be between 1 and {MAX_CONNECT_ATTEMPTS}",
                 self.connect_attempts
             ));
         }
-        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
-            return Err("idle_timeout must be greater than 0 (or none)".into());
+        if let Some(idle) = self.idle_timeout {
+            check_duration("idle_timeout", idle, IDLE_TIMEOUT_RANGE)?;
+        }
+        if let DrainPolicy::CloseAfter(grace) = self.drain {
+            check_duration("drain", grace, DRAIN_RANGE)?;
         }
         Ok(())
     }

@@ -74,7 +74,11 @@ fn lookup_reverse_lookup_and_stale_ids() {
     assert_eq!(stats(&table).connections_active, 1);
     let removed = flows.remove(id).unwrap();
     assert_eq!(removed.handle, 1000);
-    assert_eq!(stats(&table).connections_active, 1, "until the flow is dropped");
+    assert_eq!(
+        stats(&table).connections_active,
+        1,
+        "until the flow is dropped"
+    );
     drop(removed);
     assert_eq!(stats(&table).connections_active, 0);
     // A new flow may reuse the slot; the old id must not find it.

@@ -131,15 +131,15 @@ fn affinity_and_maglev_are_checked() {
     });
     assert_eq!(
         field_error(&s).1,
-        "session_affinity.timeout: is 86401, must be between 1 and 86400"
+        "affinity_timeout_seconds: is 86401, must be between 1 and 86400"
     );
     let s = web().policy(Policy::Maglev { table_size: 65_536 });
     assert_eq!(
         field_error(&s).1,
-        "policy.table_size: 65536 is not a prime number"
+        "maglev_table_size: 65536 is not a prime number"
     );
     let s = web().policy(Policy::Maglev { table_size: 7 });
-    assert_eq!(field_error(&s).0, "policy.table_size");
+    assert_eq!(field_error(&s).0, "maglev_table_size");
     web().policy(Policy::maglev()).validate().unwrap();
     let mut s = web();
     s.max_connections = Some(0);

@@ -6,14 +6,14 @@
 //! ```toml
 //! [proxy]                     # read at start; changes need a restart
 //! backend = "auto"            # auto | epoll | io_uring
-//! workers = 0                 # 0: one per CPU
-//! connect_timeout_ms = 1000
-//! connect_attempts = 3
-//! idle_timeout_s = 3600       # 0: never
-//! udp_idle_timeout_s = 30
-//! max_connections = 1048576
-//! drain_close_after_s = 0     # 0: connections to removed endpoints run on
-//! shutdown_grace_s = 5
+//! workers = 0                 # 0: one per CPU; at most 1024
+//! connect_timeout_ms = 1000   # 1 to 600000
+//! connect_attempts = 3        # 1 to 8
+//! idle_timeout_s = 3600       # 0: never; at most 31536000 (365 days)
+//! udp_idle_timeout_s = 30     # 1 to 86400
+//! max_connections = 1048576   # 1 to 16777216
+//! drain_close_after_s = 0     # 0: connections to removed endpoints run on; at most 86400
+//! shutdown_grace_s = 5        # 0 to 3600
 //!
 //! [node]
 //! name = "node-a"             # for traffic policy Local
@@ -40,14 +40,23 @@
 //! Errors name the file and the field.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use svcproxy::{BackendKind, DrainPolicy, Forwarding, ProxyConfig};
+use svcproxy_core::config::UDP_IDLE_TIMEOUT_RANGE;
 use svcproxy_core::schema::ServiceDoc;
+use svcproxy_core::session::{
+    CONNECT_TIMEOUT_RANGE, DRAIN_RANGE, IDLE_TIMEOUT_RANGE, check_duration,
+};
 
 use crate::kube;
+
+/// How long shutdown may wait for connections: up to 1 hour.
+pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(3600);
 
 /// The admin endpoint's default address (kube-proxy's health check port).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
@@ -231,19 +240,48 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     };
+    let duration = |field: &str, got: Duration, range: RangeInclusive<Duration>| {
+        check_duration(&format!("proxy.{field}"), got, range)
+            .map(|()| got)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    };
     let mut proxy = ProxyConfig {
         workers: p.workers,
         max_connections: p.max_connections,
-        udp_idle_timeout: Duration::from_secs(p.udp_idle_timeout_s),
+        udp_idle_timeout: duration(
+            "udp_idle_timeout_s",
+            Duration::from_secs(p.udp_idle_timeout_s),
+            UDP_IDLE_TIMEOUT_RANGE,
+        )?,
         ..ProxyConfig::default()
     };
-    proxy.tcp.connect_timeout = Duration::from_millis(p.connect_timeout_ms);
+    proxy.tcp.connect_timeout = duration(
+        "connect_timeout_ms",
+        Duration::from_millis(p.connect_timeout_ms),
+        CONNECT_TIMEOUT_RANGE,
+    )?;
     proxy.tcp.connect_attempts = p.connect_attempts;
-    proxy.tcp.idle_timeout = (p.idle_timeout_s > 0).then(|| Duration::from_secs(p.idle_timeout_s));
+    proxy.tcp.idle_timeout = match p.idle_timeout_s {
+        0 => None,
+        s => Some(duration(
+            "idle_timeout_s",
+            Duration::from_secs(s),
+            IDLE_TIMEOUT_RANGE,
+        )?),
+    };
     proxy.tcp.drain = match p.drain_close_after_s {
         0 => DrainPolicy::Keep,
-        s => DrainPolicy::CloseAfter(Duration::from_secs(s)),
+        s => DrainPolicy::CloseAfter(duration(
+            "drain_close_after_s",
+            Duration::from_secs(s),
+            DRAIN_RANGE,
+        )?),
     };
+    let shutdown_grace = duration(
+        "shutdown_grace_s",
+        Duration::from_secs(p.shutdown_grace_s),
+        SHUTDOWN_GRACE_RANGE,
+    )?;
     proxy.io_uring.forwarding = match p.forwarding.as_str() {
         "buffers" => Forwarding::Buffers,
         "splice" => Forwarding::Splice,
@@ -269,7 +307,7 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     Ok(Settings {
         backend,
         proxy,
-        shutdown_grace: Duration::from_secs(p.shutdown_grace_s),
+        shutdown_grace,
         node_name: file.node.name.clone(),
         node_addresses: file
             .node
@@ -415,6 +453,26 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         );
         let e = err("range.toml", "[proxy]\nconnect_attempts = 0\n");
         assert!(e.contains("proxy: tcp.connect_attempts is 0"), "{e}");
+        // Every duration has a range, checked before anything adds it to a clock.
+        for (field, range) in [
+            ("drain_close_after_s", "between 0ns and 86400s"),
+            ("shutdown_grace_s", "between 0ns and 3600s"),
+            ("idle_timeout_s", "between 1s and 31536000s"),
+            ("udp_idle_timeout_s", "between 1s and 86400s"),
+            ("connect_timeout_ms", "between 1ms and 600s"),
+        ] {
+            // TOML integers are i64: the largest one.
+            let e = err("huge.toml", &format!("[proxy]\n{field} = {}\n", i64::MAX));
+            assert!(
+                e.contains(&format!("huge.toml: proxy.{field} is ")) && e.ends_with(range),
+                "{e}"
+            );
+        }
+        let e = err("zero.toml", "[proxy]\nudp_idle_timeout_s = 0\n");
+        assert!(
+            e.ends_with("proxy.udp_idle_timeout_s is 0ns, must be between 1s and 86400s"),
+            "{e}"
+        );
         let e = err("syntax.toml", "[[services]\nname = 1\n");
         assert!(e.contains("syntax.toml"), "{e}");
         let e = err(

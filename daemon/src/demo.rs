@@ -73,13 +73,19 @@ pub fn run(run_for: Duration) -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
 
     latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let pct = |p: f64| {
+        let last = latencies.len().saturating_sub(1);
+        latencies
+            .get((last as f64 * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
     let total: u64 = answers.values().sum();
     println!("TCP: {total} connections, each one 64-byte request and reply");
     for (name, n) in &answers {
         println!(
             "  {name:>8}: {n:>7} ({:.1}%)",
-            *n as f64 * 100.0 / total as f64
+            *n as f64 * 100.0 / total.max(1) as f64
         );
     }
     println!(

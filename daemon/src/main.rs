@@ -42,8 +42,8 @@ struct Cli {
 enum Command {
     /// Start backends on loopback, put services in front, drive traffic, print what happened.
     Demo {
-        /// Seconds of traffic.
-        #[arg(long, default_value_t = 3)]
+        /// Seconds of traffic (1 to 3600).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
         seconds: u64,
     },
     /// Serve the services of a config file or of Kubernetes manifests.

@@ -145,7 +145,11 @@ pub fn render(
     );
     let _ = writeln!(out, "# TYPE svcproxy_worker_restarts_total counter");
     for (i, w) in workers.iter().enumerate() {
-        let _ = writeln!(out, "svcproxy_worker_restarts_total{{worker=\"{i}\"}} {}", w.restarts);
+        let _ = writeln!(
+            out,
+            "svcproxy_worker_restarts_total{{worker=\"{i}\"}} {}",
+            w.restarts
+        );
     }
     let _ = writeln!(
         out,
@@ -153,7 +157,11 @@ pub fn render(
     );
     let _ = writeln!(out, "# TYPE svcproxy_worker_up gauge");
     for (i, w) in workers.iter().enumerate() {
-        let _ = writeln!(out, "svcproxy_worker_up{{worker=\"{i}\"}} {}", u8::from(!w.down));
+        let _ = writeln!(
+            out,
+            "svcproxy_worker_up{{worker=\"{i}\"}} {}",
+            u8::from(!w.down)
+        );
     }
     out
 }

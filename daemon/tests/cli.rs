@@ -395,7 +395,13 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
         r#"{{"name": "fault-injection/panic-0", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
         free_port()
     );
-    let (status, body) = http(admin, "PUT", "/services/fault-injection/panic-0", "", &fault);
+    let (status, body) = http(
+        admin,
+        "PUT",
+        "/services/fault-injection/panic-0",
+        "",
+        &fault,
+    );
     assert_eq!(status, 200, "{body}");
     let mut health = String::new();
     eventually("/healthz to say 503", || {
@@ -412,8 +418,14 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
     assert_eq!(health["workers"][0]["down"], true);
     assert_eq!(health["workers"][1]["down"], false);
     let (_, metrics) = http(admin, "GET", "/metrics", "", "");
-    assert!(metrics.contains("svcproxy_worker_up{worker=\"0\"} 0"), "{metrics}");
-    assert!(metrics.contains("svcproxy_worker_up{worker=\"1\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("svcproxy_worker_up{worker=\"0\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("svcproxy_worker_up{worker=\"1\"} 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("svcproxy_worker_restarts_total{worker=\"0\"} 5"),
         "{metrics}"
@@ -422,5 +434,8 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
     assert_eq!(d.exit_code("a worker went down"), 1);
     let log = d.log.lock().unwrap().clone();
     assert!(log.contains("worker failed; restarting it"), "{log}");
-    assert!(log.contains("worker 0 failed: panicked: fault injected"), "{log}");
+    assert!(
+        log.contains("worker 0 failed: panicked: fault injected"),
+        "{log}"
+    );
 }

@@ -1307,7 +1307,12 @@ pub fn table_swaps_every_millisecond_fail_no_connection(backend: BackendKind, su
 fn inject_panic(proxy: &svcproxy::Proxy, suite: u8, worker: usize, times: Option<u32>) {
     let limit = times.map_or("always".to_string(), |n| n.to_string());
     let name = format!("fault-injection/panic-{worker}-{limit}-suite{suite}");
-    let svc = service(&name, service_ip(suite), free_port(Protocol::Tcp), Protocol::Tcp);
+    let svc = service(
+        &name,
+        service_ip(suite),
+        free_port(Protocol::Tcp),
+        Protocol::Tcp,
+    );
     proxy
         .table()
         .apply(svcproxy::Batch::new().upsert(svc))
@@ -1335,7 +1340,9 @@ pub fn a_worker_that_panics_is_restarted_then_reported_down(backend: BackendKind
 
     // One panic: the worker is restarted (its connections are lost) and serves again.
     inject_panic(&proxy, suite, 0, Some(1));
-    proxy.sync(IO_TIMEOUT).expect("the restarted worker applies the table");
+    proxy
+        .sync(IO_TIMEOUT)
+        .expect("the restarted worker applies the table");
     let health = &proxy.workers()[0];
     assert_eq!(health.restarts, 1, "{health:?}");
     assert!(!health.down);
@@ -1354,7 +1361,9 @@ pub fn a_worker_that_panics_is_restarted_then_reported_down(backend: BackendKind
 
     // A panic at every restart: the worker is given up on, and the proxy says so.
     inject_panic(&proxy, suite, 0, None);
-    let err = proxy.sync(IO_TIMEOUT).expect_err("a worker that is down fails sync");
+    let err = proxy
+        .sync(IO_TIMEOUT)
+        .expect_err("a worker that is down fails sync");
     assert!(
         matches!(&err, svcproxy::Error::Worker { worker: 0, .. }),
         "{err}"
@@ -1366,8 +1375,13 @@ pub fn a_worker_that_panics_is_restarted_then_reported_down(backend: BackendKind
         health.restarts,
         u64::from(svcproxy::core::supervisor::MAX_RESTARTS)
     );
-    assert!(connect(vip).and_then(|s| who(&s)).is_err(), "nothing serves");
-    let stopped = proxy.shutdown(Duration::ZERO).expect_err("shutdown reports it");
+    assert!(
+        connect(vip).and_then(|s| who(&s)).is_err(),
+        "nothing serves"
+    );
+    let stopped = proxy
+        .shutdown(Duration::ZERO)
+        .expect_err("shutdown reports it");
     assert!(err.to_string().contains("fault injected"), "{err}");
     assert!(stopped.to_string().contains("fault injected"), "{stopped}");
 }
