@@ -172,6 +172,8 @@ pub fn services(texts: &[(String, String)]) -> Result<Vec<ServiceDoc>, ManifestE
     let mut services = Vec::new();
     let mut slices = Vec::new();
     for (file, text) in texts {
+        // Deep flow nesting would cost libyaml quadratic time: refuse it before parsing.
+        crate::nesting::check(text).map_err(|e| error(file, e))?;
         for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
             let here = format!("{file}: document {}", i + 1);
             let value =

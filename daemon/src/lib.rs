@@ -11,3 +11,4 @@ pub mod demo;
 pub mod http;
 pub mod kube;
 pub mod metrics;
+pub mod nesting;

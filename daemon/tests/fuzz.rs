@@ -139,8 +139,96 @@ fn inputs(kind: &str) -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// A flow node: scalars that hold brackets, quotes and apostrophes, in sequences and
+/// mappings nested up to 80 deep, spread over lines.
+fn flow_node() -> impl Strategy<Value = String> {
+    let scalar = prop_oneof![
+        Just("a".to_string()),
+        Just("don't".to_string()),
+        Just("x:'y".to_string()),
+        Just("a'b\"c".to_string()),
+        Just("'x]]}'".to_string()),
+        Just("'it''s ['".to_string()),
+        Just("\"]\\\"[{\"".to_string()),
+        Just("\"multi\n  line ]\"".to_string()),
+        Just("4294967296".to_string()),
+        Just("-1e400".to_string()),
+    ];
+    scalar.prop_recursive(80, 400, 3, |inner| {
+        let separator = prop_oneof![Just(", "), Just(",\n  "), Just(" , ")];
+        prop_oneof![
+            (
+                prop::collection::vec(inner.clone(), 0..3),
+                separator.clone()
+            )
+                .prop_map(|(items, sep)| format!("[{}]", items.join(sep))),
+            (prop::collection::vec(inner, 0..3), separator).prop_map(|(items, sep)| {
+                let pairs: Vec<String> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| format!("k{i}: {v}"))
+                    .collect();
+                format!("{{{}}}", pairs.join(sep))
+            }),
+        ]
+    })
+}
+
+/// A document of flow values, comments and block scalars: deep nesting and huge values.
+fn nested_yaml() -> impl Strategy<Value = String> {
+    let line = prop_oneof![
+        4 => flow_node().prop_map(|n| format!("v: {n}")),
+        1 => Just("# [[[[ { ' \"".to_string()),
+        1 => Just("s: |\n  [[[[ it's {\n  - 'x\n".to_string()),
+    ];
+    prop::collection::vec(line, 1..4).prop_map(|lines| {
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.replacen("v:", &format!("v{i}:"), 1)
+                    .replacen("s:", &format!("s{i}:"), 1)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// How deeply `v` nests.
+fn value_depth(v: &serde_norway::Value) -> usize {
+    use serde_norway::Value;
+    match v {
+        Value::Sequence(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
+        Value::Mapping(m) => {
+            1 + m
+                .iter()
+                .map(|(k, v)| value_depth(k).max(value_depth(v)))
+                .max()
+                .unwrap_or(0)
+        }
+        Value::Tagged(t) => value_depth(&t.value),
+        _ => 0,
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// The nesting scan never counts less than libyaml parses (so what it accepts parses in
+    /// linear time), and deep or huge input gets an answer like any other.
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_and_never_missed(text in nested_yaml()) {
+        use serde::Deserialize;
+        fuzz_checks::kubernetes_manifests(text.as_bytes()).map_err(TestCaseError::fail)?;
+        let counted = svcproxyd::nesting::scan(&text, usize::MAX).unwrap();
+        let value = serde_norway::Value::deserialize(serde_norway::Deserializer::from_str(&text));
+        let value = value.map_err(|e| TestCaseError::fail(format!("generated bad YAML: {e}")))?;
+        // The document is one block mapping: one level the scan does not count.
+        prop_assert!(
+            value_depth(&value) <= counted + 1,
+            "parsed {} levels, counted {counted}", value_depth(&value)
+        );
+    }
 
     #[test]
     fn toml_config(input in inputs("config")) {
