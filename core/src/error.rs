@@ -4,9 +4,26 @@
 //! `ports[1].target_port` or `endpoints[3].address`) and the problem. A batch that fails
 //! leaves the published table exactly as it was.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::model::ServicePortKey;
+
+/// Longest text that error messages repeat in full.
+pub const CLIP: usize = 64;
+
+/// `text` as error messages show it: up to [`CLIP`] bytes, then how long it really is (a value
+/// from the input can be of any length; a message must not be).
+pub fn clip(text: &str) -> Cow<'_, str> {
+    if text.len() <= CLIP {
+        return Cow::Borrowed(text);
+    }
+    let mut end = CLIP;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+}
 
 /// What is wrong with one field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,10 +47,10 @@ pub enum Problem {
     #[error("must not be 0")]
     ZeroPort,
     /// The same value appears twice where values must be unique.
-    #[error("{0} appears more than once")]
+    #[error("{} appears more than once", clip(.0))]
     Duplicate(String),
     /// The address cannot be used here.
-    #[error("{0} cannot be used here ({1})")]
+    #[error("{} cannot be used here ({})", clip(.0), .1)]
     BadAddress(String, &'static str),
     /// A number outside its range.
     #[error("is {got}, must be between {min} and {max}")]
@@ -51,6 +68,11 @@ pub enum Problem {
     /// Services with several ports must name each of them (as Kubernetes requires).
     #[error("must be set when a service has more than one port")]
     Unnamed,
+    /// No port of the service resolves to this endpoint.
+    #[error(
+        "no port of the service reaches it: give ip:port, or a named port that a target_port names"
+    )]
+    NoPort,
     /// The service has nothing a client could connect to.
     #[error("the service has no address, external address or node port")]
     NoFrontend,
@@ -90,7 +112,7 @@ impl ValidationError {
 #[non_exhaustive]
 pub enum TableError {
     /// A service or one of its endpoints failed validation.
-    #[error("service {service:?}: {error}")]
+    #[error("service {:?}: {error}", clip(service))]
     Invalid {
         /// Name of the service, as given.
         service: String,
@@ -98,10 +120,14 @@ pub enum TableError {
         error: ValidationError,
     },
     /// The change names a service that is not in the table.
-    #[error("service {0:?} does not exist")]
+    #[error("service {:?} does not exist", clip(.0))]
     UnknownService(String),
     /// Two services claim the same address, port and protocol.
-    #[error("service {service:?}: {key} is already used by service {other:?}")]
+    #[error(
+        "service {:?}: {key} is already used by service {:?}",
+        clip(service),
+        clip(other)
+    )]
     Conflict {
         /// The service whose change was rejected.
         service: String,

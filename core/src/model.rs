@@ -588,8 +588,13 @@ impl Endpoint {
     }
 }
 
-/// Validates the endpoint list of one service: each endpoint, and no address twice.
-pub fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ValidationError> {
+/// Validates the endpoint list of a service with `ports`: each endpoint, no address twice, and
+/// each one reachable through at least one of the ports (an endpoint no port resolves to
+/// would be counted and never used).
+pub fn validate_endpoints(
+    endpoints: &[Endpoint],
+    ports: &[ServicePort],
+) -> Result<(), ValidationError> {
     let mut seen = HashSet::with_capacity(endpoints.len());
     for (i, endpoint) in endpoints.iter().enumerate() {
         endpoint
@@ -600,6 +605,15 @@ pub fn validate_endpoints(endpoints: &[Endpoint]) -> Result<(), ValidationError>
             return Err(ValidationError::new(
                 format!("endpoints[{i}].address"),
                 problem,
+            ));
+        }
+        if !ports
+            .iter()
+            .any(|p| endpoint.resolve(&p.target_port).is_some())
+        {
+            return Err(ValidationError::new(
+                format!("endpoints[{i}]"),
+                Problem::NoPort,
             ));
         }
     }

@@ -142,14 +142,25 @@ fn named_target_ports_resolve_per_endpoint() {
     let a = Endpoint::new(SocketAddr::from(([198, 19, 10, 1], 0))).named_port("http", 8080);
     let b = Endpoint::new(SocketAddr::from(([198, 19, 10, 2], 0))).named_port("http", 9090);
     let c = Endpoint::new(SocketAddr::from(([198, 19, 10, 3], 0))).named_port("metrics", 9100);
-    let t = table_with(s, vec![a, b, c]);
+    let t = table_with(s.clone(), vec![a, b]);
     assert_eq!(
         eligible(&t),
         vec![
             "198.19.10.1:8080".parse().unwrap(),
             "198.19.10.2:9090".parse().unwrap()
         ],
-        "an endpoint without the name is not used"
+    );
+    // An endpoint no port of the service reaches would never be used: an error.
+    let e = t
+        .apply(Batch::new().replace_endpoints(s.name.as_str(), vec![c]))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "service {:?}: endpoints[0]: {}",
+            s.name,
+            svcproxy_core::Problem::NoPort
+        )
     );
     let mut s = service(Policy::RoundRobin);
     s.ports[0].target_port = TargetPort::Number(7000);

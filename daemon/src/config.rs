@@ -39,12 +39,16 @@
 //!
 //! Errors name the file and the field.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
+use svcproxy::core::error::clip;
+use svcproxy::core::{Change, ValidationError};
 use svcproxy::{BackendKind, DrainPolicy, Forwarding, ProxyConfig};
 use svcproxy_core::config::UDP_IDLE_TIMEOUT_RANGE;
 use svcproxy_core::schema::ServiceDoc;
@@ -187,43 +191,174 @@ impl Default for Settings {
 pub struct Loaded {
     /// Settings; `None` for Kubernetes manifests (command-line options apply).
     pub settings: Option<Settings>,
-    /// Every service, with its endpoints.
+    /// Every service, with its endpoints, each valid on its own.
     pub services: Vec<ServiceDoc>,
+    /// Where each service is defined (`svcproxyd.toml: services[2] "default/web"`,
+    /// `k8s/web.yaml: Service shop/web`), by name.
+    pub origins: BTreeMap<String, String>,
+    /// What was ignored and may be a mistake (kinds not read, unknown manifest fields).
+    pub warnings: Vec<String>,
 }
 
-/// Why a config could not be used.
+impl Loaded {
+    /// The changes that publish every service with its endpoints.
+    pub fn changes(&self) -> Vec<Change> {
+        let mut changes = Vec::with_capacity(2 * self.services.len());
+        for doc in &self.services {
+            // Each document was converted when it was loaded.
+            let Ok((service, endpoints)) = doc.to_model() else {
+                continue;
+            };
+            let name = service.name.clone();
+            changes.push(Change::Upsert(service));
+            changes.push(Change::ReplaceEndpoints {
+                service: name,
+                endpoints: endpoints.unwrap_or_default(),
+            });
+        }
+        changes
+    }
+}
+
+/// Why a config could not be used: every problem found, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn is_yaml(path: &Path) -> bool {
+impl ConfigError {
+    fn at(path: &Path, problem: impl std::fmt::Display) -> Self {
+        Self(format!("{}: {problem}", path.display()))
+    }
+}
+
+/// The largest config or manifest file read (a 10,000-service cluster dump is ~30 MB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Manifest files: YAML, and JSON (`kubectl get -o json`), which YAML reads too.
+fn is_manifest(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
+        Some("yaml" | "yml" | "json")
     )
 }
 
-/// Reads `path`: a TOML file, a YAML manifest file, or a directory of manifests.
-pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    if path.is_dir() || is_yaml(path) {
-        return Ok(Loaded {
-            settings: None,
-            services: manifests(path)?,
-        });
+/// The text of `path`, if it is no larger than [`MAX_FILE_BYTES`].
+fn read(path: &Path) -> Result<String, ConfigError> {
+    let file = std::fs::File::open(path).map_err(|e| ConfigError::at(path, e))?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| ConfigError::at(path, e))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        let problem = format!("larger than {MAX_FILE_BYTES} bytes, the most read");
+        return Err(ConfigError::at(path, problem));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-    let file: ConfigFile = toml::from_str(&text)
-        .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
-    let mut services = file.services.clone();
+    Ok(text)
+}
+
+/// Reads `path`: a TOML file, a manifest file, or a directory of manifests. Every service is
+/// checked on its own (conflicts between services are the table's to find); the error lists
+/// every problem, each naming the file, the object and the field as written there.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    if path.is_dir() || is_manifest(path) {
+        return checked(None, manifests(path)?, |_| true);
+    }
+    let text = read(path)?;
+    if text.trim().is_empty() {
+        // An editor saving in place leaves the file empty for a moment: never read that as
+        // "no services".
+        let problem = "the file is empty (write a comment to mean that it defines nothing)";
+        return Err(ConfigError::at(path, problem));
+    }
+    let file: ConfigFile =
+        toml::from_str(&text).map_err(|e| ConfigError::at(path, e.to_string().trim_end()))?;
+    let mut found = kube::Manifests::default();
+    let mut errors = Vec::new();
+    for (i, doc) in file.services.iter().enumerate() {
+        let origin = format!("{}: services[{i}] {:?}", path.display(), clip(&doc.name));
+        add(&mut found, doc.clone(), origin, &mut errors);
+    }
+    let mut from_manifests = BTreeSet::new();
     if let Some(dir) = &file.manifests {
         let dir = path.parent().unwrap_or(Path::new(".")).join(dir);
-        services.extend(manifests(&dir)?);
+        match manifests(&dir) {
+            Ok(mut more) => {
+                for doc in more.services {
+                    let origin = more.origins.remove(&doc.name).unwrap_or_default();
+                    from_manifests.insert(doc.name.clone());
+                    add(&mut found, doc, origin, &mut errors);
+                }
+                found.warnings.extend(more.warnings);
+            }
+            Err(e) => errors.push(e.0),
+        }
+    }
+    let settings = match settings(&file, path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.insert(0, e.0);
+            None
+        }
+    };
+    match checked(settings, found, |name| from_manifests.contains(name)) {
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
+        Ok(_) => Err(ConfigError(errors.join("\n"))),
+        Err(e) => {
+            errors.push(e.0);
+            Err(ConfigError(errors.join("\n")))
+        }
+    }
+}
+
+/// Adds `doc` (defined at `origin`) to `found`, or an error if a service of its name is there.
+fn add(found: &mut kube::Manifests, doc: ServiceDoc, origin: String, errors: &mut Vec<String>) {
+    match found.origins.get(&doc.name) {
+        Some(first) => errors.push(format!(
+            "{origin}: service {:?} is defined twice (first at {first})",
+            clip(&doc.name)
+        )),
+        None => {
+            found.origins.insert(doc.name.clone(), origin);
+            found.services.push(doc);
+        }
+    }
+}
+
+/// `found` with every service checked, or every problem; `from_manifest` tells the services
+/// read from manifests (their errors name the manifest's fields).
+fn checked(
+    settings: Option<Settings>,
+    found: kube::Manifests,
+    from_manifest: impl Fn(&str) -> bool,
+) -> Result<Loaded, ConfigError> {
+    let mut errors = Vec::new();
+    for doc in &found.services {
+        let origin = found.origins.get(&doc.name).map_or("", String::as_str);
+        if let Err(e) = check_service(doc) {
+            let field = if from_manifest(&doc.name) {
+                kube::manifest_field(doc, &e.field)
+            } else {
+                e.field.clone()
+            };
+            errors.push(format!("{origin}: {field}: {}", e.problem));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError(errors.join("\n")));
     }
     Ok(Loaded {
-        settings: Some(settings(&file, path)?),
-        services,
+        settings,
+        services: found.services,
+        origins: found.origins,
+        warnings: found.warnings,
     })
+}
+
+/// Checks one service document as the table would, on its own.
+fn check_service(doc: &ServiceDoc) -> Result<(), ValidationError> {
+    let (service, endpoints) = doc.to_model()?;
+    service.validate()?;
+    svcproxy::core::model::validate_endpoints(&endpoints.unwrap_or_default(), &service.ports)
 }
 
 fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
@@ -321,14 +456,14 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     })
 }
 
-/// The YAML files of `path` (a file, or every `.yaml`/`.yml` file of a directory, in name
-/// order), mapped to services.
-fn manifests(path: &Path) -> Result<Vec<ServiceDoc>, ConfigError> {
+/// The manifest files of `path` (a file, or every `.yaml`, `.yml` and `.json` file of a
+/// directory, in name order), mapped to services.
+fn manifests(path: &Path) -> Result<kube::Manifests, ConfigError> {
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            .map_err(|e| ConfigError::at(path, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_yaml(p))
+            .filter(|p| p.is_file() && is_manifest(p))
             .collect();
         files.sort();
         files
@@ -337,9 +472,7 @@ fn manifests(path: &Path) -> Result<Vec<ServiceDoc>, ConfigError> {
     };
     let mut texts = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f)
-            .map_err(|e| ConfigError(format!("{}: {e}", f.display())))?;
-        texts.push((f.display().to_string(), text));
+        texts.push((f.display().to_string(), read(&f)?));
     }
     kube::services(&texts).map_err(|e| ConfigError(e.to_string()))
 }
@@ -351,8 +484,8 @@ pub fn signature(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         if let Ok(dir) = std::fs::read_dir(path) {
             paths.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
         }
-    } else if !is_yaml(path)
-        && let Ok(text) = std::fs::read_to_string(path)
+    } else if !is_manifest(path)
+        && let Ok(text) = read(path)
         && let Ok(file) = toml::from_str::<ConfigFile>(&text)
         && let Some(dir) = file.manifests
     {

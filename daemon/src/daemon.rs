@@ -2,13 +2,14 @@
 //! admin API's handler. Every change (reload, admin call) goes through [`Daemon::apply`]:
 //! validated and published as one generation, or rejected with the running table unchanged.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use svcproxy::core::Batch;
+use svcproxy::core::error::clip;
 use svcproxy::{Change, Proxy, Table, TableError};
 use svcproxy_core::schema::{ServiceDoc, TableDoc};
 use tracing::{info, warn};
@@ -21,9 +22,9 @@ use crate::metrics;
 pub struct Daemon {
     pub table: Arc<Table>,
     pub proxy: Proxy,
-    /// Services the config file defines (a reload removes those it no longer has; services
-    /// added through the admin API are left alone).
-    file_owned: Mutex<BTreeSet<String>>,
+    /// Services the config files define, with where (a reload removes those they no longer
+    /// have; the admin API may not change them; services it added are left alone).
+    file_owned: Mutex<BTreeMap<String, String>>,
     capture: Mutex<Option<Capture>>,
     publish_ns: AtomicU64,
     /// Reloads attempted, and the error of the last one if it was rejected.
@@ -47,7 +48,7 @@ impl Daemon {
         Self {
             table,
             proxy,
-            file_owned: Mutex::new(BTreeSet::new()),
+            file_owned: Mutex::new(BTreeMap::new()),
             capture: Mutex::new(capture),
             publish_ns: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
@@ -88,30 +89,18 @@ impl Daemon {
     /// none of the file's services it no longer has. One generation, or nothing.
     pub fn load(&self, loaded: &Loaded) -> Result<u64, String> {
         let mut owned = lock(&self.file_owned);
-        let wanted: BTreeSet<String> = loaded.services.iter().map(|s| s.name.clone()).collect();
         let mut batch = Batch::new();
-        for gone in owned.difference(&wanted) {
-            if self.table.load().service(gone).is_some() {
+        let snapshot = self.table.load();
+        for gone in owned.keys() {
+            if !loaded.origins.contains_key(gone) && snapshot.service(gone).is_some() {
                 batch.push(Change::Remove(gone.clone()));
             }
         }
-        for (i, doc) in loaded.services.iter().enumerate() {
-            let (service, endpoints) = doc.to_model().map_err(|e| {
-                format!(
-                    "service {:?}: {}",
-                    doc.name,
-                    e.within(format!("services[{i}]"))
-                )
-            })?;
-            let name = service.name.clone();
-            batch.push(Change::Upsert(service));
-            batch.push(Change::ReplaceEndpoints {
-                service: name,
-                endpoints: endpoints.unwrap_or_default(),
-            });
+        for change in loaded.changes() {
+            batch.push(change);
         }
-        let generation = self.apply(batch).map_err(|e| e.to_string())?;
-        *owned = wanted;
+        let generation = self.apply(batch).map_err(|e| explain(&e, loaded))?;
+        *owned = loaded.origins.clone();
         Ok(generation)
     }
 
@@ -145,6 +134,17 @@ impl Daemon {
             }
             (method, path) if path.starts_with("/services/") => {
                 let name = &path["/services/".len()..];
+                if matches!(method, "PUT" | "DELETE")
+                    && let Some(origin) = lock(&self.file_owned).get(name)
+                {
+                    return Response::error(
+                        409,
+                        format!(
+                            "service {:?} is defined at {origin}: change it there (a reload would undo a change made here)",
+                            clip(name)
+                        ),
+                    );
+                }
                 match method {
                     "GET" => match self.table.load().service(name) {
                         Some(entry) => Response::json(
@@ -236,6 +236,27 @@ impl Daemon {
             }
             None => Response::json(200, &body),
         }
+    }
+}
+
+/// `e` with where the services it names are defined, as far as `loaded` says.
+pub fn explain(e: &TableError, loaded: &Loaded) -> String {
+    let at = |name: &str| loaded.origins.get(name).map(String::as_str);
+    match e {
+        TableError::Conflict { service, other, .. } => {
+            let also = at(other).map(|o| format!(" (at {o})")).unwrap_or_default();
+            match at(service) {
+                Some(origin) => format!("{origin}: {e}{also}"),
+                None => format!("{e}{also}"),
+            }
+        }
+        TableError::Invalid { service, .. } | TableError::UnknownService(service) => {
+            match at(service) {
+                Some(origin) => format!("{origin}: {e}"),
+                None => e.to_string(),
+            }
+        }
+        _ => e.to_string(),
     }
 }
 

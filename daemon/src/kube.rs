@@ -24,6 +24,8 @@ use svcproxy_core::schema::{
     AffinityDoc, EndpointDoc, PolicyDoc, PortDoc, ServiceDoc, TargetDoc, TrafficDoc,
 };
 
+mod fields;
+
 /// The endpoint-slice port name that stands for an unnamed (single) service port.
 pub const UNNAMED_PORT: &str = "_";
 
@@ -31,7 +33,6 @@ pub const UNNAMED_PORT: &str = "_";
 #[serde(rename_all = "camelCase")]
 struct Object {
     api_version: Option<String>,
-    kind: Option<String>,
     #[serde(default)]
     metadata: Metadata,
     #[serde(default)]
@@ -141,14 +142,30 @@ struct SlicePort {
     port: Option<u16>,
 }
 
-/// A manifest that cannot be used, naming the object and field.
+/// A manifest that cannot be used, naming the file, the object and the field.
 #[derive(Debug, thiserror::Error)]
 #[error("{object}: {problem}")]
 pub struct ManifestError {
-    /// e.g. `Service default/web` or `document 3`.
+    /// e.g. `web.yaml: Service default/web` or `web.yaml: document 3`.
     pub object: String,
     /// What is wrong.
     pub problem: String,
+}
+
+/// Every problem found in a set of manifests, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ManifestErrors(pub Vec<ManifestError>);
+
+/// What a set of manifest files describes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifests {
+    /// The services, sorted by name.
+    pub services: Vec<ServiceDoc>,
+    /// Where each service is defined (`web.yaml: Service shop/web`), by service name.
+    pub origins: BTreeMap<String, String>,
+    /// What was ignored and may be a mistake: kinds not read, unknown fields.
+    pub warnings: Vec<String>,
 }
 
 fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError {
@@ -159,125 +176,275 @@ fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError
 }
 
 struct Slice {
+    /// `file: EndpointSlice ns/name`, for messages.
+    object: String,
     namespace: String,
     service: String,
     name: String,
+    address_type: Option<String>,
     endpoints: Vec<SliceEndpoint>,
     ports: Vec<SlicePort>,
 }
 
+/// A Service as read, before its endpoints are joined.
+struct RawService {
+    /// `file: Service ns/name`, for messages.
+    object: String,
+    namespace: String,
+    name: String,
+    spec: ServiceSpec,
+    status: ServiceStatus,
+}
+
+/// What [`collect`] gathers from every document.
+#[derive(Default)]
+struct Collected {
+    services: Vec<RawService>,
+    slices: Vec<Slice>,
+    errors: Vec<ManifestError>,
+    warnings: Vec<String>,
+}
+
 /// Reads every YAML document in `texts` (each: a file's text and its name for messages) and
-/// returns the services they describe, sorted by name.
-pub fn services(texts: &[(String, String)]) -> Result<Vec<ServiceDoc>, ManifestError> {
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
+/// returns the services they describe, or every problem found (not only the first).
+pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors> {
+    let mut found = Collected::default();
     for (file, text) in texts {
+        if text.trim().is_empty() {
+            // An editor saving in place leaves the file empty for a moment: never read that
+            // as "no services".
+            found.errors.push(error(
+                file,
+                "the file is empty (write a comment to mean that it defines nothing)",
+            ));
+            continue;
+        }
         // Deep flow nesting would cost libyaml quadratic time: refuse it before parsing.
-        crate::nesting::check(text).map_err(|e| error(file, e))?;
+        if let Err(e) = crate::nesting::check(text) {
+            found.errors.push(error(file, e));
+            continue;
+        }
         for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
             let here = format!("{file}: document {}", i + 1);
-            let value =
-                serde_norway::Value::deserialize(doc).map_err(|e| error(&here, e.to_string()))?;
-            if value.is_null() {
-                continue;
+            match serde_norway::Value::deserialize(doc) {
+                Ok(value) if value.is_null() => {}
+                Ok(value) => collect(value, file, &here, &mut found),
+                Err(e) => {
+                    // The rest of the file cannot be trusted to parse.
+                    found.errors.push(error(&here, e.to_string()));
+                    break;
+                }
             }
-            collect(value, &here, &mut services, &mut slices)?;
         }
     }
+    let Collected {
+        services,
+        slices,
+        mut errors,
+        warnings,
+    } = found;
     let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
+    let mut slice_names: HashMap<(String, String), String> = HashMap::new();
     for slice in slices {
+        let key = (slice.namespace.clone(), slice.name.clone());
+        if let Some(first) = slice_names.get(&key) {
+            errors.push(error(
+                &slice.object,
+                format!("defined twice (first at {first})"),
+            ));
+            continue;
+        }
+        slice_names.insert(key, slice.object.clone());
         by_service
             .entry((slice.namespace.clone(), slice.service.clone()))
             .or_default()
             .push(slice);
     }
-    let mut docs = Vec::new();
-    for (namespace, name, spec, status) in services {
+    let mut manifests = Manifests {
+        warnings,
+        ..Manifests::default()
+    };
+    for raw in services {
+        let name = format!("{}/{}", raw.namespace, raw.name);
+        if let Some(first) = manifests.origins.get(&name) {
+            errors.push(error(
+                &raw.object,
+                format!("defined twice (first at {first})"),
+            ));
+            continue;
+        }
         let slices = by_service
-            .remove(&(namespace.clone(), name.clone()))
+            .remove(&(raw.namespace.clone(), raw.name.clone()))
             .unwrap_or_default();
-        if let Some(doc) = service(&namespace, &name, spec, status, &slices)? {
-            docs.push(doc);
+        manifests.origins.insert(name, raw.object.clone());
+        match service(&raw, &slices) {
+            Ok(Some(doc)) => manifests.services.push(doc),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
         }
     }
-    docs.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(docs)
+    if !errors.is_empty() {
+        return Err(ManifestErrors(errors));
+    }
+    manifests.services.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(manifests)
 }
 
-type RawService = (String, String, ServiceSpec, ServiceStatus);
+/// Kinds read: a Service, an EndpointSlice, or lists of them.
+const KINDS: [&str; 5] = [
+    "Service",
+    "EndpointSlice",
+    "List",
+    "ServiceList",
+    "EndpointSliceList",
+];
 
-fn collect(
-    value: serde_norway::Value,
-    here: &str,
-    services: &mut Vec<RawService>,
-    slices: &mut Vec<Slice>,
-) -> Result<(), ManifestError> {
-    let object: Object = serde_norway::from_value(value).map_err(|e| error(here, e.to_string()))?;
-    let kind = object.kind.clone().unwrap_or_default();
+fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Collected) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let known = match kind.as_str() {
+        "Service" => fields::SERVICE,
+        "EndpointSlice" => fields::SLICE,
+        "List" | "ServiceList" | "EndpointSliceList" => fields::LIST,
+        _ => {
+            let hint = did_you_mean(&kind, &KINDS);
+            found
+                .warnings
+                .push(format!("{here}: kind {kind:?} is not read{hint}"));
+            return;
+        }
+    };
+    let object: Object = match serde_norway::from_value(value.clone()) {
+        Ok(o) => o,
+        Err(e) => return found.errors.push(error(here, e.to_string())),
+    };
     let namespace = object
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let name = object.metadata.name.clone();
-    let what = |k: &str| format!("{k} {namespace}/{}", name.as_deref().unwrap_or("?"));
-    match kind.as_str() {
-        "List" | "ServiceList" | "EndpointSliceList" => {
-            for (j, item) in object.items.unwrap_or_default().into_iter().enumerate() {
-                collect(item, &format!("{here}, item {}", j + 1), services, slices)?;
-            }
+    if std::ptr::eq(known, fields::LIST) {
+        for (j, item) in object.items.unwrap_or_default().into_iter().enumerate() {
+            collect(item, file, &format!("{here}, item {}", j + 1), found);
         }
-        "Service" => {
-            let here_named = what("Service");
-            let name = name.ok_or_else(|| error(here, "Service without metadata.name"))?;
-            let here = here_named;
-            let labels = object.metadata.labels.unwrap_or_default();
-            if labels.contains_key("service.kubernetes.io/service-proxy-name") {
-                return Ok(());
-            }
-            let spec: ServiceSpec = match object.spec {
-                Some(v) => {
-                    serde_norway::from_value(v).map_err(|e| error(&here, format!("spec: {e}")))?
-                }
-                None => return Err(error(here, "spec is missing")),
-            };
-            let status: ServiceStatus = match object.status {
-                Some(v) => serde_norway::from_value(v).unwrap_or_default(),
-                None => ServiceStatus::default(),
-            };
-            services.push((namespace, name, spec, status));
-        }
-        "EndpointSlice" => {
-            let here_named = what("EndpointSlice");
-            let name = name.ok_or_else(|| error(here, "EndpointSlice without metadata.name"))?;
-            let here = here_named;
-            if object
-                .api_version
-                .as_deref()
-                .is_some_and(|v| !v.starts_with("discovery.k8s.io/"))
-            {
-                return Err(error(here, "apiVersion must be discovery.k8s.io/v1"));
-            }
-            if object.address_type.as_deref() == Some("FQDN") {
-                return Ok(());
-            }
-            let labels = object.metadata.labels.unwrap_or_default();
-            let service = labels
-                .get("kubernetes.io/service-name")
-                .cloned()
-                .ok_or_else(|| error(&here, "metadata.labels has no kubernetes.io/service-name"))?;
-            slices.push(Slice {
-                namespace,
-                service,
-                name,
-                endpoints: object.endpoints.unwrap_or_default(),
-                ports: object.ports.unwrap_or_default(),
-            });
-        }
-        // Other kinds (Deployments, ConfigMaps...) may share a file; they are not ours.
-        _ => {}
+        return;
     }
-    Ok(())
+    let Some(name) = object.metadata.name.clone() else {
+        let problem = format!("{kind} without metadata.name");
+        return found.errors.push(error(here, problem));
+    };
+    let object_name = format!("{file}: {kind} {namespace}/{}", clip(&name));
+    fields::check(&value, known, "", &object_name, &mut found.warnings);
+    let labels = object.metadata.labels.unwrap_or_default();
+    if kind == "Service" {
+        if labels.contains_key("service.kubernetes.io/service-proxy-name") {
+            return;
+        }
+        let spec: ServiceSpec = match object.spec {
+            Some(v) => match serde_norway::from_value(v) {
+                Ok(s) => s,
+                Err(e) => return found.errors.push(error(&object_name, format!("spec: {e}"))),
+            },
+            None => return found.errors.push(error(&object_name, "spec is missing")),
+        };
+        let status: ServiceStatus = match object.status {
+            Some(v) => serde_norway::from_value(v).unwrap_or_default(),
+            None => ServiceStatus::default(),
+        };
+        found.services.push(RawService {
+            object: object_name,
+            namespace,
+            name,
+            spec,
+            status,
+        });
+        return;
+    }
+    if object
+        .api_version
+        .as_deref()
+        .is_some_and(|v| !v.starts_with("discovery.k8s.io/"))
+    {
+        return found.errors.push(error(
+            &object_name,
+            "apiVersion must be discovery.k8s.io/v1",
+        ));
+    }
+    if object.address_type.as_deref() == Some("FQDN") {
+        return;
+    }
+    let Some(service) = labels.get("kubernetes.io/service-name").cloned() else {
+        return found.errors.push(error(
+            &object_name,
+            "metadata.labels has no kubernetes.io/service-name",
+        ));
+    };
+    found.slices.push(Slice {
+        object: object_name,
+        namespace,
+        service,
+        name,
+        address_type: object.address_type,
+        endpoints: object.endpoints.unwrap_or_default(),
+        ports: object.ports.unwrap_or_default(),
+    });
+}
+
+/// The field of a manifest that a field of the service document made from it (`field`, as
+/// validation names it) comes from, for messages.
+pub fn manifest_field(doc: &ServiceDoc, field: &str) -> String {
+    let (head, rest) = field.split_once('.').unwrap_or((field, ""));
+    let index = |h: &str| {
+        h.split_once('[')
+            .and_then(|(_, i)| i.trim_end_matches(']').parse::<usize>().ok())
+    };
+    let base = head.split('[').next().unwrap_or_default();
+    let suffix = &head[base.len()..];
+    match base {
+        "name" => "metadata.name".into(),
+        "addresses" => format!("spec.clusterIPs{suffix}"),
+        "external_addresses" => format!("spec.externalIPs{suffix}"),
+        "affinity_timeout_seconds" => "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+        "ports" => {
+            let rest = match rest {
+                "node_port" => "nodePort",
+                "target_port" => "targetPort",
+                other => other,
+            };
+            let dot = if rest.is_empty() { "" } else { "." };
+            format!("spec.ports{suffix}{dot}{rest}")
+        }
+        "endpoints" => {
+            let address = index(head)
+                .and_then(|i| doc.endpoints.as_ref()?.get(i))
+                .map_or("?", |e| e.address.as_str());
+            let rest = match rest.split('[').next().unwrap_or_default() {
+                "" | "address" => String::new(),
+                "node" => ": nodeName".into(),
+                "ports" => ": ports".into(),
+                other => format!(": {other}"),
+            };
+            format!("EndpointSlice endpoint {address}{rest}")
+        }
+        _ => field.into(),
+    }
+}
+
+/// ` (did you mean X?)` when `given` is a known name spelled in another case, else nothing.
+fn did_you_mean(given: &str, known: &[&str]) -> String {
+    known
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(given))
+        .map(|k| format!(" (did you mean {k}?)"))
+        .unwrap_or_default()
+}
+
+/// At most 64 characters of `text`, for messages (a name can be any length).
+fn clip(text: &str) -> String {
+    svcproxy_core::error::clip(text).into_owned()
 }
 
 fn ip(text: &str, object: &str, field: &str) -> Result<IpAddr, ManifestError> {
@@ -296,14 +463,15 @@ fn traffic(value: Option<&str>, object: &str, field: &str) -> Result<TrafficDoc,
     }
 }
 
-fn service(
-    namespace: &str,
-    name: &str,
-    spec: ServiceSpec,
-    status: ServiceStatus,
-    slices: &[Slice],
-) -> Result<Option<ServiceDoc>, ManifestError> {
-    let object = format!("Service {namespace}/{name}");
+fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, ManifestError> {
+    let RawService {
+        object,
+        namespace,
+        name,
+        spec,
+        status,
+    } = raw;
+    let object = object.as_str();
     if spec.kind.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
@@ -317,21 +485,21 @@ fn service(
     let addresses = cluster_ips
         .iter()
         .enumerate()
-        .map(|(i, c)| ip(c, &object, &format!("spec.clusterIPs[{i}]")))
+        .map(|(i, c)| ip(c, object, &format!("spec.clusterIPs[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut external_addresses = spec
         .external_ips
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, c)| ip(c, &object, &format!("spec.externalIPs[{i}]")))
+        .map(|(i, c)| ip(c, object, &format!("spec.externalIPs[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(lb) = status.load_balancer {
+    if let Some(lb) = &status.load_balancer {
         for (i, ingress) in lb.ingress.iter().enumerate() {
             if let Some(text) = &ingress.ip {
                 let addr = ip(
                     text,
-                    &object,
+                    object,
                     &format!("status.loadBalancer.ingress[{i}].ip"),
                 )?;
                 if !external_addresses.contains(&addr) {
@@ -347,7 +515,7 @@ fn service(
             "UDP" => svcproxy::Protocol::Udp,
             other => {
                 return Err(error(
-                    &object,
+                    object,
                     format!("spec.ports[{i}].protocol: {other:?} is not supported (TCP or UDP)"),
                 ));
             }
@@ -369,19 +537,27 @@ fn service(
             AffinityDoc::ClientIp,
             Some(
                 spec.session_affinity_config
-                    .and_then(|c| c.client_ip)
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
                     .and_then(|c| c.timeout_seconds)
                     .unwrap_or(10_800),
             ),
         ),
         Some(other) => {
             return Err(error(
-                &object,
+                object,
                 format!("spec.sessionAffinity: {other:?} is not None or ClientIP"),
             ));
         }
     };
-    let endpoints = endpoints(slices)?;
+    let mut endpoints = endpoints(slices)?;
+    // Kubernetes lets a slice carry ports the service does not target (during a change of
+    // ports, say): an endpoint no service port reaches serves nothing here, and is left out.
+    endpoints.retain(|e| {
+        ports
+            .iter()
+            .any(|p| matches!(&p.target_port, Some(TargetDoc::Name(n)) if e.ports.contains_key(n)))
+    });
     Ok(Some(ServiceDoc {
         name: format!("{namespace}/{name}"),
         addresses,
@@ -394,12 +570,12 @@ fn service(
         publish_not_ready: spec.publish_not_ready_addresses,
         internal_traffic_policy: traffic(
             spec.internal_traffic_policy.as_deref(),
-            &object,
+            object,
             "spec.internalTrafficPolicy",
         )?,
         external_traffic_policy: traffic(
             spec.external_traffic_policy.as_deref(),
-            &object,
+            object,
             "spec.externalTrafficPolicy",
         )?,
         max_connections: None,
@@ -412,7 +588,7 @@ fn service(
 fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
     let mut by_ip: BTreeMap<IpAddr, EndpointDoc> = BTreeMap::new();
     for slice in slices {
-        let object = format!("EndpointSlice {}/{}", slice.namespace, slice.name);
+        let object = slice.object.as_str();
         let mut ports = BTreeMap::new();
         for (i, p) in slice.ports.iter().enumerate() {
             if p.protocol
@@ -428,14 +604,27 @@ fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| UNNAMED_PORT.into());
             if ports.insert(name, port).is_some() {
-                return Err(error(&object, format!("ports[{i}].name is used twice")));
+                return Err(error(object, format!("ports[{i}].name is used twice")));
             }
         }
         for (j, e) in slice.endpoints.iter().enumerate() {
             let c = e.conditions.as_ref();
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
             for (k, address) in e.addresses.iter().enumerate() {
-                let addr = ip(address, &object, &format!("endpoints[{j}].addresses[{k}]"))?;
+                let field = format!("endpoints[{j}].addresses[{k}]");
+                let addr = ip(address, object, &field)?;
+                let family_ok = match slice.address_type.as_deref() {
+                    Some("IPv4") => addr.is_ipv4(),
+                    Some("IPv6") => addr.is_ipv6(),
+                    _ => true,
+                };
+                if !family_ok {
+                    let problem = format!(
+                        "{field}: {addr} is not an address of the slice's addressType {}",
+                        slice.address_type.as_deref().unwrap_or_default()
+                    );
+                    return Err(error(object, problem));
+                }
                 let entry = by_ip.entry(addr).or_insert_with(|| EndpointDoc {
                     address: addr.to_string(),
                     ports: BTreeMap::new(),
@@ -459,8 +648,10 @@ fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
 mod tests {
     use super::*;
 
-    fn load(yaml: &str) -> Result<Vec<ServiceDoc>, ManifestError> {
+    fn load(yaml: &str) -> Result<Vec<ServiceDoc>, String> {
         services(&[("test.yaml".into(), yaml.into())])
+            .map(|m| m.services)
+            .map_err(|e| e.to_string())
     }
 
     const SERVICE: &str = "
@@ -621,41 +812,41 @@ spec: {replicas: 3}
 
     #[test]
     fn bad_manifests_name_the_object_and_field() {
-        let err = |yaml: &str| load(yaml).unwrap_err().to_string();
+        let err = |yaml: &str| load(yaml).unwrap_err();
         assert_eq!(
             err(
                 "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.300, ports: [{port: 80}]}"
             ),
-            "Service default/web: spec.clusterIPs[0]: \"198.18.0.300\" is not an IP address"
+            "test.yaml: Service default/web: spec.clusterIPs[0]: \"198.18.0.300\" is not an IP address"
         );
         assert_eq!(
             err(
                 "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80, protocol: SCTP}]}"
             ),
-            "Service default/web: spec.ports[0].protocol: \"SCTP\" is not supported (TCP or UDP)"
+            "test.yaml: Service default/web: spec.ports[0].protocol: \"SCTP\" is not supported (TCP or UDP)"
         );
         assert_eq!(
             err(
                 "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, sessionAffinity: Sticky, ports: [{port: 80}]}"
             ),
-            "Service default/web: spec.sessionAffinity: \"Sticky\" is not None or ClientIP"
+            "test.yaml: Service default/web: spec.sessionAffinity: \"Sticky\" is not None or ClientIP"
         );
         assert_eq!(
             err(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4"
             ),
-            "EndpointSlice default/s: metadata.labels has no kubernetes.io/service-name"
+            "test.yaml: EndpointSlice default/s: metadata.labels has no kubernetes.io/service-name"
         );
         assert!(
             err("kind: Service\nmetadata: {name: web}\nspec: {ports: [{port: eighty}]}")
-                .starts_with("Service default/web: spec:")
+                .starts_with("test.yaml: Service default/web: spec:")
         );
         assert!(err("kind: [unclosed").starts_with("test.yaml: document 1:"));
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\n\
                      addressType: IPv4\nendpoints: [{addresses: [198.19.0.999]}]\n---\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80}]}";
         assert_eq!(
             err(slice),
-            "EndpointSlice default/s: endpoints[0].addresses[0]: \"198.19.0.999\" is not an IP address"
+            "test.yaml: EndpointSlice default/s: endpoints[0].addresses[0]: \"198.19.0.999\" is not an IP address"
         );
     }
 }

@@ -24,7 +24,7 @@ use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig};
 use tracing::{error, info, warn};
 
 use svcproxyd::config::{self, Settings};
-use svcproxyd::daemon::Daemon;
+use svcproxyd::daemon::{self, Daemon};
 use svcproxyd::{capture, demo, http};
 
 #[derive(Parser)]
@@ -112,19 +112,14 @@ fn main() -> ExitCode {
 }
 
 fn check(loaded: &config::Loaded) -> ExitCode {
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
     let table = Table::new(TableConfig {
         node_name: loaded.settings.as_ref().and_then(|s| s.node_name.clone()),
         ..TableConfig::default()
     });
-    let batch = svcproxy_core::schema::BatchDoc {
-        upsert: loaded.services.clone(),
-        remove: Vec::new(),
-    };
-    let result = batch
-        .to_batch()
-        .map_err(|(s, e)| format!("service {s:?}: {e}"))
-        .and_then(|b| table.apply(b).map_err(|e| e.to_string()));
-    match result {
+    match table.apply(loaded.changes().into_iter().collect::<svcproxy::Batch>()) {
         Ok(_) => {
             for s in table.load().services() {
                 let frontends = s
@@ -142,7 +137,7 @@ fn check(loaded: &config::Loaded) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", daemon::explain(&e, loaded));
             ExitCode::from(2)
         }
     }
@@ -196,6 +191,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
     let settings = match settings(&args, &loaded) {
         Ok(s) => s,
         Err(e) => {
@@ -277,6 +275,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     }
     let mut seen = config::signature(&args.config);
+    let mut settling = None;
     let mut failed = false;
     while !term.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
@@ -288,9 +287,16 @@ fn run(args: RunArgs) -> ExitCode {
             break;
         }
         let now = config::signature(&args.config);
-        if now == seen && !hup.swap(false, Ordering::SeqCst) {
+        let asked = hup.swap(false, Ordering::SeqCst);
+        if now != seen && !asked && settling.as_ref() != Some(&now) {
+            // A file is being written: read it once it has stayed the same for one poll.
+            settling = Some(now);
             continue;
         }
+        if now == seen && !asked {
+            continue;
+        }
+        settling = None;
         seen = now;
         let outcome = config::load(&args.config)
             .map_err(|e| e.to_string())
@@ -301,6 +307,9 @@ fn run(args: RunArgs) -> ExitCode {
                     .is_some_and(|s| s.proxy != settings.proxy)
                 {
                     warn!("proxy settings changed in the config: they apply after a restart");
+                }
+                for w in &loaded.warnings {
+                    warn!("{w}");
                 }
                 daemon.load(&loaded)
             });

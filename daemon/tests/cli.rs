@@ -197,7 +197,10 @@ fn check_accepts_good_configs_and_names_what_is_wrong_in_bad_ones() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
-        "service \"default/web\": ports[0].port: must not be 0"
+        format!(
+            "{}: services[0] \"default/web\": ports[0].port: must not be 0",
+            bad.display()
+        )
     );
     let out = Command::new(BIN)
         .args(["check", "--config"])
@@ -253,7 +256,10 @@ fn run_serves_reloads_rejects_bad_edits_and_exits_cleanly() {
     });
     assert_eq!(
         d.health()["lastReloadError"],
-        "service \"default/web\": ports[0].port: must not be 0"
+        format!(
+            "{}: services[0] \"default/web\": ports[0].port: must not be 0",
+            path.display()
+        )
     );
     assert_eq!(d.generation(), before);
     assert_eq!(ask(vip).unwrap(), "bravo");

@@ -70,15 +70,17 @@ impl<'a> Draft<'a> {
                 }
             }
             Change::ReplaceEndpoints { service, endpoints } => {
-                validate_endpoints(&endpoints).map_err(|error| TableError::Invalid {
-                    service: service.clone(),
-                    error,
-                })?;
                 let old = self
                     .services
                     .get(service.as_str())
                     .cloned()
-                    .ok_or(TableError::UnknownService(service))?;
+                    .ok_or_else(|| TableError::UnknownService(service.clone()))?;
+                validate_endpoints(&endpoints, &old.spec.ports).map_err(|error| {
+                    TableError::Invalid {
+                        service: service.clone(),
+                        error,
+                    }
+                })?;
                 let entry = self.build(old.spec.clone(), endpoints, Some(&old));
                 for f in self.frontends_of(&entry.spec) {
                     let state = entry.ports[f.port_index].state(f.scope).clone();

@@ -85,15 +85,18 @@ pub fn toml_config(input: &[u8]) -> Result<(), String> {
 pub fn kubernetes_manifests(input: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(input).into_owned();
     match kube::services(&[("fuzz.yaml".into(), text)]) {
-        Ok(services) => apply_or_keep(
+        Ok(found) => apply_or_keep(
             &table(),
             to_batch(BatchDoc {
-                upsert: services,
+                upsert: found.services,
                 remove: vec![],
             }),
         ),
-        Err(e) => ensure(!e.problem.is_empty() && !e.object.is_empty(), || {
-            format!("an error that names no object or problem: {e:?}")
+        Err(errors) => errors.0.iter().try_for_each(|e| {
+            ensure(
+                !e.problem.is_empty() && e.object.starts_with("fuzz.yaml"),
+                || format!("an error that names no file or problem: {e:?}"),
+            )
         }),
     }
 }
