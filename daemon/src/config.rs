@@ -344,7 +344,7 @@ fn checked(
         }
     }
     if !errors.is_empty() {
-        return Err(ConfigError(errors.join("\n")));
+        return Err(ConfigError(kube::lines(&errors, &found.warnings)));
     }
     Ok(Loaded {
         settings,
@@ -637,5 +637,191 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         assert_ne!(signature(&dir), before, "a new file changes the signature");
         assert_eq!(load(&dir).unwrap().services.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory of its own holding `files`.
+    fn dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("svcproxyd-dir-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
+    const WEB: &str = "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn every_bad_service_is_reported_with_its_file_entry_and_field() {
+        let path = write(
+            "many.toml",
+            "[[services]]\nname = \"a\"\nports = [{ port = 0 }]\n\n\
+             [[services]]\nname = \"b\"\naddresses = [\"198.18.0.1\"]\nports = [{ port = 80 }]\nendpoints = [{ address = \"198.19.0.1\" }]\n\n\
+             [[services]]\nname = \"c\"\naddresses = [\"198.18.0.2\"]\nports = [{ port = 80 }]\nsession_affinity = \"client_ip\"\naffinity_timeout_seconds = 18446744073709551615\n",
+        );
+        let e = load(&path).unwrap_err().to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        let at = |i: usize, name: &str| format!("{}: services[{i}] \"{name}\": ", path.display());
+        assert_eq!(lines.len(), 3, "{e}");
+        assert_eq!(
+            lines[0],
+            format!("{}ports[0].port: must not be 0", at(0, "a"))
+        );
+        assert!(
+            lines[1].starts_with(&format!(
+                "{}endpoints[0]: no port of the service",
+                at(1, "b")
+            )),
+            "an endpoint without a port is refused: {e}"
+        );
+        assert_eq!(
+            lines[2],
+            format!(
+                "{}affinity_timeout_seconds: is 18446744073709551615, must be between 1 and 86400",
+                at(2, "c")
+            )
+        );
+    }
+
+    #[test]
+    fn duplicates_are_errors_naming_both_places() {
+        let path = write(
+            "twice.toml",
+            "[[services]]\nname = \"web\"\naddresses = [\"198.18.0.1\"]\nports = [{ port = 80 }]\n\n\
+             [[services]]\nname = \"web\"\naddresses = [\"198.18.0.2\"]\nports = [{ port = 80 }]\n",
+        );
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("services[1] \"web\": service \"web\" is defined twice (first at")
+                && e.contains("services[0]"),
+            "{e}"
+        );
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [198.19.0.1]}]\n";
+        let d = dir(
+            "dups",
+            &[
+                ("a.yaml", WEB),
+                ("b.yaml", WEB),
+                ("c.yaml", slice),
+                ("d.yml", slice),
+            ],
+        );
+        let e = load(&d).unwrap_err().to_string();
+        assert!(
+            e.contains("b.yaml: Service default/web: defined twice (first at ")
+                && e.contains("a.yaml: Service default/web)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("d.yml: EndpointSlice default/web-1: defined twice"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn unknown_kinds_and_fields_are_warnings_with_a_hint() {
+        let typo = "kind: Servce\nmetadata: {name: x}\n---\n\
+                    kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, clusterIp: 198.18.0.2, ports: [{port: 80, nodeport: 30001}]}\n";
+        let d = dir("warn", &[("a.yaml", typo)]);
+        let loaded = load(&d).unwrap();
+        let w = loaded.warnings.join("\n");
+        assert!(
+            w.contains("document 1: kind \"Servce\" is not read (did you mean Service?)"),
+            "{w}"
+        );
+        assert!(
+            w.contains("Service default/web: unknown field spec.clusterIp (did you mean clusterIP?), ignored"),
+            "{w}"
+        );
+        assert!(
+            w.contains("unknown field spec.ports[0].nodeport (did you mean nodePort?)"),
+            "{w}"
+        );
+        let d2 = dir(
+            "case",
+            &[("a.yaml", "kind: service\nmetadata: {name: x}\n")],
+        );
+        let w = load(&d2).unwrap().warnings.join("\n");
+        assert!(
+            w.contains("kind \"service\" is not read (did you mean Service?)"),
+            "{w}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(&d2).unwrap();
+    }
+
+    #[test]
+    fn manifest_mistakes_name_the_manifest_field() {
+        let wrong_family = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\n\
+                            addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: ['::1']}]\n";
+        let d = dir("family", &[("a.yaml", WEB), ("b.yaml", wrong_family)]);
+        let e = load(&d).unwrap_err().to_string();
+        assert!(
+            e.ends_with("b.yaml: EndpointSlice default/web-1: endpoints[0].addresses[0]: ::1 is not an address of the slice's addressType IPv4"),
+            "{e}"
+        );
+        let bad_port = "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80, nodePort: 0}]}\n";
+        let d2 = dir("port", &[("a.yaml", bad_port)]);
+        let e = load(&d2).unwrap_err().to_string();
+        assert!(
+            e.ends_with("a.yaml: Service default/web: spec.ports[0].nodePort: must not be 0"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(&d2).unwrap();
+    }
+
+    #[test]
+    fn json_manifests_are_read_and_empty_files_refused() {
+        let json = r#"{"kind": "Service", "metadata": {"name": "api"}, "spec": {"clusterIP": "198.18.0.9", "ports": [{"port": 443}]}}"#;
+        let d = dir("json", &[("a.yaml", WEB), ("b.json", json)]);
+        let names: Vec<String> = load(&d)
+            .unwrap()
+            .services
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["default/api", "default/web"]);
+        std::fs::write(d.join("a.yaml"), "").unwrap();
+        let e = load(&d).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "a.yaml: the file is empty (write a comment to mean that it defines nothing)"
+            ),
+            "{e}"
+        );
+        std::fs::write(d.join("a.yaml"), "# nothing here yet\n").unwrap();
+        assert_eq!(
+            load(&d).unwrap().services.len(),
+            1,
+            "a comment means: no services"
+        );
+        let e = load(&write("empty.toml", " \n")).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "empty.toml: the file is empty (write a comment to mean that it defines nothing)"
+            ),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn long_values_are_clipped_in_messages() {
+        let long = "n".repeat(100_000);
+        let path = write(
+            "long.toml",
+            &format!(
+                "[[services]]\nname = \"{long}\"\naddresses = [\"198.18.0.1\"]\nports = [{{ port = 80 }}]\n"
+            ),
+        );
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.len() < 400, "{} bytes: {}", e.len(), &e[..400]);
+        assert!(
+            e.contains("... (100000 bytes)") && e.contains("name: is 100000 bytes long"),
+            "{e}"
+        );
     }
 }

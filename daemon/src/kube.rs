@@ -152,10 +152,26 @@ pub struct ManifestError {
     pub problem: String,
 }
 
-/// Every problem found in a set of manifests, one per line.
+/// Every problem found in a set of manifests, one per line, then the warnings (which may
+/// explain them: a misspelt field is a warning, the field then missing an error).
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-pub struct ManifestErrors(pub Vec<ManifestError>);
+#[error("{}", lines(errors, warnings))]
+pub struct ManifestErrors {
+    /// The problems.
+    pub errors: Vec<ManifestError>,
+    /// What was ignored.
+    pub warnings: Vec<String>,
+}
+
+/// `errors` one per line, then `warnings`, each marked as one.
+pub fn lines(errors: &[impl std::fmt::Display], warnings: &[String]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .chain(warnings.iter().map(|w| format!("warning: {w}")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// What a set of manifest files describes.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -284,7 +300,10 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
         }
     }
     if !errors.is_empty() {
-        return Err(ManifestErrors(errors));
+        return Err(ManifestErrors {
+            errors,
+            warnings: manifests.warnings,
+        });
     }
     manifests.services.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(manifests)
@@ -310,7 +329,7 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
         "EndpointSlice" => fields::SLICE,
         "List" | "ServiceList" | "EndpointSliceList" => fields::LIST,
         _ => {
-            let hint = did_you_mean(&kind, &KINDS);
+            let hint = did_you_mean(&kind, KINDS);
             found
                 .warnings
                 .push(format!("{here}: kind {kind:?} is not read{hint}"));
@@ -433,13 +452,39 @@ pub fn manifest_field(doc: &ServiceDoc, field: &str) -> String {
     }
 }
 
-/// ` (did you mean X?)` when `given` is a known name spelled in another case, else nothing.
-fn did_you_mean(given: &str, known: &[&str]) -> String {
-    known
-        .iter()
-        .find(|k| k.eq_ignore_ascii_case(given))
+/// ` (did you mean X?)` when `given` is a known name in another case or with a letter or two
+/// wrong, else nothing.
+fn did_you_mean<'k>(given: &str, known: impl IntoIterator<Item = &'k str> + Clone) -> String {
+    let same_case = known
+        .clone()
+        .into_iter()
+        .find(|k| k.eq_ignore_ascii_case(given));
+    same_case
+        .or_else(|| known.into_iter().find(|k| within_two_edits(given, k)))
         .map(|k| format!(" (did you mean {k}?)"))
         .unwrap_or_default()
+}
+
+/// Whether `a` becomes `b` by at most two insertions, deletions or substitutions (names of
+/// up to 64 bytes; longer ones are not compared).
+fn within_two_edits(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() > 64 || b.len() > 64 || a.len().abs_diff(b.len()) > 2 {
+        return false;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, y) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(x != y))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()] <= 2
 }
 
 /// At most 64 characters of `text`, for messages (a name can be any length).

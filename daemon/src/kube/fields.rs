@@ -129,12 +129,7 @@ pub fn check(value: &Value, shape: &Shape, path: &str, object: &str, warnings: &
         let here = format!("{path}{key}");
         match shape.0.iter().find(|(k, _)| *k == key) {
             None => {
-                let hint = shape
-                    .0
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                    .map(|(k, _)| format!(" (did you mean {k}?)"))
-                    .unwrap_or_default();
+                let hint = super::did_you_mean(key, shape.0.iter().map(|(k, _)| *k));
                 warnings.push(format!(
                     "{object}: unknown field {}{hint}, ignored",
                     super::clip(&here)

@@ -92,7 +92,7 @@ pub fn kubernetes_manifests(input: &[u8]) -> Result<(), String> {
                 remove: vec![],
             }),
         ),
-        Err(errors) => errors.0.iter().try_for_each(|e| {
+        Err(found) => found.errors.iter().try_for_each(|e| {
             ensure(
                 !e.problem.is_empty() && e.object.starts_with("fuzz.yaml"),
                 || format!("an error that names no file or problem: {e:?}"),
