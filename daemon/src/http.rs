@@ -1,21 +1,23 @@
 //! A deliberately small HTTP/1.1 server for the admin endpoint: one request per connection
 //! (`Connection: close`), `Content-Length` bodies only, and hard limits, because an admin port
-//! must not be a way to exhaust the proxy: at most [`MAX_CONNECTIONS`] connections at once
-//! (more are answered 503 and closed), [`MAX_HEAD`] bytes of request line and headers,
+//! must not be a way to exhaust the proxy: at most [`MAX_CONNECTIONS`] connections at once,
+//! [`MAX_HEAD`] bytes of request line and headers,
 //! [`MAX_BODY`] bytes of body, and one deadline for reading the whole request (a per-read
-//! timeout alone would let a client keep a slot by sending a byte now and then). General HTTP
-//! servers do not offer these limits together, and the admin API needs no more than this.
+//! timeout alone would let a client keep a slot by sending a byte now and then). When every
+//! slot is taken, the connection that has waited longest for its request is cut off to make
+//! room, so idle clients cannot keep a health probe (which sends its request at once) out.
+//! General HTTP servers do not offer these limits together, and the admin API needs no more.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-/// Connections served at once.
+/// Connections served at once (more are answered 503 only while all are being answered).
 pub const MAX_CONNECTIONS: usize = 16;
 /// Request line and headers.
 pub const MAX_HEAD: usize = 16 << 10;
@@ -118,35 +120,39 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);
-        let active = Arc::new(AtomicUsize::new(0));
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("svcproxyd-admin".into())
                 .spawn(move || {
-                    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+                    let mut slots: Vec<Slot> = Vec::new();
                     for stream in listener.incoming() {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
                         let Ok(mut stream) = stream else { continue };
-                        workers.retain(|w| !w.is_finished());
-                        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                        slots.retain(|s| !s.thread.is_finished());
+                        if slots.len() >= MAX_CONNECTIONS && !evict_slowest(&slots) {
                             let _ = respond(
                                 &mut stream,
                                 &Response::error(503, "too many admin connections"),
                             );
                             continue;
                         }
-                        active.fetch_add(1, Ordering::SeqCst);
-                        let (handler, active) = (handler.clone(), active.clone());
-                        workers.push(std::thread::spawn(move || {
-                            serve(&mut stream, &*handler);
-                            active.fetch_sub(1, Ordering::SeqCst);
-                        }));
+                        let Ok(handle) = stream.try_clone() else { continue };
+                        let reading = Arc::new(Mutex::new(Some(handle)));
+                        let handler = handler.clone();
+                        let cut = reading.clone();
+                        let thread = std::thread::spawn(move || serve(&mut stream, &*handler, &cut));
+                        slots.push(Slot {
+                            since: Instant::now(),
+                            reading,
+                            thread,
+                        });
                     }
-                    for w in workers {
-                        let _ = w.join();
+                    for s in slots {
+                        cut_off(&s.reading);
+                        let _ = s.thread.join();
                     }
                 })?
         };
@@ -173,7 +179,48 @@ impl Drop for Server {
     }
 }
 
-fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
+/// A connection being served.
+struct Slot {
+    since: Instant,
+    /// While its request is being read: the same socket, to cut a slow client off.
+    reading: Reading,
+    thread: JoinHandle<()>,
+}
+
+type Reading = Arc<Mutex<Option<TcpStream>>>;
+
+fn lock(reading: &Reading) -> MutexGuard<'_, Option<TcpStream>> {
+    reading.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Cuts a connection off if its request is still being read.
+fn cut_off(reading: &Reading) -> bool {
+    match lock(reading).take() {
+        Some(stream) => {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Makes room for a new connection by cutting off the one that has waited longest for its
+/// request to arrive; false if every connection is past that (being answered).
+fn evict_slowest(slots: &[Slot]) -> bool {
+    let mut waiting: Vec<&Slot> = slots.iter().filter(|s| lock(&s.reading).is_some()).collect();
+    waiting.sort_by_key(|s| s.since);
+    let evicted = waiting.iter().any(|s| cut_off(&s.reading));
+    if evicted {
+        debug!("admin connection cut off: its request had not arrived");
+    }
+    evicted
+}
+
+fn serve(
+    stream: &mut TcpStream,
+    handler: &(dyn Fn(&Request) -> Response + Send + Sync),
+    reading: &Reading,
+) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let peer = match stream.peer_addr() {
         Ok(p) => p,
@@ -183,7 +230,10 @@ fn serve(stream: &mut TcpStream, handler: &(dyn Fn(&Request) -> Response + Send 
         stream,
         until: Instant::now() + TIMEOUT,
     };
-    let response = match read_request(&mut input, peer) {
+    let request = read_request(&mut input, peer);
+    // Read: no longer to be cut off (and the socket closes when this connection ends).
+    lock(reading).take();
+    let response = match request {
         Ok(request) => handler(&request),
         Err(response) => response,
     };
@@ -336,25 +386,49 @@ mod tests {
     const GET: &[u8] = b"GET /healthz HTTP/1.1\r\n\r\n";
 
     #[test]
-    fn connections_past_the_limit_are_answered_503_until_one_ends() {
+    fn idle_connections_cannot_keep_a_request_out() {
         let server = ok_server();
-        // Connections that send nothing hold their slot until they close or time out. The
-        // acceptor takes connections in order, so once it answers the next one, all of these
-        // have been counted.
+        // Connections that send nothing hold every slot. The acceptor takes connections in
+        // order, so once it answers the next one, all of these have been counted.
         let mut held: Vec<TcpStream> = (0..MAX_CONNECTIONS)
             .map(|_| TcpStream::connect(server.addr()).unwrap())
             .collect();
-        assert_eq!(status(server.addr(), GET), 503);
-        held.pop();
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            match status(server.addr(), GET) {
-                200 => break,
-                503 if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                other => panic!("status {other} after a slot was freed"),
-            }
+        assert_eq!(status(server.addr(), GET), 200, "a probe is served");
+        // To make room, the oldest idle connection was cut off.
+        let oldest = &mut held[0];
+        oldest.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(oldest.read_to_end(&mut rest).unwrap_or(0), 0, "{rest:?}");
+        for _ in 0..3 * MAX_CONNECTIONS {
+            held.push(TcpStream::connect(server.addr()).unwrap());
+        }
+        assert_eq!(status(server.addr(), GET), 200, "still, after many more");
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_answered_503_while_all_are_being_answered() {
+        let (entered, entries) = std::sync::mpsc::channel();
+        let release = Arc::new(std::sync::Barrier::new(MAX_CONNECTIONS + 1));
+        let server = {
+            let (entered, release) = (std::sync::Mutex::new(entered), release.clone());
+            Server::start(SocketAddr::from(([127, 0, 0, 1], 0)), move |_| {
+                entered.lock().unwrap().send(()).unwrap();
+                release.wait();
+                Response::text(200, "text/plain", "ok".into())
+            })
+            .unwrap()
+        };
+        let addr = server.addr();
+        let busy: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| std::thread::spawn(move || status(addr, GET)))
+            .collect();
+        for _ in 0..MAX_CONNECTIONS {
+            entries.recv_timeout(TIMEOUT).unwrap();
+        }
+        assert_eq!(status(addr, GET), 503);
+        release.wait();
+        for b in busy {
+            assert_eq!(b.join().unwrap(), 200);
         }
     }
 
