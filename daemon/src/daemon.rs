@@ -26,6 +26,8 @@ pub struct Daemon {
     /// have; the admin API may not change them; services it added are left alone).
     file_owned: Mutex<BTreeMap<String, String>>,
     capture: Mutex<Option<Capture>>,
+    /// Without capture: the service addresses checked for an interface that has them.
+    checked: Mutex<BTreeSet<IpAddr>>,
     publish_ns: AtomicU64,
     /// Reloads attempted, and the error of the last one if it was rejected.
     reloads: AtomicU64,
@@ -50,6 +52,7 @@ impl Daemon {
             proxy,
             file_owned: Mutex::new(BTreeMap::new()),
             capture: Mutex::new(capture),
+            checked: Mutex::new(BTreeSet::new()),
             publish_ns: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_error: Mutex::new(None),
@@ -67,22 +70,34 @@ impl Daemon {
         Ok(published.generation)
     }
 
-    /// Puts every service address of the table on the capture interface.
+    /// Puts every service address of the table on the capture interface; without capture,
+    /// warns (once per address) about those no interface of this host has: listeners bind
+    /// them, and nothing reaches them.
     pub fn sync_capture(&self) {
+        let snapshot = self.table.load();
+        let wanted: BTreeSet<IpAddr> = snapshot
+            .services()
+            .flat_map(|s| {
+                s.spec()
+                    .addresses
+                    .iter()
+                    .chain(&s.spec().external_addresses)
+                    .copied()
+            })
+            .collect();
         if let Some(capture) = lock(&self.capture).as_mut() {
-            let snapshot = self.table.load();
-            let wanted: BTreeSet<IpAddr> = snapshot
-                .services()
-                .flat_map(|s| {
-                    s.spec()
-                        .addresses
-                        .iter()
-                        .chain(&s.spec().external_addresses)
-                        .copied()
-                })
-                .collect();
             capture.sync(wanted);
+            return;
         }
+        let mut checked = lock(&self.checked);
+        let new: BTreeSet<IpAddr> = wanted.difference(&checked).copied().collect();
+        for ip in unreachable(&new) {
+            warn!(
+                address = %ip,
+                "no interface here has this service address and capture is off: nothing reaches it (assign it, or run as root without --no-capture)"
+            );
+        }
+        *checked = wanted;
     }
 
     /// Makes the table hold what `loaded` describes: its services (with their endpoints), and
@@ -239,6 +254,15 @@ impl Daemon {
     }
 }
 
+/// The addresses of `addresses` that no interface of this host has (binding them fails).
+pub fn unreachable(addresses: &BTreeSet<IpAddr>) -> Vec<IpAddr> {
+    addresses
+        .iter()
+        .copied()
+        .filter(|ip| !ip.is_unspecified() && std::net::UdpSocket::bind((*ip, 0)).is_err())
+        .collect()
+}
+
 /// `e` with where the services it names are defined, as far as `loaded` says.
 pub fn explain(e: &TableError, loaded: &Loaded) -> String {
     let at = |name: &str| loaded.origins.get(name).map(String::as_str);
@@ -275,5 +299,19 @@ impl Daemon {
         }
         *lock(&self.reload_error) = outcome.err();
         self.reloads.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_on_no_interface_are_found() {
+        let local: IpAddr = "127.0.0.7".parse().unwrap();
+        // The documentation range, only bound (which fails), never sent to.
+        let foreign: IpAddr = "2001:db8::7".parse().unwrap();
+        let all = BTreeSet::from([local, foreign, "0.0.0.0".parse().unwrap()]);
+        assert_eq!(unreachable(&all), [foreign]);
     }
 }

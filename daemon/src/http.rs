@@ -10,8 +10,8 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -139,11 +139,14 @@ impl Server {
                             );
                             continue;
                         }
-                        let Ok(handle) = stream.try_clone() else { continue };
+                        let Ok(handle) = stream.try_clone() else {
+                            continue;
+                        };
                         let reading = Arc::new(Mutex::new(Some(handle)));
                         let handler = handler.clone();
                         let cut = reading.clone();
-                        let thread = std::thread::spawn(move || serve(&mut stream, &*handler, &cut));
+                        let thread =
+                            std::thread::spawn(move || serve(&mut stream, &*handler, &cut));
                         slots.push(Slot {
                             since: Instant::now(),
                             reading,
@@ -207,7 +210,10 @@ fn cut_off(reading: &Reading) -> bool {
 /// Makes room for a new connection by cutting off the one that has waited longest for its
 /// request to arrive; false if every connection is past that (being answered).
 fn evict_slowest(slots: &[Slot]) -> bool {
-    let mut waiting: Vec<&Slot> = slots.iter().filter(|s| lock(&s.reading).is_some()).collect();
+    let mut waiting: Vec<&Slot> = slots
+        .iter()
+        .filter(|s| lock(&s.reading).is_some())
+        .collect();
     waiting.sort_by_key(|s| s.since);
     let evicted = waiting.iter().any(|s| cut_off(&s.reading));
     if evicted {

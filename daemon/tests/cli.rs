@@ -445,3 +445,71 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
         "{log}"
     );
 }
+
+#[test]
+fn reloads_are_safe_and_shutdown_drains_with_healthz_503() {
+    let dir = temp("drain");
+    let port = free_port();
+    let vip = SocketAddr::from(([127, 0, 0, 1], port));
+    let path = dir.join("svcproxyd.toml");
+    let text = config(port, &[echo_backend()])
+        .replace("workers = 1", "workers = 1\nshutdown_grace_s = 60");
+    std::fs::write(&path, &text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut d = Daemon::start(&path, admin, &[]);
+    let echo = |s: &mut TcpStream| -> std::io::Result<()> {
+        s.write_all(b"x")?;
+        s.read_exact(&mut [0])
+    };
+    let open = || {
+        let mut s = TcpStream::connect_timeout(&vip, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        echo(&mut s).map(|()| s)
+    };
+    let mut held = open().unwrap();
+
+    // The file owns its services: the admin API may not change them behind its back.
+    let body = format!(
+        r#"{{"name": "default/web", "addresses": ["127.0.0.1"], "ports": [{{"port": {port}}}]}}"#
+    );
+    let (status, reply) = http(admin, "PUT", "/services/default/web", "", &body);
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply.contains("svcproxyd.toml: services[0]"), "{reply}");
+    assert_eq!(
+        http(admin, "DELETE", "/services/default/web", "", "").0,
+        409
+    );
+
+    // An editor saving in place empties the file first: that is not applied.
+    let reloads = d.health()["reloads"].as_u64().unwrap();
+    std::fs::write(&path, "").unwrap();
+    eventually("the rejected reload", || {
+        d.health()["reloads"].as_u64().unwrap() > reloads
+    });
+    let error = d.health()["lastReloadError"].as_str().unwrap().to_string();
+    assert!(
+        error.ends_with("the file is empty (write a comment to mean that it defines nothing)"),
+        "{error}"
+    );
+    open().expect("the service still runs");
+    std::fs::write(&path, &text).unwrap();
+
+    // SIGTERM: /healthz says 503 for as long as connections drain, and they keep working.
+    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut health = String::new();
+    eventually("/healthz to say 503", || {
+        let (status, body) = http(admin, "GET", "/healthz", "", "");
+        health = body;
+        status == 503
+    });
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["unhealthy"], "shutting down");
+    echo(&mut held).expect("a connection open at SIGTERM keeps working while it drains");
+    assert!(
+        TcpStream::connect_timeout(&vip, TIMEOUT).is_err(),
+        "no new connections"
+    );
+    drop(held);
+    assert_eq!(d.exit_code("the drain"), 0);
+}
