@@ -21,6 +21,7 @@ import "C"
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"runtime"
 	"sync"
 	"time"
@@ -126,14 +127,27 @@ type Proxy struct {
 func New(o Options) (*Proxy, error) {
 	var c C.svcproxy_options
 	C.svcproxy_options_default(&c)
-	c.backend = C.uint32_t(o.Backend)
-	c.workers = C.uint32_t(o.Workers)
-	c.connect_timeout_ms = C.uint32_t(o.ConnectTimeout / time.Millisecond)
-	c.connect_attempts = C.uint32_t(o.ConnectAttempts)
-	c.idle_timeout_ms = C.uint32_t(o.IdleTimeout / time.Millisecond)
-	c.udp_idle_timeout_ms = C.uint32_t(o.UDPIdleTimeout / time.Millisecond)
-	c.max_connections = C.uint32_t(o.MaxConnections)
-	c.drain_close_after_ms = C.uint32_t(o.DrainCloseAfter / time.Millisecond)
+	fields := []struct {
+		name  string
+		value int64
+		to    *C.uint32_t
+	}{
+		{"Backend", int64(o.Backend), &c.backend},
+		{"Workers", int64(o.Workers), &c.workers},
+		{"ConnectTimeout (ms)", int64(o.ConnectTimeout / time.Millisecond), &c.connect_timeout_ms},
+		{"ConnectAttempts", int64(o.ConnectAttempts), &c.connect_attempts},
+		{"IdleTimeout (ms)", int64(o.IdleTimeout / time.Millisecond), &c.idle_timeout_ms},
+		{"UDPIdleTimeout (ms)", int64(o.UDPIdleTimeout / time.Millisecond), &c.udp_idle_timeout_ms},
+		{"MaxConnections", int64(o.MaxConnections), &c.max_connections},
+		{"DrainCloseAfter (ms)", int64(o.DrainCloseAfter / time.Millisecond), &c.drain_close_after_ms},
+	}
+	for _, f := range fields {
+		// A value the C options cannot hold must not wrap into another one.
+		if f.value < 0 || f.value > math.MaxUint32 {
+			return nil, &Error{Code: CodeInvalid, Message: fmt.Sprintf("option %s is %d, must be between 0 and %d", f.name, f.value, uint32(math.MaxUint32))}
+		}
+		*f.to = C.uint32_t(f.value)
+	}
 	if o.NodeName != "" {
 		name := C.CString(o.NodeName)
 		defer C.free(unsafe.Pointer(name))

@@ -173,6 +173,16 @@ func TestErrors(t *testing.T) {
 	if _, err := New(o); !errors.As(err, &e) || e.Code != CodeInvalid {
 		t.Fatalf("bad options: %v", err)
 	}
+	o = DefaultOptions()
+	o.IdleTimeout = 100 * 24 * time.Hour // more milliseconds than the C options hold
+	if _, err := New(o); !errors.As(err, &e) || e.Code != CodeInvalid || !strings.Contains(e.Message, "IdleTimeout") {
+		t.Fatalf("an option too large must not wrap: %v", err)
+	}
+	o = DefaultOptions()
+	o.UDPIdleTimeout = 2 * 24 * time.Hour
+	if _, err := New(o); !errors.As(err, &e) || e.Code != CodeInvalid || !strings.Contains(e.Message, "udp_idle_timeout") {
+		t.Fatalf("a duration out of its range: %v", err)
+	}
 	p.Close()
 	if err := p.Start(); !errors.As(err, &e) || e.Code != CodeState {
 		t.Fatalf("use after close: %v", err)

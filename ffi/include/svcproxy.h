@@ -137,31 +137,33 @@ typedef struct {
    */
   uint32_t backend;
   /*
-   Worker threads; 0: one per CPU.
+   Worker threads; 0: one per CPU; at most 1024.
    */
   uint32_t workers;
   /*
-   Timeout of the first connect attempt, in milliseconds (doubled per further attempt).
+   Timeout of the first connect attempt, in milliseconds (doubled per further attempt):
+   1 to 600000.
    */
   uint32_t connect_timeout_ms;
   /*
-   Endpoints tried per connection.
+   Endpoints tried per connection: 1 to 8.
    */
   uint32_t connect_attempts;
   /*
-   TCP idle timeout in milliseconds; 0: none.
+   TCP idle timeout in milliseconds: 1000 or more; 0: none.
    */
   uint32_t idle_timeout_ms;
   /*
-   UDP flow idle timeout in milliseconds.
+   UDP flow idle timeout in milliseconds: 1000 to 86400000.
    */
   uint32_t udp_idle_timeout_ms;
   /*
-   Most TCP connections open at once.
+   Most TCP connections open at once: 1 to 16777216.
    */
   uint32_t max_connections;
   /*
-   Close connections to removed endpoints after this many milliseconds; 0: keep them.
+   Close connections to removed endpoints after this many milliseconds (at most
+   86400000); 0: keep them.
    */
   uint32_t drain_close_after_ms;
   /*

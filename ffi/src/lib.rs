@@ -47,19 +47,21 @@ pub const SVCPROXY_BACKEND_IO_URING: u32 = 2;
 pub struct svcproxy_options {
     /// `SVCPROXY_BACKEND_*`.
     pub backend: u32,
-    /// Worker threads; 0: one per CPU.
+    /// Worker threads; 0: one per CPU; at most 1024.
     pub workers: u32,
-    /// Timeout of the first connect attempt, in milliseconds (doubled per further attempt).
+    /// Timeout of the first connect attempt, in milliseconds (doubled per further attempt):
+    /// 1 to 600000.
     pub connect_timeout_ms: u32,
-    /// Endpoints tried per connection.
+    /// Endpoints tried per connection: 1 to 8.
     pub connect_attempts: u32,
-    /// TCP idle timeout in milliseconds; 0: none.
+    /// TCP idle timeout in milliseconds: 1000 or more; 0: none.
     pub idle_timeout_ms: u32,
-    /// UDP flow idle timeout in milliseconds.
+    /// UDP flow idle timeout in milliseconds: 1000 to 86400000.
     pub udp_idle_timeout_ms: u32,
-    /// Most TCP connections open at once.
+    /// Most TCP connections open at once: 1 to 16777216.
     pub max_connections: u32,
-    /// Close connections to removed endpoints after this many milliseconds; 0: keep them.
+    /// Close connections to removed endpoints after this many milliseconds (at most
+    /// 86400000); 0: keep them.
     pub drain_close_after_ms: u32,
     /// This node's name (for traffic policy Local); NULL: none. Borrowed for the call.
     pub node_name: *const c_char,
