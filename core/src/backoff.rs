@@ -24,7 +24,7 @@ impl Backoff {
     /// Records a failure; returns how long to wait before trying again.
     pub fn fail(&mut self) -> Duration {
         let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         delay
     }
 

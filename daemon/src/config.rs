@@ -242,7 +242,8 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// The text of `path`, if it is no larger than [`MAX_FILE_BYTES`].
+/// The text of `path`, if it is no larger than [`MAX_FILE_BYTES`] and not empty: an editor
+/// saving in place leaves a file empty for a moment, which must never read as "no services".
 fn read(path: &Path) -> Result<String, ConfigError> {
     let file = std::fs::File::open(path).map_err(|e| ConfigError::at(path, e))?;
     let mut text = String::new();
@@ -251,6 +252,10 @@ fn read(path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::at(path, e))?;
     if text.len() as u64 > MAX_FILE_BYTES {
         let problem = format!("larger than {MAX_FILE_BYTES} bytes, the most read");
+        return Err(ConfigError::at(path, problem));
+    }
+    if text.trim().is_empty() {
+        let problem = "the file is empty (write a comment to mean that it defines nothing)";
         return Err(ConfigError::at(path, problem));
     }
     Ok(text)
@@ -264,12 +269,6 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         return checked(None, manifests(path)?, |_| true);
     }
     let text = read(path)?;
-    if text.trim().is_empty() {
-        // An editor saving in place leaves the file empty for a moment: never read that as
-        // "no services".
-        let problem = "the file is empty (write a comment to mean that it defines nothing)";
-        return Err(ConfigError::at(path, problem));
-    }
     let file: ConfigFile =
         toml::from_str(&text).map_err(|e| ConfigError::at(path, e.to_string().trim_end()))?;
     let mut found = kube::Manifests::default();

@@ -226,15 +226,6 @@ struct Collected {
 pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors> {
     let mut found = Collected::default();
     for (file, text) in texts {
-        if text.trim().is_empty() {
-            // An editor saving in place leaves the file empty for a moment: never read that
-            // as "no services".
-            found.errors.push(error(
-                file,
-                "the file is empty (write a comment to mean that it defines nothing)",
-            ));
-            continue;
-        }
         // Deep flow nesting would cost libyaml quadratic time: refuse it before parsing.
         if let Err(e) = crate::nesting::check(text) {
             found.errors.push(error(file, e));
@@ -280,21 +271,25 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
         warnings,
         ..Manifests::default()
     };
+    let mut service_names: HashMap<(String, String), String> = HashMap::new();
     for raw in services {
-        let name = format!("{}/{}", raw.namespace, raw.name);
-        if let Some(first) = manifests.origins.get(&name) {
+        let key = (raw.namespace.clone(), raw.name.clone());
+        if let Some(first) = service_names.get(&key) {
             errors.push(error(
                 &raw.object,
                 format!("defined twice (first at {first})"),
             ));
             continue;
         }
-        let slices = by_service
-            .remove(&(raw.namespace.clone(), raw.name.clone()))
-            .unwrap_or_default();
-        manifests.origins.insert(name, raw.object.clone());
+        service_names.insert(key.clone(), raw.object.clone());
+        let slices = by_service.remove(&key).unwrap_or_default();
         match service(&raw, &slices) {
-            Ok(Some(doc)) => manifests.services.push(doc),
+            Ok(Some(doc)) => {
+                manifests
+                    .origins
+                    .insert(doc.name.clone(), raw.object.clone());
+                manifests.services.push(doc);
+            }
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
