@@ -847,7 +847,9 @@ kind: Deployment
 metadata: {name: not-ours}
 spec: {replicas: 3}
 ";
-        assert!(load(yaml).unwrap().is_empty());
+        let found = services(&[("test.yaml".into(), yaml.into())]).unwrap();
+        assert!(found.services.is_empty());
+        assert!(found.origins.is_empty(), "an ignored service is not the file's to own");
     }
 
     #[test]
