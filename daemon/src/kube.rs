@@ -251,17 +251,12 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
         warnings,
     } = found;
     let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
-    let mut slice_names: HashMap<(String, String), String> = HashMap::new();
+    let mut slice_names = HashMap::new();
     for slice in slices {
         let key = (slice.namespace.clone(), slice.name.clone());
-        if let Some(first) = slice_names.get(&key) {
-            errors.push(error(
-                &slice.object,
-                format!("defined twice (first at {first})"),
-            ));
+        if !first_time(&mut slice_names, key, &slice.object, &mut errors) {
             continue;
         }
-        slice_names.insert(key, slice.object.clone());
         by_service
             .entry((slice.namespace.clone(), slice.service.clone()))
             .or_default()
@@ -271,17 +266,12 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
         warnings,
         ..Manifests::default()
     };
-    let mut service_names: HashMap<(String, String), String> = HashMap::new();
+    let mut service_names = HashMap::new();
     for raw in services {
         let key = (raw.namespace.clone(), raw.name.clone());
-        if let Some(first) = service_names.get(&key) {
-            errors.push(error(
-                &raw.object,
-                format!("defined twice (first at {first})"),
-            ));
+        if !first_time(&mut service_names, key.clone(), &raw.object, &mut errors) {
             continue;
         }
-        service_names.insert(key.clone(), raw.object.clone());
         let slices = by_service.remove(&key).unwrap_or_default();
         match service(&raw, &slices) {
             Ok(Some(doc)) => {
@@ -302,6 +292,22 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
     }
     manifests.services.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(manifests)
+}
+
+/// Records that `object` is defined as `key` (namespace, name) and returns true, or, when an
+/// object of that key came first, adds an error naming both and returns false.
+fn first_time(
+    seen: &mut HashMap<(String, String), String>,
+    key: (String, String),
+    object: &str,
+    errors: &mut Vec<ManifestError>,
+) -> bool {
+    if let Some(first) = seen.get(&key) {
+        errors.push(error(object, format!("defined twice (first at {first})")));
+        return false;
+    }
+    seen.insert(key, object.to_string());
+    true
 }
 
 /// Kinds read: a Service, an EndpointSlice, or lists of them.
@@ -849,7 +855,10 @@ spec: {replicas: 3}
 ";
         let found = services(&[("test.yaml".into(), yaml.into())]).unwrap();
         assert!(found.services.is_empty());
-        assert!(found.origins.is_empty(), "an ignored service is not the file's to own");
+        assert!(
+            found.origins.is_empty(),
+            "an ignored service is not the file's to own"
+        );
     }
 
     #[test]

@@ -371,17 +371,26 @@ fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// A daemon with `workers` workers and a minute of shutdown grace, serving one service in
+/// front of an echo backend: the daemon, the service's address and the config file's path
+/// and text.
+fn echo_daemon(name: &str, workers: usize) -> (Daemon, SocketAddr, PathBuf, String) {
+    let port = free_port();
+    let path = temp(name).join("svcproxyd.toml");
+    let text = config(port, &[echo_backend()]).replace(
+        "workers = 1",
+        &format!("workers = {workers}\nshutdown_grace_s = 60"),
+    );
+    std::fs::write(&path, &text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&path, admin, &[]);
+    (d, SocketAddr::from(([127, 0, 0, 1], port)), path, text)
+}
+
 #[test]
 fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_zero() {
-    let dir = temp("supervision");
-    let port = free_port();
-    let vip = SocketAddr::from(([127, 0, 0, 1], port));
-    let path = dir.join("svcproxyd.toml");
-    let text = config(port, &[echo_backend()])
-        .replace("workers = 1", "workers = 2\nshutdown_grace_s = 60");
-    std::fs::write(&path, text).unwrap();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut d = Daemon::start(&path, admin, &[]);
+    let (mut d, vip, _, _) = echo_daemon("supervision", 2);
+    let admin = d.admin;
     // Connections through both workers (the kernel spreads them; 16 all on worker 0 is a
     // chance of 1 in 65536): those on worker 1 keep the drain, and so the daemon, going.
     let held: Vec<TcpStream> = (0..16)
@@ -448,15 +457,8 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
 
 #[test]
 fn reloads_are_safe_and_shutdown_drains_with_healthz_503() {
-    let dir = temp("drain");
-    let port = free_port();
-    let vip = SocketAddr::from(([127, 0, 0, 1], port));
-    let path = dir.join("svcproxyd.toml");
-    let text = config(port, &[echo_backend()])
-        .replace("workers = 1", "workers = 1\nshutdown_grace_s = 60");
-    std::fs::write(&path, &text).unwrap();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut d = Daemon::start(&path, admin, &[]);
+    let (mut d, vip, path, text) = echo_daemon("drain", 1);
+    let (admin, port) = (d.admin, vip.port());
     let echo = |s: &mut TcpStream| -> std::io::Result<()> {
         s.write_all(b"x")?;
         s.read_exact(&mut [0])
