@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use crate::session::{TcpPolicy, check_duration};
 
-/// The range of [`ProxyConfig::udp_idle_timeout`]: 1 second to 1 day.
+/// The range of [`ProxyConfig::udp_idle_timeout`]: 1 ms to 1 day.
 pub const UDP_IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
-    Duration::from_secs(1)..=Duration::from_secs(86_400);
+    Duration::from_millis(1)..=Duration::from_secs(86_400);
 
 /// How a proxy runs. Validate with [`ProxyConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

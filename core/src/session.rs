@@ -21,9 +21,9 @@ pub const MAX_CONNECT_ATTEMPTS: u32 = 8;
 /// The range of [`TcpPolicy::connect_timeout`]: 1 ms to 10 minutes.
 pub const CONNECT_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_secs(600);
-/// The range of [`TcpPolicy::idle_timeout`] when set: 1 second to 365 days.
+/// The range of [`TcpPolicy::idle_timeout`] when set: 1 ms to 365 days.
 pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
-    Duration::from_secs(1)..=Duration::from_secs(365 * 86_400);
+    Duration::from_millis(1)..=Duration::from_secs(365 * 86_400);
 /// The range of a [`DrainPolicy::CloseAfter`] grace: up to 1 day.
 pub const DRAIN_RANGE: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(86_400);
 

@@ -589,8 +589,8 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         for (field, range) in [
             ("drain_close_after_s", "between 0ns and 86400s"),
             ("shutdown_grace_s", "between 0ns and 3600s"),
-            ("idle_timeout_s", "between 1s and 31536000s"),
-            ("udp_idle_timeout_s", "between 1s and 86400s"),
+            ("idle_timeout_s", "between 1ms and 31536000s"),
+            ("udp_idle_timeout_s", "between 1ms and 86400s"),
             ("connect_timeout_ms", "between 1ms and 600s"),
         ] {
             // TOML integers are i64: the largest one.
@@ -602,7 +602,7 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         }
         let e = err("zero.toml", "[proxy]\nudp_idle_timeout_s = 0\n");
         assert!(
-            e.ends_with("proxy.udp_idle_timeout_s is 0ns, must be between 1s and 86400s"),
+            e.ends_with("proxy.udp_idle_timeout_s is 0ns, must be between 1ms and 86400s"),
             "{e}"
         );
         let e = err("syntax.toml", "[[services]\nname = 1\n");

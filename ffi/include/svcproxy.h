@@ -150,11 +150,11 @@ typedef struct {
    */
   uint32_t connect_attempts;
   /*
-   TCP idle timeout in milliseconds: 1000 or more; 0: none.
+   TCP idle timeout in milliseconds (any value a `uint32_t` holds); 0: none.
    */
   uint32_t idle_timeout_ms;
   /*
-   UDP flow idle timeout in milliseconds: 1000 to 86400000.
+   UDP flow idle timeout in milliseconds: 1 to 86400000.
    */
   uint32_t udp_idle_timeout_ms;
   /*

@@ -54,9 +54,9 @@ pub struct svcproxy_options {
     pub connect_timeout_ms: u32,
     /// Endpoints tried per connection: 1 to 8.
     pub connect_attempts: u32,
-    /// TCP idle timeout in milliseconds: 1000 or more; 0: none.
+    /// TCP idle timeout in milliseconds (any value a `uint32_t` holds); 0: none.
     pub idle_timeout_ms: u32,
-    /// UDP flow idle timeout in milliseconds: 1000 to 86400000.
+    /// UDP flow idle timeout in milliseconds: 1 to 86400000.
     pub udp_idle_timeout_ms: u32,
     /// Most TCP connections open at once: 1 to 16777216.
     pub max_connections: u32,
