@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use svcproxy::core::Backoff;
 use tracing::debug;
 
 /// Connections served at once (more are answered 503 only while all are being answered).
@@ -107,6 +108,9 @@ fn reason(status: u16) -> &'static str {
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The listening socket, shut down to wake the acceptor (which needs no new descriptor,
+    /// unlike connecting to it: stopping must work when descriptors have run out).
+    listener: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -118,6 +122,7 @@ impl Server {
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
+        let handle = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);
         let thread = {
@@ -126,11 +131,22 @@ impl Server {
                 .name("svcproxyd-admin".into())
                 .spawn(move || {
                     let mut slots: Vec<Slot> = Vec::new();
+                    let mut backoff = Backoff::default();
                     for stream in listener.incoming() {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                        let Ok(mut stream) = stream else { continue };
+                        let mut stream = match stream {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // Out of descriptors, accept fails at once until some are
+                                // back: wait instead of spinning.
+                                debug!(error = %e, "admin accept failed");
+                                std::thread::sleep(backoff.fail());
+                                continue;
+                            }
+                        };
+                        backoff.succeed();
                         slots.retain(|s| !s.thread.is_finished());
                         if slots.len() >= MAX_CONNECTIONS && !evict_slowest(&slots) {
                             let _ = respond(
@@ -162,6 +178,7 @@ impl Server {
         Ok(Self {
             addr,
             stop,
+            listener: handle,
             thread: Some(thread),
         })
     }
@@ -175,7 +192,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, TIMEOUT);
+        // A blocked accept() returns (EINVAL) once its listening socket is shut down.
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Read);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

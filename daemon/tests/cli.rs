@@ -90,7 +90,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
-        let child = Command::new(BIN)
+        Self::start_with(Command::new(BIN), config, admin, extra)
+    }
+
+    /// `svcproxyd run` through `command` (`BIN` itself, or a wrapper given `BIN`).
+    fn start_with(mut command: Command, config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
+        let child = command
             .args(["run", "--config"])
             .arg(config)
             .args(["--no-capture", "--admin", &admin.to_string()])
@@ -514,4 +519,40 @@ fn reloads_are_safe_and_shutdown_drains_with_healthz_503() {
     );
     drop(held);
     assert_eq!(d.exit_code("the drain"), 0);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_even_out_of_descriptors() {
+    let port = free_port();
+    let path = temp("exhausted").join("svcproxyd.toml");
+    let text =
+        config(port, &[echo_backend()]).replace("workers = 1", "workers = 1\nshutdown_grace_s = 0");
+    std::fs::write(&path, text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // 128 descriptors: each proxied connection takes two or more, so 100 clients exhaust them.
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=128:128").arg(BIN);
+    let mut d = Daemon::start_with(limited, &path, admin, &[]);
+    let vip = SocketAddr::from(([127, 0, 0, 1], port));
+    let clients: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect_timeout(&vip, TIMEOUT).ok())
+        .collect();
+    // Out of descriptors: the admin endpoint cannot accept a probe any more.
+    eventually("descriptors to run out", || {
+        TcpStream::connect_timeout(&admin, Duration::from_millis(200))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")?;
+                let mut reply = Vec::new();
+                s.read_to_end(&mut reply)?;
+                Ok(reply.is_empty())
+            })
+            .unwrap_or(true)
+    });
+    // The grace is 0: the admin endpoint stops while the connections (and the descriptors)
+    // are still held.
+    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(d.exit_code("SIGTERM with no descriptor left"), 0);
+    drop(clients);
 }
