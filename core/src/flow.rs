@@ -15,8 +15,13 @@
 //! so that replies already on their way still reach the client. Without that grace a request
 //! in flight during an endpoint change is lost, and a DNS client waits seconds to retry.
 //! [`FlowTable::expire`] removes retired flows after the grace and idle flows after the idle
-//! timeout.
+//! timeout, or, for a flow no reply has come back on yet, after [`UNREPLIED_TIMEOUT`] (kernel
+//! conntrack keeps unreplied UDP entries for 30 s against 120 s once replied: a flood of
+//! datagrams from new source ports must not hold a socket each for the whole idle timeout).
+//! A table at its flow limit makes room by evicting its oldest unreplied flow
+//! ([`FlowTable::evict_oldest_unreplied`]).
 
+use std::collections::VecDeque;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -32,6 +37,10 @@ use crate::table::Snapshot;
 
 /// How long a retired flow still delivers its endpoint's replies (capped by the idle timeout).
 pub const REPLY_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a flow that no reply has come back on lasts without datagrams (capped by the idle
+/// timeout).
+pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client flow: who sent, and to which exact local address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,9 +69,15 @@ pub struct Flow<H> {
     pub handle: H,
     last_seen: Instant,
     retired_at: Option<Instant>,
+    replied: bool,
 }
 
 impl<H> Flow<H> {
+    /// Whether a reply has come back on the flow.
+    pub fn is_replied(&self) -> bool {
+        self.replied
+    }
+
     /// When a datagram last passed, either way.
     pub fn last_seen(&self) -> Instant {
         self.last_seen
@@ -79,6 +94,9 @@ impl<H> Flow<H> {
 pub struct FlowTable<H> {
     index: HashMap<FlowKey, FlowId, RandomState>,
     slots: Slots<Flow<H>>,
+    /// Flows in the order they started, while (as far as this knows) unreplied: entries for
+    /// flows since replied or gone are dropped on the way (and at each expiry).
+    unreplied: VecDeque<FlowId>,
     idle_timeout: Duration,
     seen_generation: Option<u64>,
 }
@@ -89,6 +107,7 @@ impl<H> FlowTable<H> {
         Self {
             index: HashMap::default(),
             slots: Slots::new(),
+            unreplied: VecDeque::new(),
             idle_timeout,
             seen_generation: None,
         }
@@ -120,6 +139,26 @@ impl<H> FlowTable<H> {
         if let Some(flow) = self.slots.get_mut(id) {
             flow.last_seen = now;
         }
+    }
+
+    /// A reply came back on the flow at `now`: it is used, and lasts the whole idle timeout.
+    #[inline]
+    pub fn replied(&mut self, id: FlowId, now: Instant) {
+        if let Some(flow) = self.slots.get_mut(id) {
+            flow.last_seen = now;
+            flow.replied = true;
+        }
+    }
+
+    /// Removes and returns the oldest flow no reply has come back on, if any (to make room
+    /// for a new flow at the limit).
+    pub fn evict_oldest_unreplied(&mut self) -> Option<Flow<H>> {
+        while let Some(id) = self.unreplied.pop_front() {
+            if self.slots.get(id).is_some_and(|f| !f.replied) {
+                return self.remove(id);
+            }
+        }
+        None
     }
 
     /// Starts a flow from `key` to an endpoint of the service port `listener` in `snapshot`,
@@ -178,8 +217,10 @@ impl<H> FlowTable<H> {
                 tally: backend.tally().open(),
                 last_seen: now,
                 retired_at: None,
+                replied: false,
             })
         })?;
+        self.unreplied.push_back(id);
         if let Some(old) = self.index.insert(key, id) {
             // The caller replaced a live flow; dropping it ends its accounting.
             self.slots.remove(old);
@@ -196,22 +237,28 @@ impl<H> FlowTable<H> {
         Some(flow)
     }
 
-    /// Removes and returns every flow idle for longer than the idle timeout, and every flow
-    /// retired for longer than the reply grace.
+    /// Removes and returns every flow idle for longer than the idle timeout (unreplied ones:
+    /// than [`UNREPLIED_TIMEOUT`]), and every flow retired for longer than the reply grace.
     pub fn expire(&mut self, now: Instant) -> Vec<Flow<H>> {
         let timeout = self.idle_timeout;
+        let unreplied = UNREPLIED_TIMEOUT.min(timeout);
         let grace = REPLY_GRACE.min(timeout);
         let ids: Vec<FlowId> = self
             .slots
             .iter()
             .filter(|(_, f)| {
-                now.saturating_duration_since(f.last_seen) > timeout
+                let idle = if f.replied { timeout } else { unreplied };
+                now.saturating_duration_since(f.last_seen) > idle
                     || f.retired_at
                         .is_some_and(|at| now.saturating_duration_since(at) >= grace)
             })
             .map(|(id, _)| id)
             .collect();
-        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+        let gone: Vec<Flow<H>> = ids.into_iter().filter_map(|id| self.remove(id)).collect();
+        let slots = &self.slots;
+        self.unreplied
+            .retain(|id| slots.get(*id).is_some_and(|f| !f.replied));
+        gone
     }
 
     /// Retires every flow whose endpoint is not eligible in `snapshot`, if `snapshot` is a

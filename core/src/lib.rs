@@ -55,7 +55,7 @@ pub use config::{Forwarding, IoUringConfig, ProxyConfig};
 pub use control::{Control, WorkerContext};
 pub use engine::{Connection, Driver, Engine, Lifecycle, OpenError};
 pub use error::{Problem, TableError, ValidationError};
-pub use flow::{Flow, FlowId, FlowKey, FlowTable, REPLY_GRACE};
+pub use flow::{Flow, FlowId, FlowKey, FlowTable, REPLY_GRACE, UNREPLIED_TIMEOUT};
 pub use model::{
     Conditions, Endpoint, NamedPort, Policy, Protocol, Scope, Service, ServicePort, ServicePortKey,
     SessionAffinity, TargetPort, TrafficPolicy,

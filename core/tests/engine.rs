@@ -22,6 +22,7 @@ enum Cmd {
     Abort(u16),
     Forward(u16),
     Close(u16, Option<Side>),
+    CloseFlow(SocketAddr),
 }
 
 #[derive(Default)]
@@ -88,7 +89,9 @@ impl Driver for Recorder {
     ) -> io::Result<SocketAddr> {
         Ok(endpoint)
     }
-    fn close_flow(&mut self, _: SocketAddr) {}
+    fn close_flow(&mut self, flow: SocketAddr) {
+        self.cmds.push(Cmd::CloseFlow(flow));
+    }
 }
 
 const FRONTEND: &str = "127.0.0.1:8080";
@@ -461,4 +464,45 @@ fn no_eligible_endpoint_refuses_and_a_removed_port_closes_its_listener() {
     f.engine.accepted(&mut f.io, f.listener, 9, client(9), f.t0);
     assert_eq!(f.io.take(), vec![Cmd::Close(9, Some(Side::Client))]);
     assert_eq!(f.control.connections(), 0);
+}
+
+#[test]
+fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
+    let config = ProxyConfig {
+        max_udp_flows: 2,
+        ..ProxyConfig::default()
+    };
+    let mut f = fixture(config, &[ep(1)]);
+    let dns = Service::new("dns")
+        .address("127.0.0.1".parse().unwrap())
+        .port(ServicePort::udp(53));
+    let to = |i: u8| Endpoint::new(SocketAddr::from(([127, 0, 2, i], 53)));
+    f.table
+        .apply(
+            Batch::new()
+                .upsert(dns)
+                .replace_endpoints("dns", vec![to(1), to(2), to(3)]),
+        )
+        .unwrap();
+    f.engine.woken(&mut f.io, f.t0);
+    f.io.take();
+    let key = ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp);
+    let snapshot = f.engine.udp_snapshot(f.t0);
+    let open = |f: &mut Fixture, port: u16| {
+        f.engine
+            .flow_for(&mut f.io, &snapshot, &key, client(port), None, f.t0)
+    };
+    let a = open(&mut f, 1).unwrap();
+    let b = open(&mut f, 2).unwrap();
+    f.engine.flows_mut().replied(a, f.t0);
+    let b_endpoint = f.engine.flows().get(b).unwrap().endpoint;
+    // The third client's flow takes the place of the oldest one nothing came back on.
+    let c = open(&mut f, 3).expect("room was made");
+    assert_eq!(f.io.take(), vec![Cmd::CloseFlow(b_endpoint)]);
+    assert!(f.engine.flows().get(b).is_none());
+    assert!(f.engine.flows().get(a).is_some() && f.engine.flows().get(c).is_some());
+    // With every flow replied, there is nothing to evict: the datagram is dropped.
+    f.engine.flows_mut().replied(c, f.t0);
+    assert!(open(&mut f, 4).is_none());
+    assert_eq!(f.engine.flows().len(), 2);
 }

@@ -146,12 +146,46 @@ fn idle_flows_expire_and_used_ones_stay() {
     let t0 = Instant::now();
     let quiet = start(&mut flows, &snap, flow_key(1), t0);
     let busy = start(&mut flows, &snap, flow_key(2), t0);
+    flows.replied(quiet, t0);
+    flows.replied(busy, t0);
     flows.touch(busy, t0 + Duration::from_secs(20));
     assert!(flows.expire(t0 + Duration::from_secs(30)).is_empty());
     let gone = flows.expire(t0 + Duration::from_secs(31));
     assert_eq!(gone.iter().map(|f| f.handle).collect::<Vec<_>>(), vec![1]);
     assert!(flows.get(quiet).is_none() && flows.get(busy).is_some());
     assert_eq!(flows.lookup(&flow_key(1), t0), None);
+}
+
+#[test]
+fn unreplied_flows_expire_first_and_are_evicted_oldest_first() {
+    let table = dns_table(2);
+    let snap = table.load_full();
+    let mut flows = FlowTable::new(Duration::from_secs(30));
+    let t0 = Instant::now();
+    let ids: Vec<FlowId> = (1..=4)
+        .map(|p| start(&mut flows, &snap, flow_key(p), t0))
+        .collect();
+    flows.replied(ids[0], t0);
+    // A flow nothing came back on lasts UNREPLIED_TIMEOUT without datagrams, not 30 s.
+    flows.touch(ids[3], t0 + UNREPLIED_TIMEOUT);
+    let gone = flows.expire(t0 + UNREPLIED_TIMEOUT + Duration::from_millis(1));
+    let mut handles: Vec<u16> = gone.iter().map(|f| f.handle).collect();
+    handles.sort();
+    assert_eq!(handles, [2, 3], "the quiet unreplied ones");
+    drop(gone);
+    assert!(flows.get(ids[0]).is_some() && flows.get(ids[3]).is_some());
+    // At the limit, room is made from the oldest unreplied flow; replied ones stay.
+    let late = start(&mut flows, &snap, flow_key(5), t0 + UNREPLIED_TIMEOUT);
+    let evicted = flows.evict_oldest_unreplied().unwrap();
+    assert_eq!(evicted.handle, 4, "the oldest unreplied flow left");
+    drop(evicted);
+    assert_eq!(flows.evict_oldest_unreplied().unwrap().handle, 5);
+    assert!(
+        flows.evict_oldest_unreplied().is_none(),
+        "replied flows are not evicted"
+    );
+    assert!(flows.get(ids[0]).is_some() && flows.get(late).is_none());
+    assert_eq!(table.load().stats()[0].totals.connections_active, 1);
 }
 
 #[test]

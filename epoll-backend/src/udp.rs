@@ -137,7 +137,7 @@ impl Worker {
                     }
                 }
             }
-            self.engine.flows_mut().touch(id, now);
+            self.engine.flows_mut().replied(id, now);
             if drained {
                 return;
             }

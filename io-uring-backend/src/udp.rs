@@ -257,7 +257,7 @@ impl Worker {
         if let Some(flow) = self.engine.flows().get(id) {
             flow.tally.datagrams_out(1, len as u64);
         }
-        self.engine.flows_mut().touch(id, now);
+        self.engine.flows_mut().replied(id, now);
         true
     }
 

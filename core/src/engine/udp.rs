@@ -26,8 +26,10 @@ impl<D: Driver> Engine<D> {
     }
 
     /// The flow of a datagram from `client` to `local` (the listener's own address when the
-    /// driver could not tell) on `listener`: the existing one, or one started now. `None`: the
-    /// datagram is dropped (no eligible endpoint, the flow limit, or no socket could be had).
+    /// driver could not tell) on `listener`: the existing one, or one started now (at the flow
+    /// limit, after evicting the oldest flow no reply came back on). `None`: the datagram is
+    /// dropped (no eligible endpoint, the flow limit with every flow replied, or no socket
+    /// could be had).
     pub fn flow_for(
         &mut self,
         io: &mut D,
@@ -46,6 +48,12 @@ impl<D: Driver> Engine<D> {
         }
         let source = self.config.preserve_client_ip.then_some(client);
         let max = self.config.max_udp_flows;
+        if self.flows.len() >= max
+            && let Some(old) = self.flows.evict_oldest_unreplied()
+        {
+            debug!(client = %old.key.client, "flow evicted to make room: no reply came back on it");
+            io.close_flow(old.handle);
+        }
         self.flows
             .open(key, *listener, snapshot, now, max, |id, endpoint| {
                 io.open_flow(id, endpoint, source)
