@@ -45,8 +45,9 @@ mod proxy;
 pub use proxy::{BackendKind, DISABLE_IO_URING, Error, Options, Proxy, io_uring_available};
 pub use svcproxy_core as core;
 pub use svcproxy_core::{
-    Batch, Change, Conditions, CounterValues, DrainPolicy, Endpoint, Forwarding, IoUringConfig,
-    Policy, PortStats, Protocol, ProxyConfig, Service, ServicePort, ServicePortKey,
+    Batch, Change, Conditions, CounterValues, DescriptorBudget, DrainPolicy, Endpoint, Forwarding,
+    IoUringConfig, Policy, PortStats, Protocol, ProxyConfig, Service, ServicePort, ServicePortKey,
     SessionAffinity, Snapshot, Table, TableConfig, TableError, TargetPort, TcpPolicy,
     TrafficPolicy, WorkerHealth,
 };
+pub use svcproxy_sys::limits::raise_descriptor_limit;

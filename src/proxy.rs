@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use svcproxy_core::table::SubscriptionId;
 use svcproxy_core::{
-    Control, PortStats, ProxyConfig, ServicePortKey, Table, WorkerContext, WorkerHealth, supervise,
+    Control, DescriptorBudget, Forwarding, PortStats, ProxyConfig, ServicePortKey, Table,
+    WorkerContext, WorkerHealth, supervise,
 };
 use svcproxy_sys::Waker;
 use tracing::info;
@@ -81,6 +82,7 @@ pub enum Error {
 /// A running proxy. Dropping it shuts it down at once; [`Proxy::shutdown`] drains gracefully.
 #[derive(Debug)]
 pub struct Proxy {
+    budget: DescriptorBudget,
     control: Arc<Control>,
     wakers: Arc<Vec<Arc<Waker>>>,
     subscription: SubscriptionId,
@@ -112,8 +114,27 @@ impl Proxy {
             BackendKind::Epoll => BackendKind::Epoll,
         };
         let workers = options.config.worker_count();
-        info!(?backend, workers, "starting svcproxy");
-        let control = Arc::new(Control::new(table.clone(), options.config, workers));
+        let per_connection = match (backend, options.config.io_uring.forwarding) {
+            (BackendKind::IoUring, Forwarding::Buffers) => 2,
+            // Two sockets and two pipes (four descriptors) for splice.
+            _ => 6,
+        };
+        let budget = DescriptorBudget::new(
+            svcproxy_sys::limits::descriptor_limit(),
+            workers,
+            per_connection,
+        );
+        let mut config = options.config;
+        budget.fit(&mut config);
+        info!(
+            ?backend,
+            workers,
+            descriptors = budget.limit,
+            max_connections = config.max_connections,
+            max_udp_flows_per_worker = config.max_udp_flows,
+            "starting svcproxy"
+        );
+        let control = Arc::new(Control::new(table.clone(), config, workers));
         let wakers: Arc<Vec<Arc<Waker>>> = Arc::new(
             (0..workers)
                 .map(|_| Waker::new().map(Arc::new))
@@ -128,6 +149,7 @@ impl Proxy {
             table.subscribe(move |_| wakers.iter().for_each(|w| w.wake()))
         };
         let mut proxy = Proxy {
+            budget,
             control: control.clone(),
             wakers: wakers.clone(),
             subscription,
@@ -178,6 +200,17 @@ impl Proxy {
     /// The backend running.
     pub fn backend(&self) -> BackendKind {
         self.backend
+    }
+
+    /// The settings in effect: those given, with the connection and flow limits lowered to
+    /// what the descriptor budget allows.
+    pub fn config(&self) -> &ProxyConfig {
+        self.control.config()
+    }
+
+    /// How the process's descriptor limit was split when the proxy started.
+    pub fn descriptor_budget(&self) -> DescriptorBudget {
+        self.budget
     }
 
     /// The service table.

@@ -33,6 +33,7 @@ pub mod backoff;
 pub mod budget;
 pub mod config;
 pub mod control;
+pub mod descriptors;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "fault-injection")]
@@ -53,6 +54,7 @@ pub use backoff::Backoff;
 pub use budget::{Budget, Permit};
 pub use config::{Forwarding, IoUringConfig, ProxyConfig};
 pub use control::{Control, WorkerContext};
+pub use descriptors::DescriptorBudget;
 pub use engine::{Connection, Driver, Engine, Lifecycle, OpenError};
 pub use error::{Problem, TableError, ValidationError};
 pub use flow::{Flow, FlowId, FlowKey, FlowTable, REPLY_GRACE, UNREPLIED_TIMEOUT};

@@ -135,12 +135,7 @@ impl Daemon {
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/metrics") => {
                 let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
-                let text = metrics::render(
-                    &self.table.load(),
-                    seconds,
-                    self.proxy.connections(),
-                    &self.proxy.workers(),
-                );
+                let text = metrics::render(&self.table.load(), seconds, &self.proxy);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             ("GET", "/services") => {

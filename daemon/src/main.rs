@@ -223,6 +223,11 @@ fn run(args: RunArgs) -> ExitCode {
             "client source preservation needs root and capture; backends see the proxy's address"
         );
     }
+    // As many descriptors as the hard limit allows; the proxy splits them (README, limits).
+    match svcproxy::raise_descriptor_limit() {
+        Ok(limit) => info!(limit, "descriptor limit"),
+        Err(e) => warn!("cannot raise the descriptor limit to the hard limit: {e}"),
+    }
     let table = Arc::new(Table::new(TableConfig {
         node_name: settings.node_name.clone(),
         node_addresses: settings.node_addresses.clone(),

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use svcproxy::core::CounterValues;
-use svcproxy::{PortStats, Snapshot, WorkerHealth};
+use svcproxy::{PortStats, Proxy, Snapshot};
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -70,13 +70,11 @@ const METRICS: [Metric; 8] = [
 ];
 
 /// The exposition: per service port and per endpoint counters, table generation, last
-/// publish latency, open connections and each worker's restarts and state.
-pub fn render(
-    snapshot: &Snapshot,
-    publish_seconds: f64,
-    connections: usize,
-    workers: &[WorkerHealth],
-) -> String {
+/// publish latency, open connections, the descriptor budget and each worker's restarts and
+/// state.
+pub fn render(snapshot: &Snapshot, publish_seconds: f64, proxy: &Proxy) -> String {
+    let connections = proxy.connections();
+    let workers = proxy.workers();
     let stats: Vec<PortStats> = snapshot.stats();
     let mut out = String::new();
     for m in &METRICS {
@@ -139,6 +137,34 @@ pub fn render(
     );
     let _ = writeln!(out, "# TYPE svcproxy_open_connections gauge");
     let _ = writeln!(out, "svcproxy_open_connections {connections}");
+    let budget = proxy.descriptor_budget();
+    let config = proxy.config();
+    for (name, help, value) in [
+        (
+            "descriptor_limit",
+            "The process's descriptor limit (RLIMIT_NOFILE) at start.",
+            budget.limit,
+        ),
+        (
+            "descriptor_reserve",
+            "Descriptors kept for listeners, the workers and the admin endpoint.",
+            budget.reserve,
+        ),
+        (
+            "max_connections",
+            "TCP connections served at once, over all workers (the setting, or what the descriptors allow).",
+            config.max_connections as u64,
+        ),
+        (
+            "max_udp_flows",
+            "UDP flows per worker (the setting, or what the descriptors allow).",
+            config.max_udp_flows as u64,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP svcproxy_{name} {help}");
+        let _ = writeln!(out, "# TYPE svcproxy_{name} gauge");
+        let _ = writeln!(out, "svcproxy_{name} {value}");
+    }
     let _ = writeln!(
         out,
         "# HELP svcproxy_worker_restarts_total Times a worker was restarted after it failed."

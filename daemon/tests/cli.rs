@@ -523,36 +523,108 @@ fn reloads_are_safe_and_shutdown_drains_with_healthz_503() {
 
 #[test]
 fn sigterm_stops_the_daemon_even_out_of_descriptors() {
-    let port = free_port();
     let path = temp("exhausted").join("svcproxyd.toml");
-    let text =
-        config(port, &[echo_backend()]).replace("workers = 1", "workers = 1\nshutdown_grace_s = 0");
-    std::fs::write(&path, text).unwrap();
+    let backend = echo_backend();
+    std::fs::write(&path, config(free_port(), &[backend])).unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    // 128 descriptors: each proxied connection takes two or more, so 100 clients exhaust them.
     let mut limited = Command::new("prlimit");
-    limited.arg("--nofile=128:128").arg(BIN);
+    limited.arg("--nofile=48:48").arg(BIN);
     let mut d = Daemon::start_with(limited, &path, admin, &[]);
-    let vip = SocketAddr::from(([127, 0, 0, 1], port));
-    let clients: Vec<TcpStream> = (0..100)
-        .filter_map(|_| TcpStream::connect_timeout(&vip, TIMEOUT).ok())
+    // Listeners are not in the descriptor budget (one per service port and worker): 60
+    // services take every descriptor left, and the admin endpoint waits in accept().
+    let port = free_port();
+    let many: String = (1..=60)
+        .map(|i| {
+            format!(
+                "[[services]]\nname = \"default/s{i}\"\naddresses = [\"127.0.9.{i}\"]\nports = [{{ port = {port} }}]\nendpoints = [{{ address = \"{backend}\" }}]\n"
+            )
+        })
         .collect();
-    // Out of descriptors: the admin endpoint cannot accept a probe any more.
+    std::fs::write(&path, format!("[proxy]\nworkers = 1\n\n{many}")).unwrap();
     eventually("descriptors to run out", || {
-        TcpStream::connect_timeout(&admin, Duration::from_millis(200))
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n")?;
-                let mut reply = Vec::new();
-                s.read_to_end(&mut reply)?;
-                Ok(reply.is_empty())
-            })
-            .unwrap_or(true)
+        d.log.lock().unwrap().contains("Too many open files")
     });
-    // The grace is 0: the admin endpoint stops while the connections (and the descriptors)
-    // are still held.
     let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(d.exit_code("SIGTERM with no descriptor left"), 0);
-    drop(clients);
+}
+
+/// A UDP backend echoing every datagram.
+fn udp_echo_backend() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descriptors() {
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    let path = temp("flood").join("svcproxyd.toml");
+    let text = format!(
+        "[proxy]\nworkers = 1\n\n\
+         [[services]]\nname = \"default/web\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {tcp_port} }}]\nendpoints = [{{ address = \"{}\" }}]\n\n\
+         [[services]]\nname = \"default/dns\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {udp_port}, protocol = \"UDP\" }}]\nendpoints = [{{ address = \"{}\" }}]\n",
+        echo_backend(),
+        udp_echo_backend()
+    );
+    std::fs::write(&path, text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // 256 descriptors: without a budget, 300 UDP flows (a socket each) take them all.
+    let mut limited = Command::new("prlimit");
+    limited.arg("--nofile=256:256").arg(BIN);
+    let _d = Daemon::start_with(limited, &path, admin, &[]);
+    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    assert!(
+        metrics.contains("svcproxy_descriptor_limit 256"),
+        "{metrics}"
+    );
+    let udp_vip = SocketAddr::from(([127, 0, 0, 1], udp_port));
+    let flood: Vec<std::net::UdpSocket> = (0..300)
+        .map(|_| {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(b"flood", udp_vip).unwrap();
+            c
+        })
+        .collect();
+    // Every datagram of the flood was forwarded on a flow or refused.
+    let dns = |metrics: &str, name: &str| -> u64 {
+        let prefix = format!("svcproxy_{name}{{service=\"default/dns\"");
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    eventually("the flood to be handled", || {
+        let (_, m) = http(admin, "GET", "/metrics", "", "");
+        dns(&m, "datagrams_in_total") + dns(&m, "refused_total") >= 300
+    });
+    let tcp_vip = SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    for _ in 0..20 {
+        let mut s = TcpStream::connect_timeout(&tcp_vip, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(b"x").unwrap();
+        s.read_exact(&mut [0])
+            .expect("TCP through the proxy still works");
+    }
+    assert_eq!(
+        http(admin, "GET", "/healthz", "", "").0,
+        200,
+        "so does the admin endpoint"
+    );
+    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    let flows = dns(&metrics, "connections_active");
+    let max = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("svcproxy_max_udp_flows "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(flows <= max && max < 256, "{flows} flows, at most {max}");
+    drop(flood);
 }

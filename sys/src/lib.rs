@@ -13,6 +13,7 @@
 
 pub mod ancillary;
 pub mod dgram;
+pub mod limits;
 pub mod pipe;
 pub mod socket;
 pub mod waker;
