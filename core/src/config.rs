@@ -22,8 +22,13 @@ pub struct ProxyConfig {
     /// Most TCP connections open at once, over all workers; clients beyond it wait in the
     /// accept queue.
     pub max_connections: usize,
-    /// Most UDP flows per worker; datagrams that would start more are dropped.
+    /// Most UDP flows per worker; datagrams that would start more are dropped (after the
+    /// oldest flow no reply came back on is evicted, if there is one).
     pub max_udp_flows: usize,
+    /// Most UDP flows one client IP address may hold per worker; 0: a quarter of
+    /// `max_udp_flows` (see [`ProxyConfig::udp_flows_per_client`]), so that one source
+    /// flooding from many ports cannot take every flow.
+    pub max_udp_flows_per_client: usize,
     /// TCP accept queue length per listener.
     pub listen_backlog: u32,
     /// Size of each splice pipe (the kernel rounds it to pages).
@@ -83,6 +88,7 @@ impl Default for ProxyConfig {
             udp_idle_timeout: Duration::from_secs(30),
             max_connections: 1 << 20,
             max_udp_flows: 1 << 16,
+            max_udp_flows_per_client: 0,
             listen_backlog: 4096,
             pipe_size: 256 << 10,
             udp_batch: 32,
@@ -96,10 +102,16 @@ impl ProxyConfig {
     /// Checks every value; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         self.tcp.validate().map_err(|e| format!("tcp.{e}"))?;
-        let checks: [(&str, u64, u64, u64); 6] = [
+        let checks: [(&str, u64, u64, u64); 7] = [
             ("workers", self.workers as u64, 0, 1024),
             ("max_connections", self.max_connections as u64, 1, 1 << 24),
             ("max_udp_flows", self.max_udp_flows as u64, 1, 1 << 24),
+            (
+                "max_udp_flows_per_client",
+                self.max_udp_flows_per_client as u64,
+                0,
+                1 << 24,
+            ),
             ("listen_backlog", u64::from(self.listen_backlog), 1, 1 << 20),
             ("pipe_size", self.pipe_size as u64, 4096, 64 << 20),
             ("udp_batch", self.udp_batch as u64, 1, 64),
@@ -134,6 +146,15 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The flows one client IP address may hold per worker: `max_udp_flows_per_client`, or a
+    /// quarter of `max_udp_flows` (at least one) when it is 0; never more than `max_udp_flows`.
+    pub fn udp_flows_per_client(&self) -> usize {
+        match self.max_udp_flows_per_client {
+            0 => (self.max_udp_flows / 4).max(1),
+            n => n.min(self.max_udp_flows),
+        }
     }
 
     /// Worker threads to start: `workers`, or the CPU count when 0.

@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::hash::Hash;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
@@ -41,6 +41,23 @@ pub const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// How long a flow that no reply has come back on lasts without datagrams (capped by the idle
 /// timeout).
 pub const UNREPLIED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many flows a table may hold, in all and from one client IP address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Flows in all.
+    pub total: usize,
+    /// Flows from one client IP address.
+    pub per_client: usize,
+}
+
+impl FlowLimits {
+    /// No limits.
+    pub const NONE: FlowLimits = FlowLimits {
+        total: usize::MAX,
+        per_client: usize::MAX,
+    };
+}
 
 /// A client flow: who sent, and to which exact local address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,6 +114,8 @@ pub struct FlowTable<H> {
     /// Flows in the order they started, while (as far as this knows) unreplied: entries for
     /// flows since replied or gone are dropped on the way (and at each expiry).
     unreplied: VecDeque<FlowId>,
+    /// Flows per client IP address.
+    clients: HashMap<IpAddr, usize, RandomState>,
     idle_timeout: Duration,
     seen_generation: Option<u64>,
 }
@@ -108,6 +127,7 @@ impl<H> FlowTable<H> {
             index: HashMap::default(),
             slots: Slots::new(),
             unreplied: VecDeque::new(),
+            clients: HashMap::default(),
             idle_timeout,
             seen_generation: None,
         }
@@ -163,8 +183,9 @@ impl<H> FlowTable<H> {
 
     /// Starts a flow from `key` to an endpoint of the service port `listener` in `snapshot`,
     /// chosen by the port's policy, as every backend does for a client's first datagram.
-    /// `Ok(None)`, with nothing added, when the port is gone, has no eligible endpoint, or this
-    /// table already holds `max_flows` flows (the last two are counted as refused). Otherwise
+    /// `Ok(None)`, with nothing added, when the port is gone, has no eligible endpoint (counted
+    /// as refused), or this table already holds `limits.total` flows, or `limits.per_client`
+    /// from the client's IP address (counted as limited). Otherwise
     /// as [`FlowTable::insert`], with `make_handle` also given the endpoint; when it fails,
     /// the endpoint counts a connect error and the error comes back with the endpoint.
     pub fn open<E>(
@@ -173,7 +194,7 @@ impl<H> FlowTable<H> {
         listener: ServicePortKey,
         snapshot: &Snapshot,
         now: Instant,
-        max_flows: usize,
+        limits: FlowLimits,
         make_handle: impl FnOnce(FlowId, SocketAddr) -> Result<H, E>,
     ) -> Result<Option<FlowId>, (SocketAddr, E)> {
         let Some(port) = snapshot.lookup(&listener) else {
@@ -183,8 +204,9 @@ impl<H> FlowTable<H> {
             port.counters().add_refused();
             return Ok(None);
         };
-        if self.len() >= max_flows {
-            port.counters().add_refused();
+        let theirs = self.clients.get(&key.client.ip()).copied().unwrap_or(0);
+        if self.len() >= limits.total || theirs >= limits.per_client {
+            port.counters().add_limited();
             return Ok(None);
         }
         let endpoint = backend.addr();
@@ -221,9 +243,10 @@ impl<H> FlowTable<H> {
             })
         })?;
         self.unreplied.push_back(id);
+        *self.clients.entry(key.client.ip()).or_insert(0) += 1;
         if let Some(old) = self.index.insert(key, id) {
             // The caller replaced a live flow; dropping it ends its accounting.
-            self.slots.remove(old);
+            self.remove(old);
         }
         Ok(id)
     }
@@ -234,7 +257,19 @@ impl<H> FlowTable<H> {
         if self.index.get(&flow.key) == Some(&id) {
             self.index.remove(&flow.key);
         }
+        let ip = flow.key.client.ip();
+        if let Some(n) = self.clients.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.clients.remove(&ip);
+            }
+        }
         Some(flow)
+    }
+
+    /// Flows from the client IP address `ip`.
+    pub fn client_flows(&self, ip: IpAddr) -> usize {
+        self.clients.get(&ip).copied().unwrap_or(0)
     }
 
     /// Removes and returns every flow idle for longer than the idle timeout (unreplied ones:

@@ -22,6 +22,7 @@ pub struct Counters {
     bytes_out: AtomicU64,
     connect_errors: AtomicU64,
     refused: AtomicU64,
+    limited: AtomicU64,
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
 }
@@ -41,6 +42,9 @@ pub struct CounterValues {
     pub connect_errors: u64,
     /// Clients refused because no endpoint was eligible (service port counters only).
     pub refused: u64,
+    /// Clients (or their first datagrams) refused by a limit: the flow table full, or one
+    /// client over its share (service port counters only).
+    pub limited: u64,
     /// Datagrams from clients to backends.
     pub datagrams_in: u64,
     /// Datagrams from backends to clients.
@@ -55,6 +59,7 @@ impl std::ops::AddAssign for CounterValues {
         self.bytes_out += o.bytes_out;
         self.connect_errors += o.connect_errors;
         self.refused += o.refused;
+        self.limited += o.limited;
         self.datagrams_in += o.datagrams_in;
         self.datagrams_out += o.datagrams_out;
     }
@@ -78,6 +83,12 @@ impl Counters {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a client refused by a limit.
+    #[inline]
+    pub fn add_limited(&self) {
+        self.limited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Reads every counter.
     pub fn values(&self) -> CounterValues {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -88,6 +99,7 @@ impl Counters {
             bytes_out: get(&self.bytes_out),
             connect_errors: get(&self.connect_errors),
             refused: get(&self.refused),
+            limited: get(&self.limited),
             datagrams_in: get(&self.datagrams_in),
             datagrams_out: get(&self.datagrams_out),
         }

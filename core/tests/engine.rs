@@ -470,6 +470,7 @@ fn no_eligible_endpoint_refuses_and_a_removed_port_closes_its_listener() {
 fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
     let config = ProxyConfig {
         max_udp_flows: 2,
+        max_udp_flows_per_client: 2,
         ..ProxyConfig::default()
     };
     let mut f = fixture(config, &[ep(1)]);

@@ -49,7 +49,7 @@ fn flow_key(port: u16) -> FlowKey {
 /// Starts a flow for `key` the way a backend does, with the client's port as its handle.
 fn start(flows: &mut FlowTable<u16>, snap: &Snapshot, key: FlowKey, now: Instant) -> FlowId {
     flows
-        .open(key, listener(), snap, now, usize::MAX, |_, _| {
+        .open(key, listener(), snap, now, FlowLimits::NONE, |_, _| {
             Ok::<_, Infallible>(key.client.port())
         })
         .unwrap()
@@ -94,14 +94,21 @@ fn a_failed_handle_adds_nothing_and_counts_a_connect_error() {
     let snap = table.load();
     let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
     let now = Instant::now();
-    let r = flows.open(flow_key(1), listener(), &snap, now, 8, |_, endpoint| {
-        assert_eq!(
-            endpoint,
-            addr(0),
-            "the handle is made for the chosen endpoint"
-        );
-        Err("no fd")
-    });
+    let r = flows.open(
+        flow_key(1),
+        listener(),
+        &snap,
+        now,
+        FlowLimits::NONE,
+        |_, endpoint| {
+            assert_eq!(
+                endpoint,
+                addr(0),
+                "the handle is made for the chosen endpoint"
+            );
+            Err("no fd")
+        },
+    );
     assert_eq!(r, Err((addr(0), "no fd")));
     assert!(flows.is_empty());
     let totals = table.load().stats()[0].totals;
@@ -115,27 +122,66 @@ fn opening_is_refused_without_endpoints_or_room_and_skipped_for_unknown_ports() 
     let mut flows: FlowTable<u16> = FlowTable::new(Duration::from_secs(30));
     let now = Instant::now();
     let handle = |_: FlowId, _: SocketAddr| Ok::<_, Infallible>(0);
-    let refused = |t: &Table| t.load().stats()[0].totals.refused;
+    let counted = |t: &Table| {
+        let totals = t.load().stats()[0].totals;
+        (totals.refused, totals.limited)
+    };
+    let room = |total| FlowLimits {
+        total,
+        per_client: usize::MAX,
+    };
 
-    // Room for one flow: the first opens, the second is refused.
-    let first = flows.open(flow_key(1), listener(), &table.load(), now, 1, handle);
+    // Room for one flow: the first opens, the second is refused by the limit.
+    let first = flows.open(flow_key(1), listener(), &table.load(), now, room(1), handle);
     assert!(matches!(first, Ok(Some(_))));
-    let second = flows.open(flow_key(2), listener(), &table.load(), now, 1, handle);
+    let second = flows.open(flow_key(2), listener(), &table.load(), now, room(1), handle);
     assert!(matches!(second, Ok(None)));
-    assert_eq!(refused(&table), 1);
+    assert_eq!(counted(&table), (0, 1));
+
+    // One client's share: a third port of the same client address is refused, another
+    // client's first flow opens.
+    let share = FlowLimits {
+        total: 8,
+        per_client: 2,
+    };
+    let mine = flows.open(flow_key(5), listener(), &table.load(), now, share, handle);
+    assert!(matches!(mine, Ok(Some(_))));
+    assert_eq!(flows.client_flows(flow_key(5).client.ip()), 2);
+    let over = flows.open(flow_key(6), listener(), &table.load(), now, share, handle);
+    assert!(matches!(over, Ok(None)));
+    assert_eq!(counted(&table), (0, 2));
+    let other = FlowKey {
+        client: SocketAddr::from(([127, 0, 0, 3], 6)),
+        ..flow_key(6)
+    };
+    let theirs = flows.open(other, listener(), &table.load(), now, share, handle);
+    assert!(matches!(theirs, Ok(Some(_))));
 
     // No eligible endpoint: refused.
     set_endpoints(&table, &[]);
-    let none = flows.open(flow_key(3), listener(), &table.load(), now, 8, handle);
+    let none = flows.open(flow_key(3), listener(), &table.load(), now, room(8), handle);
     assert!(matches!(none, Ok(None)));
-    assert_eq!(refused(&table), 2);
+    assert_eq!(counted(&table), (1, 2));
 
     // A port the table does not have: nothing to count.
-    let other = ServicePortKey::new("0.0.0.0:54".parse().unwrap(), Protocol::Udp);
-    let unknown = flows.open(flow_key(4), other, &table.load(), now, 8, handle);
+    let unknown_port = ServicePortKey::new("0.0.0.0:54".parse().unwrap(), Protocol::Udp);
+    let unknown = flows.open(
+        flow_key(4),
+        unknown_port,
+        &table.load(),
+        now,
+        room(8),
+        handle,
+    );
     assert!(matches!(unknown, Ok(None)));
-    assert_eq!(refused(&table), 2);
-    assert_eq!(flows.len(), 1);
+    assert_eq!(counted(&table), (1, 2));
+    assert_eq!(flows.len(), 3);
+    // Removing flows gives the client its share back.
+    let ids: Vec<FlowId> = flows.iter().map(|(id, _)| id).collect();
+    for id in ids {
+        drop(flows.remove(id));
+    }
+    assert_eq!(flows.client_flows(flow_key(5).client.ip()), 0);
 }
 
 #[test]

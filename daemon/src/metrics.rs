@@ -18,7 +18,7 @@ struct Metric {
     value: fn(&CounterValues) -> u64,
 }
 
-const METRICS: [Metric; 8] = [
+const METRICS: [Metric; 9] = [
     Metric {
         name: "connections_total",
         kind: "counter",
@@ -54,6 +54,12 @@ const METRICS: [Metric; 8] = [
         kind: "counter",
         help: "Clients refused for lack of an eligible endpoint.",
         value: |v| v.refused,
+    },
+    Metric {
+        name: "limited_total",
+        kind: "counter",
+        help: "Clients refused by a limit: the UDP flow table full, or one client address over its share.",
+        value: |v| v.limited,
     },
     Metric {
         name: "datagrams_in_total",

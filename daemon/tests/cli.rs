@@ -592,7 +592,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
             c
         })
         .collect();
-    // Every datagram of the flood was forwarded on a flow or refused.
+    // Every datagram of the flood was forwarded on a flow or refused by a limit.
     let dns = |metrics: &str, name: &str| -> u64 {
         let prefix = format!("svcproxy_{name}{{service=\"default/dns\"");
         metrics
@@ -603,7 +603,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
     };
     eventually("the flood to be handled", || {
         let (_, m) = http(admin, "GET", "/metrics", "", "");
-        dns(&m, "datagrams_in_total") + dns(&m, "refused_total") >= 300
+        dns(&m, "datagrams_in_total") + dns(&m, "limited_total") >= 300
     });
     let tcp_vip = SocketAddr::from(([127, 0, 0, 1], tcp_port));
     for _ in 0..20 {
@@ -618,13 +618,29 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
         200,
         "so does the admin endpoint"
     );
+    // One source took its share of the flows; a client from another address still gets one.
+    let client = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    for i in 0..10u8 {
+        client.send_to(&[i], udp_vip).unwrap();
+        let mut reply = [0u8; 4];
+        let (n, from) = client
+            .recv_from(&mut reply)
+            .expect("a reply through the proxy");
+        assert_eq!((&reply[..n], from), (&[i][..], udp_vip));
+    }
     let (_, metrics) = http(admin, "GET", "/metrics", "", "");
-    let flows = dns(&metrics, "connections_active");
     let max = metrics
         .lines()
         .find_map(|l| l.strip_prefix("svcproxy_max_udp_flows "))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap();
-    assert!(flows <= max && max < 256, "{flows} flows, at most {max}");
+    let flows = dns(&metrics, "connections_active");
+    assert!(
+        flows <= max / 4 + 1,
+        "{flows} flows, the flood's share is {}",
+        max / 4
+    );
+    assert!(dns(&metrics, "limited_total") >= 300 - max / 4, "{metrics}");
     drop(flood);
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tracing::debug;
 
 use super::{Driver, Engine};
-use crate::flow::{FlowId, FlowKey, FlowTable};
+use crate::flow::{FlowId, FlowKey, FlowLimits, FlowTable};
 use crate::loom::sync::Arc;
 use crate::model::ServicePortKey;
 use crate::table::Snapshot;
@@ -47,15 +47,18 @@ impl<D: Driver> Engine<D> {
             return Some(id);
         }
         let source = self.config.preserve_client_ip.then_some(client);
-        let max = self.config.max_udp_flows;
-        if self.flows.len() >= max
+        let limits = FlowLimits {
+            total: self.config.max_udp_flows,
+            per_client: self.config.udp_flows_per_client(),
+        };
+        if self.flows.len() >= limits.total
             && let Some(old) = self.flows.evict_oldest_unreplied()
         {
             debug!(client = %old.key.client, "flow evicted to make room: no reply came back on it");
             io.close_flow(old.handle);
         }
         self.flows
-            .open(key, *listener, snapshot, now, max, |id, endpoint| {
+            .open(key, *listener, snapshot, now, limits, |id, endpoint| {
                 io.open_flow(id, endpoint, source)
             })
             .unwrap_or_else(|(endpoint, e)| {
