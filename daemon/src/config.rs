@@ -11,7 +11,9 @@
 //! connect_attempts = 3        # 1 to 8
 //! idle_timeout_s = 3600       # 0: never; at most 31536000 (365 days)
 //! udp_idle_timeout_s = 30     # 1 to 86400
-//! max_connections = 1048576   # 1 to 16777216
+//! max_connections = 1048576   # 1 to 16777216, lowered to what the descriptor limit allows
+//! max_udp_flows = 65536       # per worker; 1 to 16777216, lowered likewise
+//! max_udp_flows_per_client = 0  # per worker and client address; 0: a quarter of max_udp_flows
 //! drain_close_after_s = 0     # 0: connections to removed endpoints run on; at most 86400
 //! shutdown_grace_s = 5        # 0 to 3600
 //!
@@ -91,6 +93,8 @@ struct ProxySection {
     idle_timeout_s: u64,
     udp_idle_timeout_s: u64,
     max_connections: usize,
+    max_udp_flows: usize,
+    max_udp_flows_per_client: usize,
     drain_close_after_s: u64,
     shutdown_grace_s: u64,
     forwarding: String,
@@ -107,6 +111,8 @@ impl Default for ProxySection {
             idle_timeout_s: d.tcp.idle_timeout.map_or(0, |t| t.as_secs()),
             udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
             max_connections: d.max_connections,
+            max_udp_flows: d.max_udp_flows,
+            max_udp_flows_per_client: d.max_udp_flows_per_client,
             drain_close_after_s: 0,
             shutdown_grace_s: 5,
             forwarding: "buffers".into(),
@@ -382,6 +388,8 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     let mut proxy = ProxyConfig {
         workers: p.workers,
         max_connections: p.max_connections,
+        max_udp_flows: p.max_udp_flows,
+        max_udp_flows_per_client: p.max_udp_flows_per_client,
         udp_idle_timeout: duration(
             "udp_idle_timeout_s",
             Duration::from_secs(p.udp_idle_timeout_s),
@@ -525,6 +533,7 @@ backend = "epoll"
 workers = 2
 connect_timeout_ms = 250
 idle_timeout_s = 0
+max_udp_flows_per_client = 7
 drain_close_after_s = 30
 forwarding = "splice"
 
@@ -555,6 +564,7 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         assert_eq!(s.proxy.workers, 2);
         assert_eq!(s.proxy.tcp.connect_timeout, Duration::from_millis(250));
         assert_eq!(s.proxy.tcp.idle_timeout, None);
+        assert_eq!(s.proxy.udp_flows_per_client(), 7);
         assert_eq!(
             s.proxy.tcp.drain,
             DrainPolicy::CloseAfter(Duration::from_secs(30))
