@@ -22,6 +22,11 @@ pub struct ProxyConfig {
     /// Most TCP connections open at once, over all workers; clients beyond it wait in the
     /// accept queue.
     pub max_connections: usize,
+    /// Most TCP connections one client IP address may hold, over all workers; 0: a quarter
+    /// of `max_connections` (see
+    /// [`ProxyConfig::connections_per_client`]). A client over it is reset and counted
+    /// limited.
+    pub max_connections_per_client: usize,
     /// Most UDP flows per worker; datagrams that would start more are dropped (after the
     /// oldest flow no reply came back on is evicted, if there is one).
     pub max_udp_flows: usize,
@@ -87,6 +92,7 @@ impl Default for ProxyConfig {
             tcp: TcpPolicy::default(),
             udp_idle_timeout: Duration::from_secs(30),
             max_connections: 1 << 20,
+            max_connections_per_client: 0,
             max_udp_flows: 1 << 16,
             max_udp_flows_per_client: 0,
             listen_backlog: 4096,
@@ -102,9 +108,15 @@ impl ProxyConfig {
     /// Checks every value; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         self.tcp.validate().map_err(|e| format!("tcp.{e}"))?;
-        let checks: [(&str, u64, u64, u64); 7] = [
+        let checks: [(&str, u64, u64, u64); 8] = [
             ("workers", self.workers as u64, 0, 1024),
             ("max_connections", self.max_connections as u64, 1, 1 << 24),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client as u64,
+                0,
+                1 << 24,
+            ),
             ("max_udp_flows", self.max_udp_flows as u64, 1, 1 << 24),
             (
                 "max_udp_flows_per_client",
@@ -146,6 +158,16 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The connections one client IP address may hold, over all workers:
+    /// `max_connections_per_client`, or a quarter of `max_connections` (at least one) when it
+    /// is 0; never more than `max_connections`.
+    pub fn connections_per_client(&self) -> usize {
+        match self.max_connections_per_client {
+            0 => (self.max_connections / 4).max(1),
+            n => n.min(self.max_connections),
+        }
     }
 
     /// The flows one client IP address may hold per worker: `max_udp_flows_per_client`, or a

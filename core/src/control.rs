@@ -6,11 +6,13 @@
 //! failures are recorded per frontend so that the owner can show them.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::budget::{Budget, Permit};
+use crate::clients::{ClientPermit, SharedClientCounts};
 use crate::config::ProxyConfig;
 use crate::model::ServicePortKey;
 use crate::supervisor::WorkerHealth;
@@ -31,6 +33,7 @@ pub struct Control {
     budget: crate::loom::sync::Arc<Budget>,
     bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
     health: Mutex<Vec<WorkerHealth>>,
+    clients: Arc<SharedClientCounts>,
 }
 
 impl std::fmt::Debug for Control {
@@ -79,6 +82,7 @@ impl Control {
             budget: crate::loom::sync::Arc::new(Budget::new(config.max_connections, workers)),
             bind_errors: Mutex::new(BTreeMap::new()),
             health: Mutex::new(vec![WorkerHealth::default(); workers]),
+            clients: Arc::default(),
         }
     }
 
@@ -200,6 +204,13 @@ impl Control {
     #[inline]
     pub fn admit(&self, worker: usize) -> Option<Permit> {
         Budget::admit(&self.budget, worker)
+    }
+
+    /// One connection's unit of `ip`'s share ([`ProxyConfig::connections_per_client`]), over
+    /// all workers; `None` when it holds its share.
+    #[inline]
+    pub fn admit_client(&self, ip: IpAddr) -> Option<ClientPermit> {
+        SharedClientCounts::admit(&self.clients, ip, self.config.connections_per_client())
     }
 
     /// TCP connections open now, over all workers.

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 use hashbrown::HashMap;
 
+use crate::clients::ClientCounts;
 use crate::model::ServicePortKey;
 use crate::select::Backend;
 use crate::slots::{SlotId, Slots};
@@ -115,7 +116,7 @@ pub struct FlowTable<H> {
     /// flows since replied or gone are dropped on the way (and at each expiry).
     unreplied: VecDeque<FlowId>,
     /// Flows per client IP address.
-    clients: HashMap<IpAddr, usize, RandomState>,
+    clients: ClientCounts,
     idle_timeout: Duration,
     seen_generation: Option<u64>,
 }
@@ -127,7 +128,7 @@ impl<H> FlowTable<H> {
             index: HashMap::default(),
             slots: Slots::new(),
             unreplied: VecDeque::new(),
-            clients: HashMap::default(),
+            clients: ClientCounts::default(),
             idle_timeout,
             seen_generation: None,
         }
@@ -204,7 +205,7 @@ impl<H> FlowTable<H> {
             port.counters().add_refused();
             return Ok(None);
         };
-        let theirs = self.clients.get(&key.client.ip()).copied().unwrap_or(0);
+        let theirs = self.clients.get(key.client.ip());
         if self.len() >= limits.total || theirs >= limits.per_client {
             port.counters().add_limited();
             return Ok(None);
@@ -243,7 +244,7 @@ impl<H> FlowTable<H> {
             })
         })?;
         self.unreplied.push_back(id);
-        *self.clients.entry(key.client.ip()).or_insert(0) += 1;
+        self.clients.add(key.client.ip());
         if let Some(old) = self.index.insert(key, id) {
             // The caller replaced a live flow; dropping it ends its accounting.
             self.remove(old);
@@ -257,19 +258,13 @@ impl<H> FlowTable<H> {
         if self.index.get(&flow.key) == Some(&id) {
             self.index.remove(&flow.key);
         }
-        let ip = flow.key.client.ip();
-        if let Some(n) = self.clients.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.clients.remove(&ip);
-            }
-        }
+        self.clients.remove(flow.key.client.ip());
         Some(flow)
     }
 
     /// Flows from the client IP address `ip`.
     pub fn client_flows(&self, ip: IpAddr) -> usize {
-        self.clients.get(&ip).copied().unwrap_or(0)
+        self.clients.get(ip)
     }
 
     /// Removes and returns every flow idle for longer than the idle timeout (unreplied ones:

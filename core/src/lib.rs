@@ -31,6 +31,7 @@
 
 pub mod backoff;
 pub mod budget;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod descriptors;

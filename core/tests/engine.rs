@@ -507,3 +507,36 @@ fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
     assert!(open(&mut f, 4).is_none());
     assert_eq!(f.engine.flows().len(), 2);
 }
+
+#[test]
+fn one_client_address_holds_at_most_its_share_of_connections() {
+    let config = ProxyConfig {
+        max_connections: 8,
+        max_connections_per_client: 2,
+        ..ProxyConfig::default()
+    };
+    let mut f = fixture(config, &[ep(1)]);
+    let first = f.open(1, f.t0);
+    f.open(2, f.t0);
+    f.io.take();
+    // The third connection from the same address is reset, and counted limited.
+    f.accept(3, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Close(3, Some(Side::Client))]);
+    let limited = |f: &Fixture| f.table.load().stats()[0].totals.limited;
+    assert_eq!(limited(&f), 1);
+    assert_eq!(f.control.connections(), 2, "its budget unit went back");
+    // Another address is served; and when a connection ends, the first address may again.
+    f.engine.accepted(
+        &mut f.io,
+        f.listener,
+        4,
+        SocketAddr::from(([127, 0, 0, 3], 4)),
+        f.t0,
+    );
+    assert_eq!(f.io.take(), vec![Cmd::Connect(4, ep(1))]);
+    f.engine.close(&mut f.io, first, None);
+    f.io.take();
+    f.accept(5, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Connect(5, ep(1))]);
+    assert_eq!(limited(&f), 1);
+}

@@ -12,6 +12,7 @@
 //! idle_timeout_s = 3600       # 0: never; at most 31536000 (365 days)
 //! udp_idle_timeout_s = 30     # 1 to 86400
 //! max_connections = 1048576   # 1 to 16777216, lowered to what the descriptor limit allows
+//! max_connections_per_client = 0  # per client address; 0: a quarter of max_connections
 //! max_udp_flows = 65536       # per worker; 1 to 16777216, lowered likewise
 //! max_udp_flows_per_client = 0  # per worker and client address; 0: a quarter of max_udp_flows
 //! drain_close_after_s = 0     # 0: connections to removed endpoints run on; at most 86400
@@ -93,6 +94,7 @@ struct ProxySection {
     idle_timeout_s: u64,
     udp_idle_timeout_s: u64,
     max_connections: usize,
+    max_connections_per_client: usize,
     max_udp_flows: usize,
     max_udp_flows_per_client: usize,
     drain_close_after_s: u64,
@@ -111,6 +113,7 @@ impl Default for ProxySection {
             idle_timeout_s: d.tcp.idle_timeout.map_or(0, |t| t.as_secs()),
             udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
             max_connections: d.max_connections,
+            max_connections_per_client: d.max_connections_per_client,
             max_udp_flows: d.max_udp_flows,
             max_udp_flows_per_client: d.max_udp_flows_per_client,
             drain_close_after_s: 0,
@@ -388,6 +391,7 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     let mut proxy = ProxyConfig {
         workers: p.workers,
         max_connections: p.max_connections,
+        max_connections_per_client: p.max_connections_per_client,
         max_udp_flows: p.max_udp_flows,
         max_udp_flows_per_client: p.max_udp_flows_per_client,
         udp_idle_timeout: duration(

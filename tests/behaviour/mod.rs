@@ -685,6 +685,8 @@ pub fn connection_limit_holds_clients_until_one_closes(backend: BackendKind, sui
     let server = TcpServer::identify();
     let mut config = config();
     config.max_connections = 2;
+    // Every client here has one address: let it have the whole limit.
+    config.max_connections_per_client = 2;
     let (proxy, vip) = serve(
         backend,
         suite,

@@ -25,6 +25,7 @@ use tracing::debug;
 
 use super::{ConnId, Driver, Engine, OpenError, Timer, TimerId, Timers, Waiting};
 use crate::budget::Permit;
+use crate::clients::ClientPermit;
 use crate::model::ServicePortKey;
 use crate::select::{Backend, PortState};
 use crate::session::{Direction, Side, Step, TcpSession};
@@ -54,11 +55,17 @@ pub struct Lifecycle {
     /// The connect deadline while connecting, the idle check once connected.
     pub(super) timer: Option<TimerId>,
     pub(super) drain: Option<TimerId>,
-    _permit: Permit,
+    /// The connection's budget unit and its client address's share: given back on drop.
+    _permits: (Permit, ClientPermit),
 }
 
 impl Lifecycle {
-    fn new(listener: ServicePortKey, client: SocketAddr, permit: Permit, now: Instant) -> Self {
+    fn new(
+        listener: ServicePortKey,
+        client: SocketAddr,
+        permits: (Permit, ClientPermit),
+        now: Instant,
+    ) -> Self {
         Self {
             listener,
             client,
@@ -68,7 +75,7 @@ impl Lifecycle {
             last_activity: now,
             timer: None,
             drain: None,
-            _permit: permit,
+            _permits: permits,
         }
     }
 
@@ -155,6 +162,11 @@ impl<D: Driver> Engine<D> {
             io.close(None, w.io, Some(Side::Client));
             return Ok(());
         };
+        let Some(share) = self.ctx.control.admit_client(w.peer.ip()) else {
+            port.counters().add_limited();
+            io.close(None, w.io, Some(Side::Client));
+            return Ok(());
+        };
         let Some(first) = port.select(w.peer, now) else {
             port.counters().add_refused();
             io.close(None, w.io, Some(Side::Client));
@@ -163,7 +175,7 @@ impl<D: Driver> Engine<D> {
         let (listener, peer) = (w.listener, w.peer);
         let id = self.conns.insert(Connection {
             io: w.io,
-            state: Lifecycle::new(listener, peer, permit, now),
+            state: Lifecycle::new(listener, peer, (permit, share), now),
         });
         match self.attempt(io, id, port, first, true, now) {
             Attempt::Connecting => {
