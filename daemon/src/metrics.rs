@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use svcproxy::core::CounterValues;
-use svcproxy::{PortStats, Proxy, Snapshot};
+use svcproxy::{PortStats, Proxy, Snapshot, WorkerHealth};
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -11,14 +11,29 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-struct Metric {
+struct Metric<T> {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    value: fn(&CounterValues) -> u64,
+    value: fn(&T) -> u64,
 }
 
-const METRICS: [Metric; 9] = [
+const WORKER_METRICS: [Metric<WorkerHealth>; 2] = [
+    Metric {
+        name: "worker_restarts_total",
+        kind: "counter",
+        help: "Times a worker was restarted after it failed.",
+        value: |w| w.restarts,
+    },
+    Metric {
+        name: "worker_up",
+        kind: "gauge",
+        help: "Whether a worker serves (0: given up on after failing again and again).",
+        value: |w| u64::from(!w.down),
+    },
+];
+
+const METRICS: [Metric<CounterValues>; 9] = [
     Metric {
         name: "connections_total",
         kind: "counter",
@@ -171,29 +186,17 @@ pub fn render(snapshot: &Snapshot, publish_seconds: f64, proxy: &Proxy) -> Strin
         let _ = writeln!(out, "# TYPE svcproxy_{name} gauge");
         let _ = writeln!(out, "svcproxy_{name} {value}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP svcproxy_worker_restarts_total Times a worker was restarted after it failed."
-    );
-    let _ = writeln!(out, "# TYPE svcproxy_worker_restarts_total counter");
-    for (i, w) in workers.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "svcproxy_worker_restarts_total{{worker=\"{i}\"}} {}",
-            w.restarts
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP svcproxy_worker_up Whether a worker serves (0: given up on after failing again and again)."
-    );
-    let _ = writeln!(out, "# TYPE svcproxy_worker_up gauge");
-    for (i, w) in workers.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "svcproxy_worker_up{{worker=\"{i}\"}} {}",
-            u8::from(!w.down)
-        );
+    for m in &WORKER_METRICS {
+        let _ = writeln!(out, "# HELP svcproxy_{} {}", m.name, m.help);
+        let _ = writeln!(out, "# TYPE svcproxy_{} {}", m.name, m.kind);
+        for (i, w) in workers.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "svcproxy_{}{{worker=\"{i}\"}} {}",
+                m.name,
+                (m.value)(w)
+            );
+        }
     }
     out
 }

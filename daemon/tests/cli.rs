@@ -132,6 +132,17 @@ impl Daemon {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The health report once `/healthz` answers 503.
+    fn unhealthy(&self) -> serde_json::Value {
+        let mut health = String::new();
+        eventually("/healthz to say 503", || {
+            let (status, body) = http(self.admin, "GET", "/healthz", "", "");
+            health = body;
+            status == 503
+        });
+        serde_json::from_str(&health).unwrap()
+    }
+
     fn generation(&self) -> u64 {
         self.health()["generation"].as_u64().unwrap()
     }
@@ -423,13 +434,7 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
         &fault,
     );
     assert_eq!(status, 200, "{body}");
-    let mut health = String::new();
-    eventually("/healthz to say 503", || {
-        let (status, body) = http(admin, "GET", "/healthz", "", "");
-        health = body;
-        status == 503
-    });
-    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let health = d.unhealthy();
     let reason = health["unhealthy"].as_str().unwrap();
     assert!(
         reason.contains("worker 0 failed") && reason.contains("fault injected"),
@@ -504,13 +509,7 @@ fn reloads_are_safe_and_shutdown_drains_with_healthz_503() {
     // SIGTERM: /healthz says 503 for as long as connections drain, and they keep working.
     let pid = rustix::process::Pid::from_raw(d.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let mut health = String::new();
-    eventually("/healthz to say 503", || {
-        let (status, body) = http(admin, "GET", "/healthz", "", "");
-        health = body;
-        status == 503
-    });
-    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let health = d.unhealthy();
     assert_eq!(health["unhealthy"], "shutting down");
     echo(&mut held).expect("a connection open at SIGTERM keeps working while it drains");
     assert!(
