@@ -23,6 +23,7 @@ pub struct Counters {
     connect_errors: AtomicU64,
     refused: AtomicU64,
     limited: AtomicU64,
+    evicted: AtomicU64,
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
 }
@@ -45,6 +46,8 @@ pub struct CounterValues {
     /// Clients (or their first datagrams) refused by a limit: the flow table full, or one
     /// client over its share (service port counters only).
     pub limited: u64,
+    /// UDP flows evicted to make room at the flow limit (no reply had come back on them).
+    pub evicted: u64,
     /// Datagrams from clients to backends.
     pub datagrams_in: u64,
     /// Datagrams from backends to clients.
@@ -60,6 +63,7 @@ impl std::ops::AddAssign for CounterValues {
         self.connect_errors += o.connect_errors;
         self.refused += o.refused;
         self.limited += o.limited;
+        self.evicted += o.evicted;
         self.datagrams_in += o.datagrams_in;
         self.datagrams_out += o.datagrams_out;
     }
@@ -100,6 +104,7 @@ impl Counters {
             connect_errors: get(&self.connect_errors),
             refused: get(&self.refused),
             limited: get(&self.limited),
+            evicted: get(&self.evicted),
             datagrams_in: get(&self.datagrams_in),
             datagrams_out: get(&self.datagrams_out),
         }
@@ -134,6 +139,14 @@ impl Tally {
             c.connections_active.fetch_add(1, Ordering::Relaxed);
         }
         Opened(self.clone())
+    }
+
+    /// Counts a flow to the endpoint evicted to make room.
+    #[inline]
+    pub fn evicted(&self) {
+        for c in [&self.port, &self.endpoint] {
+            c.evicted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a failed connection attempt to the endpoint.

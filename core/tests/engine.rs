@@ -502,6 +502,15 @@ fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
     assert_eq!(f.io.take(), vec![Cmd::CloseFlow(b_endpoint)]);
     assert!(f.engine.flows().get(b).is_none());
     assert!(f.engine.flows().get(a).is_some() && f.engine.flows().get(c).is_some());
+    let dns = |f: &Fixture| {
+        let stats = f.table.load().stats();
+        stats
+            .into_iter()
+            .find(|s| s.service == "dns")
+            .unwrap()
+            .totals
+    };
+    assert_eq!(dns(&f).evicted, 1, "counted");
     // With every flow replied, there is nothing to evict: the datagram is dropped.
     f.engine.flows_mut().replied(c, f.t0);
     assert!(open(&mut f, 4).is_none());

@@ -33,7 +33,7 @@ const WORKER_METRICS: [Metric<WorkerHealth>; 2] = [
     },
 ];
 
-const METRICS: [Metric<CounterValues>; 9] = [
+const METRICS: [Metric<CounterValues>; 10] = [
     Metric {
         name: "connections_total",
         kind: "counter",
@@ -75,6 +75,12 @@ const METRICS: [Metric<CounterValues>; 9] = [
         kind: "counter",
         help: "Clients refused by a limit: the UDP flow table full, or one client address over its share.",
         value: |v| v.limited,
+    },
+    Metric {
+        name: "evicted_total",
+        kind: "counter",
+        help: "UDP flows evicted to make room at the flow limit (no reply had come back on them).",
+        value: |v| v.evicted,
     },
     Metric {
         name: "datagrams_in_total",

@@ -73,8 +73,13 @@ fn http_head(admin: SocketAddr, head: &str) -> u16 {
 }
 
 /// Waits for `condition` (polling the daemon's own interfaces), failing after TIMEOUT.
-fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
+fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    eventually_within(TIMEOUT, what, condition);
+}
+
+/// Waits up to `limit` for `condition`, polling.
+fn eventually_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
@@ -642,4 +647,130 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
     );
     assert!(dns(&metrics, "limited_total") >= 300 - max / 4, "{metrics}");
     drop(flood);
+}
+
+/// A UDP backend answering only datagrams that start with `probe` (a flood gets no reply).
+fn udp_probe_backend() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            if buf[..n].starts_with(b"probe") {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        }
+    });
+    addr
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// One datagram from each of 100,000 source ports on 400 loopback addresses, against each
+/// backend, while another client opens TCP connections and asks over UDP through the proxy.
+#[test]
+fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind() {
+    for backend in ["epoll", "io_uring"] {
+        let (tcp_port, udp_port) = (free_port(), free_port());
+        let path = temp(&format!("flood100k-{backend}")).join("svcproxyd.toml");
+        let text = format!(
+            "[proxy]\nworkers = 2\n\n\
+             [[services]]\nname = \"default/web\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {tcp_port} }}]\nendpoints = [{{ address = \"{}\" }}]\n\n\
+             [[services]]\nname = \"default/dns\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {udp_port}, protocol = \"UDP\" }}]\nendpoints = [{{ address = \"{}\" }}]\n",
+            echo_backend(),
+            udp_probe_backend()
+        );
+        std::fs::write(&path, text).unwrap();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let d = Daemon::start(&path, admin, &["--backend", backend]);
+        let (tcp_vip, udp_vip) = (
+            SocketAddr::from(([127, 0, 0, 1], tcp_port)),
+            SocketAddr::from(([127, 0, 0, 1], udp_port)),
+        );
+        let metric = |name: &str| -> u64 {
+            let (_, m) = http(admin, "GET", "/metrics", "", "");
+            let prefix = format!("svcproxy_{name}{{service=\"default/dns\"");
+            m.lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let baseline = open_descriptors(d.child.id());
+        let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let client = {
+            let flooding = flooding.clone();
+            std::thread::spawn(move || {
+                let udp = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+                udp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut rounds = 0u32;
+                while flooding.load(std::sync::atomic::Ordering::SeqCst) && rounds < 2000 {
+                    let mut s = TcpStream::connect_timeout(&tcp_vip, TIMEOUT).unwrap();
+                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    s.write_all(b"x").unwrap();
+                    s.read_exact(&mut [0])
+                        .expect("a TCP exchange during the flood");
+                    // A datagram can be lost in a full socket buffer: ask up to 3 times, as
+                    // any resolver would.
+                    let question = format!("probe {rounds}");
+                    let answered = (0..3).any(|_| {
+                        udp.send_to(question.as_bytes(), udp_vip).unwrap();
+                        let mut reply = [0u8; 64];
+                        udp.recv_from(&mut reply).is_ok_and(|(n, from)| {
+                            &reply[..n] == question.as_bytes() && from == udp_vip
+                        })
+                    });
+                    assert!(answered, "round {rounds}: no answer over UDP");
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        for i in 0..100_000u32 {
+            let source =
+                std::net::Ipv4Addr::new(127, 0, 10 + (i % 400 / 200) as u8, (i % 200) as u8 + 1);
+            let s = std::net::UdpSocket::bind((source, 0)).unwrap();
+            let _ = s.send_to(b"flood", udp_vip);
+        }
+        flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+        let rounds = client.join().unwrap();
+        assert!(rounds > 0, "{backend}: the client ran");
+        // More flows than fit: the counters show those evicted to make room (some of the
+        // flood is lost in socket buffers, as UDP is under any flood).
+        eventually("the evicted flows to be counted", || {
+            metric("evicted_total") > 0
+        });
+        eprintln!(
+            "{backend}: {} flood datagrams in, {} flows evicted, {} limited, {rounds} client rounds",
+            metric("datagrams_in_total"),
+            metric("evicted_total"),
+            metric("limited_total")
+        );
+        let (_, m) = http(admin, "GET", "/metrics", "", "");
+        let max: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("svcproxy_max_udp_flows "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(
+            metric("connections_active") <= 2 * max,
+            "{backend}: flows within the budget"
+        );
+        // Unanswered flows expire after 5 s: back to the idle baseline (the client's own
+        // flow may still be there).
+        eventually_within(
+            Duration::from_secs(30),
+            "the flood's flows to expire",
+            || metric("connections_active") <= 1,
+        );
+        eventually_within(
+            Duration::from_secs(30),
+            "the descriptors to come back",
+            || open_descriptors(d.child.id()) <= baseline + 1,
+        );
+        assert_eq!(d.stop(), 0, "{backend}");
+    }
 }

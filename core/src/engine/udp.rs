@@ -55,6 +55,7 @@ impl<D: Driver> Engine<D> {
             && let Some(old) = self.flows.evict_oldest_unreplied()
         {
             debug!(client = %old.key.client, "flow evicted to make room: no reply came back on it");
+            old.tally.evicted();
             io.close_flow(old.handle);
         }
         self.flows
