@@ -55,15 +55,16 @@ pub struct Lifecycle {
     /// The connect deadline while connecting, the idle check once connected.
     pub(super) timer: Option<TimerId>,
     pub(super) drain: Option<TimerId>,
-    /// The connection's budget unit and its client address's share: given back on drop.
-    _permits: (Permit, ClientPermit),
+    /// The connection's client address's share and budget unit, given back on drop in this
+    /// order: a worker woken by the unit must find the share back already.
+    _permits: (ClientPermit, Permit),
 }
 
 impl Lifecycle {
     fn new(
         listener: ServicePortKey,
         client: SocketAddr,
-        permits: (Permit, ClientPermit),
+        permits: (ClientPermit, Permit),
         now: Instant,
     ) -> Self {
         Self {
@@ -175,7 +176,7 @@ impl<D: Driver> Engine<D> {
         let (listener, peer) = (w.listener, w.peer);
         let id = self.conns.insert(Connection {
             io: w.io,
-            state: Lifecycle::new(listener, peer, (permit, share), now),
+            state: Lifecycle::new(listener, peer, (share, permit), now),
         });
         match self.attempt(io, id, port, first, true, now) {
             Attempt::Connecting => {
