@@ -91,11 +91,6 @@ pub struct Flow<H> {
 }
 
 impl<H> Flow<H> {
-    /// Whether a reply has come back on the flow.
-    pub fn is_replied(&self) -> bool {
-        self.replied
-    }
-
     /// When a datagram last passed, either way.
     pub fn last_seen(&self) -> Instant {
         self.last_seen

@@ -663,6 +663,14 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         dir
     }
 
+    /// What a directory of its own holding `files` loads to; the directory is removed first.
+    fn load_dir(name: &str, files: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+        let d = dir(name, files);
+        let loaded = load(&d);
+        std::fs::remove_dir_all(&d).unwrap();
+        loaded
+    }
+
     const WEB: &str = "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}]}\n";
 
     #[test]
@@ -711,7 +719,7 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
             "{e}"
         );
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [198.19.0.1]}]\n";
-        let d = dir(
+        let e = load_dir(
             "dups",
             &[
                 ("a.yaml", WEB),
@@ -719,8 +727,9 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
                 ("c.yaml", slice),
                 ("d.yml", slice),
             ],
-        );
-        let e = load(&d).unwrap_err().to_string();
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("b.yaml: Service default/web: defined twice (first at ")
                 && e.contains("a.yaml: Service default/web)"),
@@ -730,16 +739,16 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
             e.contains("d.yml: EndpointSlice default/web-1: defined twice"),
             "{e}"
         );
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn unknown_kinds_and_fields_are_warnings_with_a_hint() {
         let typo = "kind: Servce\nmetadata: {name: x}\n---\n\
                     kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, clusterIp: 198.18.0.2, ports: [{port: 80, nodeport: 30001}]}\n";
-        let d = dir("warn", &[("a.yaml", typo)]);
-        let loaded = load(&d).unwrap();
-        let w = loaded.warnings.join("\n");
+        let w = load_dir("warn", &[("a.yaml", typo)])
+            .unwrap()
+            .warnings
+            .join("\n");
         assert!(
             w.contains("document 1: kind \"Servce\" is not read (did you mean Service?)"),
             "{w}"
@@ -752,38 +761,38 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
             w.contains("unknown field spec.ports[0].nodeport (did you mean nodePort?)"),
             "{w}"
         );
-        let d2 = dir(
+        let w = load_dir(
             "case",
             &[("a.yaml", "kind: service\nmetadata: {name: x}\n")],
-        );
-        let w = load(&d2).unwrap().warnings.join("\n");
+        )
+        .unwrap()
+        .warnings
+        .join("\n");
         assert!(
             w.contains("kind \"service\" is not read (did you mean Service?)"),
             "{w}"
         );
-        std::fs::remove_dir_all(&d).unwrap();
-        std::fs::remove_dir_all(&d2).unwrap();
     }
 
     #[test]
     fn manifest_mistakes_name_the_manifest_field() {
         let wrong_family = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\n\
                             addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: ['::1']}]\n";
-        let d = dir("family", &[("a.yaml", WEB), ("b.yaml", wrong_family)]);
-        let e = load(&d).unwrap_err().to_string();
+        let e = load_dir("family", &[("a.yaml", WEB), ("b.yaml", wrong_family)])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.ends_with("b.yaml: EndpointSlice default/web-1: endpoints[0].addresses[0]: ::1 is not an address of the slice's addressType IPv4"),
             "{e}"
         );
         let bad_port = "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80, nodePort: 0}]}\n";
-        let d2 = dir("port", &[("a.yaml", bad_port)]);
-        let e = load(&d2).unwrap_err().to_string();
+        let e = load_dir("port", &[("a.yaml", bad_port)])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.ends_with("a.yaml: Service default/web: spec.ports[0].nodePort: must not be 0"),
             "{e}"
         );
-        std::fs::remove_dir_all(&d).unwrap();
-        std::fs::remove_dir_all(&d2).unwrap();
     }
 
     #[test]

@@ -337,7 +337,13 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
             return;
         }
     };
-    let object: Object = match serde_norway::from_value(value.clone()) {
+    // Checked before the value moves into the object (a List holds a whole cluster dump:
+    // no copy of it); the warnings get the object's name below.
+    let mut unknown = Vec::new();
+    if !std::ptr::eq(known, fields::LIST) {
+        fields::check(&value, known, "", &mut unknown);
+    }
+    let object: Object = match serde_norway::from_value(value) {
         Ok(o) => o,
         Err(e) => return found.errors.push(error(here, e.to_string())),
     };
@@ -357,7 +363,8 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
         return found.errors.push(error(here, problem));
     };
     let object_name = format!("{file}: {kind} {namespace}/{}", clip(&name));
-    fields::check(&value, known, "", &object_name, &mut found.warnings);
+    let named = unknown.into_iter().map(|w| format!("{object_name}: {w}"));
+    found.warnings.extend(named);
     let labels = object.metadata.labels.unwrap_or_default();
     if kind == "Service" {
         if labels.contains_key("service.kubernetes.io/service-proxy-name") {

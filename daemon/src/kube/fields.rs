@@ -118,8 +118,8 @@ pub const LIST: &Shape = &Shape(&[
 ]);
 
 /// Adds a warning to `warnings` for each key of `value` (at `path`) that `shape` does not
-/// know, naming `object`, with a "did you mean" for a key spelled in another case.
-pub fn check(value: &Value, shape: &Shape, path: &str, object: &str, warnings: &mut Vec<String>) {
+/// know, with a "did you mean" for a near miss; the caller names the object.
+pub fn check(value: &Value, shape: &Shape, path: &str, warnings: &mut Vec<String>) {
     let Value::Mapping(map) = value else { return };
     for (key, child) in map {
         let key = match key {
@@ -131,16 +131,16 @@ pub fn check(value: &Value, shape: &Shape, path: &str, object: &str, warnings: &
             None => {
                 let hint = super::did_you_mean(key, shape.0.iter().map(|(k, _)| *k));
                 warnings.push(format!(
-                    "{object}: unknown field {}{hint}, ignored",
+                    "unknown field {}{hint}, ignored",
                     super::clip(&here)
                 ));
             }
             Some((_, Any)) => {}
-            Some((_, Map(inner))) => check(child, inner, &format!("{here}."), object, warnings),
+            Some((_, Map(inner))) => check(child, inner, &format!("{here}."), warnings),
             Some((_, List(inner))) => {
                 if let Value::Sequence(items) = child {
                     for (i, item) in items.iter().enumerate() {
-                        check(item, inner, &format!("{here}[{i}]."), object, warnings);
+                        check(item, inner, &format!("{here}[{i}]."), warnings);
                     }
                 }
             }
