@@ -46,7 +46,8 @@ pub struct CounterValues {
     /// Clients (or their first datagrams) refused by a limit: the flow table full, or one
     /// client over its share (service port counters only).
     pub limited: u64,
-    /// UDP flows evicted to make room at the flow limit (no reply had come back on them).
+    /// Closed to make room at a limit: TCP connections idle longest, UDP flows on which no
+    /// reply had come back.
     pub evicted: u64,
     /// Datagrams from clients to backends.
     pub datagrams_in: u64,
@@ -141,7 +142,7 @@ impl Tally {
         Opened(self.clone())
     }
 
-    /// Counts a flow to the endpoint evicted to make room.
+    /// Counts a connection or flow to the endpoint evicted to make room.
     #[inline]
     pub fn evicted(&self) {
         for c in [&self.port, &self.endpoint] {

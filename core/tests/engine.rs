@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use svcproxy_core::engine::{ConnId, ListenerId, OpenError};
+use svcproxy_core::engine::{Admission, ConnId, ListenerId, OpenError};
 use svcproxy_core::session::{Direction, Side, Step};
 use svcproxy_core::*;
 
@@ -78,7 +78,7 @@ impl Driver for Recorder {
     fn forward(&mut self, _: ConnId, conn: &mut Connection<u16>) {
         self.cmds.push(Cmd::Forward(conn.io));
     }
-    fn close(&mut self, _: Option<ConnId>, conn: u16, reset: Option<Side>) {
+    fn close(&mut self, _: Option<(ConnId, Admission)>, conn: u16, reset: Option<Side>) {
         self.cmds.push(Cmd::Close(conn, reset));
     }
     fn open_flow(
@@ -548,4 +548,68 @@ fn one_client_address_holds_at_most_its_share_of_connections() {
     f.accept(5, f.t0);
     assert_eq!(f.io.take(), vec![Cmd::Connect(5, ep(1))]);
     assert_eq!(limited(&f), 1);
+}
+
+#[test]
+fn over_budget_the_connections_idle_longest_make_room() {
+    let config = ProxyConfig {
+        max_connections: 32,
+        max_connections_per_client: 32,
+        tcp: TcpPolicy {
+            connect_timeout: Duration::from_secs(10),
+            ..config().tcp
+        },
+        ..config()
+    };
+    let mut f = fixture(config, &[ep(1)]);
+    for port in 1..=32u16 {
+        f.open(port, f.t0 + Duration::from_millis(u64::from(port)));
+    }
+    f.io.take();
+    let evicted = |f: &Fixture| f.table.load().stats()[0].totals.evicted;
+    // Every connection has been quiet for over a second: the two quiet longest (a
+    // sixteenth of 32) make room, closed as by the idle timeout.
+    f.accept(100, f.t0 + Duration::from_millis(1_500));
+    assert_eq!(
+        f.io.take(),
+        vec![
+            Cmd::Close(1, None),
+            Cmd::Close(2, None),
+            Cmd::Connect(100, ep(1))
+        ]
+    );
+    assert_eq!(evicted(&f), 2);
+    assert_eq!(f.control.connections(), 31);
+    // The unit left over serves the next client; then connections active less than a second
+    // ago are never evicted: the one after waits.
+    f.accept(101, f.t0 + Duration::from_millis(1_500));
+    assert_eq!(f.io.take(), vec![Cmd::Connect(101, ep(1))]);
+    let active = f.t0 + Duration::from_millis(1_600);
+    let ids: Vec<ConnId> = f.engine.connections().map(|(id, _)| id).collect();
+    for id in ids {
+        f.engine.conn_mut(id).unwrap().state.active(active);
+    }
+    f.accept(102, f.t0 + Duration::from_millis(2_000));
+    assert_eq!(f.io.take(), vec![Cmd::Accepting(false)]);
+    assert_eq!(f.engine.waiting_count(), 1);
+    // A second after that activity, the tick evicts two (a sixteenth of 32) for the waiting
+    // client; the connections still connecting (100 and 101) are never candidates.
+    f.engine.poll(&mut f.io, active + Duration::from_secs(1));
+    let cmds = f.io.take();
+    let closed = |port: u16| (3..=32).contains(&port);
+    assert!(
+        matches!(
+            cmds[..],
+            [
+                Cmd::Close(a, None),
+                Cmd::Close(b, None),
+                Cmd::Connect(102, _),
+                Cmd::Accepting(true)
+            ] if closed(a) && closed(b)
+        ),
+        "{cmds:?}"
+    );
+    assert_eq!(evicted(&f), 4);
+    assert_eq!(f.engine.waiting_count(), 0);
+    assert_eq!(f.control.connections(), 31);
 }

@@ -79,7 +79,7 @@ const METRICS: [Metric<CounterValues>; 10] = [
     Metric {
         name: "evicted_total",
         kind: "counter",
-        help: "UDP flows evicted to make room at the flow limit (no reply had come back on them).",
+        help: "Closed to make room at a limit: TCP connections idle longest, UDP flows never answered.",
         value: |v| v.evicted,
     },
     Metric {

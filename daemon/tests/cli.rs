@@ -10,13 +10,18 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
 
-/// The 100,000-source flood takes every core for a while: it runs alone, the other tests
-/// together.
+/// The floods take every core for a while: they run alone, the other tests together.
 static EXCLUSIVE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
     EXCLUSIVE
         .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    EXCLUSIVE
+        .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,6 +191,17 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "svcproxyd's last log lines, newest first:\n{}",
+                tail.join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -616,14 +632,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
         })
         .collect();
     // Every datagram of the flood was forwarded on a flow or refused by a limit.
-    let dns = |metrics: &str, name: &str| -> u64 {
-        let prefix = format!("svcproxy_{name}{{service=\"default/dns\"");
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let dns = |metrics: &str, name: &str| service_metric(metrics, name, "default/dns");
     eventually("the flood to be handled", || {
         let (_, m) = http(admin, "GET", "/metrics", "", "");
         dns(&m, "datagrams_in_total") + dns(&m, "limited_total") >= 300
@@ -653,11 +662,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
         assert_eq!((&reply[..n], from), (&[i][..], udp_vip));
     }
     let (_, metrics) = http(admin, "GET", "/metrics", "", "");
-    let max = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("svcproxy_max_udp_flows "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap();
+    let max = gauge(&metrics, "max_udp_flows");
     let flows = dns(&metrics, "connections_active");
     assert!(
         flows <= max / 4 + 1,
@@ -674,13 +679,72 @@ fn open_descriptors(pid: u32) -> usize {
         .count()
 }
 
+/// The value of `svcproxy_<name>{service="<service>",...}` in a metrics page (0 if absent).
+fn service_metric(metrics: &str, name: &str, service: &str) -> u64 {
+    let prefix = format!("svcproxy_{name}{{service=\"{service}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of the unlabelled `svcproxy_<name>` in a metrics page.
+fn gauge(metrics: &str, name: &str) -> u64 {
+    let prefix = format!("svcproxy_{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+}
+
+/// A client beside a flood, until `flooding` ends (at most 2,000 rounds): each
+/// round opens a TCP connection to `tcp_vip` (an echo service) and exchanges a byte, then asks
+/// `udp_vip` (a service answering datagrams starting with "probe") a question. Any failure
+/// fails the test; it returns the number of rounds.
+fn probing_client(
+    tcp_vip: SocketAddr,
+    udp_vip: SocketAddr,
+    flooding: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    std::thread::spawn(move || {
+        let udp = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut rounds = 0u32;
+        while flooding.load(std::sync::atomic::Ordering::SeqCst) && rounds < 2000 {
+            let mut s = TcpStream::connect_timeout(&tcp_vip, TIMEOUT)
+                .unwrap_or_else(|e| panic!("round {rounds}: TCP connect: {e}"));
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.write_all(b"x").unwrap();
+            s.read_exact(&mut [0])
+                .unwrap_or_else(|e| panic!("round {rounds}: TCP exchange: {e}"));
+            // A datagram can be lost in a full socket buffer: ask up to 5 times, as any
+            // resolver would.
+            let question = format!("probe {rounds}");
+            let answered = (0..5).any(|_| {
+                udp.send_to(question.as_bytes(), udp_vip).unwrap();
+                // Skip late answers to earlier questions.
+                let mut reply = [0u8; 64];
+                while let Ok((n, from)) = udp.recv_from(&mut reply) {
+                    if &reply[..n] == question.as_bytes() && from == udp_vip {
+                        return true;
+                    }
+                }
+                false
+            });
+            assert!(answered, "round {rounds}: no answer over UDP");
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
 /// One datagram from each of 100,000 source ports on 400 loopback addresses, against each
 /// backend, while another client opens TCP connections and asks over UDP through the proxy.
 #[test]
 fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind() {
-    let _alone = EXCLUSIVE
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _alone = alone();
     for backend in ["epoll", "io_uring"] {
         let (tcp_port, udp_port) = (free_port(), free_port());
         let path = temp(&format!("flood100k-{backend}")).join("svcproxyd.toml");
@@ -699,48 +763,16 @@ fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind()
             SocketAddr::from(([127, 0, 0, 1], tcp_port)),
             SocketAddr::from(([127, 0, 0, 1], udp_port)),
         );
-        let metric = |name: &str| -> u64 {
-            let (_, m) = http(admin, "GET", "/metrics", "", "");
-            let prefix = format!("svcproxy_{name}{{service=\"default/dns\"");
-            m.lines()
-                .find(|l| l.starts_with(&prefix))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-                .unwrap_or(0)
+        let metric = |name: &str| {
+            service_metric(
+                &http(admin, "GET", "/metrics", "", "").1,
+                name,
+                "default/dns",
+            )
         };
         let baseline = open_descriptors(d.child.id());
         let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let client = {
-            let flooding = flooding.clone();
-            std::thread::spawn(move || {
-                let udp = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
-                udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut rounds = 0u32;
-                while flooding.load(std::sync::atomic::Ordering::SeqCst) && rounds < 2000 {
-                    let mut s = TcpStream::connect_timeout(&tcp_vip, TIMEOUT).unwrap();
-                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-                    s.write_all(b"x").unwrap();
-                    s.read_exact(&mut [0])
-                        .expect("a TCP exchange during the flood");
-                    // A datagram can be lost in a full socket buffer: ask up to 5 times, as
-                    // any resolver would.
-                    let question = format!("probe {rounds}");
-                    let answered = (0..5).any(|_| {
-                        udp.send_to(question.as_bytes(), udp_vip).unwrap();
-                        // Skip late answers to earlier questions.
-                        let mut reply = [0u8; 64];
-                        while let Ok((n, from)) = udp.recv_from(&mut reply) {
-                            if &reply[..n] == question.as_bytes() && from == udp_vip {
-                                return true;
-                            }
-                        }
-                        false
-                    });
-                    assert!(answered, "round {rounds}: no answer over UDP");
-                    rounds += 1;
-                }
-                rounds
-            })
-        };
+        let client = probing_client(tcp_vip, udp_vip, flooding.clone());
         for i in 0..100_000u32 {
             let source =
                 std::net::Ipv4Addr::new(127, 0, 10 + (i % 400 / 200) as u8, (i % 200) as u8 + 1);
@@ -761,12 +793,7 @@ fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind()
             metric("evicted_total"),
             metric("limited_total")
         );
-        let (_, m) = http(admin, "GET", "/metrics", "", "");
-        let max: u64 = m
-            .lines()
-            .find_map(|l| l.strip_prefix("svcproxy_max_udp_flows "))
-            .and_then(|v| v.parse().ok())
-            .unwrap();
+        let max = gauge(&http(admin, "GET", "/metrics", "", "").1, "max_udp_flows");
         assert!(
             metric("connections_active") <= 2 * max,
             "{backend}: flows within the budget"
@@ -782,6 +809,149 @@ fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind()
             Duration::from_secs(30),
             "the descriptors to come back",
             || open_descriptors(d.child.id()) <= baseline + 1,
+        );
+        assert_eq!(d.stop(), 0, "{backend}");
+    }
+}
+
+/// Drops the connections of `held` the other side has closed (they read EOF).
+fn drop_closed(held: &mut Vec<TcpStream>) {
+    held.retain(|s| !matches!(s.peek(&mut [0]), Ok(0)));
+}
+
+/// Connections a [`holding_backend`] holds; `None` once it holds none and closes each it
+/// accepts.
+type Held = Arc<Mutex<Option<Vec<TcpStream>>>>;
+
+/// A backend that accepts connections and holds them, idle, letting go of those the proxy
+/// has closed.
+fn holding_backend(held: &Held) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let held = held.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            s.set_nonblocking(true).unwrap();
+            if let Some(held) = held.lock().unwrap().as_mut() {
+                held.push(s);
+                if held.len() % 256 == 0 {
+                    drop_closed(held);
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// 50,000 idle TCP connections from 100 loopback addresses, against each backend, while
+/// another client opens TCP connections to another service and asks over UDP through the
+/// proxy: with the connection budget spent, the connections idle longest make room. The flood
+/// lets go of the connections the proxy closes, as any client would.
+#[test]
+fn a_flood_of_50k_idle_tcp_connections_fails_no_other_client_and_leaves_nothing_behind() {
+    let _alone = alone();
+    for backend in ["epoll", "io_uring"] {
+        let held: Held = Arc::new(Mutex::new(Some(Vec::new())));
+        // Four endpoints, so that the proxy's ports towards them (held a minute by closed
+        // connections) do not run out.
+        let idle_endpoints: Vec<String> = (0..4)
+            .map(|_| format!("{{ address = \"{}\" }}", holding_backend(&held)))
+            .collect();
+        let (echo, answering) = (echo_backend(), udp_backend(|d| d.starts_with(b"probe")));
+        // The proxy's ports last: the backends' cannot take them meanwhile.
+        let (idle_port, tcp_port, udp_port) = (free_port(), free_port(), free_port());
+        let path = temp(&format!("idle50k-{backend}")).join("svcproxyd.toml");
+        let text = format!(
+            "[proxy]\nworkers = 2\n\n\
+             [[services]]\nname = \"default/idle\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {idle_port} }}]\nendpoints = [{}]\n\n\
+             [[services]]\nname = \"default/web\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {tcp_port} }}]\nendpoints = [{{ address = \"{echo}\" }}]\n\n\
+             [[services]]\nname = \"default/dns\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {udp_port}, protocol = \"UDP\" }}]\nendpoints = [{{ address = \"{answering}\" }}]\n",
+            idle_endpoints.join(", "),
+        );
+        std::fs::write(&path, text).unwrap();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut limited = Command::new("prlimit");
+        // The flood's client sockets (the proxy's connections and its accept queues, up to
+        // 2 x 4,096) and the backends' sockets fit this test's 20,000 descriptors.
+        limited.arg("--nofile=10000:10000").arg(BIN);
+        let d = Daemon::start_with(limited, &path, admin, &["--backend", backend]);
+        let pid = d.child.id();
+        let metrics = || http(admin, "GET", "/metrics", "", "").1;
+        let m = metrics();
+        let (limit, reserve, max_connections) = (
+            gauge(&m, "descriptor_limit"),
+            gauge(&m, "descriptor_reserve"),
+            gauge(&m, "max_connections"),
+        );
+        assert_eq!(limit, 10_000);
+        let baseline = open_descriptors(pid);
+        let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let client = probing_client(
+            SocketAddr::from(([127, 0, 0, 1], tcp_port)),
+            SocketAddr::from(([127, 0, 0, 1], udp_port)),
+            flooding.clone(),
+        );
+        let idle_vip = socket2::SockAddr::from(SocketAddr::from(([127, 0, 0, 1], idle_port)));
+        let mut flood = Vec::new();
+        let (mut failed, mut peak) = (0u32, 0usize);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(240);
+        for i in 0..50_000u32 {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the flood took too long"
+            );
+            let source = std::net::Ipv4Addr::new(127, 0, 20, (i % 100) as u8 + 1);
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+            match s.connect_timeout(&idle_vip, Duration::from_secs(2)) {
+                Ok(()) => {
+                    let s = TcpStream::from(s);
+                    s.set_nonblocking(true).unwrap();
+                    flood.push(s);
+                }
+                Err(_) => failed += 1,
+            }
+            if i % 500 == 0 {
+                drop_closed(&mut flood);
+                peak = peak.max(open_descriptors(pid));
+            }
+        }
+        flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+        let rounds = client.join().unwrap();
+        let m = metrics();
+        let idle = |name: &str| service_metric(&m, name, "default/idle");
+        eprintln!(
+            "{backend}: in {:?}, {} flood connections opened ({failed} connects failed), \
+             {} evicted, {} limited, peak {peak} descriptors, {rounds} client rounds",
+            started.elapsed(),
+            idle("connections_total"),
+            idle("evicted_total"),
+            idle("limited_total"),
+        );
+        assert!(rounds > 0, "{backend}: the client ran");
+        assert!(
+            idle("evicted_total") > 0,
+            "{backend}: more than fit, so some were evicted"
+        );
+        assert!(idle("connections_active") <= max_connections, "{backend}");
+        assert!(
+            peak <= baseline + (limit - reserve) as usize,
+            "{backend}: {peak} descriptors, beyond the budget"
+        );
+        // After the flood: back to the idle baseline.
+        drop(flood);
+        *held.lock().unwrap() = None;
+        eventually_within(
+            Duration::from_secs(30),
+            "the flood's connections to close",
+            || service_metric(&metrics(), "connections_active", "default/idle") == 0,
+        );
+        eventually_within(
+            Duration::from_secs(30),
+            "the descriptors to come back",
+            || open_descriptors(pid) <= baseline + 1,
         );
         assert_eq!(d.stop(), 0, "{backend}");
     }

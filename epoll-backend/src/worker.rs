@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{Timespec, epoll};
 use socket2::Socket;
-use svcproxy_core::engine::{ConnId, ListenerId};
+use svcproxy_core::engine::{Admission, ConnId, ListenerId};
 use svcproxy_core::session::Side;
 use svcproxy_core::{
     Connection, Driver, Engine, FlowId, OpenError, Protocol, ServicePortKey, WorkerContext,
@@ -141,16 +141,29 @@ impl Driver for Io {
         }
     }
 
-    fn close(&mut self, _: Option<ConnId>, mut conn: Conn, reset_side: Option<Side>) {
+    fn close(
+        &mut self,
+        closed: Option<(ConnId, Admission)>,
+        mut conn: Conn,
+        reset_side: Option<Side>,
+    ) {
         conn.release_pipes(&mut self.buffers.pipes);
         let Conn {
             client, backend, ..
         } = conn;
         match reset_side {
-            Some(Side::Client) => reset(client),
-            Some(Side::Backend) => backend.into_iter().for_each(reset),
-            None => {}
+            Some(Side::Client) => {
+                reset(client);
+                drop(backend);
+            }
+            Some(Side::Backend) => {
+                backend.into_iter().for_each(reset);
+                drop(client);
+            }
+            None => drop((client, backend)),
         }
+        // The descriptors are closed: the admission may go.
+        drop(closed);
     }
 
     fn open_flow(

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use socket2::Socket;
 use svcproxy_core::config::Forwarding;
-use svcproxy_core::engine::ConnId;
+use svcproxy_core::engine::{Admission, ConnId};
 use svcproxy_core::session::{Direction, Side, Step};
 use svcproxy_core::{Connection, OpenError, Protocol};
 use svcproxy_sys::outbound;
@@ -258,20 +258,30 @@ impl Io {
 
     /// Closes a connection the engine has ended: resets `reset`'s socket if given, cancels
     /// what is in flight and frees it with the last completion.
-    pub(crate) fn close_conn(&mut self, id: Option<ConnId>, conn: Conn, reset: Option<Side>) {
+    /// Closes a connection; one with operations in flight waits in `closing_conns`, holding
+    /// its admission, until they have ended.
+    pub(crate) fn close_conn(
+        &mut self,
+        closed: Option<(ConnId, Admission)>,
+        conn: Conn,
+        reset: Option<Side>,
+    ) {
         if let Some(socket) = reset.and_then(|side| conn.socket(side)) {
             let _ = socket.set_linger(Some(std::time::Duration::ZERO));
         }
-        match id {
-            Some(id) if conn.inflight > 0 => {
+        match closed {
+            Some((id, admission)) if conn.inflight > 0 => {
                 for side in [Side::Client, Side::Backend] {
                     if let Some(socket) = conn.socket(side) {
                         self.cancel(socket);
                     }
                 }
-                self.closing_conns.insert(id, conn);
+                self.closing_conns.insert(id, (conn, admission));
             }
-            _ => self.free_conn(conn),
+            closed => {
+                self.free_conn(conn);
+                drop(closed);
+            }
         }
     }
 
@@ -300,14 +310,16 @@ impl Io {
             self.ring.recycle(Group::Tcp, bid);
             self.recycled = true;
         }
-        let Some(conn) = self.closing_conns.get_mut(&id) else {
+        let Some((conn, _)) = self.closing_conns.get_mut(&id) else {
             return;
         };
         conn.inflight -= 1;
         if conn.inflight == 0
-            && let Some(conn) = self.closing_conns.remove(&id)
+            && let Some((conn, admission)) = self.closing_conns.remove(&id)
         {
             self.free_conn(conn);
+            // The descriptors are closed: the admission may go.
+            drop(admission);
         }
     }
 }

@@ -17,8 +17,10 @@ use std::time::Instant;
 
 use socket2::Socket;
 use svcproxy_core::config::Forwarding;
-use svcproxy_core::engine::{ConnId, ListenerId};
-use svcproxy_core::{Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext};
+use svcproxy_core::engine::{Admission, ConnId, ListenerId};
+use svcproxy_core::{
+    Control, Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext,
+};
 use svcproxy_sys::socket::is_resource_exhaustion;
 use svcproxy_sys::{ListenOptions, PipePool, Waker, listen};
 use tracing::{debug, warn};
@@ -39,7 +41,7 @@ const SPARE_PIPES: usize = 64;
 pub(crate) struct Listener {
     pub(crate) key: ServicePortKey,
     pub(crate) socket: Socket,
-    /// Its multishot accept or `recvmsg`, and (UDP) the replies queued on it.
+    /// Its accept or multishot `recvmsg`, and (UDP) the replies queued on it.
     pub(crate) ops: InFlight,
     /// A UDP listener waiting for buffers to come back to the ring.
     pub(crate) starved: bool,
@@ -64,7 +66,7 @@ pub(crate) struct Io {
     /// Buffers went back to a ring since starved receives were last re-armed.
     pub(crate) recycled: bool,
     /// Closed by the engine, waiting for their last completions.
-    pub(crate) closing_conns: HashMap<ConnId, Conn>,
+    pub(crate) closing_conns: HashMap<ConnId, (Conn, Admission)>,
     pub(crate) closing_listeners: Closing<Listener>,
     pub(crate) closing_flows: Closing<FlowSocket>,
     /// A descriptor held in reserve: multishot accept can take every descriptor before a
@@ -72,6 +74,8 @@ pub(crate) struct Io {
     /// one (then the next as connections end), instead of all waiting forever.
     pub(crate) reserve: Option<std::fs::File>,
     pub(crate) listen_options: ListenOptions,
+    /// The proxy's connection budget, read to choose how listeners accept.
+    control: Arc<Control>,
 }
 
 pub(crate) struct Worker {
@@ -92,14 +96,24 @@ impl Io {
             && self.closing_flows.is_empty()
     }
 
-    /// Starts the listener's multishot operation if it is not running.
+    /// Whether a TCP listener may accept with a multishot accept. One takes a whole accept
+    /// queue at once (each client a descriptor, waiting for a budget unit if none is free), so
+    /// it runs only while a full queue fits in the budget; closer to the budget, one client is
+    /// accepted at a time and the rest wait in the kernel's queue, holding no descriptor.
+    fn accept_many(&self) -> bool {
+        let max = self.control.config().max_connections;
+        max.saturating_sub(self.control.connections()) >= self.listen_options.backlog as usize
+    }
+
+    /// Starts the listener's accept (or multishot `recvmsg`) if it is not running.
     pub(crate) fn arm_listener(&mut self, id: ListenerId, l: &mut Listener) {
         if l.ops.armed || l.starved {
             return;
         }
+        let many = self.accept_many();
         let fd = l.socket.as_fd();
         let result = match l.key.protocol {
-            Protocol::Tcp => self.ring.accept(fd, token::user_data(Op::Accept, id)),
+            Protocol::Tcp => self.ring.accept(fd, many, token::user_data(Op::Accept, id)),
             Protocol::Udp => {
                 self.ring
                     .recvmsg_multi(fd, Group::Udp, token::user_data(Op::ListenerRecv, id))
@@ -146,6 +160,7 @@ impl Worker {
                     backlog: config.listen_backlog as i32,
                     ..ListenOptions::default()
                 },
+                control: ctx.control.clone(),
             },
             engine: Engine::new(ctx),
             waker,
@@ -345,11 +360,11 @@ impl svcproxy_core::Driver for Io {
 
     fn close(
         &mut self,
-        id: Option<ConnId>,
+        closed: Option<(ConnId, Admission)>,
         conn: Conn,
         reset: Option<svcproxy_core::session::Side>,
     ) {
-        self.close_conn(id, conn, reset);
+        self.close_conn(closed, conn, reset);
     }
 
     fn open_flow(

@@ -24,10 +24,12 @@
 //! operations, and keeps what only it knows how to move: bytes (splice pipes, provided
 //! buffers) and operations in flight.
 //!
-//! Over budget, one behaviour for every driver: the worker stops accepting, so further clients
-//! wait in the kernel's accept queue; a client already accepted (a multishot accept can hand
-//! over a few before it is cancelled) waits in the engine's queue *without* a budget unit, and
-//! is served first when one comes back. Out of descriptors (accepting or opening a backend
+//! Over budget, one behaviour for every driver: the worker first makes room by evicting its
+//! connections idle longest (see [`EVICT_AFTER_IDLE`]); when none is idle enough, it stops
+//! accepting, so further clients wait in the kernel's accept queue; a client already accepted
+//! (a multishot accept can hand over a few before it is cancelled) waits in the engine's queue
+//! *without* a budget unit, and is served first when one comes back (or, at the next tick,
+//! when connections have become idle enough to evict). Out of descriptors (accepting or opening a backend
 //! socket), accepting pauses with [`Backoff`] and the client waits in the same queue. At
 //! shutdown the waiting clients are refused (reset).
 
@@ -52,7 +54,7 @@ use crate::session::Side;
 use crate::slots::{SlotId, Slots};
 use crate::table::Snapshot;
 
-pub use tcp::{Connection, Lifecycle};
+pub use tcp::{Admission, Connection, EVICT_AFTER_IDLE, Lifecycle};
 pub use timers::{TimerId, Timers};
 
 /// Names a connection of an [`Engine`].
@@ -121,10 +123,11 @@ pub trait Driver {
     /// Connected: start moving bytes both ways.
     fn forward(&mut self, id: ConnId, conn: &mut Connection<Self::Conn>);
 
-    /// Closes a connection (`id` is `None` for a client refused before it became one),
+    /// Closes a connection (`closed` is `None` for a client refused before it became one),
     /// resetting the socket of `reset` if given. Freeing it is the driver's (now, or once its
-    /// operations in flight have ended).
-    fn close(&mut self, id: Option<ConnId>, conn: Self::Conn, reset: Option<Side>);
+    /// operations in flight have ended), and so is dropping the connection's [`Admission`],
+    /// right after its descriptors are closed.
+    fn close(&mut self, closed: Option<(ConnId, Admission)>, conn: Self::Conn, reset: Option<Side>);
 
     /// Opens a socket for a UDP flow, connected to `endpoint`, from `source` when given, and
     /// starts receiving its replies.
@@ -335,6 +338,10 @@ impl<D: Driver> Engine<D> {
             }
             Timer::Tick => {
                 self.expire_flows(io, now);
+                if self.paused == Some(Pause::Budget) {
+                    // Connections that have become idle enough to evict make room.
+                    self.serve_waiting(io, now);
+                }
                 let snapshot = self.ctx.table().load();
                 for key in std::mem::take(&mut self.failed_binds) {
                     self.reconcile(io, key, snapshot.wants_listener(&key));
@@ -492,7 +499,7 @@ impl<D: Driver> Engine<D> {
             self.waiting.push_back(waiting);
             return;
         }
-        match self.ctx.control.admit(self.ctx.index) {
+        match self.admit(io, now) {
             Some(permit) => {
                 if let Err(w) = self.start_connection(io, waiting, permit, now) {
                     self.waiting.push_back(w);
@@ -523,7 +530,7 @@ impl<D: Driver> Engine<D> {
     /// Starts waiting clients in order; false when one has to wait on.
     fn serve_queue(&mut self, io: &mut D, now: Instant) -> bool {
         while let Some(w) = self.waiting.pop_front() {
-            let Some(permit) = self.ctx.control.admit(self.ctx.index) else {
+            let Some(permit) = self.admit(io, now) else {
                 self.waiting.push_front(w);
                 self.pause(io, Pause::Budget);
                 return false;
@@ -538,7 +545,7 @@ impl<D: Driver> Engine<D> {
     }
 
     /// Closes a connection, resetting the socket of `reset` if given; its budget unit goes
-    /// back, and waiting clients are served.
+    /// back (once the driver has closed its descriptors), and waiting clients are served.
     pub fn close(&mut self, io: &mut D, id: ConnId, reset: Option<Side>) {
         let Some(conn) = self.conns.remove(id) else {
             return;
@@ -547,9 +554,8 @@ impl<D: Driver> Engine<D> {
         for timer in [state.timer, state.drain].into_iter().flatten() {
             self.timers.cancel(timer);
         }
-        io.close(Some(id), sockets, reset);
-        // Dropping the state counts the connection closed and gives its budget unit back.
-        drop(state);
+        let admission = state.end();
+        io.close(Some((id, admission)), sockets, reset);
         if !self.waiting.is_empty() {
             self.serve_waiting(io, Instant::now());
         }

@@ -16,10 +16,16 @@
 //! - Drain: connections to an endpoint that left the table are closed after the drain policy's
 //!   grace (or kept, by default).
 //!
+//! - Eviction: with the budget spent, a worker closes its connections idle longest (idle at
+//!   least [`EVICT_AFTER_IDLE`], a sixteenth of its connections at a time) to admit new
+//!   clients, as an idle timeout come early: without it, a flood of idle connections from many
+//!   addresses would keep every new client waiting until the idle timeout (an hour by
+//!   default). Connections still connecting are not evicted (their deadline ends them).
+//!
 //! Every timer a connection arms is cancelled when it closes, and its budget unit goes back.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -31,6 +37,10 @@ use crate::select::{Backend, PortState};
 use crate::session::{Direction, Side, Step, TcpSession};
 use crate::slots::Slots;
 use crate::stats::Opened;
+
+/// With the budget spent, connections idle (no byte moved either way) this long may be
+/// closed to admit new clients; those active more recently never are.
+pub const EVICT_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// One connection: the driver's sockets and the engine's state.
 #[derive(Debug)]
@@ -55,16 +65,26 @@ pub struct Lifecycle {
     /// The connect deadline while connecting, the idle check once connected.
     pub(super) timer: Option<TimerId>,
     pub(super) drain: Option<TimerId>,
-    /// The connection's client address's share and budget unit, given back on drop in this
-    /// order: a worker woken by the unit must find the share back already.
-    _permits: (ClientPermit, Permit),
+    admission: Admission,
+}
+
+/// What a connection holds of the proxy's limits: its client address's share and its budget
+/// unit. When the engine closes the connection it hands them to the driver, which drops them
+/// once the connection's descriptors are closed (at once, or when the operations in flight on
+/// them have ended), so that a burst of closes cannot let new connections take descriptors the
+/// closed ones still hold. Dropped in this order: a worker woken by the unit must find the
+/// share back already.
+#[derive(Debug)]
+pub struct Admission {
+    _client: ClientPermit,
+    _unit: Permit,
 }
 
 impl Lifecycle {
     fn new(
         listener: ServicePortKey,
         client: SocketAddr,
-        permits: (ClientPermit, Permit),
+        admission: Admission,
         now: Instant,
     ) -> Self {
         Self {
@@ -76,8 +96,13 @@ impl Lifecycle {
             last_activity: now,
             timer: None,
             drain: None,
-            _permits: permits,
+            admission,
         }
+    }
+
+    /// Ends the connection: counts it closed and gives back what it holds of the limits.
+    pub(super) fn end(self) -> Admission {
+        self.admission
     }
 
     /// The endpoint being connected to, or connected.
@@ -149,6 +174,48 @@ enum Attempt {
 }
 
 impl<D: Driver> Engine<D> {
+    /// A budget unit for a new client: a free one, or one made free by evicting idle
+    /// connections.
+    pub(super) fn admit(&mut self, io: &mut D, now: Instant) -> Option<Permit> {
+        let worker = self.ctx.index;
+        if let Some(permit) = self.ctx.control.admit(worker) {
+            return Some(permit);
+        }
+        if self.evict_idle(io, now) == 0 {
+            return None;
+        }
+        self.ctx.control.admit(worker)
+    }
+
+    /// Closes the connections idle longest, up to a sixteenth of this worker's (at least one),
+    /// of those idle at least [`EVICT_AFTER_IDLE`]; returns how many it closed.
+    fn evict_idle(&mut self, io: &mut D, now: Instant) -> usize {
+        let mut idle: Vec<(Instant, ConnId)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state.connected
+                    && now.saturating_duration_since(c.state.last_activity) >= EVICT_AFTER_IDLE
+            })
+            .map(|(id, c)| (c.state.last_activity, id))
+            .collect();
+        let n = (self.conns.len() / 16).clamp(1, idle.len().max(1));
+        if idle.len() > n {
+            idle.select_nth_unstable(n);
+            idle.truncate(n);
+        }
+        for &(_, id) in &idle {
+            if let Some(conn) = self.conns.get(id) {
+                debug!(client = %conn.state.client, "idle connection evicted to make room");
+                if let Some(tally) = &conn.state.backend {
+                    tally.evicted();
+                }
+            }
+            self.close(io, id, None);
+        }
+        idle.len()
+    }
+
     /// Starts serving a client holding `permit`. `Err` gives the client back to wait, when no
     /// backend socket can be opened for lack of descriptors (its budget unit goes back).
     pub(super) fn start_connection(
@@ -176,7 +243,15 @@ impl<D: Driver> Engine<D> {
         let (listener, peer) = (w.listener, w.peer);
         let id = self.conns.insert(Connection {
             io: w.io,
-            state: Lifecycle::new(listener, peer, (share, permit), now),
+            state: Lifecycle::new(
+                listener,
+                peer,
+                Admission {
+                    _client: share,
+                    _unit: permit,
+                },
+                now,
+            ),
         });
         match self.attempt(io, id, port, first, true, now) {
             Attempt::Connecting => {

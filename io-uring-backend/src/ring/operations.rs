@@ -38,12 +38,23 @@ pub(crate) fn recvmsg_layout() -> libc::msghdr {
 }
 
 impl Ring {
-    /// A multishot accept; each completion carries the accepted socket.
-    pub(crate) fn accept(&mut self, listener: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
-        let entry = opcode::AcceptMulti::new(fd(listener))
-            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-            .build();
-        // SAFETY: no pointers.
+    /// An accept: multishot when `many` (one completion per client, until cancelled), else of
+    /// one client. Each completion carries the accepted socket.
+    pub(crate) fn accept(
+        &mut self,
+        listener: BorrowedFd<'_>,
+        many: bool,
+        tag: u64,
+    ) -> io::Result<()> {
+        let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        let entry = if many {
+            opcode::AcceptMulti::new(fd(listener)).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd(listener), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
+        // SAFETY: no pointers (the peer's address is not asked for).
         unsafe { self.push(entry, tag, Kind::Accept, Memory::None) }
     }
 

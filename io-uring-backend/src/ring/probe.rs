@@ -111,7 +111,7 @@ fn multishot(ring: &mut Ring) -> Result<(), (&'static str, std::io::Error)> {
         ("recvmsg", datagram.as_fd()),
     ];
     let queued = [
-        ring.accept(tests[0].1, 0),
+        ring.accept(tests[0].1, true, 0),
         ring.recv_multi(tests[1].1, Group::Tcp, 1),
         ring.recvmsg_multi(tests[2].1, Group::Udp, 2),
     ];
