@@ -63,7 +63,9 @@ type Counters struct {
 	BytesIn           uint64 `json:"bytes_in"`
 	BytesOut          uint64 `json:"bytes_out"`
 	ConnectErrors     uint64 `json:"connect_errors"`
-	Refused           uint64 `json:"refused"`
+	Refused           uint64 `json:"refused"` // no eligible endpoint
+	Limited           uint64 `json:"limited"` // refused by a limit: the flow table full, or one client over its share
+	Evicted           uint64 `json:"evicted"` // closed to make room: TCP connections idle longest, UDP flows never answered
 	DatagramsIn       uint64 `json:"datagrams_in"`
 	DatagramsOut      uint64 `json:"datagrams_out"`
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -189,5 +190,77 @@ func TestErrors(t *testing.T) {
 	}
 	if Version() == "" {
 		t.Fatal("version")
+	}
+}
+
+func TestAClientOverItsShareIsCountedLimited(t *testing.T) {
+	// A backend that holds every connection open.
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { held.Close() })
+	go func() {
+		for {
+			c, err := held.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	o := DefaultOptions()
+	o.Workers = 1
+	o.MaxConnections = 4 // one client address may hold a quarter: one
+	p, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	port := freePort(t)
+	if _, err := p.Apply(Batch{Upsert: []Service{{Name: "go/held", Addresses: []string{"127.0.0.1"},
+		Ports: []Port{{Port: port}}, Endpoints: Endpoints(Endpoint{Address: held.Addr().String()})}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	totals := func() Counters {
+		stats, err := p.Stats()
+		if err != nil || len(stats) != 1 {
+			t.Fatalf("stats: %+v %v", stats, err)
+		}
+		return stats[0].Totals
+	}
+	eventually := func(what string, cond func(Counters) bool) {
+		deadline := time.Now().Add(5 * time.Second)
+		for !cond(totals()) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s: %+v", what, totals())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	vip := fmt.Sprintf("127.0.0.1:%d", port)
+	first, err := net.DialTimeout("tcp", vip, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	eventually("the first connection", func(c Counters) bool { return c.ConnectionsActive == 1 })
+	// The second connection from the same address is reset: while dialling or at the first
+	// read.
+	second, err := net.DialTimeout("tcp", vip, 5*time.Second)
+	if err == nil {
+		defer second.Close()
+		second.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err = second.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("the second connection is reset, got %v", err)
+	}
+	eventually("the refusal to be counted", func(c Counters) bool { return c.Limited == 1 })
+	if c := totals(); c.Refused != 0 || c.Evicted != 0 || c.ConnectionsActive != 1 {
+		t.Fatalf("only the limit refused: %+v", c)
 	}
 }

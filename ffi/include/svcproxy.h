@@ -321,7 +321,9 @@ typedef struct {
 } svcproxy_endpoint;
 
 /*
- Counters of a service port or an endpoint.
+ Counters of a service port or an endpoint. The counts of clients refused by a limit and
+ of connections or flows evicted are in the JSON form only (`svcproxy_proxy_stats_json`),
+ so that this struct keeps its layout.
  */
 typedef struct {
   /*

@@ -9,7 +9,9 @@ use crate::abi::{Failure, Outcome, fill, guard, maybe_write, object, out_array};
 use crate::convert::{SVCPROXY_PROTOCOL_TCP, SVCPROXY_PROTOCOL_UDP};
 use crate::{svcproxy_proxy, svcproxy_result};
 
-/// Counters of a service port or an endpoint.
+/// Counters of a service port or an endpoint. The counts of clients refused by a limit and
+/// of connections or flows evicted are in the JSON form only (`svcproxy_proxy_stats_json`),
+/// so that this struct keeps its layout.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct svcproxy_counters {
@@ -182,6 +184,8 @@ fn json_counters(v: &CounterValues) -> serde_json::Value {
         "bytes_out": v.bytes_out,
         "connect_errors": v.connect_errors,
         "refused": v.refused,
+        "limited": v.limited,
+        "evicted": v.evicted,
         "datagrams_in": v.datagrams_in,
         "datagrams_out": v.datagrams_out,
     })
