@@ -32,12 +32,25 @@ fn temp(name: &str) -> PathBuf {
     dir
 }
 
+/// A port free for TCP and UDP on 127.0.0.1, for a daemon to listen on later. Taken below the
+/// ephemeral range (32768 up), so that no socket binding port 0 or connecting can take it
+/// meanwhile (after a flood, few ephemeral ports are free and one just released comes back
+/// soon), and never the same twice in this process.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id() % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// A backend answering its name on each connection.

@@ -5,8 +5,9 @@
 //! - **listeners**: the set the table wants (a frontend with an eligible endpoint is listened
 //!   on, one without is closed so its clients get ECONNREFUSED at once), with bind failures
 //!   reported to [`Control`](crate::Control) and retried every second;
-//! - **admission**: each TCP connection holds a [`Permit`](crate::Permit) of the proxy-wide
-//!   budget, which goes back when the connection ends;
+//! - **admission**: each TCP connection holds an [`Admission`]: its client address's share and
+//!   a [`Permit`](crate::Permit) of the proxy-wide budget, handed to the driver when the
+//!   connection closes and given back once its descriptors are;
 //! - **TCP connections** ([`Connection`]): connect attempts with doubling deadlines, moving to
 //!   the next endpoint when one fails, half-close per direction, resets, idle timeout, drain of
 //!   connections to removed endpoints, and shutdown;
