@@ -3,7 +3,7 @@
 //! proxy that looks healthy and serves nothing.
 //!
 //! [`supervise`] runs one worker's body on its thread. When the body panics or returns an
-//! error while the proxy is not stopping, the failure is recorded ([`Control::worker_health`]
+//! error while the proxy is not stopping, the failure is recorded ([`Control::worker_health`](crate::Control::worker_health)
 //! shows restarts and the last reason), the thread waits (100 ms, doubling to 10 s, cut short
 //! by shutdown) and runs the body again: a fresh engine that re-reads the table. What the
 //! failed run held is released as its stack unwinds (sockets closed, connection permits
