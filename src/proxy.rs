@@ -266,6 +266,12 @@ impl Proxy {
         })
     }
 
+    /// The newest table generation every worker has applied to the data path, and when the
+    /// last of them applied it; `None` until every worker has applied one.
+    pub fn synced(&self) -> Option<(u64, std::time::SystemTime)> {
+        self.control.synced()
+    }
+
     /// Frontends that could not be bound (retried every second), with the reason.
     pub fn bind_errors(&self) -> BTreeMap<ServicePortKey, String> {
         self.control.bind_errors()

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::budget::{Budget, Permit};
 use crate::clients::{ClientPermit, SharedClientCounts};
@@ -34,6 +34,8 @@ pub struct Control {
     bind_errors: Mutex<BTreeMap<ServicePortKey, String>>,
     health: Mutex<Vec<WorkerHealth>>,
     clients: Arc<SharedClientCounts>,
+    /// The newest generation every worker has applied, and when the last of them did.
+    synced: Mutex<Option<(u64, SystemTime)>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -83,6 +85,7 @@ impl Control {
             bind_errors: Mutex::new(BTreeMap::new()),
             health: Mutex::new(vec![WorkerHealth::default(); workers]),
             clients: Arc::default(),
+            synced: Mutex::new(None),
         }
     }
 
@@ -105,7 +108,25 @@ impl Control {
     pub fn report_applied(&self, worker: usize, generation: u64) {
         self.applied[worker].store(generation, Ordering::Release);
         let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        let everywhere = self
+            .applied
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .min()
+            .filter(|&g| g < STOPPED);
+        if let Some(g) = everywhere {
+            let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+            if synced.is_none_or(|(s, _)| s < g) {
+                *synced = Some((g, SystemTime::now()));
+            }
+        }
         self.progressed.notify_all();
+    }
+
+    /// The newest table generation every worker has applied, and when the last of them
+    /// applied it; `None` until every worker has applied one.
+    pub fn synced(&self) -> Option<(u64, SystemTime)> {
+        *self.synced.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A worker reports that it has stopped (it applies nothing more).

@@ -22,8 +22,15 @@
 //! name = "node-a"             # for traffic policy Local
 //! addresses = ["0.0.0.0"]     # where node ports are served
 //!
-//! [admin]
-//! listen = "127.0.0.1:10256"  # a non-loopback address needs a token
+//! [health]                    # /healthz and /livez, read-only, as kube-proxy's
+//! listen = "0.0.0.0:10256"
+//! pending_timeout_s = 60      # /healthz says 503 when a change waits longer; 1 to 3600
+//!
+//! [metrics]                   # /metrics and the status page (/), read-only
+//! listen = "127.0.0.1:10249"
+//!
+//! [admin]                     # the writable API (/services)
+//! listen = "127.0.0.1:10262"  # a non-loopback address needs a token
 //! token_file = "/etc/svcproxyd/token"
 //!
 //! [capture]
@@ -65,8 +72,18 @@ use crate::kube;
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(3600);
 
-/// The admin endpoint's default address (kube-proxy's health check port).
-pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
+/// The health endpoint's default address: kube-proxy's (`--healthz-bind-address`).
+pub const DEFAULT_HEALTH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10256);
+
+/// The metrics endpoint's default address: kube-proxy's (`--metrics-bind-address`).
+pub const DEFAULT_METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
+
+/// The admin endpoint's default address: a port of svcproxyd's own, beside kube-proxy's.
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10262);
+
+/// How long a change may wait for the data path before `/healthz` says 503: 1 s to 1 hour.
+pub const PENDING_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +92,10 @@ struct ConfigFile {
     proxy: ProxySection,
     #[serde(default)]
     node: NodeSection,
+    #[serde(default)]
+    health: HealthSection,
+    #[serde(default)]
+    metrics: MetricsSection,
     #[serde(default)]
     admin: AdminSection,
     #[serde(default)]
@@ -140,6 +161,36 @@ struct AdminSection {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+struct HealthSection {
+    listen: SocketAddr,
+    pending_timeout_s: u64,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HEALTH,
+            pending_timeout_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+struct MetricsSection {
+    listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 struct CaptureSection {
     cluster_ips: bool,
     interface: String,
@@ -169,7 +220,13 @@ pub struct Settings {
     pub node_name: Option<String>,
     /// Node port addresses.
     pub node_addresses: Vec<IpAddr>,
-    /// Admin endpoint address.
+    /// Health endpoint address (`/healthz`, `/livez`).
+    pub health: SocketAddr,
+    /// How long a change may wait for the data path before `/healthz` says 503.
+    pub pending_timeout: Duration,
+    /// Metrics endpoint address (`/metrics`, the status page).
+    pub metrics: SocketAddr,
+    /// Admin endpoint address (`/services`).
     pub admin: SocketAddr,
     /// Bearer token for the admin endpoint.
     pub admin_token: Option<String>,
@@ -187,6 +244,9 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(5),
             node_name: None,
             node_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            health: DEFAULT_HEALTH,
+            pending_timeout: Duration::from_secs(60),
+            metrics: DEFAULT_METRICS,
             admin: DEFAULT_ADMIN,
             admin_token: None,
             capture: true,
@@ -450,6 +510,13 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
         }
         (None, None) => None,
     };
+    let pending_timeout = Duration::from_secs(file.health.pending_timeout_s);
+    check_duration(
+        "health.pending_timeout_s",
+        pending_timeout,
+        PENDING_TIMEOUT_RANGE,
+    )
+    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
     Ok(Settings {
         backend,
         proxy,
@@ -460,6 +527,9 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
             .addresses
             .clone()
             .unwrap_or_else(|| Settings::default().node_addresses),
+        health: file.health.listen,
+        pending_timeout,
+        metrics: file.metrics.listen,
         admin: file.admin.listen.unwrap_or(DEFAULT_ADMIN),
         admin_token,
         capture: file.capture.cluster_ips,
@@ -545,6 +615,13 @@ forwarding = "splice"
 name = "node-a"
 addresses = ["198.18.2.1"]
 
+[health]
+listen = "127.0.0.1:9997"
+pending_timeout_s = 5
+
+[metrics]
+listen = "127.0.0.1:9998"
+
 [admin]
 listen = "127.0.0.1:9999"
 token = "secret"
@@ -577,6 +654,9 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         assert!(s.proxy.preserve_client_ip && !s.capture);
         assert_eq!(s.node_name.as_deref(), Some("node-a"));
         assert_eq!(s.admin, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(s.health, "127.0.0.1:9997".parse().unwrap());
+        assert_eq!(s.metrics, "127.0.0.1:9998".parse().unwrap());
+        assert_eq!(s.pending_timeout, Duration::from_secs(5));
         assert_eq!(s.admin_token.as_deref(), Some("secret"));
         assert_eq!(loaded.services.len(), 1);
         let (service, endpoints) = loaded.services[0].to_model().unwrap();
@@ -614,6 +694,11 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
                 "{e}"
             );
         }
+        let e = err("pending.toml", "[health]\npending_timeout_s = 0\n");
+        assert!(
+            e.ends_with("health.pending_timeout_s is 0ns, must be between 1s and 3600s"),
+            "{e}"
+        );
         let e = err("zero.toml", "[proxy]\nudp_idle_timeout_s = 0\n");
         assert!(
             e.ends_with("proxy.udp_idle_timeout_s is 0ns, must be between 1ms and 86400s"),

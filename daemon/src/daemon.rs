@@ -1,12 +1,15 @@
 //! A running daemon: the table, the proxy, what the config file owns, the capture, and the
-//! admin API's handler. Every change (reload, admin call) goes through [`Daemon::apply`]:
-//! validated and published as one generation, or rejected with the running table unchanged.
+//! handlers of its three HTTP endpoints: health ([`Daemon::health`], read-only, as
+//! kube-proxy's), metrics ([`Daemon::metrics`], read-only) and the writable admin API
+//! ([`Daemon::admin`], behind a token when one is set). Every change (reload, admin call) goes
+//! through [`Daemon::apply`]: validated and published as one generation, or rejected with the
+//! running table unchanged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use svcproxy::core::Batch;
 use svcproxy::core::error::clip;
@@ -34,7 +37,16 @@ pub struct Daemon {
     reload_error: Mutex<Option<String>>,
     pub stopping: AtomicBool,
     token: Option<String>,
+    /// Generations published and not yet known applied by every worker, oldest first, with
+    /// when they were published (at most [`UNAPPLIED_KEPT`]).
+    unapplied: Mutex<VecDeque<(u64, SystemTime)>>,
+    /// How long a change may wait for the data path before `/healthz` says 503.
+    pending_timeout: Duration,
 }
+
+/// Unapplied generations remembered; past it the newest entry is replaced, so that the oldest
+/// (what the health check measures) stays.
+const UNAPPLIED_KEPT: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -46,6 +58,7 @@ impl Daemon {
         proxy: Proxy,
         capture: Option<Capture>,
         token: Option<String>,
+        pending_timeout: Duration,
     ) -> Self {
         Self {
             table,
@@ -58,6 +71,8 @@ impl Daemon {
             reload_error: Mutex::new(None),
             stopping: AtomicBool::new(false),
             token,
+            unapplied: Mutex::new(VecDeque::new()),
+            pending_timeout,
         }
     }
 
@@ -66,6 +81,12 @@ impl Daemon {
         let published = self.table.apply(batch)?;
         self.publish_ns
             .store(published.elapsed.as_nanos() as u64, Ordering::Relaxed);
+        let mut unapplied = lock(&self.unapplied);
+        if unapplied.len() == UNAPPLIED_KEPT {
+            unapplied.pop_back();
+        }
+        unapplied.push_back((published.generation, SystemTime::now()));
+        drop(unapplied);
         self.sync_capture();
         Ok(published.generation)
     }
@@ -119,11 +140,35 @@ impl Daemon {
         Ok(generation)
     }
 
-    /// The admin API.
-    pub fn handle(&self, r: &Request) -> Response {
-        if r.path == "/healthz" {
-            return self.healthz();
+    /// The health endpoint: `/healthz` (kube-proxy's JSON and more; 503 when unhealthy) and
+    /// `/livez` (200 while the proxy serves: 503 only once a worker is down).
+    pub fn health(&self, r: &Request) -> Response {
+        match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/healthz") => self.healthz(),
+            ("GET", "/livez") => match self.proxy.down() {
+                Some(down) => Response::error(503, down),
+                None => Response::json(200, &serde_json::json!({ "live": true })),
+            },
+            (_, "/healthz" | "/livez") => Response::error(405, "use GET"),
+            _ => Response::error(404, "unknown path (try /healthz, /livez)"),
         }
+    }
+
+    /// The metrics endpoint: `/metrics`.
+    pub fn metrics(&self, r: &Request) -> Response {
+        match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/metrics") => {
+                let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                let text = metrics::render(&self.table.load(), seconds, &self.proxy);
+                Response::text(200, "text/plain; version=0.0.4", text)
+            }
+            (_, "/metrics") => Response::error(405, "use GET"),
+            _ => Response::error(404, "unknown path (try /metrics)"),
+        }
+    }
+
+    /// The admin API: `/services`, behind the bearer token when one is set.
+    pub fn admin(&self, r: &Request) -> Response {
         if let Some(token) = &self.token {
             let given = r
                 .header("authorization")
@@ -133,11 +178,6 @@ impl Daemon {
             }
         }
         match (r.method.as_str(), r.path.as_str()) {
-            ("GET", "/metrics") => {
-                let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
-                let text = metrics::render(&self.table.load(), seconds, &self.proxy);
-                Response::text(200, "text/plain; version=0.0.4", text)
-            }
             ("GET", "/services") => {
                 let doc = TableDoc::from_snapshot(&self.table.load());
                 Response::json(200, &serde_json::to_value(doc).unwrap_or_default())
@@ -176,7 +216,10 @@ impl Daemon {
                     _ => Response::error(405, "use GET, PUT or DELETE"),
                 }
             }
-            _ => Response::error(404, "unknown path (try /healthz, /metrics, /services)"),
+            _ => Response::error(
+                404,
+                "unknown path (try /services; health and metrics have addresses of their own)",
+            ),
         }
     }
 
@@ -209,26 +252,47 @@ impl Daemon {
         }
     }
 
-    /// Why the daemon is not healthy: shutting down, or a worker down; `None` when healthy.
+    /// Why the daemon is not healthy: a worker down, shutting down, or a change waiting for
+    /// the data path longer than the pending timeout; `None` when healthy.
     pub fn unhealthy(&self) -> Option<String> {
         if let Some(down) = self.proxy.down() {
             return Some(down.to_string());
         }
-        self.stopping
-            .load(Ordering::SeqCst)
-            .then(|| "shutting down".to_string())
+        if self.stopping.load(Ordering::SeqCst) {
+            return Some("shutting down".to_string());
+        }
+        let (generation, since) = self.oldest_unapplied()?;
+        let waited = since.elapsed().unwrap_or_default();
+        (waited > self.pending_timeout).then(|| {
+            format!(
+                "generation {generation}, published {}s ago, is not applied by every worker yet",
+                waited.as_secs()
+            )
+        })
+    }
+
+    /// The oldest generation published and not yet applied by every worker, and when it was
+    /// published.
+    fn oldest_unapplied(&self) -> Option<(u64, SystemTime)> {
+        let applied = self.proxy.synced().map_or(0, |(g, _)| g);
+        let mut unapplied = lock(&self.unapplied);
+        while unapplied.front().is_some_and(|&(g, _)| g <= applied) {
+            unapplied.pop_front();
+        }
+        unapplied.front().copied()
     }
 
     fn healthz(&self) -> Response {
         let snapshot = self.table.load();
-        let secs = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64())
-        };
+        let rfc3339 = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        let synced = self.proxy.synced();
         let mut body = serde_json::json!({
-            "lastUpdated": secs(snapshot.updated()),
-            "currentTime": secs(SystemTime::now()),
+            "lastUpdated": synced.map(|(_, t)| rfc3339(t)),
+            "currentTime": rfc3339(SystemTime::now()),
+            "nodeEligible": true,
             "generation": snapshot.generation(),
+            "appliedGeneration": synced.map(|(g, _)| g),
+            "pendingSince": self.oldest_unapplied().map(|(_, t)| rfc3339(t)),
             "backend": format!("{:?}", self.proxy.backend()),
             "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
             "reloads": self.reloads.load(Ordering::SeqCst),

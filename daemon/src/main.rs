@@ -2,9 +2,10 @@
 //!
 //! - `svcproxyd demo`: a self-contained demo on loopback.
 //! - `svcproxyd run --config PATH`: serve the services of a TOML config or of Kubernetes
-//!   manifests (a YAML file or directory), reloaded when the files change or on SIGHUP; an
-//!   admin HTTP endpoint (`/healthz`, `/metrics`, `/services`); as root, service addresses
-//!   are captured on a dummy interface. SIGTERM or SIGINT drain and exit.
+//!   manifests (a YAML file or directory), reloaded when the files change or on SIGHUP; three
+//!   HTTP endpoints: health (`/healthz`, `/livez`), metrics (`/metrics`) and the admin API
+//!   (`/services`); as root, service addresses are captured on a dummy interface. SIGTERM or
+//!   SIGINT drain and exit.
 //! - `svcproxyd check --config PATH`: validate a config and print what it would serve.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
@@ -67,7 +68,13 @@ struct RunArgs {
     /// Where node ports are served (repeatable; default 0.0.0.0).
     #[arg(long = "node-address")]
     node_addresses: Vec<IpAddr>,
-    /// Admin endpoint address (default 127.0.0.1:10256).
+    /// Health endpoint address: /healthz and /livez (default 0.0.0.0:10256, kube-proxy's).
+    #[arg(long)]
+    health: Option<SocketAddr>,
+    /// Metrics endpoint address: /metrics (default 127.0.0.1:10249, kube-proxy's).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Admin API address: /services (default 127.0.0.1:10262).
     #[arg(long)]
     admin: Option<SocketAddr>,
     /// File holding the admin bearer token (required for a non-loopback admin address).
@@ -151,6 +158,12 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     }
     if !args.node_addresses.is_empty() {
         s.node_addresses = args.node_addresses.clone();
+    }
+    if let Some(a) = args.health {
+        s.health = a;
+    }
+    if let Some(a) = args.metrics {
+        s.metrics = a;
     }
     if let Some(a) = args.admin {
         s.admin = a;
@@ -249,23 +262,44 @@ fn run(args: RunArgs) -> ExitCode {
         proxy,
         capture,
         settings.admin_token.clone(),
+        settings.pending_timeout,
     ));
     if let Err(e) = daemon.load(&loaded) {
         error!("{e}");
         return ExitCode::from(2);
     }
     info!(services = loaded.services.len(), "configuration loaded");
-    let admin = {
+    let endpoints: [(
+        &str,
+        SocketAddr,
+        fn(&Daemon, &http::Request) -> http::Response,
+    ); 3] = [
+        (
+            "health endpoint (/healthz, /livez)",
+            settings.health,
+            Daemon::health,
+        ),
+        (
+            "metrics endpoint (/metrics)",
+            settings.metrics,
+            Daemon::metrics,
+        ),
+        ("admin endpoint (/services)", settings.admin, Daemon::admin),
+    ];
+    let mut servers = Vec::new();
+    for (what, address, handler) in endpoints {
         let d = daemon.clone();
-        match http::Server::start(settings.admin, move |r| d.handle(r)) {
-            Ok(s) => s,
+        match http::Server::start(address, move |r| handler(&d, r)) {
+            Ok(s) => {
+                info!(address = %s.addr(), "{what}");
+                servers.push(s);
+            }
             Err(e) => {
-                error!(address = %settings.admin, "cannot serve the admin endpoint: {e}");
+                error!(%address, "cannot serve the {what}: {e}");
                 return ExitCode::from(1);
             }
         }
-    };
-    info!(address = %admin.addr(), "admin endpoint (/healthz, /metrics, /services)");
+    }
 
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
@@ -320,15 +354,15 @@ fn run(args: RunArgs) -> ExitCode {
             });
         daemon.reloaded(outcome);
     }
-    // The admin endpoint stays up while connections drain, answering /healthz with 503.
+    // The endpoints stay up while connections drain, /healthz answering 503.
     info!(grace = ?settings.shutdown_grace, "shutting down");
     daemon.stopping.store(true, Ordering::SeqCst);
     if !daemon.proxy.drain(settings.shutdown_grace) {
         info!("the grace period ended; closing the connections left");
     }
-    drop(admin);
+    drop(servers);
     let Ok(daemon) = Arc::try_unwrap(daemon) else {
-        error!("the admin endpoint still holds the daemon");
+        error!("an HTTP endpoint still holds the daemon");
         return ExitCode::from(1);
     };
     let stopped = daemon.proxy.shutdown(Duration::ZERO);

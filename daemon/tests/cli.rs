@@ -116,7 +116,12 @@ fn eventually_within(limit: Duration, what: &str, mut condition: impl FnMut() ->
 
 struct Daemon {
     child: Child,
+    /// The admin API's address (`/services`).
     admin: SocketAddr,
+    /// The health endpoint's (`/healthz`, `/livez`).
+    health: SocketAddr,
+    /// The metrics endpoint's (`/metrics`).
+    metrics: SocketAddr,
     /// What it has logged so far.
     log: Arc<Mutex<String>>,
 }
@@ -127,11 +132,17 @@ impl Daemon {
     }
 
     /// `svcproxyd run` through `command` (`BIN` itself, or a wrapper given `BIN`).
+    /// Besides the admin API on `admin`, the health and metrics endpoints get free ports of
+    /// their own.
     fn start_with(mut command: Command, config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
+        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = command
             .args(["run", "--config"])
             .arg(config)
             .args(["--no-capture", "--admin", &admin.to_string()])
+            .args(["--health", &health.to_string()])
+            .args(["--metrics", &metrics.to_string()])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -149,7 +160,13 @@ impl Daemon {
                 }
             });
         }
-        let mut d = Self { child, admin, log };
+        let mut d = Self {
+            child,
+            admin,
+            health,
+            metrics,
+            log,
+        };
         eventually("the admin endpoint", || {
             assert!(
                 d.child.try_wait().unwrap().is_none(),
@@ -161,7 +178,7 @@ impl Daemon {
     }
 
     fn health(&self) -> serde_json::Value {
-        let (_, body) = http(self.admin, "GET", "/healthz", "", "");
+        let (_, body) = http(self.health, "GET", "/healthz", "", "");
         serde_json::from_str(&body).unwrap()
     }
 
@@ -169,7 +186,7 @@ impl Daemon {
     fn unhealthy(&self) -> serde_json::Value {
         let mut health = String::new();
         eventually("/healthz to say 503", || {
-            let (status, body) = http(self.admin, "GET", "/healthz", "", "");
+            let (status, body) = http(self.health, "GET", "/healthz", "", "");
             health = body;
             status == 503
         });
@@ -286,10 +303,10 @@ fn run_serves_reloads_rejects_bad_edits_and_exits_cleanly() {
     eventually("the service", || ask(vip).is_ok_and(|a| a == "alpha"));
 
     // Health, metrics, the table.
-    let (status, body) = http(admin, "GET", "/healthz", "", "");
+    let (status, body) = http(d.health, "GET", "/healthz", "", "");
     assert_eq!(status, 200);
     assert!(body.contains("lastUpdated"), "{body}");
-    let (status, metrics) = http(admin, "GET", "/metrics", "", "");
+    let (status, metrics) = http(d.metrics, "GET", "/metrics", "", "");
     assert_eq!(status, 200);
     assert!(
         metrics.contains("svcproxy_connections_total{service=\"default/web\",port=\"")
@@ -381,7 +398,7 @@ fn the_admin_endpoint_requires_a_token_when_one_is_set_and_off_loopback() {
         &["--admin-token-file", token.to_str().unwrap()],
     );
     assert_eq!(
-        http(admin, "GET", "/healthz", "", "").0,
+        http(d.health, "GET", "/healthz", "", "").0,
         200,
         "health stays open"
     );
@@ -451,6 +468,73 @@ fn echo_daemon(name: &str, workers: usize) -> (Daemon, SocketAddr, PathBuf, Stri
 }
 
 #[test]
+fn health_metrics_and_admin_answer_each_on_its_own_address() {
+    let _g = shared();
+    let path = temp("endpoints").join("svcproxyd.toml");
+    let text = config(free_port(), &[echo_backend()]) + "\n[health]\npending_timeout_s = 1\n";
+    std::fs::write(&path, text).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&path, admin, &[]);
+    // /healthz as kube-proxy's: RFC 3339 times, node eligibility.
+    let (status, body) = http(d.health, "GET", "/healthz", "", "");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for field in ["lastUpdated", "currentTime"] {
+        let time = health[field].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(time).is_ok(), "{field}: {body}");
+    }
+    assert_eq!(health["nodeEligible"], true);
+    assert_eq!(health["appliedGeneration"], health["generation"]);
+    assert_eq!(http(d.health, "GET", "/livez", "", "").0, 200);
+    assert_eq!(http(d.health, "POST", "/healthz", "", "").0, 405);
+    // Each endpoint serves its own paths only.
+    for (address, path) in [
+        (d.health, "/metrics"),
+        (d.health, "/services"),
+        (d.metrics, "/healthz"),
+        (d.metrics, "/services"),
+        (admin, "/healthz"),
+        (admin, "/metrics"),
+    ] {
+        assert_eq!(http(address, "GET", path, "", "").0, 404, "{address}{path}");
+    }
+    assert!(
+        http(d.metrics, "GET", "/metrics", "", "")
+            .1
+            .contains("svcproxy_table_generation ")
+    );
+    assert_eq!(http(admin, "GET", "/services", "", "").0, 200);
+
+    // A change that waits for the data path longer than the pending timeout (1 s): the only
+    // worker fails 4 times applying it (fault injection; 1.5 s of restart backoff), and
+    // /healthz says 503 naming it while /livez stays 200; once applied, 200 again.
+    let fault = format!(
+        r#"{{"name": "fault-injection/panic-0-4", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
+        free_port()
+    );
+    let (status, body) = http(
+        admin,
+        "PUT",
+        "/services/fault-injection/panic-0-4",
+        "",
+        &fault,
+    );
+    assert_eq!(status, 200, "{body}");
+    let health = d.unhealthy();
+    let reason = health["unhealthy"].as_str().unwrap();
+    assert!(
+        reason.contains("is not applied by every worker yet"),
+        "{reason}"
+    );
+    assert!(health["pendingSince"].is_string(), "{health}");
+    assert_eq!(http(d.health, "GET", "/livez", "", "").0, 200);
+    eventually("the change to reach the data path", || {
+        http(d.health, "GET", "/healthz", "", "").0 == 200
+    });
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
 fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_zero() {
     let _g = shared();
     let (mut d, vip, _, _) = echo_daemon("supervision", 2);
@@ -466,7 +550,7 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
             s
         })
         .collect();
-    assert_eq!(http(admin, "GET", "/healthz", "", "").0, 200);
+    assert_eq!(http(d.health, "GET", "/healthz", "", "").0, 200);
 
     // Worker 0 panics whenever it applies a table holding this service (a test build's
     // fault injection), so its restarts fail until it is given up on.
@@ -490,7 +574,7 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
     );
     assert_eq!(health["workers"][0]["down"], true);
     assert_eq!(health["workers"][1]["down"], false);
-    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    let (_, metrics) = http(d.metrics, "GET", "/metrics", "", "");
     assert!(
         metrics.contains("svcproxy_worker_up{worker=\"0\"} 0"),
         "{metrics}"
@@ -630,8 +714,8 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
     // 256 descriptors: without a budget, 300 UDP flows (a socket each) take them all.
     let mut limited = Command::new("prlimit");
     limited.arg("--nofile=256:256").arg(BIN);
-    let _d = Daemon::start_with(limited, &path, admin, &[]);
-    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    let d = Daemon::start_with(limited, &path, admin, &[]);
+    let (_, metrics) = http(d.metrics, "GET", "/metrics", "", "");
     assert!(
         metrics.contains("svcproxy_descriptor_limit 256"),
         "{metrics}"
@@ -647,7 +731,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
     // Every datagram of the flood was forwarded on a flow or refused by a limit.
     let dns = |metrics: &str, name: &str| service_metric(metrics, name, "default/dns");
     eventually("the flood to be handled", || {
-        let (_, m) = http(admin, "GET", "/metrics", "", "");
+        let (_, m) = http(d.metrics, "GET", "/metrics", "", "");
         dns(&m, "datagrams_in_total") + dns(&m, "limited_total") >= 300
     });
     let tcp_vip = SocketAddr::from(([127, 0, 0, 1], tcp_port));
@@ -659,7 +743,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
             .expect("TCP through the proxy still works");
     }
     assert_eq!(
-        http(admin, "GET", "/healthz", "", "").0,
+        http(d.health, "GET", "/healthz", "", "").0,
         200,
         "so does the admin endpoint"
     );
@@ -674,7 +758,7 @@ fn a_udp_flood_from_many_ports_leaves_tcp_and_the_admin_endpoint_their_descripto
             .expect("a reply through the proxy");
         assert_eq!((&reply[..n], from), (&[i][..], udp_vip));
     }
-    let (_, metrics) = http(admin, "GET", "/metrics", "", "");
+    let (_, metrics) = http(d.metrics, "GET", "/metrics", "", "");
     let max = gauge(&metrics, "max_udp_flows");
     let flows = dns(&metrics, "connections_active");
     assert!(
@@ -778,7 +862,7 @@ fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind()
         );
         let metric = |name: &str| {
             service_metric(
-                &http(admin, "GET", "/metrics", "", "").1,
+                &http(d.metrics, "GET", "/metrics", "", "").1,
                 name,
                 "default/dns",
             )
@@ -806,7 +890,10 @@ fn a_flood_of_100k_udp_sources_fails_no_other_client_and_leaves_nothing_behind()
             metric("evicted_total"),
             metric("limited_total")
         );
-        let max = gauge(&http(admin, "GET", "/metrics", "", "").1, "max_udp_flows");
+        let max = gauge(
+            &http(d.metrics, "GET", "/metrics", "", "").1,
+            "max_udp_flows",
+        );
         assert!(
             metric("connections_active") <= 2 * max,
             "{backend}: flows within the budget"
@@ -889,7 +976,7 @@ fn a_flood_of_50k_idle_tcp_connections_fails_no_other_client_and_leaves_nothing_
         limited.arg("--nofile=10000:10000").arg(BIN);
         let d = Daemon::start_with(limited, &path, admin, &["--backend", backend]);
         let pid = d.child.id();
-        let metrics = || http(admin, "GET", "/metrics", "", "").1;
+        let metrics = || http(d.metrics, "GET", "/metrics", "", "").1;
         let m = metrics();
         let (limit, reserve, max_connections) = (
             gauge(&m, "descriptor_limit"),

@@ -9,6 +9,7 @@
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use svcproxy::{BackendKind, Options, Proxy, ProxyConfig, Table};
 use svcproxy_core::schema::BatchDoc;
@@ -117,7 +118,7 @@ pub fn admin_api(input: &[u8]) -> Result<(), String> {
     let before = daemon.table.load_full();
     let peer = "127.0.0.1:1".parse().expect("a socket address");
     let response = match http::read_request(&mut Cursor::new(input), peer) {
-        Ok(request) => daemon.handle(&request),
+        Ok(request) => daemon.admin(&request),
         Err(response) => response,
     };
     ensure(ADMIN_STATUSES.contains(&response.status), || {
@@ -142,6 +143,6 @@ fn daemon() -> &'static Daemon {
             },
         };
         let proxy = Proxy::start(table.clone(), options).expect("the proxy starts");
-        Daemon::new(table, proxy, None, None)
+        Daemon::new(table, proxy, None, None, Duration::from_secs(60))
     })
 }
