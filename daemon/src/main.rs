@@ -196,6 +196,9 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     Ok(s)
 }
 
+/// What answers the requests of one of the daemon's HTTP endpoints.
+type Handler = fn(&Daemon, &http::Request) -> http::Response;
+
 fn run(args: RunArgs) -> ExitCode {
     let loaded = match config::load(&args.config) {
         Ok(l) => l,
@@ -269,11 +272,7 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     info!(services = loaded.services.len(), "configuration loaded");
-    let endpoints: [(
-        &str,
-        SocketAddr,
-        fn(&Daemon, &http::Request) -> http::Response,
-    ); 3] = [
+    let endpoints: [(&str, SocketAddr, Handler); 3] = [
         (
             "health endpoint (/healthz, /livez)",
             settings.health,
