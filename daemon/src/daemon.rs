@@ -11,16 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use svcproxy::core::Batch;
 use svcproxy::core::error::clip;
-use svcproxy::{Change, Proxy, Table, TableError};
+use svcproxy::core::{Batch, Change};
+use svcproxy::{Proxy, Table, TableError};
 use svcproxy_core::schema::{ServiceDoc, TableDoc};
 use tracing::{info, warn};
 
 use crate::capture::Capture;
 use crate::config::Loaded;
 use crate::http::{Request, Response};
-use crate::metrics;
+use crate::metrics::{self, Changes, SyncMetrics};
 
 pub struct Daemon {
     pub table: Arc<Table>,
@@ -38,8 +38,10 @@ pub struct Daemon {
     pub stopping: AtomicBool,
     token: Option<String>,
     /// Generations published and not yet known applied by every worker, oldest first, with
-    /// when they were published (at most [`UNAPPLIED_KEPT`]).
-    unapplied: Mutex<VecDeque<(u64, SystemTime)>>,
+    /// when they were published and what they changed (at most [`UNAPPLIED_KEPT`]).
+    unapplied: Mutex<VecDeque<(u64, SystemTime, Changes)>>,
+    /// kube-proxy's sync series.
+    sync: SyncMetrics,
     /// How long a change may wait for the data path before `/healthz` says 503.
     pending_timeout: Duration,
 }
@@ -72,20 +74,32 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             token,
             unapplied: Mutex::new(VecDeque::new()),
+            sync: SyncMetrics::default(),
             pending_timeout,
         }
     }
 
     /// Publishes `batch`, then brings the captured addresses in line with the table.
     pub fn apply(&self, batch: Batch) -> Result<u64, TableError> {
+        let mut changes = Changes::default();
+        for change in batch.changes() {
+            match change {
+                Change::Upsert(_) | Change::Remove(_) => changes.services += 1,
+                Change::ReplaceEndpoints { .. } => changes.endpoints += 1,
+            }
+        }
         let published = self.table.apply(batch)?;
+        let now = SystemTime::now();
         self.publish_ns
             .store(published.elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.sync.published(published.elapsed, now, changes);
         let mut unapplied = lock(&self.unapplied);
-        if unapplied.len() == UNAPPLIED_KEPT {
-            unapplied.pop_back();
+        if unapplied.len() == UNAPPLIED_KEPT
+            && let Some((_, _, newest)) = unapplied.pop_back()
+        {
+            changes += newest;
         }
-        unapplied.push_back((published.generation, SystemTime::now()));
+        unapplied.push_back((published.generation, now, changes));
         drop(unapplied);
         self.sync_capture();
         Ok(published.generation)
@@ -159,8 +173,15 @@ impl Daemon {
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/metrics") => {
                 let seconds = self.publish_ns.load(Ordering::Relaxed) as f64 / 1e9;
-                let text = metrics::render(&self.table.load(), seconds, &self.proxy);
-                Response::text(200, "text/plain; version=0.0.4", text)
+                let (_, pending) = self.unapplied();
+                let text = metrics::render(
+                    &self.table.load(),
+                    seconds,
+                    &self.proxy,
+                    &self.sync,
+                    pending,
+                );
+                Response::text(200, metrics::CONTENT_TYPE, text)
             }
             (_, "/metrics") => Response::error(405, "use GET"),
             _ => Response::error(404, "unknown path (try /metrics)"),
@@ -261,7 +282,7 @@ impl Daemon {
         if self.stopping.load(Ordering::SeqCst) {
             return Some("shutting down".to_string());
         }
-        let (generation, since) = self.oldest_unapplied()?;
+        let (generation, since) = self.unapplied().0?;
         let waited = since.elapsed().unwrap_or_default();
         (waited > self.pending_timeout).then(|| {
             format!(
@@ -271,15 +292,19 @@ impl Daemon {
         })
     }
 
-    /// The oldest generation published and not yet applied by every worker, and when it was
-    /// published.
-    fn oldest_unapplied(&self) -> Option<(u64, SystemTime)> {
+    /// The oldest generation published and not yet applied by every worker, with when it was
+    /// published; and the changes such generations carry.
+    fn unapplied(&self) -> (Option<(u64, SystemTime)>, Changes) {
         let applied = self.proxy.synced().map_or(0, |(g, _)| g);
         let mut unapplied = lock(&self.unapplied);
-        while unapplied.front().is_some_and(|&(g, _)| g <= applied) {
+        while unapplied.front().is_some_and(|&(g, _, _)| g <= applied) {
             unapplied.pop_front();
         }
-        unapplied.front().copied()
+        let mut pending = Changes::default();
+        for &(_, _, changes) in unapplied.iter() {
+            pending += changes;
+        }
+        (unapplied.front().map(|&(g, t, _)| (g, t)), pending)
     }
 
     fn healthz(&self) -> Response {
@@ -292,7 +317,7 @@ impl Daemon {
             "nodeEligible": true,
             "generation": snapshot.generation(),
             "appliedGeneration": synced.map(|(g, _)| g),
-            "pendingSince": self.oldest_unapplied().map(|(_, t)| rfc3339(t)),
+            "pendingSince": self.unapplied().0.map(|(_, t)| rfc3339(t)),
             "backend": format!("{:?}", self.proxy.backend()),
             "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
             "reloads": self.reloads.load(Ordering::SeqCst),

@@ -1,33 +1,50 @@
-//! Prometheus text exposition of the proxy's counters.
+//! The `/metrics` exposition, in the OpenMetrics text format (encoded by prometheus-client).
+//!
+//! - kube-proxy's series under kube-proxy's names, so that its dashboards and alerts work:
+//!   `kubeproxy_sync_proxy_rules_duration_seconds` (a histogram of the time each table change
+//!   took to publish), `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, and
+//!   `kubeproxy_sync_proxy_rules_service_changes_total` / `_endpoint_changes_total` with their
+//!   `_pending` gauges (changes published and not yet applied by every worker).
+//! - svcproxy's own, `svcproxy_*`: per service port and per endpoint traffic counters (their
+//!   labels are the table's: one series per service port and endpoint, so the table's size
+//!   bounds them), the table, open connections, the descriptor budget, and each worker's
+//!   restarts and state.
 
-use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use svcproxy::core::CounterValues;
 use svcproxy::{PortStats, Proxy, Snapshot, WorkerHealth};
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// A series family read from a `T`; counters are named without `_total`, which the encoder
+/// adds.
 struct Metric<T> {
     name: &'static str,
-    kind: &'static str,
+    kind: MetricType,
     help: &'static str,
     value: fn(&T) -> u64,
 }
 
 const WORKER_METRICS: [Metric<WorkerHealth>; 2] = [
     Metric {
-        name: "worker_restarts_total",
-        kind: "counter",
+        name: "worker_restarts",
+        kind: MetricType::Counter,
         help: "Times a worker was restarted after it failed.",
         value: |w| w.restarts,
     },
     Metric {
         name: "worker_up",
-        kind: "gauge",
+        kind: MetricType::Gauge,
         help: "Whether a worker serves (0: given up on after failing again and again).",
         value: |w| u64::from(!w.down),
     },
@@ -35,174 +52,295 @@ const WORKER_METRICS: [Metric<WorkerHealth>; 2] = [
 
 const METRICS: [Metric<CounterValues>; 10] = [
     Metric {
-        name: "connections_total",
-        kind: "counter",
+        name: "connections",
+        kind: MetricType::Counter,
         help: "Connections (TCP) or flows (UDP) opened.",
         value: |v| v.connections_total,
     },
     Metric {
         name: "connections_active",
-        kind: "gauge",
+        kind: MetricType::Gauge,
         help: "Connections or flows open now.",
         value: |v| v.connections_active,
     },
     Metric {
-        name: "bytes_in_total",
-        kind: "counter",
+        name: "bytes_in",
+        kind: MetricType::Counter,
         help: "Bytes from clients to endpoints.",
         value: |v| v.bytes_in,
     },
     Metric {
-        name: "bytes_out_total",
-        kind: "counter",
+        name: "bytes_out",
+        kind: MetricType::Counter,
         help: "Bytes from endpoints to clients.",
         value: |v| v.bytes_out,
     },
     Metric {
-        name: "connect_errors_total",
-        kind: "counter",
+        name: "connect_errors",
+        kind: MetricType::Counter,
         help: "Failed connection attempts to endpoints.",
         value: |v| v.connect_errors,
     },
     Metric {
-        name: "refused_total",
-        kind: "counter",
+        name: "refused",
+        kind: MetricType::Counter,
         help: "Clients refused for lack of an eligible endpoint.",
         value: |v| v.refused,
     },
     Metric {
-        name: "limited_total",
-        kind: "counter",
+        name: "limited",
+        kind: MetricType::Counter,
         help: "Clients refused by a limit: the UDP flow table full, or one client address over its share.",
         value: |v| v.limited,
     },
     Metric {
-        name: "evicted_total",
-        kind: "counter",
+        name: "evicted",
+        kind: MetricType::Counter,
         help: "Closed to make room at a limit: TCP connections idle longest, UDP flows never answered.",
         value: |v| v.evicted,
     },
     Metric {
-        name: "datagrams_in_total",
-        kind: "counter",
+        name: "datagrams_in",
+        kind: MetricType::Counter,
         help: "Datagrams from clients.",
         value: |v| v.datagrams_in,
     },
     Metric {
-        name: "datagrams_out_total",
-        kind: "counter",
+        name: "datagrams_out",
+        kind: MetricType::Counter,
         help: "Datagrams to clients.",
         value: |v| v.datagrams_out,
     },
 ];
 
-/// The exposition: per service port and per endpoint counters, table generation, last
-/// publish latency, open connections, the descriptor budget and each worker's restarts and
-/// state.
-pub fn render(snapshot: &Snapshot, publish_seconds: f64, proxy: &Proxy) -> String {
-    let connections = proxy.connections();
-    let workers = proxy.workers();
-    let stats: Vec<PortStats> = snapshot.stats();
-    let mut out = String::new();
-    for m in &METRICS {
-        let _ = writeln!(
-            out,
-            "# HELP svcproxy_{} {} Per service port.",
-            m.name, m.help
-        );
-        let _ = writeln!(out, "# TYPE svcproxy_{} {}", m.name, m.kind);
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "svcproxy_{}{{service=\"{}\",port=\"{}\",protocol=\"{}\"}} {}",
-                m.name,
-                escape(&s.service),
-                escape(&s.port),
-                s.protocol,
-                (m.value)(&s.totals)
-            );
+/// kube-proxy's sync series, fed as table changes are published; clones share them.
+#[derive(Debug, Clone)]
+pub struct SyncMetrics {
+    duration: Histogram,
+    last: Gauge<f64, AtomicU64>,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+}
+
+impl Default for SyncMetrics {
+    fn default() -> Self {
+        Self {
+            // 10 us to about 5 s.
+            duration: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            last: Gauge::default(),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
         }
-        let _ = writeln!(
-            out,
-            "# HELP svcproxy_endpoint_{} {} Per endpoint.",
-            m.name, m.help
+    }
+}
+
+impl SyncMetrics {
+    /// A table change was published at `at`, in `took`, carrying `changes`.
+    pub fn published(&self, took: Duration, at: SystemTime, changes: Changes) {
+        self.duration.observe(took.as_secs_f64());
+        self.last.set(seconds(at));
+        self.service_changes.inc_by(changes.services);
+        self.endpoint_changes.inc_by(changes.endpoints);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let sync = "kubeproxy_sync_proxy_rules";
+        registry.register(
+            format!("{sync}_duration_seconds"),
+            "Time a table change took to publish (kube-proxy: to sync its rules)",
+            self.duration.clone(),
         );
-        let _ = writeln!(out, "# TYPE svcproxy_endpoint_{} {}", m.name, m.kind);
-        for s in &stats {
-            for (addr, v) in &s.endpoints {
-                let _ = writeln!(
-                    out,
-                    "svcproxy_endpoint_{}{{service=\"{}\",port=\"{}\",protocol=\"{}\",endpoint=\"{}\"}} {}",
-                    m.name,
-                    escape(&s.service),
-                    escape(&s.port),
-                    s.protocol,
-                    addr,
-                    (m.value)(v)
-                );
+        registry.register(
+            format!("{sync}_last_timestamp_seconds"),
+            "When the last table change was published, in seconds since the epoch",
+            self.last.clone(),
+        );
+        registry.register(
+            format!("{sync}_service_changes"),
+            "Service definitions published (added, changed or removed)",
+            self.service_changes.clone(),
+        );
+        registry.register(
+            format!("{sync}_endpoint_changes"),
+            "Endpoint sets published",
+            self.endpoint_changes.clone(),
+        );
+    }
+}
+
+/// How many service and endpoint changes a table change carried, or wait to be applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Service definitions added, changed or removed.
+    pub services: u64,
+    /// Endpoint sets replaced.
+    pub endpoints: u64,
+}
+
+impl std::ops::AddAssign for Changes {
+    fn add_assign(&mut self, o: Self) {
+        self.services += o.services;
+        self.endpoints += o.endpoints;
+    }
+}
+
+fn seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// What one scrape reads of the table and the proxy.
+#[derive(Debug)]
+struct Scrape {
+    stats: Vec<PortStats>,
+    workers: Vec<WorkerHealth>,
+    pending: Changes,
+    gauges: Vec<(&'static str, &'static str, u64)>,
+    publish_seconds: f64,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Service changes published and not yet applied by every worker.",
+                self.pending.services,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Endpoint changes published and not yet applied by every worker.",
+                self.pending.endpoints,
+            ),
+        ]
+        .into_iter()
+        .chain(self.gauges.iter().copied())
+        {
+            let metric =
+                encoder.encode_descriptor(name, sentence(help), None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(metric)?;
+        }
+        let metric = encoder.encode_descriptor(
+            "svcproxy_table_publish_seconds",
+            "Time the last table change took to publish",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.publish_seconds).encode(metric)?;
+        for m in &METRICS {
+            let name = format!("svcproxy_{}", m.name);
+            let help = format!("{} Per service port", m.help);
+            let mut family = encoder.encode_descriptor(&name, &help, None, m.kind)?;
+            for s in &self.stats {
+                let labels = port_labels(s);
+                encode(family.encode_family(&labels)?, m.kind, (m.value)(&s.totals))?;
+            }
+            let name = format!("svcproxy_endpoint_{}", m.name);
+            let help = format!("{} Per endpoint", m.help);
+            let mut family = encoder.encode_descriptor(&name, &help, None, m.kind)?;
+            for s in &self.stats {
+                for (addr, v) in &s.endpoints {
+                    let mut labels = port_labels(s);
+                    labels.push(("endpoint", addr.to_string()));
+                    encode(family.encode_family(&labels)?, m.kind, (m.value)(v))?;
+                }
             }
         }
+        for m in &WORKER_METRICS {
+            let name = format!("svcproxy_{}", m.name);
+            let mut family = encoder.encode_descriptor(&name, sentence(m.help), None, m.kind)?;
+            for (i, w) in self.workers.iter().enumerate() {
+                let labels = [("worker", i.to_string())];
+                encode(family.encode_family(&labels)?, m.kind, (m.value)(w))?;
+            }
+        }
+        Ok(())
     }
-    let _ = writeln!(
-        out,
-        "# HELP svcproxy_table_generation Generation of the published service table."
-    );
-    let _ = writeln!(out, "# TYPE svcproxy_table_generation gauge");
-    let _ = writeln!(out, "svcproxy_table_generation {}", snapshot.generation());
-    let _ = writeln!(
-        out,
-        "# HELP svcproxy_table_publish_seconds Time the last table change took to publish."
-    );
-    let _ = writeln!(out, "# TYPE svcproxy_table_publish_seconds gauge");
-    let _ = writeln!(out, "svcproxy_table_publish_seconds {publish_seconds}");
-    let _ = writeln!(out, "# HELP svcproxy_table_services Services in the table.");
-    let _ = writeln!(out, "# TYPE svcproxy_table_services gauge");
-    let _ = writeln!(out, "svcproxy_table_services {}", snapshot.service_count());
-    let _ = writeln!(
-        out,
-        "# HELP svcproxy_open_connections TCP connections open now, over all services."
-    );
-    let _ = writeln!(out, "# TYPE svcproxy_open_connections gauge");
-    let _ = writeln!(out, "svcproxy_open_connections {connections}");
+}
+
+/// `help` without its final period, which the encoder adds.
+fn sentence(help: &str) -> &str {
+    help.strip_suffix('.').unwrap_or(help)
+}
+
+fn port_labels(s: &PortStats) -> Vec<(&'static str, String)> {
+    vec![
+        ("service", s.service.clone()),
+        ("port", s.port.clone()),
+        ("protocol", s.protocol.to_string()),
+    ]
+}
+
+fn encode(
+    metric: prometheus_client::encoding::MetricEncoder,
+    kind: MetricType,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => ConstGauge::new(value).encode(metric),
+    }
+}
+
+/// The exposition of `snapshot` and `proxy`: kube-proxy's sync series from `sync` (with
+/// `pending` changes), and svcproxy's own (the last publish took `publish_seconds`).
+pub fn render(
+    snapshot: &Snapshot,
+    publish_seconds: f64,
+    proxy: &Proxy,
+    sync: &SyncMetrics,
+    pending: Changes,
+) -> String {
     let budget = proxy.descriptor_budget();
     let config = proxy.config();
-    for (name, help, value) in [
-        (
-            "descriptor_limit",
-            "The process's descriptor limit (RLIMIT_NOFILE) at start.",
-            budget.limit,
-        ),
-        (
-            "descriptor_reserve",
-            "Descriptors kept for listeners, the workers and the admin endpoint.",
-            budget.reserve,
-        ),
-        (
-            "max_connections",
-            "TCP connections served at once, over all workers (the setting, or what the descriptors allow).",
-            config.max_connections as u64,
-        ),
-        (
-            "max_udp_flows",
-            "UDP flows per worker (the setting, or what the descriptors allow).",
-            config.max_udp_flows as u64,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP svcproxy_{name} {help}");
-        let _ = writeln!(out, "# TYPE svcproxy_{name} gauge");
-        let _ = writeln!(out, "svcproxy_{name} {value}");
-    }
-    for m in &WORKER_METRICS {
-        let _ = writeln!(out, "# HELP svcproxy_{} {}", m.name, m.help);
-        let _ = writeln!(out, "# TYPE svcproxy_{} {}", m.name, m.kind);
-        for (i, w) in workers.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "svcproxy_{}{{worker=\"{i}\"}} {}",
-                m.name,
-                (m.value)(w)
-            );
-        }
-    }
+    let scrape = Scrape {
+        stats: snapshot.stats(),
+        workers: proxy.workers(),
+        pending,
+        gauges: vec![
+            (
+                "svcproxy_table_generation",
+                "Generation of the published service table.",
+                snapshot.generation(),
+            ),
+            (
+                "svcproxy_table_services",
+                "Services in the table.",
+                snapshot.service_count() as u64,
+            ),
+            (
+                "svcproxy_open_connections",
+                "TCP connections open now, over all services.",
+                proxy.connections() as u64,
+            ),
+            (
+                "svcproxy_descriptor_limit",
+                "The process's descriptor limit (RLIMIT_NOFILE) at start.",
+                budget.limit,
+            ),
+            (
+                "svcproxy_descriptor_reserve",
+                "Descriptors kept for listeners, the workers and the HTTP endpoints.",
+                budget.reserve,
+            ),
+            (
+                "svcproxy_max_connections",
+                "TCP connections served at once, over all workers (the setting, or what the descriptors allow).",
+                config.max_connections as u64,
+            ),
+            (
+                "svcproxy_max_udp_flows",
+                "UDP flows per worker (the setting, or what the descriptors allow).",
+                config.max_udp_flows as u64,
+            ),
+        ],
+        publish_seconds,
+    };
+    let mut registry = Registry::default();
+    sync.register(&mut registry);
+    registry.register_collector(Box::new(scrape));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }

@@ -467,6 +467,23 @@ fn echo_daemon(name: &str, workers: usize) -> (Daemon, SocketAddr, PathBuf, Stri
     (d, SocketAddr::from(([127, 0, 0, 1], port)), path, text)
 }
 
+/// The daemon's whole `/metrics` page, parsed as OpenMetrics: its families by name.
+fn metric_families(
+    d: &Daemon,
+) -> std::collections::HashMap<
+    String,
+    openmetrics_parser::MetricFamily<
+        openmetrics_parser::OpenMetricsType,
+        openmetrics_parser::OpenMetricsValue,
+    >,
+> {
+    let (status, text) = http(d.metrics, "GET", "/metrics", "", "");
+    assert_eq!(status, 200);
+    openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .unwrap_or_else(|e| panic!("/metrics is not OpenMetrics: {e:?}\n{text}"))
+        .families
+}
+
 #[test]
 fn health_metrics_and_admin_answer_each_on_its_own_address() {
     let _g = shared();
@@ -498,12 +515,23 @@ fn health_metrics_and_admin_answer_each_on_its_own_address() {
     ] {
         assert_eq!(http(address, "GET", path, "", "").0, 404, "{address}{path}");
     }
-    assert!(
-        http(d.metrics, "GET", "/metrics", "", "")
-            .1
-            .contains("svcproxy_table_generation ")
-    );
     assert_eq!(http(admin, "GET", "/services", "", "").0, 200);
+    // The whole exposition parses as OpenMetrics, with kube-proxy's series and svcproxy's.
+    let families = metric_families(&d);
+    for family in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes",
+        "kubeproxy_sync_proxy_rules_endpoint_changes",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "svcproxy_connections",
+        "svcproxy_endpoint_bytes_in",
+        "svcproxy_table_generation",
+        "svcproxy_worker_up",
+    ] {
+        assert!(families.contains_key(family), "no {family}");
+    }
 
     // A change that waits for the data path longer than the pending timeout (1 s): the only
     // worker fails 4 times applying it (fault injection; 1.5 s of restart backoff), and
@@ -528,6 +556,8 @@ fn health_metrics_and_admin_answer_each_on_its_own_address() {
     );
     assert!(health["pendingSince"].is_string(), "{health}");
     assert_eq!(http(d.health, "GET", "/livez", "", "").0, 200);
+    let pending = &metric_families(&d)["kubeproxy_sync_proxy_rules_service_changes_pending"];
+    assert!(format!("{pending}").contains("_pending 1"), "{pending}");
     eventually("the change to reach the data path", || {
         http(d.health, "GET", "/healthz", "", "").0 == 200
     });
