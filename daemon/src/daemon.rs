@@ -176,6 +176,7 @@ impl Daemon {
                 let (_, pending) = self.unapplied();
                 let text = metrics::render(
                     &self.table.load(),
+                    self.table.config().node_name.as_deref(),
                     seconds,
                     &self.proxy,
                     &self.sync,

@@ -4,7 +4,9 @@
 //!   `kubeproxy_sync_proxy_rules_duration_seconds` (a histogram of the time each table change
 //!   took to publish), `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, and
 //!   `kubeproxy_sync_proxy_rules_service_changes_total` / `_endpoint_changes_total` with their
-//!   `_pending` gauges (changes published and not yet applied by every worker).
+//!   `_pending` gauges (changes published and not yet applied by every worker), and
+//!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total` (services whose internal or external
+//!   traffic policy is Local and that have no ready endpoint on this node).
 //! - svcproxy's own, `svcproxy_*`: per service port and per endpoint traffic counters (their
 //!   labels are the table's: one series per service port and endpoint, so the table's size
 //!   bounds them), the table, open connections, the descriptor budget, and each worker's
@@ -21,6 +23,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use svcproxy::core::CounterValues;
+use svcproxy::core::TrafficPolicy;
 use svcproxy::{PortStats, Proxy, Snapshot, WorkerHealth};
 
 /// The content type of the exposition.
@@ -195,6 +198,8 @@ struct Scrape {
     stats: Vec<PortStats>,
     workers: Vec<WorkerHealth>,
     pending: Changes,
+    /// Services with policy Local and no local endpoint: internal, external.
+    no_local: [u64; 2],
     gauges: Vec<(&'static str, &'static str, u64)>,
     publish_seconds: f64,
 }
@@ -219,6 +224,16 @@ impl Collector for Scrape {
             let metric =
                 encoder.encode_descriptor(name, sentence(help), None, MetricType::Gauge)?;
             ConstGauge::new(value).encode(metric)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Services with traffic policy Local and no ready endpoint on this node",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (policy, n) in ["internal", "external"].into_iter().zip(self.no_local) {
+            let labels = [("traffic_policy", policy)];
+            ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
         }
         let metric = encoder.encode_descriptor(
             "svcproxy_table_publish_seconds",
@@ -258,6 +273,28 @@ impl Collector for Scrape {
     }
 }
 
+/// The services of `snapshot` whose internal and whose external traffic policy is Local and
+/// that have no ready endpoint on `node`.
+fn no_local_endpoints(snapshot: &Snapshot, node: Option<&str>) -> [u64; 2] {
+    let mut counts = [0; 2];
+    for s in snapshot.services() {
+        let local = s
+            .endpoints()
+            .iter()
+            .any(|e| e.conditions.ready && node.is_some() && e.node.as_deref() == node);
+        let spec = s.spec();
+        for (count, policy) in counts
+            .iter_mut()
+            .zip([spec.internal_traffic_policy, spec.external_traffic_policy])
+        {
+            if policy == TrafficPolicy::Local && !local {
+                *count += 1;
+            }
+        }
+    }
+    counts
+}
+
 /// `help` without its final period, which the encoder adds.
 fn sentence(help: &str) -> &str {
     help.strip_suffix('.').unwrap_or(help)
@@ -282,10 +319,12 @@ fn encode(
     }
 }
 
-/// The exposition of `snapshot` and `proxy`: kube-proxy's sync series from `sync` (with
-/// `pending` changes), and svcproxy's own (the last publish took `publish_seconds`).
+/// The exposition of `snapshot` and `proxy` on node `node`: kube-proxy's sync series from
+/// `sync` (with `pending` changes), and svcproxy's own (the last publish took
+/// `publish_seconds`).
 pub fn render(
     snapshot: &Snapshot,
+    node: Option<&str>,
     publish_seconds: f64,
     proxy: &Proxy,
     sync: &SyncMetrics,
@@ -297,6 +336,7 @@ pub fn render(
         stats: snapshot.stats(),
         workers: proxy.workers(),
         pending,
+        no_local: no_local_endpoints(snapshot, node),
         gauges: vec![
             (
                 "svcproxy_table_generation",

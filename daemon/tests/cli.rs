@@ -488,7 +488,14 @@ fn metric_families(
 fn health_metrics_and_admin_answer_each_on_its_own_address() {
     let _g = shared();
     let path = temp("endpoints").join("svcproxyd.toml");
-    let text = config(free_port(), &[echo_backend()]) + "\n[health]\npending_timeout_s = 1\n";
+    // A second service keeps its traffic on this node and has no endpoint here.
+    let text = config(free_port(), &[echo_backend()])
+        + &format!(
+            "\n[[services]]\nname = \"default/local\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {} }}]\n\
+             internal_traffic_policy = \"Local\"\nendpoints = [{{ address = \"127.0.0.1:9\", node = \"elsewhere\" }}]\n",
+            free_port()
+        )
+        + "\n[node]\nname = \"here\"\n\n[health]\npending_timeout_s = 1\n";
     std::fs::write(&path, text).unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let d = Daemon::start(&path, admin, &[]);
@@ -532,6 +539,15 @@ fn health_metrics_and_admin_answer_each_on_its_own_address() {
     ] {
         assert!(families.contains_key(family), "no {family}");
     }
+    let no_local = format!(
+        "{}",
+        families["kubeproxy_sync_proxy_rules_no_local_endpoints_total"]
+    );
+    assert!(
+        no_local.contains(r#"{traffic_policy="internal"} 1"#)
+            && no_local.contains(r#"{traffic_policy="external"} 0"#),
+        "{no_local}"
+    );
 
     // A change that waits for the data path longer than the pending timeout (1 s): the only
     // worker fails 4 times applying it (fault injection; 1.5 s of restart backoff), and
