@@ -30,6 +30,7 @@ pub struct Counters {
 
 /// The values of [`Counters`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CounterValues {
     /// Connections (TCP) or flows (UDP) ever opened.
     pub connections_total: u64,

@@ -21,6 +21,7 @@ use crate::capture::Capture;
 use crate::config::Loaded;
 use crate::http::{Request, Response};
 use crate::metrics::{self, Changes, SyncMetrics};
+use crate::status;
 
 pub struct Daemon {
     pub table: Arc<Table>,
@@ -168,7 +169,7 @@ impl Daemon {
         }
     }
 
-    /// The metrics endpoint: `/metrics`.
+    /// The metrics endpoint: `/metrics`, and the status page (`/`, reading `/status.json`).
     pub fn metrics(&self, r: &Request) -> Response {
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/metrics") => {
@@ -184,8 +185,18 @@ impl Daemon {
                 );
                 Response::text(200, metrics::CONTENT_TYPE, text)
             }
-            (_, "/metrics") => Response::error(405, "use GET"),
-            _ => Response::error(404, "unknown path (try /metrics)"),
+            ("GET", "/") => Response::text(200, "text/html; charset=utf-8", status::PAGE.into()),
+            ("GET", "/status.json") => Response::json(
+                200,
+                &status::json(
+                    &self.table.load(),
+                    &self.proxy,
+                    self.reloads.load(Ordering::SeqCst),
+                    lock(&self.reload_error).as_deref(),
+                ),
+            ),
+            (_, "/" | "/metrics" | "/status.json") => Response::error(405, "use GET"),
+            _ => Response::error(404, "unknown path (try /, /metrics, /status.json)"),
         }
     }
 

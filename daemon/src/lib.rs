@@ -1,6 +1,6 @@
 //! svcproxyd's parts, as a library for its binary and its tests: the config and Kubernetes
-//! manifest readers, the running daemon and its admin API, cluster IP capture, metrics and the
-//! demo. The program itself is `src/main.rs`.
+//! manifest readers, the running daemon and its HTTP endpoints, cluster IP capture, metrics, the
+//! status page and the demo. The program itself is `src/main.rs`.
 
 #![forbid(unsafe_code)]
 
@@ -12,3 +12,4 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod nesting;
+pub mod status;

@@ -1102,3 +1102,79 @@ fn a_flood_of_50k_idle_tcp_connections_fails_no_other_client_and_leaves_nothing_
         assert_eq!(d.stop(), 0, "{backend}");
     }
 }
+
+/// Debian's Chromium, when installed; without it the test is skipped, except under CI.
+fn chromium() -> Option<PathBuf> {
+    let path = PathBuf::from("/usr/bin/chromium");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must install chromium (the status page test)"
+    );
+    eprintln!("skipped: no /usr/bin/chromium");
+    None
+}
+
+/// The status page in a real browser (headless Chromium): after three connections through
+/// the proxy, the rendered page shows the service port serving with three connections, its
+/// endpoint ready, and the table generation; a screenshot is saved beside the test's build.
+#[test]
+fn the_status_page_renders_services_endpoints_and_traffic_in_a_browser() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let _g = shared();
+    let (d, vip, _, _) = echo_daemon("status", 1);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect_timeout(&vip, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.write_all(b"x").unwrap();
+        s.read_exact(&mut [0]).unwrap();
+    }
+    let url = format!("http://{}/", d.metrics);
+    let profile = temp("status-browser");
+    let browse = |extra: &[&str]| {
+        let out = Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            // Long enough for the page's first reads of /status.json.
+            .arg("--virtual-time-budget=5000")
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chromium: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = browse(&["--dump-dom"]);
+    let row = dom
+        .split("<tr")
+        .find(|r| r.contains("default/web "))
+        .unwrap_or_else(|| panic!("no row for default/web in {dom}"));
+    assert!(
+        row.contains(r#"class="port""#) && row.contains(">serving<") && row.contains("<td>3</td>"),
+        "{row}"
+    );
+    let endpoint = dom
+        .split("<tr")
+        .find(|r| r.contains(r#"class="endpoint""#))
+        .unwrap_or_else(|| panic!("no endpoint row in {dom}"));
+    assert!(
+        endpoint.contains(">ready<") && endpoint.contains("<td>3</td>"),
+        "{endpoint}"
+    );
+    assert!(dom.contains("generation 1 "), "{dom}");
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+    browse(&[
+        "--window-size=1200,400",
+        &format!("--screenshot={}", screenshot.display()),
+    ]);
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    eprintln!("status page screenshot: {}", screenshot.display());
+    let _ = std::fs::remove_dir_all(&profile);
+    assert_eq!(d.stop(), 0);
+}
