@@ -1178,3 +1178,54 @@ fn the_status_page_renders_services_endpoints_and_traffic_in_a_browser() {
     let _ = std::fs::remove_dir_all(&profile);
     assert_eq!(d.stop(), 0);
 }
+
+/// The metric names an expression reads (`svcproxy_*`, `kubeproxy_*`).
+fn metric_names(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("svcproxy_") || t.starts_with("kubeproxy_"))
+        .collect()
+}
+
+/// Every expression of the Grafana dashboard in `deploy/grafana` reads metrics a running
+/// svcproxyd exports, and every panel has one.
+#[test]
+fn the_grafana_dashboard_reads_only_metrics_svcproxyd_exports() {
+    let _g = shared();
+    let (d, _, _, _) = echo_daemon("dashboard", 1);
+    let (_, page) = http(d.metrics, "GET", "/metrics", "", "");
+    let exported: std::collections::BTreeSet<&str> = page
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/svcproxyd-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_string();
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {title:?} has no query");
+        for t in targets {
+            exprs.push((title.clone(), t["expr"].as_str().unwrap().to_string()));
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(query) = variable["query"].as_str().filter(|q| q.contains('(')) {
+            exprs.push(("variables".into(), query.to_string()));
+        }
+    }
+    for (title, expr) in &exprs {
+        let names = metric_names(expr);
+        assert!(
+            !names.is_empty(),
+            "{title}: {expr} reads no svcproxyd metric"
+        );
+        for name in names {
+            assert!(exported.contains(name), "{title}: {name} is not exported");
+        }
+    }
+    assert!(exprs.len() >= 20, "{} expressions", exprs.len());
+    assert_eq!(d.stop(), 0);
+}
