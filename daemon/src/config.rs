@@ -267,6 +267,9 @@ pub struct Loaded {
     pub origins: BTreeMap<String, String>,
     /// What was ignored and may be a mistake (kinds not read, unknown manifest fields).
     pub warnings: Vec<String>,
+    /// When the newest change to each service's endpoints was triggered, as its
+    /// EndpointSlices say (manifests only).
+    pub triggered: BTreeMap<String, SystemTime>,
 }
 
 impl Loaded {
@@ -357,6 +360,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                     add(&mut found, doc, origin, &mut errors);
                 }
                 found.warnings.extend(more.warnings);
+                found.triggered.extend(more.triggered);
             }
             Err(e) => errors.push(e.0),
         }
@@ -419,6 +423,7 @@ fn checked(
         services: found.services,
         origins: found.origins,
         warnings: found.warnings,
+        triggered: found.triggered,
     })
 }
 

@@ -147,10 +147,22 @@ impl Daemon {
                 batch.push(Change::Remove(gone.clone()));
             }
         }
+        // Endpoint sets this load changes, and when their change was triggered.
+        let mut triggered = Vec::new();
         for change in loaded.changes() {
+            if let Change::ReplaceEndpoints { service, endpoints } = &change
+                && let Some(&t) = loaded.triggered.get(service)
+                && snapshot.service(service).map(|s| s.endpoints()) != Some(&endpoints[..])
+            {
+                triggered.push(t);
+            }
             batch.push(change);
         }
         let generation = self.apply(batch).map_err(|e| explain(&e, loaded))?;
+        let now = SystemTime::now();
+        for t in triggered {
+            self.sync.programmed(t, now);
+        }
         *owned = loaded.origins.clone();
         Ok(generation)
     }

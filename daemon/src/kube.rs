@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use serde::Deserialize;
 use svcproxy_core::schema::{
@@ -55,7 +56,13 @@ struct Metadata {
     namespace: Option<String>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
 }
+
+/// The EndpointSlice annotation saying when the change it carries was triggered (a Pod or
+/// Service change), as kube-proxy reads it for its network programming latency.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -182,6 +189,9 @@ pub struct Manifests {
     pub origins: BTreeMap<String, String>,
     /// What was ignored and may be a mistake: kinds not read, unknown fields.
     pub warnings: Vec<String>,
+    /// When the newest change to each service's endpoints was triggered, by service name,
+    /// from its EndpointSlices' `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub triggered: BTreeMap<String, SystemTime>,
 }
 
 fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError {
@@ -200,6 +210,8 @@ struct Slice {
     address_type: Option<String>,
     endpoints: Vec<SliceEndpoint>,
     ports: Vec<SlicePort>,
+    /// Its trigger-time annotation, when it has one that parses.
+    triggered: Option<SystemTime>,
 }
 
 /// A Service as read, before its endpoints are joined.
@@ -275,6 +287,9 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
         let slices = by_service.remove(&key).unwrap_or_default();
         match service(&raw, &slices) {
             Ok(Some(doc)) => {
+                if let Some(t) = slices.iter().filter_map(|s| s.triggered).max() {
+                    manifests.triggered.insert(doc.name.clone(), t);
+                }
                 manifests
                     .origins
                     .insert(doc.name.clone(), raw.object.clone());
@@ -366,6 +381,12 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
     let named = unknown.into_iter().map(|w| format!("{object_name}: {w}"));
     found.warnings.extend(named);
     let labels = object.metadata.labels.unwrap_or_default();
+    let triggered = object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TRIGGER_TIME))
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
     if kind == "Service" {
         if labels.contains_key("service.kubernetes.io/service-proxy-name") {
             return;
@@ -417,6 +438,7 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
         address_type: object.address_type,
         endpoints: object.endpoints.unwrap_or_default(),
         ports: object.ports.unwrap_or_default(),
+        triggered,
     });
 }
 

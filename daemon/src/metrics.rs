@@ -2,7 +2,9 @@
 //!
 //! - kube-proxy's series under kube-proxy's names, so that its dashboards and alerts work:
 //!   `kubeproxy_sync_proxy_rules_duration_seconds` (a histogram of the time each table change
-//!   took to publish), `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, and
+//!   took to publish), `kubeproxy_network_programming_duration_seconds` (from the
+//!   EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to the publication of
+//!   the endpoints it changed), `kubeproxy_sync_proxy_rules_last_timestamp_seconds`, and
 //!   `kubeproxy_sync_proxy_rules_service_changes_total` / `_endpoint_changes_total` with their
 //!   `_pending` gauges (changes published and not yet applied by every worker), and
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total` (services whose internal or external
@@ -120,6 +122,7 @@ const METRICS: [Metric<CounterValues>; 10] = [
 #[derive(Debug, Clone)]
 pub struct SyncMetrics {
     duration: Histogram,
+    programming: Histogram,
     last: Gauge<f64, AtomicU64>,
     service_changes: Counter,
     endpoint_changes: Counter,
@@ -130,6 +133,8 @@ impl Default for SyncMetrics {
         Self {
             // 10 us to about 5 s.
             duration: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            // 1 ms to about 9 minutes.
+            programming: Histogram::new(exponential_buckets(1e-3, 2.0, 20)),
             last: Gauge::default(),
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
@@ -146,12 +151,24 @@ impl SyncMetrics {
         self.endpoint_changes.inc_by(changes.endpoints);
     }
 
+    /// An endpoint change triggered at `triggered` (its EndpointSlice's trigger-time
+    /// annotation) was published at `at`.
+    pub fn programmed(&self, triggered: SystemTime, at: SystemTime) {
+        let latency = at.duration_since(triggered).unwrap_or_default();
+        self.programming.observe(latency.as_secs_f64());
+    }
+
     fn register(&self, registry: &mut Registry) {
         let sync = "kubeproxy_sync_proxy_rules";
         registry.register(
             format!("{sync}_duration_seconds"),
             "Time a table change took to publish (kube-proxy: to sync its rules)",
             self.duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from an endpoint change's trigger (the EndpointSlice's last-change-trigger-time) to its publication",
+            self.programming.clone(),
         );
         registry.register(
             format!("{sync}_last_timestamp_seconds"),

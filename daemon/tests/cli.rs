@@ -527,6 +527,7 @@ fn health_metrics_and_admin_answer_each_on_its_own_address() {
     let families = metric_families(&d);
     for family in [
         "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_network_programming_duration_seconds",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "kubeproxy_sync_proxy_rules_service_changes",
         "kubeproxy_sync_proxy_rules_endpoint_changes",
@@ -1227,5 +1228,70 @@ fn the_grafana_dashboard_reads_only_metrics_svcproxyd_exports() {
         }
     }
     assert!(exprs.len() >= 20, "{} expressions", exprs.len());
+    assert_eq!(d.stop(), 0);
+}
+
+/// A Service and its EndpointSlice (to `backend`), the slice's change triggered at `triggered`.
+fn manifest(port: u16, backend: SocketAddr, triggered: std::time::SystemTime) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+         spec: {{clusterIP: 127.0.0.1, ports: [{{port: {port}}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}, \
+         annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{}\"}}}}\n\
+         addressType: IPv4\nports: [{{port: {}}}]\nendpoints: [{{addresses: [{}]}}]\n",
+        humantime::format_rfc3339_seconds(triggered),
+        backend.port(),
+        backend.ip()
+    )
+}
+
+/// `kubeproxy_network_programming_duration_seconds` measures from an EndpointSlice's trigger
+/// time to the publication of the endpoints it changed; a reload that leaves them as they
+/// were adds nothing.
+#[test]
+fn network_programming_latency_counts_each_endpoint_change_from_its_trigger() {
+    let _g = shared();
+    let (a, b) = (echo_backend(), echo_backend());
+    let port = free_port();
+    let path = temp("programming").join("web.yaml");
+    let ten_seconds_ago = std::time::SystemTime::now() - Duration::from_secs(10);
+    std::fs::write(&path, manifest(port, a, ten_seconds_ago)).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&path, admin, &[]);
+    let programming = |d: &Daemon| -> (u64, f64) {
+        let families = metric_families(d);
+        let text = format!(
+            "{}",
+            families["kubeproxy_network_programming_duration_seconds"]
+        );
+        let value = |suffix: &str| -> f64 {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "kubeproxy_network_programming_duration_seconds{suffix} "
+                    ))
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {suffix} in {text}"))
+        };
+        (value("_count") as u64, value("_sum"))
+    };
+    let (count, sum) = programming(&d);
+    assert_eq!(count, 1);
+    assert!(
+        (10.0..60.0).contains(&sum),
+        "measured from the trigger: {sum} s"
+    );
+    // The same endpoints again (a newer trigger time, the file rewritten): nothing to count.
+    let generation = d.generation();
+    std::fs::write(&path, manifest(port, a, std::time::SystemTime::now())).unwrap();
+    eventually("the reload", || d.generation() > generation);
+    assert_eq!(programming(&d).0, 1);
+    // New endpoints: counted.
+    let generation = d.generation();
+    std::fs::write(&path, manifest(port, b, std::time::SystemTime::now())).unwrap();
+    eventually("the reload", || d.generation() > generation);
+    assert_eq!(programming(&d).0, 2);
     assert_eq!(d.stop(), 0);
 }
