@@ -10,9 +10,11 @@
 //!   `kubeproxy_sync_proxy_rules_no_local_endpoints_total` (services whose internal or external
 //!   traffic policy is Local and that have no ready endpoint on this node).
 //! - svcproxy's own, `svcproxy_*`: per service port and per endpoint traffic counters (their
-//!   labels are the table's: one series per service port and endpoint, so the table's size
-//!   bounds them), the table, open connections, the descriptor budget, and each worker's
-//!   restarts and state.
+//!   labels are the table's: one series per service port and endpoint), the table, open
+//!   connections, the descriptor budget, and each worker's restarts and state. Per-endpoint
+//!   series stop at [`MAX_ENDPOINT_SERIES`] endpoints per family (the per service port ones
+//!   always cover every endpoint); `svcproxy_endpoint_series_omitted` says how many were left
+//!   out, so a huge table cannot make a scrape huge.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +29,9 @@ use prometheus_client::registry::Registry;
 use svcproxy::core::CounterValues;
 use svcproxy::core::TrafficPolicy;
 use svcproxy::{PortStats, Proxy, Snapshot, WorkerHealth};
+
+/// Endpoints given series of their own per family, at most.
+pub const MAX_ENDPOINT_SERIES: usize = 10_000;
 
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -221,6 +226,12 @@ struct Scrape {
     publish_seconds: f64,
 }
 
+/// Endpoints of `stats` past [`MAX_ENDPOINT_SERIES`], left without series of their own.
+fn omitted(stats: &[PortStats]) -> u64 {
+    let endpoints: usize = stats.iter().map(|s| s.endpoints.len()).sum();
+    endpoints.saturating_sub(MAX_ENDPOINT_SERIES) as u64
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         for (name, help, value) in [
@@ -270,12 +281,14 @@ impl Collector for Scrape {
             let name = format!("svcproxy_endpoint_{}", m.name);
             let help = format!("{} Per endpoint", m.help);
             let mut family = encoder.encode_descriptor(&name, &help, None, m.kind)?;
-            for s in &self.stats {
-                for (addr, v) in &s.endpoints {
-                    let mut labels = port_labels(s);
-                    labels.push(("endpoint", addr.to_string()));
-                    encode(family.encode_family(&labels)?, m.kind, (m.value)(v))?;
-                }
+            let endpoints = self
+                .stats
+                .iter()
+                .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)));
+            for (s, (addr, v)) in endpoints.take(MAX_ENDPOINT_SERIES) {
+                let mut labels = port_labels(s);
+                labels.push(("endpoint", addr.to_string()));
+                encode(family.encode_family(&labels)?, m.kind, (m.value)(v))?;
             }
         }
         for m in &WORKER_METRICS {
@@ -349,8 +362,8 @@ pub fn render(
 ) -> String {
     let budget = proxy.descriptor_budget();
     let config = proxy.config();
+    let stats = snapshot.stats();
     let scrape = Scrape {
-        stats: snapshot.stats(),
         workers: proxy.workers(),
         pending,
         no_local: no_local_endpoints(snapshot, node),
@@ -359,6 +372,11 @@ pub fn render(
                 "svcproxy_table_generation",
                 "Generation of the published service table.",
                 snapshot.generation(),
+            ),
+            (
+                "svcproxy_endpoint_series_omitted",
+                "Endpoints left without per-endpoint series (past the limit; their service port's series count them).",
+                omitted(&stats),
             ),
             (
                 "svcproxy_table_services",
@@ -392,6 +410,7 @@ pub fn render(
             ),
         ],
         publish_seconds,
+        stats,
     };
     let mut registry = Registry::default();
     sync.register(&mut registry);
@@ -400,4 +419,42 @@ pub fn render(
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn endpoint_series_stop_at_the_limit_and_say_how_many_were_left_out() {
+        let endpoints: Vec<(SocketAddr, CounterValues)> = (0..MAX_ENDPOINT_SERIES + 5)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 1, (i / 256) as u8, (i % 256) as u8], 80));
+                (addr, CounterValues::default())
+            })
+            .collect();
+        let stats = vec![PortStats {
+            service: "default/big".into(),
+            port: "80".into(),
+            protocol: svcproxy::Protocol::Tcp,
+            totals: CounterValues::default(),
+            endpoints,
+        }];
+        assert_eq!(omitted(&stats), 5);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape {
+            stats,
+            workers: Vec::new(),
+            pending: Changes::default(),
+            no_local: [0; 2],
+            gauges: Vec::new(),
+            publish_seconds: 0.0,
+        }));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        let series = |prefix: &str| out.lines().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(series("svcproxy_endpoint_connections_total{"), MAX_ENDPOINT_SERIES);
+        assert_eq!(series("svcproxy_connections_total{"), 1);
+    }
 }
