@@ -270,6 +270,8 @@ pub struct Loaded {
     /// When the newest change to each service's endpoints was triggered, as its
     /// EndpointSlices say (manifests only).
     pub triggered: BTreeMap<String, SystemTime>,
+    /// Nodes among the manifests, by name: whether each may take load-balancer traffic.
+    pub nodes: BTreeMap<String, bool>,
 }
 
 impl Loaded {
@@ -361,6 +363,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 }
                 found.warnings.extend(more.warnings);
                 found.triggered.extend(more.triggered);
+                found.nodes.extend(more.nodes);
             }
             Err(e) => errors.push(e.0),
         }
@@ -424,6 +427,7 @@ fn checked(
         origins: found.origins,
         warnings: found.warnings,
         triggered: found.triggered,
+        nodes: found.nodes,
     })
 }
 

@@ -43,6 +43,9 @@ pub struct Daemon {
     unapplied: Mutex<VecDeque<(u64, SystemTime, Changes)>>,
     /// kube-proxy's sync series.
     sync: SyncMetrics,
+    /// Whether this node may take load-balancer traffic, when a Node object among the
+    /// manifests says (false: it is being removed).
+    node_eligible: Mutex<Option<bool>>,
     /// How long a change may wait for the data path before `/healthz` says 503.
     pending_timeout: Duration,
 }
@@ -76,6 +79,7 @@ impl Daemon {
             token,
             unapplied: Mutex::new(VecDeque::new()),
             sync: SyncMetrics::default(),
+            node_eligible: Mutex::new(None),
             pending_timeout,
         }
     }
@@ -164,6 +168,8 @@ impl Daemon {
             self.sync.programmed(t, now);
         }
         *owned = loaded.origins.clone();
+        let node = self.table.config().node_name.as_deref();
+        *lock(&self.node_eligible) = node.and_then(|n| loaded.nodes.get(n).copied());
         Ok(generation)
     }
 
@@ -297,14 +303,21 @@ impl Daemon {
         }
     }
 
-    /// Why the daemon is not healthy: a worker down, shutting down, or a change waiting for
-    /// the data path longer than the pending timeout; `None` when healthy.
+    /// Why the daemon is not healthy: a worker down, shutting down, this node being removed,
+    /// or a change waiting for the data path longer than the pending timeout; `None` when
+    /// healthy.
     pub fn unhealthy(&self) -> Option<String> {
         if let Some(down) = self.proxy.down() {
             return Some(down.to_string());
         }
         if self.stopping.load(Ordering::SeqCst) {
             return Some("shutting down".to_string());
+        }
+        if *lock(&self.node_eligible) == Some(false) {
+            return Some(
+                "this node is being removed (its Node object is being deleted or has the ToBeDeletedByClusterAutoscaler taint)"
+                    .to_string(),
+            );
         }
         let (generation, since) = self.unapplied().0?;
         let waited = since.elapsed().unwrap_or_default();
@@ -338,7 +351,7 @@ impl Daemon {
         let mut body = serde_json::json!({
             "lastUpdated": synced.map(|(_, t)| rfc3339(t)),
             "currentTime": rfc3339(SystemTime::now()),
-            "nodeEligible": true,
+            "nodeEligible": lock(&self.node_eligible).unwrap_or(true),
             "generation": snapshot.generation(),
             "appliedGeneration": synced.map(|(g, _)| g),
             "pendingSince": self.unapplied().0.map(|(_, t)| rfc3339(t)),

@@ -58,7 +58,13 @@ struct Metadata {
     labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
     annotations: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "deletionTimestamp")]
+    deletion_timestamp: Option<serde_norway::Value>,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to remove; kube-proxy's
+/// `/healthz` then says the node is not eligible, so load balancers drain it.
+const TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// The EndpointSlice annotation saying when the change it carries was triggered (a Pod or
 /// Service change), as kube-proxy reads it for its network programming latency.
@@ -192,6 +198,9 @@ pub struct Manifests {
     /// When the newest change to each service's endpoints was triggered, by service name,
     /// from its EndpointSlices' `endpoints.kubernetes.io/last-change-trigger-time`.
     pub triggered: BTreeMap<String, SystemTime>,
+    /// Nodes among the manifests, by name: whether each may take load-balancer traffic
+    /// (false once it is being deleted or carries the autoscaler's to-be-deleted taint).
+    pub nodes: BTreeMap<String, bool>,
 }
 
 fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError {
@@ -229,6 +238,7 @@ struct RawService {
 struct Collected {
     services: Vec<RawService>,
     slices: Vec<Slice>,
+    nodes: BTreeMap<String, bool>,
     errors: Vec<ManifestError>,
     warnings: Vec<String>,
 }
@@ -259,6 +269,7 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
     let Collected {
         services,
         slices,
+        nodes,
         mut errors,
         warnings,
     } = found;
@@ -276,6 +287,7 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
     }
     let mut manifests = Manifests {
         warnings,
+        nodes,
         ..Manifests::default()
     };
     let mut service_names = HashMap::new();
@@ -325,13 +337,15 @@ fn first_time(
     true
 }
 
-/// Kinds read: a Service, an EndpointSlice, or lists of them.
-const KINDS: [&str; 5] = [
+/// Kinds read: a Service, an EndpointSlice, a Node, or lists of them.
+const KINDS: [&str; 7] = [
     "Service",
     "EndpointSlice",
+    "Node",
     "List",
     "ServiceList",
     "EndpointSliceList",
+    "NodeList",
 ];
 
 fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Collected) {
@@ -343,7 +357,8 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
     let known = match kind.as_str() {
         "Service" => fields::SERVICE,
         "EndpointSlice" => fields::SLICE,
-        "List" | "ServiceList" | "EndpointSliceList" => fields::LIST,
+        "Node" => fields::NODE,
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => fields::LIST,
         _ => {
             let hint = did_you_mean(&kind, KINDS);
             found
@@ -387,6 +402,21 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
         .as_ref()
         .and_then(|a| a.get(TRIGGER_TIME))
         .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    if kind == "Node" {
+        let tainted = object
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.get("taints"))
+            .and_then(|t| t.as_sequence())
+            .is_some_and(|taints| {
+                taints
+                    .iter()
+                    .any(|t| t.get("key").and_then(|k| k.as_str()) == Some(TO_BE_DELETED))
+            });
+        let deleting = object.metadata.deletion_timestamp.is_some();
+        found.nodes.insert(name, !(tainted || deleting));
+        return;
+    }
     if kind == "Service" {
         if labels.contains_key("service.kubernetes.io/service-proxy-name") {
             return;
@@ -722,6 +752,32 @@ fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_eligible_unless_tainted_for_deletion_or_being_deleted() {
+        let yaml = "
+kind: Node
+metadata: {name: a}
+spec: {taints: [{key: other, effect: NoSchedule}]}
+---
+kind: Node
+metadata: {name: b}
+spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1', effect: NoSchedule}]}
+---
+kind: Node
+metadata: {name: c, deletionTimestamp: '2026-12-01T00:00:00Z'}
+";
+        let m = services(&[("nodes.yaml".into(), yaml.into())]).unwrap();
+        let expected = [("a", true), ("b", false), ("c", false)];
+        assert_eq!(
+            m.nodes,
+            expected
+                .map(|(n, e)| (n.to_string(), e))
+                .into_iter()
+                .collect()
+        );
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+    }
 
     fn load(yaml: &str) -> Result<Vec<ServiceDoc>, String> {
         services(&[("test.yaml".into(), yaml.into())])

@@ -454,7 +454,10 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         let series = |prefix: &str| out.lines().filter(|l| l.starts_with(prefix)).count();
-        assert_eq!(series("svcproxy_endpoint_connections_total{"), MAX_ENDPOINT_SERIES);
+        assert_eq!(
+            series("svcproxy_endpoint_connections_total{"),
+            MAX_ENDPOINT_SERIES
+        );
         assert_eq!(series("svcproxy_connections_total{"), 1);
     }
 }

@@ -1295,3 +1295,44 @@ fn network_programming_latency_counts_each_endpoint_change_from_its_trigger() {
     assert_eq!(programming(&d).0, 2);
     assert_eq!(d.stop(), 0);
 }
+
+/// A Node object among the manifests for this node: with the cluster autoscaler's
+/// to-be-deleted taint, `/healthz` says 503 and `nodeEligible: false` (load balancers drain
+/// the node) while `/livez` stays 200; without it, 200 again.
+#[test]
+fn a_node_being_removed_is_not_eligible_for_load_balancer_traffic() {
+    let _g = shared();
+    let port = free_port();
+    let path = temp("eligible").join("cluster.yaml");
+    let node = |taint: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\nspec: {{taints: [{{key: {taint}, effect: NoSchedule}}]}}\n"
+        )
+    };
+    let now = std::time::SystemTime::now();
+    let tainted = manifest(port, echo_backend(), now) + &node("ToBeDeletedByClusterAutoscaler");
+    std::fs::write(&path, &tainted).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&path, admin, &["--node-name", "node-a"]);
+    let health = d.unhealthy();
+    assert_eq!(health["nodeEligible"], false, "{health}");
+    assert!(
+        health["unhealthy"]
+            .as_str()
+            .unwrap()
+            .contains("this node is being removed"),
+        "{health}"
+    );
+    assert_eq!(http(d.health, "GET", "/livez", "", "").0, 200);
+    let generation = d.generation();
+    std::fs::write(
+        &path,
+        tainted.replace("ToBeDeletedByClusterAutoscaler", "other"),
+    )
+    .unwrap();
+    eventually("the reload", || d.generation() > generation);
+    let (status, body) = http(d.health, "GET", "/healthz", "", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""nodeEligible":true"#), "{body}");
+    assert_eq!(d.stop(), 0);
+}

@@ -109,6 +109,15 @@ pub const SLICE: &Shape = &Shape(&[
     ("ports", List(&SLICE_PORT)),
 ]);
 
+/// A `v1 Node` (its spec and status are not checked: only its taints are read).
+pub const NODE: &Shape = &Shape(&[
+    ("apiVersion", Any),
+    ("kind", Any),
+    ("metadata", Map(&METADATA)),
+    ("spec", Any),
+    ("status", Any),
+]);
+
 /// A `List` (its items are checked one by one, as objects of their own).
 pub const LIST: &Shape = &Shape(&[
     ("apiVersion", Any),
