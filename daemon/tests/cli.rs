@@ -467,6 +467,17 @@ fn echo_daemon(name: &str, workers: usize) -> (Daemon, SocketAddr, PathBuf, Stri
     (d, SocketAddr::from(([127, 0, 0, 1], port)), path, text)
 }
 
+/// Publishes the fault-injection service `name` (svcproxy-core's `fault` module: a worker
+/// applying it panics) through the admin API.
+fn inject(admin: SocketAddr, name: &str) {
+    let body = format!(
+        r#"{{"name": "{name}", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
+        free_port()
+    );
+    let (status, reply) = http(admin, "PUT", &format!("/services/{name}"), "", &body);
+    assert_eq!(status, 200, "{reply}");
+}
+
 /// The daemon's whole `/metrics` page, parsed as OpenMetrics: its families by name.
 fn metric_families(
     d: &Daemon,
@@ -553,18 +564,7 @@ fn health_metrics_and_admin_answer_each_on_its_own_address() {
     // A change that waits for the data path longer than the pending timeout (1 s): the only
     // worker fails 4 times applying it (fault injection; 1.5 s of restart backoff), and
     // /healthz says 503 naming it while /livez stays 200; once applied, 200 again.
-    let fault = format!(
-        r#"{{"name": "fault-injection/panic-0-4", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
-        free_port()
-    );
-    let (status, body) = http(
-        admin,
-        "PUT",
-        "/services/fault-injection/panic-0-4",
-        "",
-        &fault,
-    );
-    assert_eq!(status, 200, "{body}");
+    inject(admin, "fault-injection/panic-0-4");
     let health = d.unhealthy();
     let reason = health["unhealthy"].as_str().unwrap();
     assert!(
@@ -601,18 +601,7 @@ fn a_worker_that_keeps_failing_is_reported_everywhere_and_the_daemon_exits_non_z
 
     // Worker 0 panics whenever it applies a table holding this service (a test build's
     // fault injection), so its restarts fail until it is given up on.
-    let fault = format!(
-        r#"{{"name": "fault-injection/panic-0", "addresses": ["127.0.0.1"], "ports": [{{"port": {}}}]}}"#,
-        free_port()
-    );
-    let (status, body) = http(
-        admin,
-        "PUT",
-        "/services/fault-injection/panic-0",
-        "",
-        &fault,
-    );
-    assert_eq!(status, 200, "{body}");
+    inject(admin, "fault-injection/panic-0");
     let health = d.unhealthy();
     let reason = health["unhealthy"].as_str().unwrap();
     assert!(
