@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use svcproxy_core::engine::{Admission, ConnId, ListenerId, OpenError};
+use svcproxy_core::engine::{Admission, ConnId, ListenerId, OpenError, TICK};
 use svcproxy_core::session::{Direction, Side, Step};
 use svcproxy_core::*;
 
@@ -30,6 +30,8 @@ struct Recorder {
     cmds: Vec<Cmd>,
     /// Results for the next `connect` calls (default: success).
     connects: VecDeque<Result<(), OpenError>>,
+    /// Every `listen` fails (address in use) while set.
+    listens_fail: bool,
 }
 
 impl Recorder {
@@ -50,6 +52,9 @@ impl Driver for Recorder {
         _: bool,
     ) -> io::Result<Self::Listener> {
         self.cmds.push(Cmd::Listen(key));
+        if self.listens_fail {
+            return Err(io::Error::from(io::ErrorKind::AddrInUse));
+        }
         Ok(key)
     }
     fn unlisten(&mut self, _: ListenerId, key: Self::Listener) {
@@ -612,4 +617,81 @@ fn over_budget_the_connections_idle_longest_make_room() {
     assert_eq!(evicted(&f), 4);
     assert_eq!(f.engine.waiting_count(), 0);
     assert_eq!(f.control.connections(), 31);
+}
+
+/// A log writer keeping what is written, shared.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn bind_failures_are_logged_once_with_a_count_not_at_every_retry() {
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let table = Arc::new(Table::default());
+        let mut batch = Batch::new();
+        for port in 8000..8100 {
+            let name = format!("web-{port}");
+            let svc = Service::new(name.clone())
+                .address("127.0.0.1".parse().unwrap())
+                .port(ServicePort::tcp(port));
+            batch = batch
+                .upsert(svc)
+                .replace_endpoints(name, vec![Endpoint::new(ep(1))]);
+        }
+        table.apply(batch).unwrap();
+        let control = Arc::new(Control::new(table.clone(), config(), 1));
+        let mut engine = Engine::new(WorkerContext {
+            index: 0,
+            control: control.clone(),
+        });
+        let mut io = Recorder {
+            listens_fail: true,
+            ..Recorder::default()
+        };
+        let t0 = Instant::now();
+        engine.start(&mut io, t0);
+        // Ten retries, a second apart: each frontend is tried again, none logged again.
+        for tick in 1..=10 {
+            engine.poll(&mut io, t0 + TICK * tick);
+        }
+        let listens = io
+            .take()
+            .iter()
+            .filter(|c| matches!(c, Cmd::Listen(_)))
+            .count();
+        assert_eq!(listens, 100 * 11, "every frontend is retried every second");
+        assert_eq!(control.bind_errors().len(), 100);
+        io.listens_fail = false;
+        engine.poll(&mut io, t0 + TICK * 11);
+        assert!(control.bind_errors().is_empty());
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("cannot listen"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(warnings[0].contains("frontends=100"), "{}", warnings[0]);
+    let recovered: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("listening again"))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{text}");
+    assert!(recovered[0].contains("frontends=100"), "{}", recovered[0]);
 }

@@ -10,12 +10,15 @@
 //!
 //! Everything is created at start and removed on exit (or when dropped): the interface (or
 //! the loopback addresses), the nftables table and the policy rule. Uses `ip` and `nft`
-//! (iproute2, nftables).
+//! (iproute2, nftables): a table change's addresses are added and removed by one `ip -batch`
+//! process, however many there are (10,000 addresses take a fraction of a second, not 10,000
+//! processes), and the nftables rules go to `nft` on its standard input (no file: a file
+//! written as root at a predictable path would follow a symlink planted there).
 
 use std::collections::BTreeSet;
-use std::io;
+use std::io::{self, Write};
 use std::net::IpAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use tracing::{info, warn};
 
@@ -37,6 +40,59 @@ fn run(program: &str, args: &[&str]) -> io::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// Runs `program` with `args`, `input` on its standard input; its standard error, and whether
+/// it succeeded.
+fn run_with_input(program: &str, args: &[&str], input: String) -> io::Result<(bool, String)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("standard input is piped");
+    // Written from another thread: the program may fill its standard error before it has
+    // read all of its input.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Runs `ip` commands (one per line, without the `ip`) in one `ip -force -batch -` process;
+/// returns those that failed, by index, with ip's message.
+fn ip_batch(commands: &[String]) -> io::Result<Vec<(usize, String)>> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let input = commands.join("\n") + "\n";
+    let (ok, stderr) = run_with_input("ip", &["-force", "-batch", "-"], input)?;
+    // Each failure is ip's message, then "Command failed -:N" (N counted from 1).
+    let mut failed = Vec::new();
+    let mut message = "";
+    for line in stderr.lines() {
+        match line.strip_prefix("Command failed -:") {
+            Some(n) => {
+                if let Some(i) = n
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| n.checked_sub(1))
+                {
+                    failed.push((i, message.to_string()));
+                }
+            }
+            None => message = line,
+        }
+    }
+    if !ok && failed.is_empty() {
+        return Err(io::Error::other(format!("ip -batch: {}", stderr.trim())));
+    }
+    Ok(failed)
 }
 
 /// The capture set up for this daemon.
@@ -73,11 +129,10 @@ impl Capture {
             let rules = format!(
                 "table inet {NFT_TABLE} {{\n  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    socket transparent 1 meta mark set {MARK}\n  }}\n}}\n"
             );
-            let path = std::env::temp_dir().join(format!("svcproxyd-{}.nft", std::process::id()));
-            std::fs::write(&path, rules)?;
-            let loaded = run("nft", &["-f", &path.to_string_lossy()]);
-            let _ = std::fs::remove_file(&path);
-            loaded?;
+            let (loaded, stderr) = run_with_input("nft", &["-f", "-"], rules)?;
+            if !loaded {
+                return Err(io::Error::other(format!("nft -f -: {}", stderr.trim())));
+            }
             capture.transparent = true;
             for family in ["-4", "-6"] {
                 let _ = run(
@@ -108,35 +163,66 @@ impl Capture {
         self.dummy.as_deref().unwrap_or("lo")
     }
 
-    /// Puts exactly `wanted` (minus wildcard and loopback addresses) on the interface.
+    /// Puts exactly `wanted` (minus wildcard and loopback addresses) on the interface, in one
+    /// `ip` process; an address that cannot be added or removed is logged, and tried again at
+    /// the next sync.
     pub fn sync(&mut self, wanted: BTreeSet<IpAddr>) {
         let wanted: BTreeSet<IpAddr> = wanted
             .into_iter()
             .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
             .collect();
-        let stale: Vec<IpAddr> = self.addresses.difference(&wanted).copied().collect();
-        for ip in stale {
-            match run("ip", &["addr", "del", &host(ip), "dev", self.device()]) {
-                Ok(()) => {
-                    self.addresses.remove(&ip);
-                }
-                Err(e) => warn!(%ip, error = %e, "cannot remove a service address"),
+        let device = self.device().to_string();
+        let mut changes: Vec<(IpAddr, bool)> = self
+            .addresses
+            .difference(&wanted)
+            .map(|&ip| (ip, false))
+            .collect();
+        changes.extend(wanted.difference(&self.addresses).map(|&ip| (ip, true)));
+        let commands: Vec<String> = changes
+            .iter()
+            .map(|&(ip, add)| {
+                let verb = if add { "add" } else { "del" };
+                let label = if add && self.dummy.is_none() && ip.is_ipv4() {
+                    format!(" label {LABEL}")
+                } else {
+                    String::new()
+                };
+                format!("addr {verb} {} dev {device}{label}", host(ip))
+            })
+            .collect();
+        let failed = match ip_batch(&commands) {
+            Ok(failed) => failed,
+            Err(e) => {
+                warn!(error = %e, changes = commands.len(), "cannot change the service addresses");
+                return;
+            }
+        };
+        let mut failed_at = failed.iter().map(|(i, _)| *i).peekable();
+        for (i, &(ip, add)) in changes.iter().enumerate() {
+            if failed_at.peek() == Some(&i) {
+                failed_at.next();
+                continue;
+            }
+            if add {
+                self.addresses.insert(ip);
+            } else {
+                self.addresses.remove(&ip);
             }
         }
-        let missing: Vec<IpAddr> = wanted.difference(&self.addresses).copied().collect();
-        for ip in missing {
-            let host = host(ip);
-            let mut args = vec!["addr", "add", host.as_str(), "dev", self.device()];
-            if self.dummy.is_none() && ip.is_ipv4() {
-                args.extend(["label", LABEL]);
-            }
-            match run("ip", &args) {
-                Ok(()) => {
-                    self.addresses.insert(ip);
-                }
-                Err(e) => warn!(%ip, error = %e, "cannot add a service address"),
-            }
+        if let Some((i, message)) = failed.first() {
+            warn!(
+                address = %changes[*i].0,
+                error = %message,
+                failed = failed.len(),
+                of = changes.len(),
+                "cannot change some service addresses; trying again at the next change"
+            );
         }
+    }
+
+    /// The service addresses on the interface now.
+    pub fn addresses(&self) -> &BTreeSet<IpAddr> {
+        &self.addresses
     }
 }
 

@@ -405,3 +405,85 @@ fn node_proxy_in_namespaces() {
     assert!(!nft.contains("svcproxyd"), "{nft}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A network namespace of the test's own, deleted when dropped.
+struct Namespace(String);
+
+impl Namespace {
+    fn new(name: &str) -> Self {
+        let ns = Self(format!("svcd{}-{name}", std::process::id()));
+        ip(&["netns", "add", &ns.0]);
+        ns
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// The IPv4 addresses of 198.18.0.0/15 on any interface (in the calling thread's namespace).
+fn test_addresses() -> std::collections::BTreeSet<std::net::IpAddr> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.split('/').next()?.parse().ok())
+        .filter(|ip: &std::net::IpAddr| matches!(ip, std::net::IpAddr::V4(v4) if v4.octets()[..2] == [198, 18]))
+        .collect()
+}
+
+/// Whether `got` is `want`, and if not, what differs (a few addresses, not 10,000).
+fn same(
+    got: &std::collections::BTreeSet<std::net::IpAddr>,
+    want: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let missing: Vec<_> = want.difference(got).take(3).collect();
+    let extra: Vec<_> = got.difference(want).take(3).collect();
+    Err(format!(
+        "{} addresses, {} wanted; missing {missing:?}..., extra {extra:?}...",
+        got.len(),
+        want.len()
+    ))
+}
+
+/// Capture of 10,000 service addresses, in a namespace of the test's own: one `ip` process
+/// puts them all on the interface (a dummy one, or the loopback one where the kernel has no
+/// dummies; timed), a change of one address is applied as such, and dropping the capture
+/// removes them.
+#[test]
+fn capture_puts_10k_addresses_on_the_interface_in_one_batch() {
+    if !root() {
+        return;
+    }
+    let ns = Namespace::new("capture");
+    let (all, one) = Topology::within(&ns.0, || {
+        let mut capture = svcproxyd::capture::Capture::new("svcproxy0", false).unwrap();
+        let first = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
+        let wanted: std::collections::BTreeSet<std::net::IpAddr> = (0..10_000)
+            .map(|i| std::net::Ipv4Addr::from(first + i).into())
+            .collect();
+        let started = Instant::now();
+        capture.sync(wanted.clone());
+        let all = started.elapsed();
+        same(&test_addresses(), &wanted).unwrap();
+        same(capture.addresses(), &wanted).unwrap();
+        let mut changed = wanted.clone();
+        changed.remove(&std::net::Ipv4Addr::from(first).into());
+        changed.insert(std::net::Ipv4Addr::new(198, 18, 100, 1).into());
+        let started = Instant::now();
+        capture.sync(changed.clone());
+        let one = started.elapsed();
+        same(&test_addresses(), &changed).unwrap();
+        drop(capture);
+        same(&test_addresses(), &Default::default()).unwrap();
+        (all, one)
+    });
+    eprintln!("capture: 10,000 addresses in {all:?}, then a change of one in {one:?}");
+}

@@ -4,7 +4,11 @@
 //! The engine owns, for one worker:
 //! - **listeners**: the set the table wants (a frontend with an eligible endpoint is listened
 //!   on, one without is closed so its clients get ECONNREFUSED at once), with bind failures
-//!   reported to [`Control`](crate::Control) and retried every second;
+//!   reported to [`Control`](crate::Control) and retried every second. The log gets one
+//!   warning per batch of new failures (a table change, or a retry round), with their count and
+//!   the first one, and one line when failed frontends listen again: a failure that repeats
+//!   is not logged again, so 10,000 frontends that cannot be bound log one line, not 10,000 a
+//!   second;
 //! - **admission**: each TCP connection holds an [`Admission`]: its client address's share and
 //!   a [`Permit`](crate::Permit) of the proxy-wide budget, handed to the driver when the
 //!   connection closes and given back once its descriptors are;
@@ -43,7 +47,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::ProxyConfig;
@@ -187,6 +191,10 @@ pub struct Engine<D: Driver> {
     listeners: Slots<Listening<D::Listener>>,
     by_key: HashMap<ServicePortKey, ListenerId>,
     failed_binds: BTreeSet<ServicePortKey>,
+    /// Bind failures not logged yet (new since the last report), and the first one's error.
+    unreported_binds: (usize, Option<(ServicePortKey, String)>),
+    /// Frontends that had failed and listen now, not logged yet.
+    recovered_binds: usize,
     conns: Slots<Connection<D::Conn>>,
     waiting: VecDeque<Waiting<D::Conn>>,
     paused: Option<Pause>,
@@ -223,6 +231,8 @@ impl<D: Driver> Engine<D> {
             listeners: Slots::new(),
             by_key: HashMap::new(),
             failed_binds: BTreeSet::new(),
+            unreported_binds: (0, None),
+            recovered_binds: 0,
             conns: Slots::new(),
             waiting: VecDeque::new(),
             paused: None,
@@ -344,9 +354,11 @@ impl<D: Driver> Engine<D> {
                     self.serve_waiting(io, now);
                 }
                 let snapshot = self.ctx.table().load();
-                for key in std::mem::take(&mut self.failed_binds) {
+                let failed: Vec<ServicePortKey> = self.failed_binds.iter().copied().collect();
+                for key in failed {
                     self.reconcile(io, key, snapshot.wants_listener(&key));
                 }
+                self.report_binds();
                 self.timers.add(now + TICK, Timer::Tick);
             }
             Timer::Shutdown => {
@@ -365,6 +377,7 @@ impl<D: Driver> Engine<D> {
         for (key, wanted) in snapshot.listener_changes(self.applied.as_deref()) {
             self.reconcile(io, key, wanted);
         }
+        self.report_binds();
         self.flows.sync(&snapshot, now);
         if let Some(deadline) = self.config.tcp.drain_deadline(now) {
             for (id, conn) in self.conns.iter_mut() {
@@ -411,14 +424,40 @@ impl<D: Driver> Engine<D> {
             Ok(id) => {
                 self.by_key.insert(key, id);
                 self.ctx.control.set_bind_error(key, None);
+                if self.failed_binds.remove(&key) {
+                    self.recovered_binds += 1;
+                }
                 debug!(%key, "listening");
             }
             Err(e) => {
                 if self.failed_binds.insert(key) {
-                    warn!(%key, error = %e, "cannot listen; retrying every second");
+                    let (count, first) = &mut self.unreported_binds;
+                    *count += 1;
+                    first.get_or_insert_with(|| (key, e.to_string()));
                 }
                 self.ctx.control.set_bind_error(key, Some(e.to_string()));
             }
+        }
+    }
+
+    /// Logs the bind failures and recoveries since the last report, one line each.
+    fn report_binds(&mut self) {
+        if let (count, Some((key, error))) = std::mem::take(&mut self.unreported_binds) {
+            warn!(
+                frontends = count,
+                first = %key,
+                %error,
+                failing = self.failed_binds.len(),
+                "cannot listen; retrying every second"
+            );
+        }
+        let recovered = std::mem::take(&mut self.recovered_binds);
+        if recovered > 0 {
+            info!(
+                frontends = recovered,
+                failing = self.failed_binds.len(),
+                "listening again after failing"
+            );
         }
     }
 
