@@ -199,7 +199,7 @@ impl<D: Driver> Engine<D> {
             })
             .map(|(id, c)| (c.state.last_activity, id))
             .collect();
-        let n = (self.conns.len() / 16).clamp(1, idle.len().max(1));
+        let n = (self.conns.len() / 16).max(1);
         if idle.len() > n {
             idle.select_nth_unstable(n);
             idle.truncate(n);
