@@ -239,6 +239,15 @@ impl Control {
         self.budget.taken()
     }
 
+    /// Whether `clients` more TCP connections fit in the budget now (a driver that can take a
+    /// whole accept queue at once asks before it does).
+    pub fn has_room_for(&self, clients: usize) -> bool {
+        self.config
+            .max_connections
+            .saturating_sub(self.connections())
+            >= clients
+    }
+
     /// Records (or with `None`, clears) a failure to bind a frontend.
     pub fn set_bind_error(&self, key: ServicePortKey, error: Option<String>) {
         let mut errors = self

@@ -101,8 +101,8 @@ impl Io {
     /// it runs only while a full queue fits in the budget; closer to the budget, one client is
     /// accepted at a time and the rest wait in the kernel's queue, holding no descriptor.
     fn accept_many(&self) -> bool {
-        let max = self.control.config().max_connections;
-        max.saturating_sub(self.control.connections()) >= self.listen_options.backlog as usize
+        let backlog = usize::try_from(self.listen_options.backlog).unwrap_or(0);
+        self.control.has_room_for(backlog)
     }
 
     /// Starts the listener's accept (or multishot `recvmsg`) if it is not running.
