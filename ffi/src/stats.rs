@@ -176,21 +176,6 @@ pub extern "C" fn svcproxy_proxy_endpoint_stats(
     })
 }
 
-fn json_counters(v: &CounterValues) -> serde_json::Value {
-    serde_json::json!({
-        "connections_total": v.connections_total,
-        "connections_active": v.connections_active,
-        "bytes_in": v.bytes_in,
-        "bytes_out": v.bytes_out,
-        "connect_errors": v.connect_errors,
-        "refused": v.refused,
-        "limited": v.limited,
-        "evicted": v.evicted,
-        "datagrams_in": v.datagrams_in,
-        "datagrams_out": v.datagrams_out,
-    })
-}
-
 /// Writes every counter as JSON (`{"ports": [{"service", "port", "protocol", "totals",
 /// "endpoints": [{"address", ...counters}]}]}`) into `buf`, as
 /// [`svcproxy_proxy_table_json`](crate::svcproxy_proxy_table_json) does.
@@ -210,11 +195,11 @@ pub extern "C" fn svcproxy_proxy_stats_json(
                 let endpoints: Vec<serde_json::Value> = s
                     .endpoints
                     .iter()
-                    .map(|(a, v)| serde_json::json!({"address": a.to_string(), "counters": json_counters(v)}))
+                    .map(|(a, v)| serde_json::json!({"address": a.to_string(), "counters": v}))
                     .collect();
                 serde_json::json!({
                     "service": s.service, "port": s.port, "protocol": s.protocol.to_string(),
-                    "totals": json_counters(&s.totals), "endpoints": endpoints,
+                    "totals": s.totals, "endpoints": endpoints,
                 })
             })
             .collect();
