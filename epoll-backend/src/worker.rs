@@ -148,21 +148,17 @@ impl Driver for Io {
         reset_side: Option<Side>,
     ) {
         conn.release_pipes(&mut self.buffers.pipes);
-        let Conn {
-            client, backend, ..
-        } = conn;
-        match reset_side {
-            Some(Side::Client) => {
-                reset(client);
-                drop(backend);
+        {
+            let Conn {
+                client, backend, ..
+            } = conn;
+            match reset_side {
+                Some(Side::Client) => reset(client),
+                Some(Side::Backend) => backend.into_iter().for_each(reset),
+                None => {}
             }
-            Some(Side::Backend) => {
-                backend.into_iter().for_each(reset);
-                drop(client);
-            }
-            None => drop((client, backend)),
         }
-        // The descriptors are closed: the admission may go.
+        // Every descriptor of the connection is closed: the admission may go.
         drop(closed);
     }
 
