@@ -1,38 +1,47 @@
 //! Connections or flows per client IP address, for the per-client shares of the connection
 //! and flow limits (so that one source cannot take every connection or flow of a worker).
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use foldhash::fast::RandomState;
 use hashbrown::HashMap;
 
-/// How many connections or flows each client address holds; addresses holding none take no
-/// room.
-#[derive(Debug, Default)]
-pub struct ClientCounts(HashMap<IpAddr, usize, RandomState>);
+/// How many connections or flows each key holds (a client address, or a frontend); keys
+/// holding none take no room.
+#[derive(Debug)]
+pub struct KeyCounts<K>(HashMap<K, usize, RandomState>);
 
-impl ClientCounts {
-    /// What `ip` holds.
+/// Connections or flows per client address.
+pub type ClientCounts = KeyCounts<IpAddr>;
+
+impl<K> Default for KeyCounts<K> {
+    fn default() -> Self {
+        Self(HashMap::default())
+    }
+}
+
+impl<K: Hash + Eq + Copy> KeyCounts<K> {
+    /// What `key` holds.
     #[inline]
-    pub fn get(&self, ip: IpAddr) -> usize {
-        self.0.get(&ip).copied().unwrap_or(0)
+    pub fn get(&self, key: K) -> usize {
+        self.0.get(&key).copied().unwrap_or(0)
     }
 
-    /// `ip` holds one more.
+    /// `key` holds one more.
     #[inline]
-    pub fn add(&mut self, ip: IpAddr) {
-        *self.0.entry(ip).or_insert(0) += 1;
+    pub fn add(&mut self, key: K) {
+        *self.0.entry(key).or_insert(0) += 1;
     }
 
-    /// `ip` holds one fewer.
+    /// `key` holds one fewer.
     #[inline]
-    pub fn remove(&mut self, ip: IpAddr) {
-        if let Some(n) = self.0.get_mut(&ip) {
+    pub fn remove(&mut self, key: K) {
+        if let Some(n) = self.0.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
-                self.0.remove(&ip);
+                self.0.remove(&key);
             }
         }
     }

@@ -4,6 +4,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::session::{TcpPolicy, check_duration};
+use crate::steering::Steering;
 
 /// The range of [`ProxyConfig::udp_idle_timeout`]: 1 ms to 1 day.
 pub const UDP_IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
@@ -43,6 +44,10 @@ pub struct ProxyConfig {
     /// Connect to backends from the client's own address (`IP_TRANSPARENT`; needs
     /// CAP_NET_ADMIN and policy routing for the replies, see the daemon docs).
     pub preserve_client_ip: bool,
+    /// Serve service addresses through transparent listeners at this port instead of a
+    /// listener per frontend (see [`crate::steering`]; needs CAP_NET_ADMIN, and packets
+    /// steered there: svcproxyd's capture does it).
+    pub transparent_port: Option<u16>,
     /// Settings of the io_uring backend.
     pub io_uring: IoUringConfig,
 }
@@ -99,6 +104,7 @@ impl Default for ProxyConfig {
             pipe_size: 256 << 10,
             udp_batch: 32,
             preserve_client_ip: false,
+            transparent_port: None,
             io_uring: IoUringConfig::default(),
         }
     }
@@ -132,6 +138,9 @@ impl ProxyConfig {
             if !(min..=max).contains(&got) {
                 return Err(format!("{field} is {got}, must be between {min} and {max}"));
             }
+        }
+        if self.transparent_port == Some(0) {
+            return Err("transparent_port is 0, must be between 1 and 65535".into());
         }
         check_duration(
             "udp_idle_timeout",
@@ -177,6 +186,12 @@ impl ProxyConfig {
             0 => (self.max_udp_flows / 4).max(1),
             n => n.min(self.max_udp_flows),
         }
+    }
+
+    /// Which frontends transparent listeners serve, when [`ProxyConfig::transparent_port`] is
+    /// set.
+    pub fn steering(&self) -> Option<Steering> {
+        self.transparent_port.map(Steering::new)
     }
 
     /// Worker threads to start: `workers`, or the CPU count when 0.

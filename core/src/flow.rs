@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 use hashbrown::HashMap;
 
-use crate::clients::ClientCounts;
+use crate::clients::{ClientCounts, KeyCounts};
 use crate::model::ServicePortKey;
 use crate::select::Backend;
 use crate::slots::{SlotId, Slots};
@@ -112,6 +112,8 @@ pub struct FlowTable<H> {
     unreplied: VecDeque<FlowId>,
     /// Flows per client IP address.
     clients: ClientCounts,
+    /// Flows per service port (`Flow::listener`).
+    frontends: KeyCounts<ServicePortKey>,
     idle_timeout: Duration,
     seen_generation: Option<u64>,
 }
@@ -124,6 +126,7 @@ impl<H> FlowTable<H> {
             slots: Slots::new(),
             unreplied: VecDeque::new(),
             clients: ClientCounts::default(),
+            frontends: KeyCounts::default(),
             idle_timeout,
             seen_generation: None,
         }
@@ -240,6 +243,7 @@ impl<H> FlowTable<H> {
         })?;
         self.unreplied.push_back(id);
         self.clients.add(key.client.ip());
+        self.frontends.add(listener);
         if let Some(old) = self.index.insert(key, id) {
             // The caller replaced a live flow; dropping it ends its accounting.
             self.remove(old);
@@ -254,12 +258,18 @@ impl<H> FlowTable<H> {
             self.index.remove(&flow.key);
         }
         self.clients.remove(flow.key.client.ip());
+        self.frontends.remove(flow.listener);
         Some(flow)
     }
 
     /// Flows from the client IP address `ip`.
     pub fn client_flows(&self, ip: IpAddr) -> usize {
         self.clients.get(ip)
+    }
+
+    /// Flows (retired ones too) of the service port `listener`.
+    pub fn frontend_flows(&self, listener: &ServicePortKey) -> usize {
+        self.frontends.get(*listener)
     }
 
     /// Removes and returns every flow idle for longer than the idle timeout (unreplied ones:

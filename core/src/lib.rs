@@ -48,6 +48,7 @@ pub mod select;
 pub mod session;
 pub mod slots;
 pub mod stats;
+pub mod steering;
 pub mod supervisor;
 pub mod table;
 
@@ -67,5 +68,6 @@ pub use select::{Backend, PortState};
 pub use session::{DrainPolicy, TcpPolicy, TcpSession};
 pub use slots::{SlotId, Slots};
 pub use stats::{CounterValues, Counters, Opened, PortStats, Tally};
+pub use steering::Steering;
 pub use supervisor::{WorkerHealth, supervise};
 pub use table::{Batch, Change, Published, Snapshot, Table, TableConfig};

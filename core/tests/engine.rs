@@ -32,6 +32,8 @@ struct Recorder {
     connects: VecDeque<Result<(), OpenError>>,
     /// Every `listen` fails (address in use) while set.
     listens_fail: bool,
+    /// The local address of every accepted client (the frontend it connected to).
+    local: Option<SocketAddr>,
 }
 
 impl Recorder {
@@ -50,12 +52,17 @@ impl Driver for Recorder {
         _: ListenerId,
         key: ServicePortKey,
         _: bool,
+        _: bool,
     ) -> io::Result<Self::Listener> {
         self.cmds.push(Cmd::Listen(key));
         if self.listens_fail {
             return Err(io::Error::from(io::ErrorKind::AddrInUse));
         }
         Ok(key)
+    }
+    fn local_addr(&self, _: &u16) -> io::Result<SocketAddr> {
+        self.local
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
     }
     fn unlisten(&mut self, _: ListenerId, key: Self::Listener) {
         self.cmds.push(Cmd::Unlisten(key));
@@ -490,13 +497,14 @@ fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
                 .replace_endpoints("dns", vec![to(1), to(2), to(3)]),
         )
         .unwrap();
-    f.engine.woken(&mut f.io, f.t0);
+    f.engine.poll(&mut f.io, f.t0);
     f.io.take();
     let key = ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp);
+    let listener = f.engine.listener_id(&key).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
     let open = |f: &mut Fixture, port: u16| {
         f.engine
-            .flow_for(&mut f.io, &snapshot, &key, client(port), None, f.t0)
+            .flow_for(&mut f.io, &snapshot, listener, client(port), None, f.t0)
     };
     let a = open(&mut f, 1).unwrap();
     let b = open(&mut f, 2).unwrap();
@@ -694,4 +702,117 @@ fn bind_failures_are_logged_once_with_a_count_not_at_every_retry() {
         .collect();
     assert_eq!(recovered.len(), 1, "{text}");
     assert!(recovered[0].contains("frontends=100"), "{}", recovered[0]);
+}
+
+fn steered_service(name: &str, addr: &str, port: ServicePort, endpoint: SocketAddr) -> Batch {
+    let service = Service::new(name).address(addr.parse().unwrap()).port(port);
+    Batch::new()
+        .upsert(service)
+        .replace_endpoints(name, vec![Endpoint::new(endpoint)])
+}
+
+fn udp_key(addr: &str) -> ServicePortKey {
+    ServicePortKey::new(addr.parse().unwrap(), Protocol::Udp)
+}
+
+fn tcp_key(addr: &str) -> ServicePortKey {
+    ServicePortKey::new(addr.parse().unwrap(), Protocol::Tcp)
+}
+
+fn steered() -> ProxyConfig {
+    ProxyConfig {
+        transparent_port: Some(10263),
+        ..ProxyConfig::default()
+    }
+}
+
+#[test]
+fn steered_frontends_share_one_transparent_listener_per_family_and_protocol() {
+    let mut f = fixture(steered(), &[ep(1)]);
+    for (i, addr) in ["198.18.0.1", "198.18.0.2", "2001:db8::1"]
+        .iter()
+        .enumerate()
+    {
+        let batch = steered_service(&format!("s{i}"), addr, ServicePort::tcp(80), ep(2));
+        f.table.apply(batch).unwrap();
+    }
+    f.engine.woken(&mut f.io, f.t0);
+    f.engine.poll(&mut f.io, f.t0);
+    let v4 = tcp_key("127.0.0.1:10263");
+    let v6 = tcp_key("[::1]:10263");
+    // The loopback frontend of the fixture keeps its own listener; the three service
+    // addresses are served by two transparent listeners, opened once each.
+    let mut listened = f.io.take();
+    listened.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(listened, vec![Cmd::Listen(v4), Cmd::Listen(v6)]);
+    assert!(f.engine.listener_id(&tcp_key("198.18.0.1:80")).is_none());
+    // A client of 198.18.0.2:80 accepted by the transparent listener goes to that service.
+    f.io.local = Some("198.18.0.2:80".parse().unwrap());
+    let transparent = f.engine.listener_id(&v4).unwrap();
+    f.engine
+        .accepted(&mut f.io, transparent, 7, client(7), f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Connect(7, ep(2))]);
+    // A client whose destination is no frontend (straight to the transparent port) is reset.
+    f.io.local = Some("127.0.0.1:10263".parse().unwrap());
+    f.engine
+        .accepted(&mut f.io, transparent, 8, client(8), f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Close(8, Some(Side::Client))]);
+    // The transparent listener stays while it serves one frontend, and closes with the last.
+    f.table.apply(Batch::new().remove("s0")).unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![]);
+    f.table
+        .apply(Batch::new().replace_endpoints("s1", vec![]))
+        .unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Unlisten(v4)]);
+    f.table.apply(Batch::new().remove("s2")).unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Unlisten(v6)]);
+}
+
+#[test]
+fn a_steered_udp_frontend_has_a_listener_to_reply_from_while_it_has_flows() {
+    let mut f = fixture(steered(), &[ep(1)]);
+    let dns_ep = SocketAddr::from(([127, 0, 2, 1], 53));
+    let batch = steered_service("dns", "198.18.0.53", ServicePort::udp(53), dns_ep);
+    f.table.apply(batch).unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    let transparent = udp_key("127.0.0.1:10263");
+    assert_eq!(f.io.take(), vec![Cmd::Listen(transparent)]);
+    let listener = f.engine.listener_id(&transparent).unwrap();
+    let snapshot = f.engine.udp_snapshot(f.t0);
+    let dns: SocketAddr = "198.18.0.53:53".parse().unwrap();
+    let mut open = |f: &mut Fixture, port: u16, to: Option<SocketAddr>| {
+        f.engine
+            .flow_for(&mut f.io, &snapshot, listener, client(port), to, f.t0)
+    };
+    // Without its original destination a datagram cannot be mapped; nor to a non-frontend.
+    assert!(open(&mut f, 1, None).is_none());
+    assert!(open(&mut f, 1, Some("198.18.0.54:53".parse().unwrap())).is_none());
+    assert_eq!(f.io.take(), vec![]);
+    // The first flow opens the frontend's listener (replies leave from 198.18.0.53:53).
+    let a = open(&mut f, 1, Some(dns)).unwrap();
+    let b = open(&mut f, 2, Some(dns)).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(f.io.take(), vec![Cmd::Listen(udp_key("198.18.0.53:53"))]);
+    let flow = f.engine.flows().get(a).unwrap();
+    assert_eq!(
+        (flow.listener, flow.key.local, flow.endpoint),
+        (udp_key("198.18.0.53:53"), dns, dns_ep)
+    );
+    assert_eq!(open(&mut f, 1, Some(dns)), Some(a), "the same flow");
+    // Once the flows have expired, the next tick closes it.
+    let later = f.t0 + UNREPLIED_TIMEOUT + TICK * 2;
+    f.engine.poll(&mut f.io, later);
+    let mut cmds = f.io.take();
+    cmds.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        cmds,
+        vec![
+            Cmd::CloseFlow(dns_ep),
+            Cmd::CloseFlow(dns_ep),
+            Cmd::Unlisten(udp_key("198.18.0.53:53"))
+        ]
+    );
 }

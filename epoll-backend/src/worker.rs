@@ -67,8 +67,14 @@ impl Driver for Io {
     type Conn = Conn;
     type Flow = Socket;
 
-    fn listen(&mut self, id: ListenerId, key: ServicePortKey, _: bool) -> io::Result<Socket> {
-        let socket = listen(key, &self.listen_options)?;
+    fn listen(
+        &mut self,
+        id: ListenerId,
+        key: ServicePortKey,
+        transparent: bool,
+        _: bool,
+    ) -> io::Result<Socket> {
+        let socket = listen(key, &self.listen_options, transparent)?;
         let (kind, work) = match key.protocol {
             Protocol::Tcp => (Kind::TcpListener, Work::Accept(id)),
             Protocol::Udp => (Kind::UdpListener, Work::Udp(id)),
@@ -78,6 +84,10 @@ impl Driver for Io {
         // Edge-triggered: whatever arrived before the watch is taken now.
         self.ready.push_back(work);
         Ok(socket)
+    }
+
+    fn local_addr(&self, conn: &Conn) -> io::Result<SocketAddr> {
+        svcproxy_sys::local_addr(&conn.client)
     }
 
     fn unlisten(&mut self, _: ListenerId, socket: Socket) {

@@ -73,7 +73,7 @@ impl Dir {
 
 /// A connection's sockets and forwarding state (the engine keeps the rest).
 pub(crate) struct Conn {
-    client: Socket,
+    pub(crate) client: Socket,
     /// The socket of the connect attempt under way, or connected.
     backend: Option<Socket>,
     dirs: [Dir; 2],

@@ -21,7 +21,7 @@ use io_uring::types::RecvMsgOut;
 use socket2::Socket;
 use svcproxy_core::engine::ListenerId;
 use svcproxy_core::{FlowId, Protocol, SlotId};
-use svcproxy_sys::ancillary::{parse_pktinfo, parse_sockaddr};
+use svcproxy_sys::ancillary::{parse_destination, parse_sockaddr};
 use svcproxy_sys::connect;
 use tracing::debug;
 
@@ -165,16 +165,16 @@ impl Worker {
         let Some(peer) = parse_sockaddr(out.name_data()) else {
             return false;
         };
-        let local = parse_pktinfo(out.control_data());
+        let local = parse_destination(out.control_data()).at(key.addr.port());
         let payload = out.payload_data();
         let span = (
             payload.as_ptr() as usize - buffer.as_ptr() as usize,
             payload.len(),
         );
         let snapshot = self.engine.udp_snapshot(now);
-        let Some(flow_id) = self
-            .engine
-            .flow_for(&mut self.io, &snapshot, &key, peer, local, now)
+        let Some(flow_id) =
+            self.engine
+                .flow_for(&mut self.io, &snapshot, listener, peer, local, now)
         else {
             return false;
         };

@@ -300,11 +300,12 @@ impl svcproxy_core::Driver for Io {
         &mut self,
         id: ListenerId,
         key: ServicePortKey,
+        transparent: bool,
         accepting: bool,
     ) -> io::Result<Listener> {
         let mut l = Listener {
             key,
-            socket: listen(key, &self.listen_options)?,
+            socket: listen(key, &self.listen_options, transparent)?,
             ops: InFlight::default(),
             starved: false,
         };
@@ -312,6 +313,10 @@ impl svcproxy_core::Driver for Io {
             self.arm_listener(id, &mut l);
         }
         Ok(l)
+    }
+
+    fn local_addr(&self, conn: &Conn) -> io::Result<SocketAddr> {
+        svcproxy_sys::local_addr(&conn.client)
     }
 
     fn unlisten(&mut self, id: ListenerId, l: Listener) {

@@ -1,4 +1,5 @@
-//! Socket addresses and `IP_PKTINFO` / `IPV6_PKTINFO` ancillary data as plain bytes, parsed
+//! Socket addresses and `IP_PKTINFO` / `IPV6_PKTINFO` (and, received, `IP_ORIGDSTADDR` /
+//! `IPV6_ORIGDSTADDR`) ancillary data as plain bytes, parsed
 //! and built without `unsafe`: the kernel writes them into byte buffers (by `recvmmsg` or by an
 //! io_uring `RecvMsg`), and both backends read and write them through these functions.
 //!
@@ -91,29 +92,64 @@ pub fn write_sockaddr(addr: SocketAddr, buf: &mut NameBuf) -> usize {
     }
 }
 
-/// The destination address of a datagram, from the control messages the kernel wrote
-/// (the first `IP_PKTINFO` or `IPV6_PKTINFO` found).
-pub fn parse_pktinfo(control: &[u8]) -> Option<IpAddr> {
+/// Where a datagram was sent, as its control messages tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Destination {
+    /// The local address (`IP_PKTINFO` / `IPV6_PKTINFO`).
+    pub local: Option<IpAddr>,
+    /// The original destination, port included (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR`, on a
+    /// transparent socket).
+    pub original: Option<SocketAddr>,
+}
+
+impl Destination {
+    /// The address the datagram was sent to, on a socket bound to `port`: the original
+    /// destination, else the local address at that port.
+    pub fn at(self, port: u16) -> Option<SocketAddr> {
+        self.original
+            .or_else(|| self.local.map(|ip| SocketAddr::new(ip, port)))
+    }
+}
+
+/// The destination of a datagram, from the control messages the kernel wrote (the first
+/// pktinfo and the first original destination found).
+pub fn parse_destination(control: &[u8]) -> Destination {
+    let mut found = Destination::default();
     let mut at = 0;
     while at + HEADER <= control.len() {
-        let len = usize::from_ne_bytes(control[at..at + ALIGN].try_into().ok()?);
-        let level = i32::from_ne_bytes(control[at + ALIGN..at + ALIGN + 4].try_into().ok()?);
-        let kind = i32::from_ne_bytes(control[at + ALIGN + 4..at + ALIGN + 8].try_into().ok()?);
+        let Some((len, level, kind)) = cmsg_header(&control[at..]) else {
+            break;
+        };
         if len < HEADER || at + len > control.len() {
-            return None;
+            break;
         }
         let data = &control[at + HEADER..at + len];
-        if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO && data.len() >= IN_PKTINFO {
-            let ip: [u8; 4] = data[8..12].try_into().ok()?;
-            return Some(IpAddr::V4(Ipv4Addr::from(ip)));
-        }
-        if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO && data.len() >= IN6_PKTINFO {
-            let ip: [u8; 16] = data[0..16].try_into().ok()?;
-            return Some(IpAddr::V6(Ipv6Addr::from(ip)));
+        match (level, kind) {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if data.len() >= IN_PKTINFO => {
+                let ip: Option<[u8; 4]> = data[8..12].try_into().ok();
+                found.local = found.local.or(ip.map(|ip| IpAddr::V4(Ipv4Addr::from(ip))));
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if data.len() >= IN6_PKTINFO => {
+                let ip: Option<[u8; 16]> = data[0..16].try_into().ok();
+                found.local = found.local.or(ip.map(|ip| IpAddr::V6(Ipv6Addr::from(ip))));
+            }
+            (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR)
+            | (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR) => {
+                found.original = found.original.or(parse_sockaddr(data));
+            }
+            _ => {}
         }
         at += align(len);
     }
-    None
+    found
+}
+
+/// A control message's length, level and type, from the start of `b`.
+fn cmsg_header(b: &[u8]) -> Option<(usize, i32, i32)> {
+    let len = usize::from_ne_bytes(b.get(..ALIGN)?.try_into().ok()?);
+    let level = i32::from_ne_bytes(b.get(ALIGN..ALIGN + 4)?.try_into().ok()?);
+    let kind = i32::from_ne_bytes(b.get(ALIGN + 4..ALIGN + 8)?.try_into().ok()?);
+    Some((len, level, kind))
 }
 
 /// Writes a control message that makes a datagram leave from `source`; returns its length.
@@ -162,14 +198,40 @@ mod tests {
             // What we write as a source is in the field the kernel reports as the destination
             // only for IPv6 (same field); for IPv4 check the field positions directly.
             match ip {
-                IpAddr::V6(_) => assert_eq!(parse_pktinfo(&buf.0[..len]), Some(ip)),
+                IpAddr::V6(_) => assert_eq!(parse_destination(&buf.0[..len]).local, Some(ip)),
                 IpAddr::V4(v4) => assert_eq!(&buf.0[HEADER + 4..HEADER + 8], &v4.octets()),
             }
         }
         // Truncated or garbage control data is rejected, not misread.
-        assert_eq!(parse_pktinfo(&[0xff; 7]), None);
+        assert_eq!(parse_destination(&[0xff; 7]), Destination::default());
         let mut bogus = [0u8; 32];
         bogus[..ALIGN].copy_from_slice(&1000usize.to_ne_bytes());
-        assert_eq!(parse_pktinfo(&bogus), None);
+        assert_eq!(parse_destination(&bogus), Destination::default());
+    }
+
+    #[test]
+    fn an_original_destination_is_read_with_its_port_and_comes_first() {
+        for original in ["198.18.0.10:53", "[2001:db8::10]:5353"] {
+            let original: SocketAddr = original.parse().unwrap();
+            let (level, kind) = match original {
+                SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR),
+                SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR),
+            };
+            let mut name = NameBuf::default();
+            let name_len = write_sockaddr(original, &mut name);
+            let mut control = vec![0u8; HEADER + align(name_len)];
+            control[..ALIGN].copy_from_slice(&(HEADER + name_len).to_ne_bytes());
+            control[ALIGN..ALIGN + 4].copy_from_slice(&level.to_ne_bytes());
+            control[ALIGN + 4..ALIGN + 8].copy_from_slice(&kind.to_ne_bytes());
+            control[HEADER..HEADER + name_len].copy_from_slice(&name.0[..name_len]);
+            let found = parse_destination(&control);
+            assert_eq!(found.original, Some(original));
+            assert_eq!(found.at(10263), Some(original));
+        }
+        let pktinfo = Destination {
+            local: Some("198.18.0.10".parse().unwrap()),
+            original: None,
+        };
+        assert_eq!(pktinfo.at(53), Some("198.18.0.10:53".parse().unwrap()));
     }
 }

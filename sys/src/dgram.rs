@@ -1,8 +1,8 @@
 //! Batched datagram I/O with recvmmsg(2)/sendmmsg(2), carrying each datagram's local address.
 //!
 //! [`RecvBatch`] receives up to its capacity in one call and reports, per datagram, the
-//! sender, the local address it was sent to (from `IP_PKTINFO` / `IPV6_PKTINFO`, which
-//! [`listen`](crate::listen) enables) and whether it was truncated. [`send_many`] sends several
+//! sender, where it was sent (the local address from `IP_PKTINFO` / `IPV6_PKTINFO`, or the
+//! original destination on a transparent socket, which [`listen`](crate::listen) enables) and whether it was truncated. [`send_many`] sends several
 //! payloads in one call, optionally to one destination and from one local source address (the
 //! service address: reverse translation). Message headers are built on the stack for each call,
 //! so no pointer into a buffer outlives the call that uses it.
@@ -14,7 +14,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::ptr;
 
 use crate::ancillary::{
-    ControlBuf, NameBuf, parse_pktinfo, parse_sockaddr, write_pktinfo, write_sockaddr,
+    ControlBuf, Destination, NameBuf, parse_destination, parse_sockaddr, write_pktinfo,
+    write_sockaddr,
 };
 
 /// Most datagrams per call.
@@ -26,7 +27,7 @@ pub const MAX_DATAGRAM: usize = 65_507;
 struct Meta {
     len: usize,
     peer: Option<SocketAddr>,
-    local: Option<IpAddr>,
+    destination: Destination,
     truncated: bool,
 }
 
@@ -56,8 +57,8 @@ pub struct Datagram<'a> {
     pub data: &'a [u8],
     /// Sender (absent for a connected socket whose kernel omitted it).
     pub peer: Option<SocketAddr>,
-    /// Local address the datagram was sent to, when the socket reports it.
-    pub local: Option<IpAddr>,
+    /// Where the datagram was sent, when the socket reports it.
+    pub destination: Destination,
     /// The datagram was larger than the slot and was cut.
     pub truncated: bool,
 }
@@ -120,7 +121,7 @@ impl RecvBatch {
             self.received.push(Meta {
                 len: (header.msg_len as usize).min(self.slot),
                 peer: parse_sockaddr(name),
-                local: parse_pktinfo(control),
+                destination: parse_destination(control),
                 truncated: h.msg_flags & libc::MSG_TRUNC != 0,
             });
         }
@@ -148,7 +149,7 @@ impl RecvBatch {
         Datagram {
             data: &self.data[i * self.slot..i * self.slot + m.len],
             peer: m.peer,
-            local: m.local,
+            destination: m.destination,
             truncated: m.truncated,
         }
     }

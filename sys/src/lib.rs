@@ -20,5 +20,5 @@ pub mod waker;
 
 pub use dgram::{Datagram, RecvBatch, send_many};
 pub use pipe::{Pipe, PipePool};
-pub use socket::{ListenOptions, accept, connect, listen, outbound, reset};
+pub use socket::{ListenOptions, accept, connect, listen, local_addr, outbound, reset};
 pub use waker::Waker;

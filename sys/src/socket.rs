@@ -5,7 +5,9 @@
 //! it is assigned to an interface), IPv6 listeners are IPv6-only (so `0.0.0.0` and `::` can both
 //! be bound), TCP listeners set `TCP_NODELAY` (inherited by accepted sockets: a proxy forwards
 //! whatever arrives at once), and UDP listeners report each datagram's destination address
-//! (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) so replies can be sent from it.
+//! (`IP_PKTINFO` / `IPV6_RECVPKTINFO`) so replies can be sent from it. Transparent listeners
+//! (see `svcproxy_core::steering`) set `IP_TRANSPARENT`, and UDP ones report each datagram's
+//! original destination instead (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`).
 
 use std::io;
 use std::mem::size_of;
@@ -51,8 +53,13 @@ fn socket_type(protocol: Protocol) -> Type {
     .cloexec()
 }
 
-/// Creates a bound (and for TCP, listening) socket for `key`.
-pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket> {
+/// Creates a bound (and for TCP, listening) socket for `key`; a `transparent` one (needs
+/// CAP_NET_ADMIN) takes the clients steered to it by `tproxy` rules.
+pub fn listen(
+    key: ServicePortKey,
+    options: &ListenOptions,
+    transparent: bool,
+) -> io::Result<Socket> {
     let addr = key.addr;
     let socket = Socket::new(domain(&addr), socket_type(key.protocol), None)?;
     socket.set_reuse_address(true)?;
@@ -60,8 +67,14 @@ pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
+        if transparent {
+            socket.set_ip_transparent_v6(true)?;
+        }
     } else {
         socket.set_freebind_v4(true)?;
+        if transparent {
+            socket.set_ip_transparent_v4(true)?;
+        }
     }
     match key.protocol {
         Protocol::Tcp => {
@@ -70,7 +83,7 @@ pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket
             socket.listen(options.backlog)?;
         }
         Protocol::Udp => {
-            enable_pktinfo(&socket, addr.is_ipv6())?;
+            enable_destination(&socket, addr.is_ipv6(), transparent)?;
             // Best effort: a smaller buffer only means more drops under bursts.
             let _ = socket.set_recv_buffer_size(options.udp_recv_buffer);
             socket.bind(&addr.into())?;
@@ -79,11 +92,14 @@ pub fn listen(key: ServicePortKey, options: &ListenOptions) -> io::Result<Socket
     Ok(socket)
 }
 
-fn enable_pktinfo(socket: &Socket, v6: bool) -> io::Result<()> {
-    let (level, name) = if v6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
-    } else {
-        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+/// Makes each datagram report its destination: the local address (`IP_PKTINFO`), or for a
+/// `transparent` socket the original destination, port included.
+fn enable_destination(socket: &Socket, v6: bool, transparent: bool) -> io::Result<()> {
+    let (level, name) = match (v6, transparent) {
+        (true, false) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        (false, false) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        (true, true) => (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR),
+        (false, true) => (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR),
     };
     let on: libc::c_int = 1;
     // SAFETY: `on` is a live c_int and the length passed is its size; the fd is owned by
@@ -120,6 +136,17 @@ pub fn accept(listener: &Socket) -> io::Result<(Socket, SocketAddr)> {
             )
         })?;
     Ok((Socket::from(fd), peer))
+}
+
+/// The IP address and port `socket` is bound to (for a client accepted by a transparent
+/// listener: the address it connected to).
+pub fn local_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    socket.local_addr()?.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "local address is not an IP address",
+        )
+    })
 }
 
 /// A socket to reach `backend` with, optionally bound to `source` first (with

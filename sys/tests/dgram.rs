@@ -26,7 +26,7 @@ fn wildcard_listener_reports_the_local_address_and_replies_from_it() {
     let port = probe.local_addr().unwrap().port();
     drop(probe);
     let key = ServicePortKey::new(SocketAddr::from(([0, 0, 0, 0], port)), Protocol::Udp);
-    let listener = listen(key, &ListenOptions::default()).unwrap();
+    let listener = listen(key, &ListenOptions::default(), false).unwrap();
 
     let service: SocketAddr = SocketAddr::from(([127, 0, 0, 77], port));
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -46,7 +46,7 @@ fn wildcard_listener_reports_the_local_address_and_replies_from_it() {
         for i in 0..batch.len() {
             let d = batch.get(i);
             assert_eq!(d.peer, Some(client.local_addr().unwrap()));
-            assert_eq!(d.local, Some(IpAddr::from([127, 0, 0, 77])));
+            assert_eq!(d.destination.local, Some(IpAddr::from([127, 0, 0, 77])));
             assert!(!d.truncated);
             got.push(d.data.to_vec());
         }
@@ -73,7 +73,7 @@ fn wildcard_listener_reports_the_local_address_and_replies_from_it() {
 #[test]
 fn truncation_is_reported() {
     let key = ServicePortKey::new("127.0.0.1:0".parse().unwrap(), Protocol::Udp);
-    let listener = listen(key, &ListenOptions::default()).unwrap();
+    let listener = listen(key, &ListenOptions::default(), false).unwrap();
     let addr = listener.local_addr().unwrap().as_socket().unwrap();
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.send_to(&[1u8; 100], addr).unwrap();
@@ -88,7 +88,7 @@ fn truncation_is_reported() {
 #[test]
 fn ipv6_reports_the_local_address_and_replies_from_it() {
     let key = ServicePortKey::new("[::]:0".parse().unwrap(), Protocol::Udp);
-    let listener = listen(key, &ListenOptions::default()).unwrap();
+    let listener = listen(key, &ListenOptions::default(), false).unwrap();
     let port = listener.local_addr().unwrap().as_socket().unwrap().port();
     let service: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
     let client = UdpSocket::bind("[::1]:0").unwrap();
@@ -102,7 +102,7 @@ fn ipv6_reports_the_local_address_and_replies_from_it() {
     assert_eq!(batch.recv(&listener).unwrap(), 1);
     let d = batch.get(0);
     assert_eq!(d.peer, Some(client.local_addr().unwrap()));
-    assert_eq!(d.local, Some(service.ip()));
+    assert_eq!(d.destination.local, Some(service.ip()));
     let sent = send_many(&listener, &[b"back"], d.peer, Some(service.ip())).unwrap();
     assert_eq!(sent, 1);
     let mut buf = [0u8; 16];

@@ -42,7 +42,7 @@ mod tcp;
 pub mod timers;
 mod udp;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::clients::KeyCounts;
 use crate::config::ProxyConfig;
 use crate::control::WorkerContext;
 use crate::flow::{FlowId, FlowTable};
@@ -57,6 +58,7 @@ use crate::loom::sync::Arc;
 use crate::model::{Protocol, ServicePortKey};
 use crate::session::Side;
 use crate::slots::{SlotId, Slots};
+use crate::steering::Steering;
 use crate::table::Snapshot;
 
 pub use tcp::{Admission, Connection, EVICT_AFTER_IDLE, Lifecycle};
@@ -92,13 +94,20 @@ pub trait Driver {
     type Flow;
 
     /// Opens a listener for `key` and starts serving it: TCP listeners take clients when
-    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive.
+    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive. A
+    /// `transparent` one (see [`crate::steering`]) is bound with `IP_TRANSPARENT`, and UDP
+    /// ones report each datagram's original destination.
     fn listen(
         &mut self,
         id: ListenerId,
         key: ServicePortKey,
+        transparent: bool,
         accepting: bool,
     ) -> io::Result<Self::Listener>;
+
+    /// The local address of an accepted client's socket: the frontend it connected to, when
+    /// it was accepted by a transparent listener.
+    fn local_addr(&self, conn: &Self::Conn) -> io::Result<SocketAddr>;
 
     /// Stops serving a listener; closing its socket is the driver's (now, or once the
     /// operations in flight on it have ended).
@@ -150,8 +159,10 @@ pub trait Driver {
 /// A listener of the engine: its frontend and the driver's socket.
 #[derive(Debug)]
 pub struct Listening<L> {
-    /// The frontend.
+    /// The frontend (for a transparent listener: where it listens).
     pub key: ServicePortKey,
+    /// A transparent listener, serving every steered frontend of its family and protocol.
+    pub transparent: bool,
     /// The driver's listener.
     pub io: L,
 }
@@ -191,6 +202,12 @@ pub struct Engine<D: Driver> {
     listeners: Slots<Listening<D::Listener>>,
     by_key: HashMap<ServicePortKey, ListenerId>,
     failed_binds: BTreeSet<ServicePortKey>,
+    /// Set when frontends are steered to transparent listeners.
+    steering: Option<Steering>,
+    /// The steered frontends with an eligible endpoint, and how many each transparent
+    /// listener serves (it is open while it serves one).
+    steered: HashSet<ServicePortKey>,
+    steered_per_listener: KeyCounts<ServicePortKey>,
     /// Bind failures not logged yet (new since the last report), and the first one's error.
     unreported_binds: (usize, Option<(ServicePortKey, String)>),
     /// Frontends that had failed and listen now, not logged yet.
@@ -231,6 +248,9 @@ impl<D: Driver> Engine<D> {
             listeners: Slots::new(),
             by_key: HashMap::new(),
             failed_binds: BTreeSet::new(),
+            steering: config.steering(),
+            steered: HashSet::new(),
+            steered_per_listener: KeyCounts::default(),
             unreported_binds: (0, None),
             recovered_binds: 0,
             conns: Slots::new(),
@@ -356,9 +376,11 @@ impl<D: Driver> Engine<D> {
                 let snapshot = self.ctx.table().load();
                 let failed: Vec<ServicePortKey> = self.failed_binds.iter().copied().collect();
                 for key in failed {
-                    self.reconcile(io, key, snapshot.wants_listener(&key));
+                    let wanted = self.wants_listener(&snapshot, &key);
+                    self.set_listening(io, key, wanted);
                 }
                 self.report_binds();
+                self.close_idle_replies(io);
                 self.timers.add(now + TICK, Timer::Tick);
             }
             Timer::Shutdown => {
@@ -395,18 +417,45 @@ impl<D: Driver> Engine<D> {
         self.ctx.control.report_applied(self.ctx.index, generation);
     }
 
-    /// Opens or closes the listener of `key`.
+    /// Serves the frontend `key` (when `wanted`) or stops serving it: with its own listener,
+    /// or, when it is steered, with the transparent listener of its family and protocol, open
+    /// while that serves a frontend.
     fn reconcile(&mut self, io: &mut D, key: ServicePortKey, wanted: bool) {
+        let Some(steering) = self.steering.filter(|s| s.steers(&key)) else {
+            return self.set_listening(io, key, wanted);
+        };
+        let listener = steering.listener_for(&key);
+        let changed = if wanted {
+            self.steered.insert(key)
+        } else {
+            self.steered.remove(&key)
+        };
+        if changed {
+            if wanted {
+                self.steered_per_listener.add(listener);
+            } else {
+                self.steered_per_listener.remove(listener);
+            }
+            let serving = self.steered_per_listener.get(listener) > 0;
+            self.set_listening(io, listener, serving);
+        }
+    }
+
+    /// Whether `key` should be listened on: a transparent listener while it serves a steered
+    /// frontend, any other frontend as [`Snapshot::wants_listener`] says.
+    fn wants_listener(&self, snapshot: &Snapshot, key: &ServicePortKey) -> bool {
+        match self.steering {
+            Some(s) if s.is_listener(key) => self.steered_per_listener.get(*key) > 0,
+            _ => snapshot.wants_listener(key),
+        }
+    }
+
+    /// Opens or closes the listener of `key`.
+    fn set_listening(&mut self, io: &mut D, key: ServicePortKey, wanted: bool) {
         let wanted = wanted && !self.stopping;
         match (wanted, self.by_key.get(&key).copied()) {
             (true, None) => self.open_listener(io, key),
-            (false, Some(id)) => {
-                self.by_key.remove(&key);
-                if let Some(l) = self.listeners.remove(id) {
-                    debug!(%key, "listener closed");
-                    io.unlisten(id, l.io);
-                }
-            }
+            (false, Some(_)) => self.remove_listener(io, &key),
             _ => {}
         }
         if !wanted && self.failed_binds.remove(&key) {
@@ -416,13 +465,9 @@ impl<D: Driver> Engine<D> {
 
     fn open_listener(&mut self, io: &mut D, key: ServicePortKey) {
         let accepting = self.may_accept();
-        let opened = self.listeners.insert_with(|id| {
-            io.listen(id, key, accepting)
-                .map(|l| Listening { key, io: l })
-        });
-        match opened {
-            Ok(id) => {
-                self.by_key.insert(key, id);
+        let transparent = self.steering.is_some_and(|s| s.is_listener(&key));
+        match self.insert_listener(io, key, transparent, accepting) {
+            Ok(()) => {
                 self.ctx.control.set_bind_error(key, None);
                 if self.failed_binds.remove(&key) {
                     self.recovered_binds += 1;
@@ -437,6 +482,36 @@ impl<D: Driver> Engine<D> {
                 }
                 self.ctx.control.set_bind_error(key, Some(e.to_string()));
             }
+        }
+    }
+
+    /// Opens a listener for `key` (see [`Driver::listen`]) and indexes it.
+    fn insert_listener(
+        &mut self,
+        io: &mut D,
+        key: ServicePortKey,
+        transparent: bool,
+        accepting: bool,
+    ) -> io::Result<()> {
+        let id = self.listeners.insert_with(|id| {
+            io.listen(id, key, transparent, accepting)
+                .map(|l| Listening {
+                    key,
+                    transparent,
+                    io: l,
+                })
+        })?;
+        self.by_key.insert(key, id);
+        Ok(())
+    }
+
+    /// Closes the listener of `key`, if it has one.
+    fn remove_listener(&mut self, io: &mut D, key: &ServicePortKey) {
+        if let Some(id) = self.by_key.remove(key)
+            && let Some(l) = self.listeners.remove(id)
+        {
+            debug!(%key, "listener closed");
+            io.unlisten(id, l.io);
         }
     }
 
@@ -526,7 +601,15 @@ impl<D: Driver> Engine<D> {
         now: Instant,
     ) {
         let key = match self.listeners.get(listener) {
-            Some(l) if !self.stopping => l.key,
+            Some(l) if !self.stopping && !l.transparent => l.key,
+            Some(_) if !self.stopping => match io.local_addr(&conn) {
+                // The frontend the client connected to.
+                Ok(local) => ServicePortKey::new(local, Protocol::Tcp),
+                Err(e) => {
+                    debug!(error = %e, "accepted a client without a local address");
+                    return io.close(None, conn, Some(Side::Client));
+                }
+            },
             _ => return io.close(None, conn, Some(Side::Client)),
         };
         let waiting = Waiting {

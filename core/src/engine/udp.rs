@@ -5,15 +5,15 @@
 //! endpoint stopped being eligible is out of the index before the next datagram is mapped
 //! (see [`crate::flow`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use tracing::debug;
 
-use super::{Driver, Engine};
+use super::{Driver, Engine, ListenerId};
 use crate::flow::{FlowId, FlowKey, FlowLimits, FlowTable};
 use crate::loom::sync::Arc;
-use crate::model::ServicePortKey;
+use crate::model::{Protocol, ServicePortKey};
 use crate::table::Snapshot;
 
 impl<D: Driver> Engine<D> {
@@ -25,26 +25,36 @@ impl<D: Driver> Engine<D> {
         snapshot
     }
 
-    /// The flow of a datagram from `client` to `local` (the listener's own address when the
-    /// driver could not tell) on `listener`: the existing one, or one started now (at the flow
-    /// limit, after evicting the oldest flow no reply came back on). `None`: the datagram is
-    /// dropped (no eligible endpoint, the flow limit with every flow replied, or no socket
-    /// could be had).
+    /// The flow of a datagram from `client` to `local` (as the driver's socket reported it:
+    /// its destination address, or for a transparent listener its original destination) on
+    /// `listener`: the existing one, or one started now (at the flow limit, after evicting
+    /// the oldest flow no reply came back on). `None`: the datagram is dropped (no eligible
+    /// endpoint, the flow limit with every flow replied, or no socket could be had).
+    ///
+    /// A flow started through a transparent listener needs a listener on its frontend to
+    /// send the replies from (see [`crate::steering`]); it is opened here if the worker has
+    /// none yet.
     pub fn flow_for(
         &mut self,
         io: &mut D,
         snapshot: &Snapshot,
-        listener: &ServicePortKey,
+        listener: ListenerId,
         client: SocketAddr,
-        local: Option<IpAddr>,
+        local: Option<SocketAddr>,
         now: Instant,
     ) -> Option<FlowId> {
-        let key = FlowKey {
-            client,
-            local: SocketAddr::new(local.unwrap_or(listener.addr.ip()), listener.addr.port()),
+        let l = self.listeners.get(listener)?;
+        let (frontend, local) = match (l.transparent, local) {
+            (false, local) => (l.key, local.unwrap_or(l.key.addr)),
+            (true, Some(local)) => (ServicePortKey::new(local, Protocol::Udp), local),
+            (true, None) => return None,
         };
+        let key = FlowKey { client, local };
         if let Some(id) = self.flows.lookup(&key, now) {
             return Some(id);
+        }
+        if l.transparent && !self.reply_listener(io, snapshot, frontend) {
+            return None;
         }
         let source = self.config.preserve_client_ip.then_some(client);
         let limits = FlowLimits {
@@ -59,13 +69,57 @@ impl<D: Driver> Engine<D> {
             io.close_flow(old.handle);
         }
         self.flows
-            .open(key, *listener, snapshot, now, limits, |id, endpoint| {
+            .open(key, frontend, snapshot, now, limits, |id, endpoint| {
                 io.open_flow(id, endpoint, source)
             })
             .unwrap_or_else(|(endpoint, e)| {
                 debug!(%endpoint, error = %e, "cannot open flow");
                 None
             })
+    }
+
+    /// Makes sure the steered UDP frontend `frontend`, if it is served, has a listener to send
+    /// replies from; false when it is not served or the listener cannot be opened.
+    fn reply_listener(
+        &mut self,
+        io: &mut D,
+        snapshot: &Snapshot,
+        frontend: ServicePortKey,
+    ) -> bool {
+        if self.by_key.contains_key(&frontend) {
+            return true;
+        }
+        if !snapshot.wants_listener(&frontend) {
+            return false;
+        }
+        match self.insert_listener(io, frontend, false, false) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(%frontend, error = %e, "cannot open a listener to reply from");
+                false
+            }
+        }
+    }
+
+    /// Closes the listeners opened to reply from (see [`Engine::flow_for`]) whose frontend has
+    /// no flow left.
+    pub(super) fn close_idle_replies(&mut self, io: &mut D) {
+        let Some(steering) = self.steering else {
+            return;
+        };
+        let idle: Vec<ServicePortKey> = self
+            .listeners
+            .iter()
+            .map(|(_, l)| l.key)
+            .filter(|key| {
+                key.protocol == Protocol::Udp
+                    && steering.steers(key)
+                    && self.flows.frontend_flows(key) == 0
+            })
+            .collect();
+        for key in idle {
+            self.remove_listener(io, &key);
+        }
     }
 
     /// The worker's flows.

@@ -171,6 +171,14 @@ impl Snapshot {
         self.lookup(key).is_some_and(|p| !p.backends().is_empty())
     }
 
+    /// The frontends transparent listeners serve now (see [`crate::steering`]): those at a
+    /// steerable address with an eligible endpoint, the rest being refused.
+    pub fn steered_frontends(&self) -> impl Iterator<Item = ServicePortKey> + '_ {
+        self.frontends()
+            .filter(|(k, p)| crate::steering::steerable(k.addr.ip()) && !p.backends().is_empty())
+            .map(|(k, _)| *k)
+    }
+
     /// Listeners to open or close after moving from `older` (none: from nothing) to this
     /// snapshot: every frontend that may have changed, with [`Snapshot::wants_listener`].
     pub fn listener_changes(&self, older: Option<&Snapshot>) -> Vec<(ServicePortKey, bool)> {
