@@ -783,7 +783,7 @@ fn a_steered_udp_frontend_has_a_listener_to_reply_from_while_it_has_flows() {
     let listener = f.engine.listener_id(&transparent).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
     let dns: SocketAddr = "198.18.0.53:53".parse().unwrap();
-    let mut open = |f: &mut Fixture, port: u16, to: Option<SocketAddr>| {
+    let open = |f: &mut Fixture, port: u16, to: Option<SocketAddr>| {
         f.engine
             .flow_for(&mut f.io, &snapshot, listener, client(port), to, f.t0)
     };

@@ -4,6 +4,14 @@
 //! interfaces get the addresses on the loopback interface instead (IPv4 ones labelled
 //! `lo:svcpx`, so that leftovers of a crash are found and removed at the next start).
 //!
+//! With transparent listeners (`svcproxy_core::steering`, the default as root), the
+//! nftables table also steers the frontends to them: four sets of (address, port), TCP and UDP
+//! of each family, hold the steered frontends with an eligible endpoint, and a `tproxy` rule
+//! per set hands their packets to the transparent listener of their family. A frontend not in
+//! a set (no eligible endpoint) is refused by the kernel, as a closed listener would be. A
+//! table change becomes one `nft -f -` transaction adding and deleting just the elements that
+//! changed; if one fails, the next rewrites the sets whole.
+//!
 //! With client source preservation, the replies of backends to client addresses must reach
 //! the proxy's transparent sockets too: packets matching a transparent socket are marked by an
 //! nftables rule, and a policy rule routes marked packets to the local stack.
@@ -18,7 +26,9 @@
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
+
 use std::process::{Command, Stdio};
+use svcproxy::core::{Protocol, ServicePortKey, Steering};
 
 use tracing::{info, warn};
 
@@ -100,13 +110,89 @@ pub struct Capture {
     /// The dummy interface, or `None` for the loopback one.
     dummy: Option<String>,
     addresses: BTreeSet<IpAddr>,
-    transparent: bool,
+    /// The nftables table is loaded (for steering or source preservation).
+    nft: bool,
+    /// The policy routing of source preservation is installed.
+    preserve_client_ip: bool,
+    /// Where steered frontends go, and which are in the sets now (`None`: unknown, after a
+    /// failed change).
+    steering: Option<(Steering, Option<BTreeSet<ServicePortKey>>)>,
+}
+
+/// The nftables set of frontends like `key`.
+fn set_name(key: &ServicePortKey) -> &'static str {
+    match (key.addr.is_ipv6(), key.protocol) {
+        (false, Protocol::Tcp) => "tcp4",
+        (false, Protocol::Udp) => "udp4",
+        (true, Protocol::Tcp) => "tcp6",
+        (true, Protocol::Udp) => "udp6",
+    }
+}
+
+/// The nftables table: the steering sets and rules, and the mark of source preservation.
+fn nft_table(steering: Option<Steering>, preserve_client_ip: bool) -> String {
+    let mut sets = String::new();
+    let mut rules = String::new();
+    if preserve_client_ip {
+        rules += &format!("    socket transparent 1 meta mark set {MARK}\n");
+    }
+    if let Some(steering) = steering {
+        for (set, family, addr, v6) in [
+            ("tcp4", "ip", "ipv4_addr", false),
+            ("udp4", "ip", "ipv4_addr", false),
+            ("tcp6", "ip6", "ipv6_addr", true),
+            ("udp6", "ip6", "ipv6_addr", true),
+        ] {
+            let proto = &set[..3];
+            let to = steering.listen_addr(v6);
+            sets += &format!("  set {set} {{ type {addr} . inet_service; }}\n");
+            rules += &format!(
+                "    {family} daddr . {proto} dport @{set} tproxy {family} to {to} accept\n"
+            );
+        }
+    }
+    format!(
+        "table inet {NFT_TABLE} {{\n{sets}  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+/// `nft` element syntax for a frontend.
+fn element(key: &ServicePortKey) -> String {
+    format!("{} . {}", key.addr.ip(), key.addr.port())
+}
+
+/// `nft` commands that `verb` (add, delete) `keys` to or from their sets.
+fn element_commands<'a>(verb: &str, keys: impl Iterator<Item = &'a ServicePortKey>) -> String {
+    let mut by_set: [(&str, Vec<String>); 4] =
+        ["tcp4", "udp4", "tcp6", "udp6"].map(|s| (s, Vec::new()));
+    for key in keys {
+        let set = set_name(key);
+        if let Some((_, elements)) = by_set.iter_mut().find(|(s, _)| *s == set) {
+            elements.push(element(key));
+        }
+    }
+    by_set
+        .iter()
+        .filter(|(_, e)| !e.is_empty())
+        .map(|(set, e)| {
+            format!(
+                "{verb} element inet {NFT_TABLE} {set} {{ {} }}\n",
+                e.join(", ")
+            )
+        })
+        .collect()
 }
 
 impl Capture {
     /// Creates the dummy interface (replacing a leftover one; the loopback interface where
-    /// dummies are unavailable) and, with `transparent`, the routing for source preservation.
-    pub fn new(interface: &str, transparent: bool) -> io::Result<Self> {
+    /// dummies are unavailable), with `steering` the rules that steer frontends to the
+    /// transparent listeners, and with `preserve_client_ip` the routing for source
+    /// preservation.
+    pub fn new(
+        interface: &str,
+        steering: Option<Steering>,
+        preserve_client_ip: bool,
+    ) -> io::Result<Self> {
         let _ = run("ip", &["link", "del", interface]);
         let _ = run("ip", &["-4", "addr", "flush", "dev", "lo", "label", LABEL]);
         let dummy = match run("ip", &["link", "add", interface, "type", "dummy"]) {
@@ -122,18 +208,16 @@ impl Capture {
         let mut capture = Self {
             dummy,
             addresses: BTreeSet::new(),
-            transparent: false,
+            nft: false,
+            preserve_client_ip,
+            steering: steering.map(|s| (s, Some(BTreeSet::new()))),
         };
-        if transparent {
+        if steering.is_some() || preserve_client_ip {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
-            let rules = format!(
-                "table inet {NFT_TABLE} {{\n  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    socket transparent 1 meta mark set {MARK}\n  }}\n}}\n"
-            );
-            let (loaded, stderr) = run_with_input("nft", &["-f", "-"], rules)?;
-            if !loaded {
-                return Err(io::Error::other(format!("nft -f -: {}", stderr.trim())));
-            }
-            capture.transparent = true;
+            nft(nft_table(steering, preserve_client_ip))?;
+            capture.nft = true;
+        }
+        if preserve_client_ip {
             for family in ["-4", "-6"] {
                 let _ = run(
                     "ip",
@@ -154,7 +238,9 @@ impl Capture {
         }
         info!(
             interface = capture.device(),
-            transparent, "capturing service addresses"
+            steering = ?steering,
+            preserve_client_ip,
+            "capturing service addresses"
         );
         Ok(capture)
     }
@@ -220,9 +306,51 @@ impl Capture {
         }
     }
 
+    /// Puts exactly `wanted` in the steering sets (nothing without steering), in one
+    /// transaction; when it fails, it is logged and the next call rewrites the sets whole.
+    pub fn steer(&mut self, wanted: impl Iterator<Item = ServicePortKey>) {
+        let Some((_, current)) = &mut self.steering else {
+            return;
+        };
+        let wanted: BTreeSet<ServicePortKey> = wanted.collect();
+        let commands = match current {
+            Some(current) => {
+                element_commands("delete", current.difference(&wanted))
+                    + &element_commands("add", wanted.difference(current))
+            }
+            None => {
+                let flush: String = ["tcp4", "udp4", "tcp6", "udp6"]
+                    .iter()
+                    .map(|set| format!("flush set inet {NFT_TABLE} {set}\n"))
+                    .collect();
+                flush + &element_commands("add", wanted.iter())
+            }
+        };
+        if commands.is_empty() {
+            return;
+        }
+        match nft(commands) {
+            Ok(()) => *current = Some(wanted),
+            Err(e) => {
+                warn!(error = %e, "cannot change the steered frontends; rewriting them at the next change");
+                *current = None;
+            }
+        }
+    }
+
     /// The service addresses on the interface now.
     pub fn addresses(&self) -> &BTreeSet<IpAddr> {
         &self.addresses
+    }
+}
+
+/// Runs `nft -f -` with `commands` (one transaction).
+fn nft(commands: String) -> io::Result<()> {
+    let (ok, stderr) = run_with_input("nft", &["-f", "-"], commands)?;
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("nft -f -: {}", stderr.trim())))
     }
 }
 
@@ -241,8 +369,10 @@ impl Drop for Capture {
             }
             None => self.sync(BTreeSet::new()),
         }
-        if self.transparent {
+        if self.nft {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
+        }
+        if self.preserve_client_ip {
             for family in ["-4", "-6"] {
                 let _ = run(
                     "ip",

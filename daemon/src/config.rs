@@ -37,6 +37,9 @@
 //! cluster_ips = true          # as root: put service addresses on a dummy interface
 //! interface = "svcproxy0"
 //! preserve_client_ip = false  # as root: backends see the client's IP (see README)
+//! listeners = "transparent"   # as root: a few tproxy listeners for every service address,
+//!                             # or "per-frontend": one per service port and worker
+//! transparent_port = 10263    # where the transparent listeners listen (loopback)
 //!
 //! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)
 //!
@@ -195,7 +198,13 @@ struct CaptureSection {
     cluster_ips: bool,
     interface: String,
     preserve_client_ip: bool,
+    listeners: String,
+    transparent_port: u16,
 }
+
+/// Where transparent listeners listen by default (beside kube-proxy's 10256 and 10249, and
+/// the admin endpoint's 10262).
+pub const DEFAULT_TRANSPARENT_PORT: u16 = 10263;
 
 impl Default for CaptureSection {
     fn default() -> Self {
@@ -203,7 +212,19 @@ impl Default for CaptureSection {
             cluster_ips: true,
             interface: "svcproxy0".into(),
             preserve_client_ip: false,
+            listeners: "transparent".into(),
+            transparent_port: DEFAULT_TRANSPARENT_PORT,
         }
+    }
+}
+
+/// The `listeners` setting: the transparent port, or `None` for a listener per frontend.
+pub fn parse_listeners(value: &str, port: u16) -> Result<Option<u16>, String> {
+    match value {
+        "transparent" if port == 0 => Err("transparent_port is 0".into()),
+        "transparent" => Ok(Some(port)),
+        "per-frontend" => Ok(None),
+        other => Err(format!("{other:?} is not transparent or per-frontend")),
     }
 }
 
@@ -234,6 +255,9 @@ pub struct Settings {
     pub capture: bool,
     /// The dummy interface.
     pub interface: String,
+    /// With capture, serve service addresses with transparent listeners at this port
+    /// (`None`: a listener per frontend).
+    pub transparent_port: Option<u16>,
 }
 
 impl Default for Settings {
@@ -251,6 +275,7 @@ impl Default for Settings {
             admin_token: None,
             capture: true,
             interface: "svcproxy0".into(),
+            transparent_port: Some(DEFAULT_TRANSPARENT_PORT),
         }
     }
 }
@@ -519,6 +544,8 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
         }
         (None, None) => None,
     };
+    let transparent_port = parse_listeners(&file.capture.listeners, file.capture.transparent_port)
+        .map_err(|e| bad("capture.listeners", e))?;
     let pending_timeout = Duration::from_secs(file.health.pending_timeout_s);
     check_duration(
         "health.pending_timeout_s",
@@ -543,6 +570,7 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
         admin_token,
         capture: file.capture.cluster_ips,
         interface: file.capture.interface.clone(),
+        transparent_port,
     })
 }
 
@@ -638,6 +666,7 @@ token = "secret"
 [capture]
 cluster_ips = false
 preserve_client_ip = true
+listeners = "per-frontend"
 
 [[services]]
 name = "default/web"
@@ -661,6 +690,7 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         );
         assert_eq!(s.proxy.io_uring.forwarding, Forwarding::Splice);
         assert!(s.proxy.preserve_client_ip && !s.capture);
+        assert_eq!(s.transparent_port, None);
         assert_eq!(s.node_name.as_deref(), Some("node-a"));
         assert_eq!(s.admin, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(s.health, "127.0.0.1:9997".parse().unwrap());
@@ -703,6 +733,16 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
                 "{e}"
             );
         }
+        let e = err("listeners.toml", "[capture]\nlisteners = \"ebpf\"\n");
+        assert!(
+            e.ends_with("capture.listeners: \"ebpf\" is not transparent or per-frontend"),
+            "{e}"
+        );
+        let e = err("tport.toml", "[capture]\ntransparent_port = 0\n");
+        assert!(
+            e.ends_with("capture.listeners: transparent_port is 0"),
+            "{e}"
+        );
         let e = err("pending.toml", "[health]\npending_timeout_s = 0\n");
         assert!(
             e.ends_with("health.pending_timeout_s is 0ns, must be between 1s and 3600s"),

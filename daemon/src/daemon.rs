@@ -127,6 +127,7 @@ impl Daemon {
             .collect();
         if let Some(capture) = lock(&self.capture).as_mut() {
             capture.sync(wanted);
+            capture.steer(snapshot.steered_frontends());
             return;
         }
         let mut checked = lock(&self.checked);

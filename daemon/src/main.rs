@@ -89,6 +89,10 @@ struct RunArgs {
     /// Connect to endpoints from the client's address (root; see the README for the routing).
     #[arg(long)]
     preserve_client_ip: bool,
+    /// How captured service addresses are listened on: transparent (a few tproxy listeners
+    /// for them all, the default) or per-frontend (one listener per service port and worker).
+    #[arg(long)]
+    listeners: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -187,6 +191,13 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     if args.preserve_client_ip {
         s.proxy.preserve_client_ip = true;
     }
+    if let Some(listeners) = &args.listeners {
+        let port = s
+            .transparent_port
+            .unwrap_or(config::DEFAULT_TRANSPARENT_PORT);
+        s.transparent_port =
+            config::parse_listeners(listeners, port).map_err(|e| format!("--listeners: {e}"))?;
+    }
     if !s.admin.ip().is_loopback() && s.admin_token.as_deref().is_none_or(str::is_empty) {
         return Err(format!(
             "the admin address {} is not loopback: set a bearer token (admin.token_file or --admin-token-file)",
@@ -210,7 +221,7 @@ fn run(args: RunArgs) -> ExitCode {
     for w in &loaded.warnings {
         warn!("{w}");
     }
-    let settings = match settings(&args, &loaded) {
+    let mut settings = match settings(&args, &loaded) {
         Ok(s) => s,
         Err(e) => {
             error!("{e}");
@@ -219,7 +230,14 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let root = rustix::process::geteuid().is_root();
     let capture = if settings.capture && root {
-        match capture::Capture::new(&settings.interface, settings.proxy.preserve_client_ip) {
+        // Transparent listeners need the steering that capture installs.
+        settings.proxy.transparent_port = settings.transparent_port;
+        let steering = settings.proxy.steering();
+        match capture::Capture::new(
+            &settings.interface,
+            steering,
+            settings.proxy.preserve_client_ip,
+        ) {
             Ok(c) => Some(c),
             Err(e) => {
                 error!("cannot capture service addresses: {e}");

@@ -284,6 +284,13 @@ fn ask(topo: &Topology, vip: &'static str) -> std::io::Result<(String, String)> 
     })
 }
 
+/// Serializes the tests that build the namespaces (named after this process).
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn root() -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
@@ -303,10 +310,44 @@ fn write(path: &Path, text: &str) {
 }
 
 #[test]
-fn node_proxy_in_namespaces() {
+fn node_proxy_in_namespaces_with_transparent_listeners() {
+    node_proxy(&[]);
+}
+
+#[test]
+fn node_proxy_in_namespaces_with_transparent_listeners_on_epoll() {
+    node_proxy(&["--backend", "epoll"]);
+}
+
+#[test]
+fn node_proxy_in_namespaces_with_a_listener_per_frontend() {
+    node_proxy(&["--listeners", "per-frontend"]);
+}
+
+/// The node's listening TCP sockets, one `address:port` per line.
+fn tcp_listeners(topo: &Topology) -> String {
+    output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.node,
+            "ss",
+            "-Hltn",
+            "-o",
+            "state",
+            "listening",
+        ],
+    )
+}
+
+/// The node proxy's behaviour, with the daemon started with `mode` (its listeners and backend).
+fn node_proxy(mode: &[&str]) {
     if !root() {
         return;
     }
+    let _alone = alone();
+    let transparent = !mode.contains(&"per-frontend");
     let topo = Topology::new();
     let _a = Pod::start(&topo.pods[0], "pod-a");
     let _b = Pod::start(&topo.pods[1], "pod-b");
@@ -314,7 +355,37 @@ fn node_proxy_in_namespaces() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("cluster.yaml");
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
-    let d = Daemon::start(&topo, &config, &[]);
+    let d = Daemon::start(&topo, &config, mode);
+    let steered = || {
+        output(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &topo.node,
+                "nft",
+                "list",
+                "set",
+                "inet",
+                "svcproxyd",
+                "tcp4",
+            ],
+        )
+    };
+    let listening = tcp_listeners(&topo);
+    if transparent {
+        // Every service address is served by the transparent listener, steered by tproxy.
+        assert!(listening.contains("127.0.0.1:10263"), "{listening}");
+        assert!(!listening.contains("198.19.0."), "{listening}");
+        let set = steered();
+        assert!(
+            set.contains("198.19.0.10 . 80") && set.contains("198.19.0.11 . 80"),
+            "{set}"
+        );
+    } else {
+        assert!(listening.contains("198.19.0.10:80"), "{listening}");
+        assert!(!listening.contains(":10263"), "{listening}");
+    }
 
     // Round robin over both pods; connecting to the cluster IP works, so replies come from it;
     // without source preservation the pods see the node.
@@ -369,6 +440,13 @@ fn node_proxy_in_namespaces() {
         ask(&topo, "198.19.0.10:80")
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     });
+    if transparent {
+        let set = steered();
+        assert!(
+            !set.contains("198.19.0.10 . 80") && set.contains("198.19.0.11 . 80"),
+            "{set}"
+        );
+    }
 
     // Deleting the service: its cluster IP stops answering.
     write(&config, &manifest(&[], false));
@@ -390,7 +468,7 @@ fn node_proxy_in_namespaces() {
 
     // Client source preservation: the pods see the client pod's address.
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
-    let d = Daemon::start(&topo, &config, &["--preserve-client-ip"]);
+    let d = Daemon::start(&topo, &config, &[mode, &["--preserve-client-ip"]].concat());
     for _ in 0..2 {
         let (_, seen) = ask(&topo, "198.19.0.10:80").unwrap();
         assert_eq!(seen, "198.18.1.2");
@@ -464,7 +542,7 @@ fn capture_puts_10k_addresses_on_the_interface_in_one_batch() {
     }
     let ns = Namespace::new("capture");
     let (all, one) = Topology::within(&ns.0, || {
-        let mut capture = svcproxyd::capture::Capture::new("svcproxy0", false).unwrap();
+        let mut capture = svcproxyd::capture::Capture::new("svcproxy0", None, false).unwrap();
         let first = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
         let wanted: std::collections::BTreeSet<std::net::IpAddr> = (0..10_000)
             .map(|i| std::net::Ipv4Addr::from(first + i).into())
