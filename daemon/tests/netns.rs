@@ -135,6 +135,7 @@ impl Drop for Topology {
 
 /// A pod's servers: TCP 8080 and UDP 5353 answer "<pod> <client address>".
 struct Pod {
+    ns: String,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -147,18 +148,16 @@ impl Pod {
             let udp = UdpSocket::bind("0.0.0.0:5353").unwrap();
             (tcp, udp)
         });
-        tcp.set_nonblocking(true).unwrap();
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let s1 = stop.clone();
         let t1 = std::thread::spawn(move || {
-            while !s1.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut c, peer)) => {
-                        let _ = writeln!(c, "{name} {}", peer.ip());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            // Blocking: a client is answered at once; Drop connects once to end the loop.
+            while let Ok((mut c, peer)) = tcp.accept() {
+                if s1.load(Ordering::SeqCst) {
+                    break;
                 }
+                let _ = writeln!(c, "{name} {}", peer.ip());
             }
         });
         let s2 = stop.clone();
@@ -171,6 +170,7 @@ impl Pod {
             }
         });
         Self {
+            ns: ns.to_string(),
             stop,
             threads: vec![t1, t2],
         }
@@ -180,6 +180,7 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _ = Topology::within(&self.ns, || TcpStream::connect("127.0.0.1:8080"));
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -212,12 +213,13 @@ fn manifest(endpoints: &[&str], with_web: bool) -> String {
 struct Daemon(Child);
 
 impl Daemon {
-    fn start(topo: &Topology, config: &Path, extra: &[&str]) -> Self {
+    /// svcproxyd in namespace `ns`, once its health endpoint answers.
+    fn start(ns: &str, config: &Path, extra: &[&str]) -> Self {
         let child = Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                &topo.node,
+                ns,
                 BIN,
                 "run",
                 "--node-name",
@@ -230,7 +232,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         let mut d = Self(child);
-        let node = topo.node.clone();
+        let node = ns.to_string();
         wait("the admin endpoint", || {
             assert!(d.0.try_wait().unwrap().is_none(), "svcproxyd exited early");
             let node = node.clone();
@@ -355,7 +357,7 @@ fn node_proxy(mode: &[&str]) {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("cluster.yaml");
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
-    let d = Daemon::start(&topo, &config, mode);
+    let d = Daemon::start(&topo.node, &config, mode);
     let steered = || {
         output(
             "ip",
@@ -468,7 +470,11 @@ fn node_proxy(mode: &[&str]) {
 
     // Client source preservation: the pods see the client pod's address.
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
-    let d = Daemon::start(&topo, &config, &[mode, &["--preserve-client-ip"]].concat());
+    let d = Daemon::start(
+        &topo.node,
+        &config,
+        &[mode, &["--preserve-client-ip"]].concat(),
+    );
     for _ in 0..2 {
         let (_, seen) = ask(&topo, "198.19.0.10:80").unwrap();
         assert_eq!(seen, "198.18.1.2");
@@ -564,4 +570,161 @@ fn capture_puts_10k_addresses_on_the_interface_in_one_batch() {
         (all, one)
     });
     eprintln!("capture: 10,000 addresses in {all:?}, then a change of one in {one:?}");
+}
+
+/// A request to the admin endpoint of the daemon in `ns`; the response's status.
+fn admin(ns: &str, method: &'static str, path: String, body: String) -> u16 {
+    Topology::within(ns, move || {
+        let mut s = TcpStream::connect("127.0.0.1:10262").unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
+        reply.split(' ').nth(1).unwrap().parse().unwrap()
+    })
+}
+
+/// Connects to each of `addresses` in turn and reads a line: how many answered.
+fn answering(ns: &str, addresses: Vec<SocketAddr>) -> usize {
+    Topology::within(ns, move || {
+        addresses
+            .iter()
+            .filter(|addr| {
+                TcpStream::connect_timeout(addr, Duration::from_secs(1))
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                        let mut line = String::new();
+                        BufReader::new(s).read_line(&mut line)?;
+                        Ok(line.starts_with("pod-"))
+                    })
+                    .unwrap_or(false)
+            })
+            .count()
+    })
+}
+
+/// Descriptors the process `pid` holds.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The address of service `i` of the scale test: 198.18.1.0 onwards.
+fn scale_address(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)) + i as u32)
+}
+
+/// 10,000 ClusterIP services (one TCP port and one endpoint each; `SVCPROXY_SCALE_SERVICES`
+/// sets another count) in a namespace of the test's own, with 2 workers and transparent
+/// listeners: every service answers, the daemon holds under 1,000 descriptors, a service added
+/// and then emptied through the admin API reaches the data path while the others keep
+/// serving, and a clean exit leaves no address or rule behind. Prints the times (recorded in
+/// docs/BENCHMARKS.md); asserts no time.
+#[test]
+fn ten_thousand_services_are_all_served_with_few_descriptors() {
+    if !root() {
+        return;
+    }
+    let _alone = alone();
+    let count: usize = std::env::var("SVCPROXY_SCALE_SERVICES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let ns = Namespace::new("scale");
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let _pod = Pod::start(&ns.0, "pod-a");
+    let dir = std::env::temp_dir().join(format!("svcproxyd-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("services.toml");
+    let mut toml = String::from("[proxy]\nworkers = 2\n");
+    for i in 0..count {
+        toml += &format!(
+            "\n[[services]]\nname = \"default/s{i}\"\naddresses = [\"{}\"]\nports = [{{ port = 80, target_port = 8080 }}]\nendpoints = [{{ address = \"127.0.0.1\" }}]\n",
+            scale_address(i)
+        );
+    }
+    write(&config, &toml);
+    let all: Vec<SocketAddr> = (0..count)
+        .map(|i| SocketAddr::from((scale_address(i), 80)))
+        .collect();
+
+    let started = Instant::now();
+    let d = Daemon::start(&ns.0, &config, &[]);
+    // Served once the last service answers (the services are published in one batch).
+    wait_long("the last service", || {
+        answering(&ns.0, vec![*all.last().unwrap()]) == 1
+    });
+    let served = started.elapsed();
+    let probed = Instant::now();
+    assert_eq!(
+        answering(&ns.0, all.clone()),
+        count,
+        "every service answers"
+    );
+    let probe = probed.elapsed();
+    let fds = descriptors(d.0.id());
+    assert!(fds < 1000, "{fds} descriptors for {count} services");
+
+    // A service added through the admin API, then left without endpoints.
+    let extra = SocketAddr::from(([198, 19, 255, 1], 80));
+    let put = |endpoints: &str| {
+        let body = format!(
+            "{{\"name\": \"default/extra\", \"addresses\": [\"{}\"], \"ports\": [{{\"port\": 80, \"target_port\": 8080}}], \"endpoints\": [{endpoints}]}}",
+            extra.ip()
+        );
+        assert_eq!(
+            admin(&ns.0, "PUT", "/services/default/extra".into(), body),
+            200
+        );
+    };
+    let changed = Instant::now();
+    put("{\"address\": \"127.0.0.1\"}");
+    wait("the added service", || answering(&ns.0, vec![extra]) == 1);
+    let added = changed.elapsed();
+    let changed = Instant::now();
+    put("");
+    wait("the emptied service to refuse", || {
+        Topology::within(&ns.0, move || {
+            TcpStream::connect_timeout(&extra, Duration::from_secs(1))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+    });
+    let emptied = changed.elapsed();
+    let sample: Vec<SocketAddr> = all.iter().step_by((count / 100).max(1)).copied().collect();
+    assert_eq!(
+        answering(&ns.0, sample.clone()),
+        sample.len(),
+        "the others still answer"
+    );
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", d.0.id()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!(
+        "{count} services: all served {served:?} after start; {fds} descriptors; {rss}; \
+         probing every service took {probe:?}; an added service answered after {added:?}, \
+         an emptied one refused after {emptied:?}"
+    );
+
+    assert_eq!(d.stop(), 0);
+    let addrs = output("ip", &["-n", &ns.0, "addr"]);
+    assert!(!addrs.contains("198.18.1."), "addresses left behind");
+    let nft = output("ip", &["netns", "exec", &ns.0, "nft", "list", "ruleset"]);
+    assert!(!nft.contains("svcproxyd"), "{nft}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// As [`wait`], for up to a minute (starting with 50,000 services takes seconds).
+fn wait_long(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
