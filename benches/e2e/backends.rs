@@ -16,6 +16,8 @@ use tokio::sync::oneshot;
 pub const ECHO_PORT: u16 = 8000;
 pub const SINK_PORT: u16 = 8001;
 pub const UDP_PORT: u16 = 8002;
+/// Where svcproxy's transparent listeners listen (the `-tproxy` candidates).
+pub const TRANSPARENT_PORT: u16 = 10263;
 
 pub struct Backends {
     pub sunk: Arc<AtomicU64>,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::backends::{ECHO_PORT, SINK_PORT, UDP_PORT};
+use crate::backends::{ECHO_PORT, SINK_PORT, TRANSPARENT_PORT, UDP_PORT};
 use crate::load::Target;
 use crate::topo::{Topology, run};
 
@@ -131,14 +131,40 @@ impl Drop for Running {
             let _ = child.wait();
         }
         if let Some(ns) = self.nft_cleanup {
-            let _ = run(
-                "ip",
-                &[
-                    "netns", "exec", ns, "nft", "delete", "table", "ip", "svcbench",
-                ],
-            );
+            unsteer(ns);
         }
     }
+}
+
+/// Removes the harness's nftables table (kernel DNAT's rules, or the tproxy steering).
+fn unsteer(ns: &str) {
+    let _ = run(
+        "ip",
+        &[
+            "netns", "exec", ns, "nft", "delete", "table", "ip", "svcbench",
+        ],
+    );
+}
+
+/// Steers the proxy address's ports to svcproxy's transparent listeners (tproxy), in the
+/// client namespace where the candidate runs; returns that namespace.
+fn steer(topo: &Topology, dir: &Path) -> io::Result<&'static str> {
+    let ns = topo.client_ns().ok_or_else(|| {
+        io::Error::other("transparent listeners need the namespace topology (root)")
+    })?;
+    let ip = topo.proxy_ip;
+    let rules = format!(
+        "table ip svcbench {{\n  chain steer {{\n    type filter hook prerouting priority mangle; policy accept;\n\
+         \x20   ip daddr {ip} tcp dport {{ {ECHO_PORT}, {SINK_PORT} }} tproxy to 127.0.0.1:{TRANSPARENT_PORT} accept\n\
+         \x20   ip daddr {ip} udp dport {UDP_PORT} tproxy to 127.0.0.1:{TRANSPARENT_PORT} accept\n  }}\n}}\n"
+    );
+    let file = dir.join("steer.nft");
+    std::fs::write(&file, rules)?;
+    run(
+        "ip",
+        &["netns", "exec", ns, "nft", "-f", &file.to_string_lossy()],
+    )?;
+    Ok(ns)
 }
 
 /// The backend mode of a candidate's name (`base-uring` is `uring` of the baseline build).
@@ -223,6 +249,10 @@ pub fn start(
                 _ => std::env::current_exe()?,
             };
             let backend = mode(name);
+            let nft_cleanup = match backend.ends_with("-tproxy") {
+                true => Some(steer(topo, dir)?),
+                false => None,
+            };
             let mut cmd = topo.command_in_client(&exe.to_string_lossy());
             cmd.args([
                 "serve-svcproxy",
@@ -235,7 +265,18 @@ pub fn start(
             for ip in backends {
                 cmd.args(["--endpoint", &ip.to_string()]);
             }
-            spawn_ready(cmd, proxy_target(topo))
+            let started = spawn_ready(cmd, proxy_target(topo));
+            match (started, nft_cleanup) {
+                (Ok(running), ns) => Ok(Running {
+                    nft_cleanup: ns,
+                    ..running
+                }),
+                (Err(e), Some(ns)) => {
+                    unsteer(ns);
+                    Err(e)
+                }
+                (Err(e), None) => Err(e),
+            }
         }
         Kind::Tokio => {
             let exe = std::env::current_exe()?;

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Candidates: direct, epoll, uring, uring-splice, uring-sqpoll, tokio, haproxy, nginx,
-    /// dnat.
+    /// dnat, epoll-tproxy, uring-tproxy (transparent listeners; namespaces only).
     #[arg(long, value_delimiter = ',')]
     candidates: Option<Vec<String>>,
     /// Also write the report to this file.
@@ -168,6 +168,11 @@ fn main() -> io::Result<()> {
     }
     if topo.vip.is_some() && which("nft") {
         kinds.push(Kind::Dnat);
+        // svcproxy with transparent listeners, steered by tproxy rules (as svcproxyd as root).
+        kinds.push(Kind::Svcproxy("epoll-tproxy"));
+        if uring.is_ok() {
+            kinds.push(Kind::Svcproxy("uring-tproxy"));
+        }
     }
     if let Some(only) = &cli.candidates {
         kinds.retain(|k| only.iter().any(|o| short(*k) == o));

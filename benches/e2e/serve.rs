@@ -11,7 +11,7 @@ use svcproxy::{
     ServicePort, Table,
 };
 
-use crate::backends::{ECHO_PORT, SINK_PORT, UDP_PORT};
+use crate::backends::{ECHO_PORT, SINK_PORT, TRANSPARENT_PORT, UDP_PORT};
 use crate::candidates::READY;
 
 /// Raises the soft descriptor limit as far as allowed (as root, the hard one too).
@@ -63,6 +63,14 @@ pub fn svcproxy(
         workers,
         max_connections: 1 << 20,
         ..ProxyConfig::default()
+    };
+    // `-tproxy`: transparent listeners, with the harness's tproxy rules steering to them.
+    let backend = match backend.strip_suffix("-tproxy") {
+        Some(backend) => {
+            config.transparent_port = Some(TRANSPARENT_PORT);
+            backend
+        }
+        None => backend,
     };
     let backend = match backend {
         "epoll" => BackendKind::Epoll,

@@ -1,26 +1,39 @@
-//! Cluster IP capture (as root): every service address is put on a dummy interface, so
-//! packets for it, from this namespace or routed through it, are delivered locally to the
-//! proxy's listeners (what kube-proxy's IPVS mode does). Kernels built without dummy
-//! interfaces get the addresses on the loopback interface instead (IPv4 ones labelled
-//! `lo:svcpx`, so that leftovers of a crash are found and removed at the next start).
+//! Cluster IP capture (as root): packets for service addresses, from this namespace or routed
+//! through it, are delivered locally to the proxy. Two ways, after the listeners:
 //!
-//! With transparent listeners (`svcproxy_core::steering`, the default as root), the
-//! nftables table also steers the frontends to them: four sets of (address, port), TCP and UDP
-//! of each family, hold the steered frontends with an eligible endpoint, and a `tproxy` rule
-//! per set hands their packets to the transparent listener of their family. A frontend not in
-//! a set (no eligible endpoint) is refused by the kernel, as a closed listener would be. A
-//! table change becomes one `nft -f -` transaction adding and deleting just the elements that
-//! changed; if one fails, the next rewrites the sets whole.
+//! - **Transparent listeners** (`svcproxy_core::steering`, the default): no address is put on
+//!   any interface. One nftables table holds the service addresses in two sets (`addrs4`,
+//!   `addrs6`) and the steered frontends with an eligible endpoint in four (`tcp4`, `udp4`,
+//!   `tcp6`, `udp6`: address . port). In prerouting, a frontend's packets are handed to the
+//!   transparent listener of their family (`tproxy`) and every packet to a service address is
+//!   marked; a policy rule routes marked packets to the local stack (`ip rule fwmark 0x5350
+//!   lookup 53535`, `local 0.0.0.0/0 dev lo` there). Packets of local clients are marked in
+//!   output (a route chain: they are routed again, through the loopback interface, and meet
+//!   prerouting there). In input, what reaches a service address at a port that is not a
+//!   served frontend (no eligible endpoint, or a port the service does not declare) is
+//!   rejected: TCP with a reset, as a closed listener would be; other datagrams with an ICMP
+//!   error from a node address, which a client does not match to its socket, so for it they
+//!   are dropped. A host daemon listening on a wildcard address does not answer on service
+//!   addresses. Nothing is announced by ARP or NDP, since the node does not hold the addresses.
+//!   A table change is one `nft -f -` transaction adding and deleting just the elements that
+//!   changed (if one fails, the next rewrites the sets whole): 10,000 services are captured in
+//!   a tenth of a second, where the kernel takes seconds to add 10,000 addresses to an
+//!   interface, and more than quadratically longer for more. Local clients need a route to the
+//!   service addresses (the default route does) to pick a source address before the output
+//!   chain re-routes their packets.
+//! - **A listener per frontend**: every service address is put on a dummy interface (what
+//!   kube-proxy's IPVS mode does), added and removed by one `ip -batch` process per change.
+//!   Kernels built without dummy interfaces get the addresses on the loopback interface
+//!   instead (IPv4 ones labelled `lo:svcpx`, so that leftovers of a crash are found and
+//!   removed at the next start).
 //!
 //! With client source preservation, the replies of backends to client addresses must reach
 //! the proxy's transparent sockets too: packets matching a transparent socket are marked by an
-//! nftables rule, and a policy rule routes marked packets to the local stack.
+//! nftables rule, and the same policy rule delivers them locally.
 //!
 //! Everything is created at start and removed on exit (or when dropped): the interface (or
 //! the loopback addresses), the nftables table and the policy rule. Uses `ip` and `nft`
-//! (iproute2, nftables): a table change's addresses are added and removed by one `ip -batch`
-//! process, however many there are (10,000 addresses take a fraction of a second, not 10,000
-//! processes), and the nftables rules go to `nft` on its standard input (no file: a file
+//! (iproute2, nftables); the nftables rules go to `nft` on its standard input (no file: a file
 //! written as root at a predictable path would follow a symlink planted there).
 
 use std::collections::BTreeSet;
@@ -28,6 +41,7 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 
 use std::process::{Command, Stdio};
+use svcproxy::core::steering::steerable;
 use svcproxy::core::{Protocol, ServicePortKey, Steering};
 
 use tracing::{info, warn};
@@ -107,73 +121,111 @@ fn ip_batch(commands: &[String]) -> io::Result<Vec<(usize, String)>> {
 
 /// The capture set up for this daemon.
 pub struct Capture {
-    /// The dummy interface, or `None` for the loopback one.
+    /// The dummy interface, or `None` for the loopback one (a listener per frontend).
     dummy: Option<String>,
+    /// The service addresses on the interface, or in the address sets (steering).
     addresses: BTreeSet<IpAddr>,
     /// The nftables table is loaded (for steering or source preservation).
     nft: bool,
-    /// The policy routing of source preservation is installed.
-    preserve_client_ip: bool,
-    /// Where steered frontends go, and which are in the sets now (`None`: unknown, after a
-    /// failed change).
-    steering: Option<(Steering, Option<BTreeSet<ServicePortKey>>)>,
+    /// The policy routing of marked packets is installed.
+    routing: bool,
+    /// Where steered frontends go.
+    steering: Option<Steering>,
+    /// Steering: the frontends in the sets; `None` after a failed change, when the sets are
+    /// not known and the next change rewrites them whole.
+    steered: Option<BTreeSet<ServicePortKey>>,
 }
 
-/// The nftables set of frontends like `key`.
-fn set_name(key: &ServicePortKey) -> &'static str {
-    match (key.addr.is_ipv6(), key.protocol) {
-        (false, Protocol::Tcp) => "tcp4",
-        (false, Protocol::Udp) => "udp4",
-        (true, Protocol::Tcp) => "tcp6",
-        (true, Protocol::Udp) => "udp6",
+/// What goes in a set of the nftables table.
+trait Element {
+    /// The set.
+    fn set(&self) -> &'static str;
+    /// In `nft` syntax.
+    fn text(&self) -> String;
+}
+
+impl Element for ServicePortKey {
+    fn set(&self) -> &'static str {
+        match (self.addr.is_ipv6(), self.protocol) {
+            (false, Protocol::Tcp) => "tcp4",
+            (false, Protocol::Udp) => "udp4",
+            (true, Protocol::Tcp) => "tcp6",
+            (true, Protocol::Udp) => "udp6",
+        }
+    }
+    fn text(&self) -> String {
+        format!("{} . {}", self.addr.ip(), self.addr.port())
     }
 }
+
+impl Element for IpAddr {
+    fn set(&self) -> &'static str {
+        if self.is_ipv6() { "addrs6" } else { "addrs4" }
+    }
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// Every set of the table.
+const SETS: [&str; 6] = ["addrs4", "addrs6", "tcp4", "udp4", "tcp6", "udp6"];
 
 /// The nftables table: the steering sets and rules, and the mark of source preservation.
 fn nft_table(steering: Option<Steering>, preserve_client_ip: bool) -> String {
     let mut sets = String::new();
-    let mut rules = String::new();
+    let mut pre = String::new();
+    let mut input = String::new();
+    let mut output = String::new();
     if preserve_client_ip {
-        rules += &format!("    socket transparent 1 meta mark set {MARK}\n");
+        pre += &format!("    socket transparent 1 meta mark set {MARK}\n");
     }
     if let Some(steering) = steering {
-        for (set, family, addr, v6) in [
-            ("tcp4", "ip", "ipv4_addr", false),
-            ("udp4", "ip", "ipv4_addr", false),
-            ("tcp6", "ip6", "ipv6_addr", true),
-            ("udp6", "ip6", "ipv6_addr", true),
-        ] {
-            let proto = &set[..3];
+        for (family, addr, v6) in [("ip", "ipv4_addr", false), ("ip6", "ipv6_addr", true)] {
             let to = steering.listen_addr(v6);
-            sets += &format!("  set {set} {{ type {addr} . inet_service; }}\n");
-            rules += &format!(
-                "    {family} daddr . {proto} dport @{set} tproxy {family} to {to} accept\n"
+            let n = if v6 { 6 } else { 4 };
+            sets += &format!("  set addrs{n} {{ type {addr}; }}\n");
+            for proto in ["tcp", "udp"] {
+                sets += &format!("  set {proto}{n} {{ type {addr} . inet_service; }}\n");
+                pre += &format!(
+                    "    {family} daddr . {proto} dport @{proto}{n} tproxy {family} to {to} meta mark set {MARK} accept\n"
+                );
+                input += &format!("    {family} daddr . {proto} dport @{proto}{n} accept\n");
+            }
+            pre += &format!("    {family} daddr @addrs{n} meta mark set {MARK}\n");
+            input += &format!(
+                "    {family} daddr @addrs{n} meta l4proto tcp reject with tcp reset\n    {family} daddr @addrs{n} reject\n"
             );
+            output += &format!("    {family} daddr @addrs{n} meta mark set {MARK}\n");
         }
     }
+    let chain = |name: &str, kind: &str, hook: &str, priority: &str, rules: &str| {
+        if rules.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  chain {name} {{\n    type {kind} hook {hook} priority {priority}; policy accept;\n{rules}  }}\n"
+            )
+        }
+    };
     format!(
-        "table inet {NFT_TABLE} {{\n{sets}  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n{rules}  }}\n}}\n"
+        "table inet {NFT_TABLE} {{\n{sets}{}{}{}}}\n",
+        chain("prerouting", "filter", "prerouting", "mangle", &pre),
+        chain("input", "filter", "input", "filter", &input),
+        chain("output", "route", "output", "mangle", &output),
     )
 }
 
-/// `nft` element syntax for a frontend.
-fn element(key: &ServicePortKey) -> String {
-    format!("{} . {}", key.addr.ip(), key.addr.port())
-}
-
-/// `nft` commands that `verb` (add, delete) `keys` to or from their sets.
-fn element_commands<'a>(verb: &str, keys: impl Iterator<Item = &'a ServicePortKey>) -> String {
-    let mut by_set: [(&str, Vec<String>); 4] =
-        ["tcp4", "udp4", "tcp6", "udp6"].map(|s| (s, Vec::new()));
-    for key in keys {
-        let set = set_name(key);
-        if let Some((_, elements)) = by_set.iter_mut().find(|(s, _)| *s == set) {
-            elements.push(element(key));
-        }
+/// `nft` commands that `verb` (add, delete) `elements` to or from their sets, one per set.
+fn element_commands<'a, E: Element + 'a>(
+    verb: &str,
+    elements: impl Iterator<Item = &'a E>,
+) -> String {
+    let mut by_set: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for e in elements {
+        by_set.entry(e.set()).or_default().push(e.text());
     }
     by_set
         .iter()
-        .filter(|(_, e)| !e.is_empty())
         .map(|(set, e)| {
             format!(
                 "{verb} element inet {NFT_TABLE} {set} {{ {} }}\n",
@@ -181,6 +233,18 @@ fn element_commands<'a>(verb: &str, keys: impl Iterator<Item = &'a ServicePortKe
             )
         })
         .collect()
+}
+
+/// Commands that change the elements of their sets from `current` (unknown: everything) to
+/// `wanted`.
+fn set_changes<E: Element + Ord>(current: Option<&BTreeSet<E>>, wanted: &BTreeSet<E>) -> String {
+    match current {
+        Some(current) => {
+            element_commands("delete", current.difference(wanted))
+                + &element_commands("add", wanted.difference(current))
+        }
+        None => element_commands("add", wanted.iter()),
+    }
 }
 
 impl Capture {
@@ -195,29 +259,32 @@ impl Capture {
     ) -> io::Result<Self> {
         let _ = run("ip", &["link", "del", interface]);
         let _ = run("ip", &["-4", "addr", "flush", "dev", "lo", "label", LABEL]);
-        let dummy = match run("ip", &["link", "add", interface, "type", "dummy"]) {
-            Ok(()) => {
-                run("ip", &["link", "set", interface, "up"])?;
-                Some(interface.to_string())
-            }
-            Err(e) => {
-                warn!(error = %e, "no dummy interface: service addresses go on the loopback interface");
-                None
-            }
+        let dummy = match steering {
+            Some(_) => None,
+            None => match run("ip", &["link", "add", interface, "type", "dummy"]) {
+                Ok(()) => {
+                    run("ip", &["link", "set", interface, "up"])?;
+                    Some(interface.to_string())
+                }
+                Err(e) => {
+                    warn!(error = %e, "no dummy interface: service addresses go on the loopback interface");
+                    None
+                }
+            },
         };
         let mut capture = Self {
             dummy,
             addresses: BTreeSet::new(),
             nft: false,
-            preserve_client_ip,
-            steering: steering.map(|s| (s, Some(BTreeSet::new()))),
+            routing: false,
+            steering,
+            steered: Some(BTreeSet::new()),
         };
         if steering.is_some() || preserve_client_ip {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
             nft(nft_table(steering, preserve_client_ip))?;
             capture.nft = true;
-        }
-        if preserve_client_ip {
+            capture.routing = true;
             for family in ["-4", "-6"] {
                 let _ = run(
                     "ip",
@@ -237,7 +304,7 @@ impl Capture {
             }
         }
         info!(
-            interface = capture.device(),
+            interface = capture.interface(),
             steering = ?steering,
             preserve_client_ip,
             "capturing service addresses"
@@ -249,14 +316,32 @@ impl Capture {
         self.dummy.as_deref().unwrap_or("lo")
     }
 
-    /// Puts exactly `wanted` (minus wildcard and loopback addresses) on the interface, in one
-    /// `ip` process; an address that cannot be added or removed is logged, and tried again at
-    /// the next sync.
-    pub fn sync(&mut self, wanted: BTreeSet<IpAddr>) {
-        let wanted: BTreeSet<IpAddr> = wanted
-            .into_iter()
-            .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
-            .collect();
+    /// Where the addresses go, for the log.
+    fn interface(&self) -> &str {
+        match self.steering {
+            Some(_) => "none (nftables sets)",
+            None => self.device(),
+        }
+    }
+
+    /// Captures exactly the service addresses `wanted` (minus wildcard and loopback ones)
+    /// and, with steering, steers exactly the frontends `steered`. Failures are logged and
+    /// tried again at the next sync.
+    pub fn sync(
+        &mut self,
+        wanted: BTreeSet<IpAddr>,
+        steered: impl Iterator<Item = ServicePortKey>,
+    ) {
+        let wanted: BTreeSet<IpAddr> = wanted.into_iter().filter(|ip| steerable(*ip)).collect();
+        match self.steering {
+            Some(_) => self.steer(wanted, steered.collect()),
+            None => self.put_on_interface(wanted),
+        }
+    }
+
+    /// Puts exactly `wanted` on the interface, in one `ip` process; an address that cannot be
+    /// added or removed is logged, and tried again at the next sync.
+    fn put_on_interface(&mut self, wanted: BTreeSet<IpAddr>) {
         let device = self.device().to_string();
         let mut changes: Vec<(IpAddr, bool)> = self
             .addresses
@@ -306,39 +391,35 @@ impl Capture {
         }
     }
 
-    /// Puts exactly `wanted` in the steering sets (nothing without steering), in one
-    /// transaction; when it fails, it is logged and the next call rewrites the sets whole.
-    pub fn steer(&mut self, wanted: impl Iterator<Item = ServicePortKey>) {
-        let Some((_, current)) = &mut self.steering else {
-            return;
-        };
-        let wanted: BTreeSet<ServicePortKey> = wanted.collect();
-        let commands = match current {
-            Some(current) => {
-                element_commands("delete", current.difference(&wanted))
-                    + &element_commands("add", wanted.difference(current))
-            }
-            None => {
-                let flush: String = ["tcp4", "udp4", "tcp6", "udp6"]
-                    .iter()
-                    .map(|set| format!("flush set inet {NFT_TABLE} {set}\n"))
-                    .collect();
-                flush + &element_commands("add", wanted.iter())
-            }
-        };
+    /// Puts exactly `addresses` and `frontends` in their sets, in one transaction; when it
+    /// fails, it is logged and the next sync rewrites the sets whole.
+    fn steer(&mut self, addresses: BTreeSet<IpAddr>, frontends: BTreeSet<ServicePortKey>) {
+        let known = self.steered.as_ref();
+        let mut commands = set_changes(known.map(|_| &self.addresses), &addresses)
+            + &set_changes(known, &frontends);
+        if known.is_none() {
+            let flush: String = SETS
+                .iter()
+                .map(|set| format!("flush set inet {NFT_TABLE} {set}\n"))
+                .collect();
+            commands = flush + &commands;
+        }
         if commands.is_empty() {
             return;
         }
         match nft(commands) {
-            Ok(()) => *current = Some(wanted),
+            Ok(()) => {
+                self.addresses = addresses;
+                self.steered = Some(frontends);
+            }
             Err(e) => {
-                warn!(error = %e, "cannot change the steered frontends; rewriting them at the next change");
-                *current = None;
+                warn!(error = %e, "cannot change the captured services; rewriting them at the next change");
+                self.steered = None;
             }
         }
     }
 
-    /// The service addresses on the interface now.
+    /// The service addresses captured now.
     pub fn addresses(&self) -> &BTreeSet<IpAddr> {
         &self.addresses
     }
@@ -367,12 +448,13 @@ impl Drop for Capture {
             Some(interface) => {
                 let _ = run("ip", &["link", "del", &interface]);
             }
-            None => self.sync(BTreeSet::new()),
+            None if self.steering.is_none() => self.put_on_interface(BTreeSet::new()),
+            None => {}
         }
         if self.nft {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
         }
-        if self.preserve_client_ip {
+        if self.routing {
             for family in ["-4", "-6"] {
                 let _ = run(
                     "ip",
@@ -381,6 +463,6 @@ impl Drop for Capture {
                 let _ = run("ip", &[family, "route", "flush", "table", TABLE]);
             }
         }
-        info!(interface = self.device(), "capture removed");
+        info!(interface = self.interface(), "capture removed");
     }
 }

@@ -110,7 +110,8 @@ impl Daemon {
         Ok(published.generation)
     }
 
-    /// Puts every service address of the table on the capture interface; without capture,
+    /// Captures every service address of the table (and steers its frontends to the
+    /// transparent listeners, when they are used); without capture,
     /// warns (once per address) about those no interface of this host has: listeners bind
     /// them, and nothing reaches them.
     pub fn sync_capture(&self) {
@@ -126,8 +127,7 @@ impl Daemon {
             })
             .collect();
         if let Some(capture) = lock(&self.capture).as_mut() {
-            capture.sync(wanted);
-            capture.steer(snapshot.steered_frontends());
+            capture.sync(wanted, snapshot.steered_frontends());
             return;
         }
         let mut checked = lock(&self.checked);

@@ -96,7 +96,8 @@ pub trait Driver {
     /// Opens a listener for `key` and starts serving it: TCP listeners take clients when
     /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive. A
     /// `transparent` one (see [`crate::steering`]) is bound with `IP_TRANSPARENT`, and UDP
-    /// ones report each datagram's original destination.
+    /// ones report each datagram's original destination. (A steered UDP frontend's listener,
+    /// opened to reply from, is transparent too: its address need not be local.)
     fn listen(
         &mut self,
         id: ListenerId,
@@ -485,7 +486,8 @@ impl<D: Driver> Engine<D> {
         }
     }
 
-    /// Opens a listener for `key` (see [`Driver::listen`]) and indexes it.
+    /// Opens a listener for `key` (see [`Driver::listen`]; `transparent`: its socket's
+    /// `IP_TRANSPARENT`) and indexes it.
     fn insert_listener(
         &mut self,
         io: &mut D,
@@ -493,11 +495,12 @@ impl<D: Driver> Engine<D> {
         transparent: bool,
         accepting: bool,
     ) -> io::Result<()> {
+        let serves_steered = self.steering.is_some_and(|s| s.is_listener(&key));
         let id = self.listeners.insert_with(|id| {
             io.listen(id, key, transparent, accepting)
                 .map(|l| Listening {
                     key,
-                    transparent,
+                    transparent: serves_steered,
                     io: l,
                 })
         })?;

@@ -92,7 +92,8 @@ impl<D: Driver> Engine<D> {
         if !snapshot.wants_listener(&frontend) {
             return false;
         }
-        match self.insert_listener(io, frontend, false, false) {
+        // Transparent: the service address is not necessarily one of this host's.
+        match self.insert_listener(io, frontend, true, false) {
             Ok(()) => true,
             Err(e) => {
                 debug!(%frontend, error = %e, "cannot open a listener to reply from");
