@@ -265,17 +265,15 @@ pub fn start(
             for ip in backends {
                 cmd.args(["--endpoint", &ip.to_string()]);
             }
-            let started = spawn_ready(cmd, proxy_target(topo));
-            match (started, nft_cleanup) {
-                (Ok(running), ns) => Ok(Running {
-                    nft_cleanup: ns,
-                    ..running
-                }),
-                (Err(e), Some(ns)) => {
-                    unsteer(ns);
+            match spawn_ready(cmd, proxy_target(topo)) {
+                Ok(mut running) => {
+                    running.nft_cleanup = nft_cleanup;
+                    Ok(running)
+                }
+                Err(e) => {
+                    nft_cleanup.map(unsteer);
                     Err(e)
                 }
-                (Err(e), None) => Err(e),
             }
         }
         Kind::Tokio => {

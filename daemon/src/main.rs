@@ -48,7 +48,7 @@ enum Command {
         seconds: u64,
     },
     /// Serve the services of a config file or of Kubernetes manifests.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a config and print the services it describes.
     Check {
         /// A TOML config, a YAML manifest, or a directory of manifests.
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     }
 }
 
