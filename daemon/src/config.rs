@@ -34,11 +34,12 @@
 //! token_file = "/etc/svcproxyd/token"
 //!
 //! [capture]
-//! cluster_ips = true          # as root: put service addresses on a dummy interface
+//! cluster_ips = true          # as root: capture service addresses (nftables, see listeners)
 //! interface = "svcproxy0"
 //! preserve_client_ip = false  # as root: backends see the client's IP (see README)
-//! listeners = "transparent"   # as root: a few tproxy listeners for every service address,
-//!                             # or "per-frontend": one per service port and worker
+//! listeners = "transparent"   # a few tproxy listeners for every service address, or
+//!                             # "per-frontend": addresses on a dummy interface, and one
+//!                             # listener per service port and worker
 //! transparent_port = 10263    # where the transparent listeners listen (loopback)
 //!
 //! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)

@@ -263,11 +263,16 @@ impl Drop for Daemon {
     }
 }
 
-fn wait(what: &str, mut condition: impl FnMut() -> bool) {
+fn wait(what: &str, condition: impl FnMut() -> bool) {
+    wait_every(what, Duration::from_millis(20), condition);
+}
+
+/// As [`wait`], looking every `interval` (short, where the wait is timed).
+fn wait_every(what: &str, interval: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + TIMEOUT;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
 }
 
@@ -710,11 +715,14 @@ fn ten_thousand_services_are_all_served_with_few_descriptors() {
     };
     let changed = Instant::now();
     put("{\"address\": \"127.0.0.1\"}");
-    wait("the added service", || answering(&ns.0, vec![extra]) == 1);
+    let ms = Duration::from_millis(1);
+    wait_every("the added service", ms, || {
+        answering(&ns.0, vec![extra]) == 1
+    });
     let added = changed.elapsed();
     let changed = Instant::now();
     put("");
-    wait("the emptied service to refuse", || {
+    wait_every("the emptied service to refuse", ms, || {
         Topology::within(&ns.0, move || {
             TcpStream::connect_timeout(&extra, Duration::from_secs(1))
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
