@@ -8,7 +8,7 @@
 //!   warning per batch of new failures (a table change, or a retry round), with their count and
 //!   the first one, and one line when failed frontends listen again: a failure that repeats
 //!   is not logged again, so 10,000 frontends that cannot be bound log one line, not 10,000 a
-//!   second With steering ([`crate::steering`]), the frontends at service
+//!   second. With steering ([`crate::steering`]), the frontends at service
 //!   addresses are served by a transparent listener per family and protocol instead, open while
 //!   it serves one, and a steered UDP frontend has a listener of its own only to reply from,
 //!   while it has flows;
