@@ -1,5 +1,6 @@
 //! Connections or flows per client IP address, for the per-client shares of the connection
-//! and flow limits (so that one source cannot take every connection or flow of a worker).
+//! and flow limits (so that one source cannot take every connection or flow of a worker); the
+//! same counting per frontend tells a worker when a steered UDP frontend has no flow left.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
