@@ -69,6 +69,16 @@ pub struct FlowKey {
     pub local: SocketAddr,
 }
 
+/// Where a client's datagram was sent, as the listener's socket reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Destination {
+    /// The local address (`IP_PKTINFO` / `IPV6_PKTINFO`); the port is the listener's.
+    pub local: Option<IpAddr>,
+    /// The original destination, port included (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR`, on a
+    /// transparent socket).
+    pub original: Option<SocketAddr>,
+}
+
 /// Names a flow in its table; see [`SlotId`].
 pub type FlowId = SlotId;
 

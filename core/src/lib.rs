@@ -59,7 +59,9 @@ pub use control::{Control, WorkerContext};
 pub use descriptors::DescriptorBudget;
 pub use engine::{Connection, Driver, Engine, Lifecycle, OpenError};
 pub use error::{Problem, TableError, ValidationError};
-pub use flow::{Flow, FlowId, FlowKey, FlowLimits, FlowTable, REPLY_GRACE, UNREPLIED_TIMEOUT};
+pub use flow::{
+    Destination, Flow, FlowId, FlowKey, FlowLimits, FlowTable, REPLY_GRACE, UNREPLIED_TIMEOUT,
+};
 pub use model::{
     Conditions, Endpoint, NamedPort, Policy, Protocol, Scope, Service, ServicePort, ServicePortKey,
     SessionAffinity, TargetPort, TrafficPolicy,

@@ -503,8 +503,14 @@ fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
     let listener = f.engine.listener_id(&key).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
     let open = |f: &mut Fixture, port: u16| {
-        f.engine
-            .flow_for(&mut f.io, &snapshot, listener, client(port), None, f.t0)
+        f.engine.flow_for(
+            &mut f.io,
+            &snapshot,
+            listener,
+            client(port),
+            Destination::default(),
+            f.t0,
+        )
     };
     let a = open(&mut f, 1).unwrap();
     let b = open(&mut f, 2).unwrap();
@@ -719,6 +725,14 @@ fn tcp_key(addr: &str) -> ServicePortKey {
     ServicePortKey::new(addr.parse().unwrap(), Protocol::Tcp)
 }
 
+/// What a transparent UDP listener reports of a datagram sent to `to`.
+fn original(to: Option<SocketAddr>) -> Destination {
+    Destination {
+        local: None,
+        original: to,
+    }
+}
+
 fn steered() -> ProxyConfig {
     ProxyConfig {
         transparent_port: Some(10263),
@@ -784,8 +798,14 @@ fn a_steered_udp_frontend_has_a_listener_to_reply_from_while_it_has_flows() {
     let snapshot = f.engine.udp_snapshot(f.t0);
     let dns: SocketAddr = "198.18.0.53:53".parse().unwrap();
     let open = |f: &mut Fixture, port: u16, to: Option<SocketAddr>| {
-        f.engine
-            .flow_for(&mut f.io, &snapshot, listener, client(port), to, f.t0)
+        f.engine.flow_for(
+            &mut f.io,
+            &snapshot,
+            listener,
+            client(port),
+            original(to),
+            f.t0,
+        )
     };
     // Without its original destination a datagram cannot be mapped; nor to a non-frontend.
     assert!(open(&mut f, 1, None).is_none());

@@ -8,6 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::http;
+
 const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
 
 /// The floods take every core for a while: they run alone, the other tests together.
@@ -71,23 +75,6 @@ fn ask(addr: SocketAddr) -> std::io::Result<String> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     Ok(line.trim().to_string())
-}
-
-/// One HTTP request to the admin endpoint: (status, body).
-fn http(admin: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&admin, TIMEOUT).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
 }
 
 /// Sends a raw request head and reads the response status.

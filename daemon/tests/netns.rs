@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_svcproxyd");
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -593,19 +595,8 @@ fn capture_puts_10k_addresses_on_the_interface_in_one_batch() {
 
 /// A request to the admin endpoint of the daemon in `ns`; the response's status.
 fn admin(ns: &str, method: &'static str, path: String, body: String) -> u16 {
-    Topology::within(ns, move || {
-        let mut s = TcpStream::connect("127.0.0.1:10262").unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
-        reply.split(' ').nth(1).unwrap().parse().unwrap()
-    })
+    let addr: SocketAddr = "127.0.0.1:10262".parse().unwrap();
+    Topology::within(ns, move || common::http(addr, method, &path, "", &body).0)
 }
 
 /// Connects to each of `addresses` in turn and reads a line: how many answered.

@@ -47,10 +47,10 @@ impl Worker {
                 let (Some(peer), false) = (d.peer, d.truncated) else {
                     continue;
                 };
-                let local = d.destination.at(key.addr.port());
+                let to = d.destination;
                 if let Some(id) =
                     self.engine
-                        .flow_for(&mut self.io, &snapshot, listener, peer, local, now)
+                        .flow_for(&mut self.io, &snapshot, listener, peer, to, now)
                 {
                     routes.push((id, i));
                 }

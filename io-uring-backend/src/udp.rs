@@ -151,9 +151,6 @@ impl Worker {
         len: usize,
         now: Instant,
     ) -> bool {
-        let Some(key) = self.engine.listener(listener).map(|l| l.key) else {
-            return false;
-        };
         let layout = recvmsg_layout();
         let buffer = self.io.ring.bytes(Group::Udp, bid, len);
         let Ok(out) = RecvMsgOut::parse(buffer, &layout) else {
@@ -165,16 +162,16 @@ impl Worker {
         let Some(peer) = parse_sockaddr(out.name_data()) else {
             return false;
         };
-        let local = parse_destination(out.control_data()).at(key.addr.port());
+        let to = parse_destination(out.control_data());
         let payload = out.payload_data();
         let span = (
             payload.as_ptr() as usize - buffer.as_ptr() as usize,
             payload.len(),
         );
         let snapshot = self.engine.udp_snapshot(now);
-        let Some(flow_id) =
-            self.engine
-                .flow_for(&mut self.io, &snapshot, listener, peer, local, now)
+        let Some(flow_id) = self
+            .engine
+            .flow_for(&mut self.io, &snapshot, listener, peer, to, now)
         else {
             return false;
         };

@@ -11,6 +11,8 @@
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
+pub use svcproxy_core::flow::Destination;
+
 const ALIGN: usize = size_of::<usize>();
 const HEADER: usize = align(size_of::<libc::cmsghdr>());
 const IN_PKTINFO: usize = 12;
@@ -89,25 +91,6 @@ pub fn write_sockaddr(addr: SocketAddr, buf: &mut NameBuf) -> usize {
             b[24..28].copy_from_slice(&a.scope_id().to_ne_bytes());
             size_of::<libc::sockaddr_in6>()
         }
-    }
-}
-
-/// Where a datagram was sent, as its control messages tell.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Destination {
-    /// The local address (`IP_PKTINFO` / `IPV6_PKTINFO`).
-    pub local: Option<IpAddr>,
-    /// The original destination, port included (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR`, on a
-    /// transparent socket).
-    pub original: Option<SocketAddr>,
-}
-
-impl Destination {
-    /// The address the datagram was sent to, on a socket bound to `port`: the original
-    /// destination, else the local address at that port.
-    pub fn at(self, port: u16) -> Option<SocketAddr> {
-        self.original
-            .or_else(|| self.local.map(|ip| SocketAddr::new(ip, port)))
     }
 }
 
@@ -226,12 +209,7 @@ mod tests {
             control[HEADER..HEADER + name_len].copy_from_slice(&name.0[..name_len]);
             let found = parse_destination(&control);
             assert_eq!(found.original, Some(original));
-            assert_eq!(found.at(10263), Some(original));
+            assert_eq!(found.local, None);
         }
-        let pktinfo = Destination {
-            local: Some("198.18.0.10".parse().unwrap()),
-            original: None,
-        };
-        assert_eq!(pktinfo.at(53), Some("198.18.0.10:53".parse().unwrap()));
     }
 }

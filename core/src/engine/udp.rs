@@ -11,7 +11,7 @@ use std::time::Instant;
 use tracing::debug;
 
 use super::{Driver, Engine, ListenerId};
-use crate::flow::{FlowId, FlowKey, FlowLimits, FlowTable};
+use crate::flow::{Destination, FlowId, FlowKey, FlowLimits, FlowTable};
 use crate::loom::sync::Arc;
 use crate::model::{Protocol, ServicePortKey};
 use crate::table::Snapshot;
@@ -25,9 +25,9 @@ impl<D: Driver> Engine<D> {
         snapshot
     }
 
-    /// The flow of a datagram from `client` to `local` (as the driver's socket reported it:
-    /// its destination address, or for a transparent listener its original destination) on
-    /// `listener`: the existing one, or one started now (at the flow limit, after evicting
+    /// The flow of a datagram from `client` to `to` (as the listener's socket reported it: the
+    /// local address, at the listener's port, or for a transparent listener the original
+    /// destination) on `listener`: the existing one, or one started now (at the flow limit, after evicting
     /// the oldest flow no reply came back on). `None`: the datagram is dropped (no eligible
     /// endpoint, the flow limit with every flow replied, or no socket could be had).
     ///
@@ -40,14 +40,16 @@ impl<D: Driver> Engine<D> {
         snapshot: &Snapshot,
         listener: ListenerId,
         client: SocketAddr,
-        local: Option<SocketAddr>,
+        to: Destination,
         now: Instant,
     ) -> Option<FlowId> {
         let l = self.listeners.get(listener)?;
-        let (frontend, local) = match (l.transparent, local) {
-            (false, local) => (l.key, local.unwrap_or(l.key.addr)),
-            (true, Some(local)) => (ServicePortKey::new(local, Protocol::Udp), local),
-            (true, None) => return None,
+        let (frontend, local) = if l.transparent {
+            let original = to.original?;
+            (ServicePortKey::new(original, Protocol::Udp), original)
+        } else {
+            let ip = to.local.unwrap_or(l.key.addr.ip());
+            (l.key, SocketAddr::new(ip, l.key.addr.port()))
         };
         let key = FlowKey { client, local };
         if let Some(id) = self.flows.lookup(&key, now) {
