@@ -31,7 +31,7 @@ use hashbrown::HashMap;
 
 use crate::clients::{ClientCounts, KeyCounts};
 use crate::model::ServicePortKey;
-use crate::select::Backend;
+use crate::select::{Backend, Routed};
 use crate::slots::{SlotId, Slots};
 use crate::stats::Opened;
 use crate::table::Snapshot;
@@ -206,8 +206,13 @@ impl<H> FlowTable<H> {
         limits: FlowLimits,
         make_handle: impl FnOnce(FlowId, SocketAddr) -> Result<H, E>,
     ) -> Result<Option<FlowId>, (SocketAddr, E)> {
-        let Some(port) = snapshot.lookup(&listener) else {
-            return Ok(None);
+        let port = match snapshot.route(&listener, key.client.ip()) {
+            Some(Routed::Serve(port)) => port,
+            Some(Routed::Denied(port)) => {
+                port.counters().add_refused();
+                return Ok(None);
+            }
+            None => return Ok(None),
         };
         let Some(backend) = port.select(key.client, now) else {
             port.counters().add_refused();
@@ -320,9 +325,7 @@ impl<H> FlowTable<H> {
     /// Retires every flow whose endpoint is not eligible in `snapshot`.
     pub fn purge(&mut self, snapshot: &Snapshot, now: Instant) {
         for (id, flow) in self.slots.iter_mut() {
-            let eligible = snapshot
-                .lookup(&flow.listener)
-                .is_some_and(|port| port.contains(flow.endpoint));
+            let eligible = snapshot.serves(&flow.listener, flow.key.client.ip(), flow.endpoint);
             if eligible || flow.retired_at.is_some() {
                 continue;
             }

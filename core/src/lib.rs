@@ -63,10 +63,10 @@ pub use flow::{
     Destination, Flow, FlowId, FlowKey, FlowLimits, FlowTable, REPLY_GRACE, UNREPLIED_TIMEOUT,
 };
 pub use model::{
-    Conditions, Endpoint, NamedPort, Policy, Protocol, Scope, Service, ServicePort, ServicePortKey,
-    SessionAffinity, TargetPort, TrafficPolicy,
+    Conditions, Endpoint, Family, FrontendKind, Hints, NamedPort, Policy, Protocol, Scope, Service,
+    ServicePort, ServicePortKey, SessionAffinity, TargetPort, TrafficPolicy,
 };
-pub use select::{Backend, PortState};
+pub use select::{Backend, Locality, PortState, Route, Routed};
 pub use session::{DrainPolicy, TcpPolicy, TcpSession};
 pub use slots::{SlotId, Slots};
 pub use stats::{CounterValues, Counters, Opened, PortStats, Tally};

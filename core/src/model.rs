@@ -12,6 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use crate::error::{Problem, ValidationError};
 
 /// Transport protocol of a service port. TCP and UDP on the same port number are separate.
@@ -217,9 +219,19 @@ pub struct Service {
     pub name: String,
     /// Cluster IPs or listen addresses; the unspecified address listens on all local addresses.
     pub addresses: Vec<IpAddr>,
-    /// External addresses (externalIPs, load balancer IPs); their traffic follows
+    /// External addresses (Kubernetes `externalIPs`); their traffic follows
     /// [`Service::external_traffic_policy`].
     pub external_addresses: Vec<IpAddr>,
+    /// Load-balancer ingress addresses: external addresses that only clients in
+    /// [`Service::load_balancer_source_ranges`] may reach, when it is not empty.
+    pub load_balancer_addresses: Vec<IpAddr>,
+    /// The client address ranges allowed at [`Service::load_balancer_addresses`] (Kubernetes
+    /// `loadBalancerSourceRanges`); empty: any client.
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// The TCP port on which the node says how many endpoints this node has for the service's
+    /// external traffic (Kubernetes `healthCheckNodePort`, for `externalTrafficPolicy: Local`).
+    /// The table only holds it; svcproxyd serves it.
+    pub health_check_node_port: Option<u16>,
     /// The ports, each served on every address.
     pub ports: Vec<ServicePort>,
     /// Balancing policy.
@@ -244,6 +256,9 @@ impl Service {
             name: name.into(),
             addresses: Vec::new(),
             external_addresses: Vec::new(),
+            load_balancer_addresses: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
             ports: Vec::new(),
             policy: Policy::default(),
             session_affinity: SessionAffinity::default(),
@@ -283,6 +298,11 @@ impl Service {
         check_name(&self.name).map_err(|p| ValidationError::new("name", p))?;
         check_addresses(&self.addresses, "addresses", true)?;
         check_addresses(&self.external_addresses, "external_addresses", false)?;
+        check_addresses(
+            &self.load_balancer_addresses,
+            "load_balancer_addresses",
+            false,
+        )?;
         if self.ports.is_empty() {
             return Err(ValidationError::new("ports", Problem::Empty));
         }
@@ -336,8 +356,19 @@ impl Service {
                 }
             }
         }
+        if let Some(port) = self.health_check_node_port {
+            if port == 0 {
+                let field = "health_check_node_port";
+                return Err(ValidationError::new(field, Problem::ZeroPort));
+            }
+            if node_ports.contains(&(Protocol::Tcp, port)) {
+                let what = format!("{port}/TCP");
+                let field = "health_check_node_port";
+                return Err(ValidationError::new(field, Problem::Duplicate(what)));
+            }
+        }
         let has_node_port = self.ports.iter().any(|p| p.node_port.is_some());
-        if self.addresses.is_empty() && self.external_addresses.is_empty() && !has_node_port {
+        if self.frontend_addresses().next().is_none() && !has_node_port {
             return Err(ValidationError::new("addresses", Problem::NoFrontend));
         }
         if let SessionAffinity::ClientIp { timeout } = self.session_affinity {
@@ -379,8 +410,18 @@ impl Service {
         Ok(())
     }
 
-    /// Every frontend of the service: its addresses and external addresses with each port,
-    /// and each node port on each of `node_addresses`.
+    /// Every address the service has frontends at, apart from node ports: its addresses,
+    /// external addresses and load-balancer addresses.
+    pub fn frontend_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .chain(&self.external_addresses)
+            .chain(&self.load_balancer_addresses)
+            .copied()
+    }
+
+    /// Every frontend of the service: its addresses, external and load-balancer addresses
+    /// with each port, and each node port on each of `node_addresses`.
     pub fn frontends<'a>(
         &'a self,
         node_addresses: &'a [IpAddr],
@@ -389,27 +430,31 @@ impl Service {
             .iter()
             .enumerate()
             .flat_map(move |(index, port)| {
-                let key = move |ip: &IpAddr, number: u16| {
-                    ServicePortKey::new(SocketAddr::new(*ip, number), port.protocol)
-                };
-                let internal = self.addresses.iter().map(move |ip| Frontend {
-                    key: key(ip, port.port),
-                    port_index: index,
-                    scope: Scope::Internal,
-                });
-                let external = self.external_addresses.iter().map(move |ip| Frontend {
-                    key: key(ip, port.port),
-                    port_index: index,
-                    scope: Scope::External,
-                });
-                let node = port.node_port.into_iter().flat_map(move |number| {
-                    node_addresses.iter().map(move |ip| Frontend {
-                        key: key(ip, number),
+                let at = move |kind: FrontendKind, number: u16| {
+                    move |ip: &IpAddr| Frontend {
+                        key: ServicePortKey::new(SocketAddr::new(*ip, number), port.protocol),
                         port_index: index,
-                        scope: Scope::External,
-                    })
+                        kind,
+                    }
+                };
+                let internal = self
+                    .addresses
+                    .iter()
+                    .map(at(FrontendKind::Address, port.port));
+                let external = self
+                    .external_addresses
+                    .iter()
+                    .map(at(FrontendKind::External, port.port));
+                let balancer = self
+                    .load_balancer_addresses
+                    .iter()
+                    .map(at(FrontendKind::LoadBalancer, port.port));
+                let node = port.node_port.into_iter().flat_map(move |number| {
+                    node_addresses
+                        .iter()
+                        .map(at(FrontendKind::NodePort, number))
                 });
-                internal.chain(external).chain(node)
+                internal.chain(external).chain(balancer).chain(node)
             })
     }
 }
@@ -428,6 +473,29 @@ pub enum Scope {
     External,
 }
 
+/// What kind of address a frontend is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    /// One of [`Service::addresses`].
+    Address,
+    /// One of [`Service::external_addresses`].
+    External,
+    /// One of [`Service::load_balancer_addresses`].
+    LoadBalancer,
+    /// A node port on a node address.
+    NodePort,
+}
+
+impl FrontendKind {
+    /// Whose traffic policy applies.
+    pub fn scope(self) -> Scope {
+        match self {
+            FrontendKind::Address => Scope::Internal,
+            _ => Scope::External,
+        }
+    }
+}
+
 /// One place a service port is reachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frontend {
@@ -435,8 +503,27 @@ pub struct Frontend {
     pub key: ServicePortKey,
     /// Index into [`Service::ports`].
     pub port_index: usize,
-    /// Which traffic policy applies.
-    pub scope: Scope,
+    /// What kind of address it is at.
+    pub kind: FrontendKind,
+}
+
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// The family of `ip` (an IPv4-mapped IPv6 address is IPv4).
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
 }
 
 /// Endpoint conditions, as in a Kubernetes EndpointSlice.
@@ -501,6 +588,21 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// Zone it runs in (informational).
     pub zone: Option<String>,
+    /// Where it should be used from (EndpointSlice `hints`).
+    pub hints: Hints,
+}
+
+/// Topology hints of an endpoint (Kubernetes EndpointSlice `hints.forZones`, `hints.forNodes`),
+/// which the EndpointSlice controller sets for `trafficDistribution`. When every ready endpoint of
+/// a service port has node hints and one is hinted for this node, only those hinted for it are
+/// used; else the same with zone hints and this node's zone; else hints are ignored (as
+/// kube-proxy's `topology.go` does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// Zones it should serve.
+    pub for_zones: Vec<String>,
+    /// Nodes it should serve.
+    pub for_nodes: Vec<String>,
 }
 
 impl Endpoint {
@@ -516,6 +618,7 @@ impl Endpoint {
             weight: 1,
             node: None,
             zone: None,
+            hints: Hints::default(),
         }
     }
 
@@ -583,6 +686,15 @@ impl Endpoint {
         }
         if let Some(zone) = &self.zone {
             check_name(zone).map_err(|p| ValidationError::new("zone", p))?;
+        }
+        let hinted = [
+            ("hints.for_zones", &self.hints.for_zones),
+            ("hints.for_nodes", &self.hints.for_nodes),
+        ];
+        for (field, names) in hinted {
+            for (i, name) in names.iter().enumerate() {
+                check_name(name).map_err(|p| ValidationError::new(format!("{field}[{i}]"), p))?;
+            }
         }
         Ok(())
     }

@@ -26,12 +26,13 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Problem, ValidationError};
 use crate::model::{
-    Conditions, Endpoint, NamedPort, Policy, Protocol, Service, ServicePort, SessionAffinity,
-    TargetPort, TrafficPolicy,
+    Conditions, Endpoint, Hints, NamedPort, Policy, Protocol, Service, ServicePort,
+    SessionAffinity, TargetPort, TrafficPolicy,
 };
 use crate::table::{Batch, Change, ServiceEntry};
 
@@ -67,6 +68,15 @@ pub struct ServiceDoc {
     /// External addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_addresses: Vec<IpAddr>,
+    /// Load-balancer addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_addresses: Vec<IpAddr>,
+    /// Client ranges allowed at the load-balancer addresses (`198.18.0.0/15`; empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// Health check node port (svcproxyd answers there with the node's endpoint count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
     /// Ports.
     pub ports: Vec<PortDoc>,
     /// Balancing policy.
@@ -212,6 +222,12 @@ pub struct EndpointDoc {
     /// Zone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Zones it should serve (topology hints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_zones: Vec<String>,
+    /// Nodes it should serve (topology hints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_nodes: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -277,6 +293,9 @@ impl ServiceDoc {
             name: self.name.clone(),
             addresses: self.addresses.clone(),
             external_addresses: self.external_addresses.clone(),
+            load_balancer_addresses: self.load_balancer_addresses.clone(),
+            load_balancer_source_ranges: self.load_balancer_source_ranges.clone(),
+            health_check_node_port: self.health_check_node_port,
             ports: self.ports.iter().map(PortDoc::to_model).collect(),
             policy,
             session_affinity,
@@ -324,6 +343,9 @@ impl ServiceDoc {
             name: spec.name.clone(),
             addresses: spec.addresses.clone(),
             external_addresses: spec.external_addresses.clone(),
+            load_balancer_addresses: spec.load_balancer_addresses.clone(),
+            load_balancer_source_ranges: spec.load_balancer_source_ranges.clone(),
+            health_check_node_port: spec.health_check_node_port,
             ports: spec.ports.iter().map(PortDoc::from_model).collect(),
             policy,
             maglev_table_size,
@@ -415,6 +437,10 @@ impl EndpointDoc {
             weight: self.weight,
             node: self.node.clone(),
             zone: self.zone.clone(),
+            hints: Hints {
+                for_zones: self.for_zones.clone(),
+                for_nodes: self.for_nodes.clone(),
+            },
         })
     }
 
@@ -433,6 +459,8 @@ impl EndpointDoc {
             weight: e.weight,
             node: e.node.clone(),
             zone: e.zone.clone(),
+            for_zones: e.hints.for_zones.clone(),
+            for_nodes: e.hints.for_nodes.clone(),
         }
     }
 }

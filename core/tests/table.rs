@@ -125,6 +125,7 @@ fn node_ports_and_external_addresses_use_the_external_policy() {
     let config = TableConfig {
         node_name: Some("node-a".into()),
         node_addresses: vec!["198.18.2.1".parse().unwrap()],
+        ..TableConfig::default()
     };
     let table = Table::new(config);
     let mut s = Service::new("np")

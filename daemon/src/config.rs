@@ -21,6 +21,10 @@
 //! [node]
 //! name = "node-a"             # for traffic policy Local
 //! addresses = ["0.0.0.0"]     # where node ports are served
+//! zone = "zone-a"             # for topology hints (default: this node's Node object's
+//!                             # topology.kubernetes.io/zone label, among the manifests)
+//! cluster_cidrs = ["198.18.0.0/16"]  # pod and node networks: their clients are in-cluster
+//!                             # (externalTrafficPolicy Local short-circuits to Cluster)
 //!
 //! [health]                    # /healthz and /livez, read-only, as kube-proxy's
 //! listen = "0.0.0.0:10256"
@@ -60,6 +64,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use svcproxy::core::error::clip;
 use svcproxy::core::{Change, ValidationError};
@@ -70,7 +75,7 @@ use svcproxy_core::session::{
     CONNECT_TIMEOUT_RANGE, DRAIN_RANGE, IDLE_TIMEOUT_RANGE, check_duration,
 };
 
-use crate::kube;
+use crate::kube::{self, Node};
 
 /// How long shutdown may wait for connections: up to 1 hour.
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
@@ -153,6 +158,9 @@ impl Default for ProxySection {
 struct NodeSection {
     name: Option<String>,
     addresses: Option<Vec<IpAddr>>,
+    zone: Option<String>,
+    #[serde(default)]
+    cluster_cidrs: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -242,6 +250,10 @@ pub struct Settings {
     pub node_name: Option<String>,
     /// Node port addresses.
     pub node_addresses: Vec<IpAddr>,
+    /// This node's zone (else its Node object's, when the manifests have it).
+    pub node_zone: Option<String>,
+    /// The cluster's address ranges: clients there are inside the cluster.
+    pub cluster_ranges: Vec<IpNet>,
     /// Health endpoint address (`/healthz`, `/livez`).
     pub health: SocketAddr,
     /// How long a change may wait for the data path before `/healthz` says 503.
@@ -269,6 +281,8 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(5),
             node_name: None,
             node_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            node_zone: None,
+            cluster_ranges: Vec::new(),
             health: DEFAULT_HEALTH,
             pending_timeout: Duration::from_secs(60),
             metrics: DEFAULT_METRICS,
@@ -296,8 +310,8 @@ pub struct Loaded {
     /// When the newest change to each service's endpoints was triggered, as its
     /// EndpointSlices say (manifests only).
     pub triggered: BTreeMap<String, SystemTime>,
-    /// Nodes among the manifests, by name: whether each may take load-balancer traffic.
-    pub nodes: BTreeMap<String, bool>,
+    /// Nodes among the manifests, by name.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl Loaded {
@@ -564,6 +578,8 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
             .addresses
             .clone()
             .unwrap_or_else(|| Settings::default().node_addresses),
+        node_zone: file.node.zone.clone(),
+        cluster_ranges: file.node.cluster_cidrs.clone(),
         health: file.health.listen,
         pending_timeout,
         metrics: file.metrics.listen,

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::capture::Capture;
 use crate::config::Loaded;
+use crate::health_check::HealthChecks;
 use crate::http::{Request, Response};
 use crate::metrics::{self, Changes, SyncMetrics};
 use crate::status;
@@ -30,6 +31,8 @@ pub struct Daemon {
     /// have; the admin API may not change them; services it added are left alone).
     file_owned: Mutex<BTreeMap<String, String>>,
     capture: Mutex<Option<Capture>>,
+    /// The health check node ports, once served ([`Daemon::serve_health_checks`]).
+    health_checks: Mutex<Option<HealthChecks>>,
     /// Without capture: the service addresses checked for an interface that has them.
     checked: Mutex<BTreeSet<IpAddr>>,
     publish_ns: AtomicU64,
@@ -71,6 +74,7 @@ impl Daemon {
             proxy,
             file_owned: Mutex::new(BTreeMap::new()),
             capture: Mutex::new(capture),
+            health_checks: Mutex::new(None),
             checked: Mutex::new(BTreeSet::new()),
             publish_ns: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
@@ -107,7 +111,16 @@ impl Daemon {
         unapplied.push_back((published.generation, now, changes));
         drop(unapplied);
         self.sync_capture();
+        if let Some(checks) = lock(&self.health_checks).as_mut() {
+            checks.sync(&self.table.load());
+        }
         Ok(published.generation)
+    }
+
+    /// Serves the services' health check node ports with `checks`, from now on.
+    pub fn serve_health_checks(&self, mut checks: HealthChecks) {
+        checks.sync(&self.table.load());
+        *lock(&self.health_checks) = Some(checks);
     }
 
     /// Captures every service address of the table (and steers its frontends to the
@@ -118,13 +131,7 @@ impl Daemon {
         let snapshot = self.table.load();
         let wanted: BTreeSet<IpAddr> = snapshot
             .services()
-            .flat_map(|s| {
-                s.spec()
-                    .addresses
-                    .iter()
-                    .chain(&s.spec().external_addresses)
-                    .copied()
-            })
+            .flat_map(|s| s.spec().frontend_addresses())
             .collect();
         if let Some(capture) = lock(&self.capture).as_mut() {
             capture.sync(wanted, snapshot.steered_frontends());
@@ -170,7 +177,7 @@ impl Daemon {
         }
         *owned = loaded.origins.clone();
         let node = self.table.config().node_name.as_deref();
-        *lock(&self.node_eligible) = node.and_then(|n| loaded.nodes.get(n).copied());
+        *lock(&self.node_eligible) = node.and_then(|n| Some(loaded.nodes.get(n)?.eligible));
         Ok(generation)
     }
 

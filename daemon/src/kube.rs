@@ -3,12 +3,16 @@
 //! it) mapped to services the way kube-proxy maps them:
 //!
 //! - the cluster IPs (`clusterIPs`, else `clusterIP`), `externalIPs` and load-balancer ingress
-//!   IPs are the frontends, with each port; node ports are served on the node addresses;
+//!   IPs (but those of `ipMode: Proxy`) are the frontends, with each port; node ports are
+//!   served on the node addresses; `loadBalancerSourceRanges` limits who reaches the
+//!   load-balancer IPs; `healthCheckNodePort` (under `externalTrafficPolicy: Local`) is kept;
 //! - endpoints come from every EndpointSlice labelled `kubernetes.io/service-name` for the
 //!   service; a service port forwards to the slice port of the same name, so named target
 //!   ports resolve per endpoint;
 //! - conditions: `ready` unset counts as ready, `serving` unset as `ready`, `terminating` unset
-//!   as false; `nodeName` and `zone` are kept (traffic policy `Local`);
+//!   as false; `nodeName`, `zone` and `hints` are kept (traffic policy `Local`, topology);
+//! - a Node object gives this node's zone (`topology.kubernetes.io/zone`) and whether it may
+//!   take load-balancer traffic;
 //! - `sessionAffinity: ClientIP` with `timeoutSeconds` (default 10800),
 //!   `publishNotReadyAddresses`, `internalTrafficPolicy`, `externalTrafficPolicy`;
 //! - headless services (`clusterIP: None`), `ExternalName` services and services labelled
@@ -89,6 +93,9 @@ struct ServiceSpec {
     publish_not_ready_addresses: bool,
     internal_traffic_policy: Option<String>,
     external_traffic_policy: Option<String>,
+    #[serde(default)]
+    load_balancer_source_ranges: Option<Vec<String>>,
+    health_check_node_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,8 +133,12 @@ struct LoadBalancerStatus {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Ingress {
     ip: Option<String>,
+    /// `VIP` (default) or `Proxy` (KEP-1860: the load balancer proxies, so the address is not
+    /// the node's to capture).
+    ip_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +150,22 @@ struct SliceEndpoint {
     conditions: Option<SliceConditions>,
     node_name: Option<String>,
     zone: Option<String>,
+    #[serde(default)]
+    hints: Option<SliceHints>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceHints {
+    #[serde(default)]
+    for_zones: Vec<Named>,
+    #[serde(default)]
+    for_nodes: Vec<Named>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Named {
+    name: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,10 +225,22 @@ pub struct Manifests {
     /// When the newest change to each service's endpoints was triggered, by service name,
     /// from its EndpointSlices' `endpoints.kubernetes.io/last-change-trigger-time`.
     pub triggered: BTreeMap<String, SystemTime>,
-    /// Nodes among the manifests, by name: whether each may take load-balancer traffic
-    /// (false once it is being deleted or carries the autoscaler's to-be-deleted taint).
-    pub nodes: BTreeMap<String, bool>,
+    /// Nodes among the manifests, by name.
+    pub nodes: BTreeMap<String, Node>,
 }
+
+/// What svcproxyd reads of a Node object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Whether it may take load-balancer traffic (false once it is being deleted or carries
+    /// the autoscaler's to-be-deleted taint).
+    pub eligible: bool,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// The Node label naming its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError {
     ManifestError {
@@ -238,7 +277,7 @@ struct RawService {
 struct Collected {
     services: Vec<RawService>,
     slices: Vec<Slice>,
-    nodes: BTreeMap<String, bool>,
+    nodes: BTreeMap<String, Node>,
     errors: Vec<ManifestError>,
     warnings: Vec<String>,
 }
@@ -414,7 +453,11 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
                     .any(|t| t.get("key").and_then(|k| k.as_str()) == Some(TO_BE_DELETED))
             });
         let deleting = object.metadata.deletion_timestamp.is_some();
-        found.nodes.insert(name, !(tainted || deleting));
+        let node = Node {
+            eligible: !(tainted || deleting),
+            zone: labels.get(ZONE_LABEL).cloned(),
+        };
+        found.nodes.insert(name, node);
         return;
     }
     if kind == "Service" {
@@ -592,27 +635,46 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
         .enumerate()
         .map(|(i, c)| ip(c, object, &format!("spec.clusterIPs[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut external_addresses = spec
+    let external_addresses = spec
         .external_ips
         .iter()
         .flatten()
         .enumerate()
         .map(|(i, c)| ip(c, object, &format!("spec.externalIPs[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(lb) = &status.load_balancer {
-        for (i, ingress) in lb.ingress.iter().enumerate() {
-            if let Some(text) = &ingress.ip {
-                let addr = ip(
-                    text,
-                    object,
-                    &format!("status.loadBalancer.ingress[{i}].ip"),
-                )?;
-                if !external_addresses.contains(&addr) {
-                    external_addresses.push(addr);
-                }
-            }
+    let mut load_balancer_addresses = Vec::new();
+    for (i, ingress) in status
+        .load_balancer
+        .iter()
+        .flat_map(|lb| &lb.ingress)
+        .enumerate()
+    {
+        let Some(text) = &ingress.ip else { continue };
+        let addr = ip(
+            text,
+            object,
+            &format!("status.loadBalancer.ingress[{i}].ip"),
+        )?;
+        let proxied = ingress.ip_mode.as_deref() == Some("Proxy");
+        if !proxied
+            && !external_addresses.contains(&addr)
+            && !load_balancer_addresses.contains(&addr)
+        {
+            load_balancer_addresses.push(addr);
         }
     }
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, text)| {
+            text.trim().parse().map_err(|_| {
+                let field = format!("spec.loadBalancerSourceRanges[{i}]");
+                error(object, format!("{field}: {text:?} is not a CIDR range"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
@@ -663,10 +725,21 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
             .iter()
             .any(|p| matches!(&p.target_port, Some(TargetDoc::Name(n)) if e.ports.contains_key(n)))
     });
+    let external_traffic_policy = traffic(
+        spec.external_traffic_policy.as_deref(),
+        object,
+        "spec.externalTrafficPolicy",
+    )?;
     Ok(Some(ServiceDoc {
         name: format!("{namespace}/{name}"),
         addresses,
         external_addresses,
+        load_balancer_addresses,
+        load_balancer_source_ranges,
+        // kube-proxy serves it only under policy Local (the API allocates it only then).
+        health_check_node_port: spec
+            .health_check_node_port
+            .filter(|_| external_traffic_policy == TrafficDoc::Local),
         ports,
         policy: PolicyDoc::RoundRobin,
         maglev_table_size: None,
@@ -678,14 +751,18 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
             object,
             "spec.internalTrafficPolicy",
         )?,
-        external_traffic_policy: traffic(
-            spec.external_traffic_policy.as_deref(),
-            object,
-            "spec.externalTrafficPolicy",
-        )?,
+        external_traffic_policy,
         max_connections: None,
         endpoints: Some(endpoints),
     }))
+}
+
+fn hinted(names: Option<&Vec<Named>>) -> Vec<String> {
+    names
+        .into_iter()
+        .flatten()
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 /// The endpoints of every slice, one per IP: an IP in several slices (with different ports)
@@ -739,6 +816,8 @@ fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
                     weight: 1,
                     node: e.node_name.clone(),
                     zone: e.zone.clone(),
+                    for_zones: hinted(e.hints.as_ref().map(|h| &h.for_zones)),
+                    for_nodes: hinted(e.hints.as_ref().map(|h| &h.for_nodes)),
                 });
                 entry
                     .ports
@@ -754,10 +833,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nodes_are_eligible_unless_tainted_for_deletion_or_being_deleted() {
+    fn nodes_are_eligible_unless_tainted_for_deletion_or_being_deleted_and_have_a_zone() {
         let yaml = "
 kind: Node
-metadata: {name: a}
+metadata: {name: a, labels: {topology.kubernetes.io/zone: z1}}
 spec: {taints: [{key: other, effect: NoSchedule}]}
 ---
 kind: Node
@@ -768,14 +847,16 @@ kind: Node
 metadata: {name: c, deletionTimestamp: '2026-12-01T00:00:00Z'}
 ";
         let m = services(&[("nodes.yaml".into(), yaml.into())]).unwrap();
-        let expected = [("a", true), ("b", false), ("c", false)];
-        assert_eq!(
-            m.nodes,
-            expected
-                .map(|(n, e)| (n.to_string(), e))
-                .into_iter()
-                .collect()
-        );
+        let expected = [
+            ("a", true, Some("z1")),
+            ("b", false, None),
+            ("c", false, None),
+        ];
+        let node = |(name, eligible, zone): (&str, bool, Option<&str>)| {
+            let zone = zone.map(str::to_string);
+            (name.to_string(), Node { eligible, zone })
+        };
+        assert_eq!(m.nodes, expected.map(node).into_iter().collect());
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
     }
 
@@ -799,8 +880,11 @@ spec:
   sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
   publishNotReadyAddresses: true
   internalTrafficPolicy: Local
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31000
+  loadBalancerSourceRanges: [198.18.50.0/24, ' 2001:db8:50::/48 ']
 status:
-  loadBalancer: {ingress: [{ip: 198.51.100.1}]}
+  loadBalancer: {ingress: [{ip: 198.18.3.1, ipMode: VIP}, {ip: 198.18.3.2, ipMode: Proxy}]}
 ";
 
     const SLICES: &str = "
@@ -814,6 +898,7 @@ endpoints:
   conditions: {ready: true}
   nodeName: node-a
   zone: z1
+  hints: {forZones: [{name: z1}], forNodes: [{name: node-a}]}
 - addresses: [198.19.2.7]
   conditions: {ready: false, serving: true, terminating: true}
 ---
@@ -841,10 +926,22 @@ endpoints:
             ]
         );
         assert_eq!(
-            s.external_addresses.len(),
-            2,
-            "externalIPs and load-balancer ingress"
+            s.external_addresses,
+            ["198.18.2.7".parse::<IpAddr>().unwrap()]
         );
+        assert_eq!(
+            s.load_balancer_addresses,
+            ["198.18.3.1".parse::<IpAddr>().unwrap()],
+            "the ingress of ipMode Proxy is the load balancer's, not captured here"
+        );
+        let ranges: Vec<String> = s
+            .load_balancer_source_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(ranges, ["198.18.50.0/24", "2001:db8:50::/48"]);
+        assert_eq!(s.external_traffic_policy, TrafficDoc::Local);
+        assert_eq!(s.health_check_node_port, Some(31000));
         assert_eq!(
             s.ports[0].target_port,
             Some(TargetDoc::Name("http".into())),
@@ -869,6 +966,10 @@ endpoints:
             (pod.node.as_deref(), pod.zone.as_deref()),
             (Some("node-a"), Some("z1"))
         );
+        assert_eq!(
+            (&pod.for_zones[..], &pod.for_nodes[..]),
+            (&["z1".to_string()][..], &["node-a".to_string()][..])
+        );
         let draining = eps.iter().find(|e| e.address == "198.19.2.7").unwrap();
         assert!(!draining.ready && draining.serving == Some(true) && draining.terminating);
         let unknown = eps.iter().find(|e| e.address == "198.19.3.9").unwrap();
@@ -880,6 +981,24 @@ endpoints:
             .upsert(service)
             .replace_endpoints("shop/web", endpoints.unwrap());
         table.apply(batch).unwrap();
+    }
+
+    #[test]
+    fn a_health_check_node_port_is_kept_only_under_policy_local() {
+        let yaml = |policy: &str| {
+            format!(
+                "kind: Service\nmetadata: {{name: lb}}\nspec: {{clusterIP: 198.18.0.4, type: LoadBalancer, \
+                 externalTrafficPolicy: {policy}, healthCheckNodePort: 31000, ports: [{{port: 80, nodePort: 30080}}]}}"
+            )
+        };
+        assert_eq!(
+            load(&yaml("Local")).unwrap()[0].health_check_node_port,
+            Some(31000)
+        );
+        assert_eq!(
+            load(&yaml("Cluster")).unwrap()[0].health_check_node_port,
+            None
+        );
     }
 
     #[test]
@@ -966,6 +1085,12 @@ spec: {replicas: 3}
                 "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, sessionAffinity: Sticky, ports: [{port: 80}]}"
             ),
             "test.yaml: Service default/web: spec.sessionAffinity: \"Sticky\" is not None or ClientIP"
+        );
+        assert_eq!(
+            err(
+                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, loadBalancerSourceRanges: [198.18.0.0/33], ports: [{port: 80}]}"
+            ),
+            "test.yaml: Service default/web: spec.loadBalancerSourceRanges[0]: \"198.18.0.0/33\" is not a CIDR range"
         );
         assert_eq!(
             err(

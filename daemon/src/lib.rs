@@ -8,6 +8,7 @@ pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod health_check;
 pub mod http;
 pub mod kube;
 pub mod metrics;

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 use svcproxyd::config::{self, Settings};
 use svcproxyd::daemon::{self, Daemon};
+use svcproxyd::health_check::HealthChecks;
 use svcproxyd::{capture, demo, http};
 
 #[derive(Parser)]
@@ -68,6 +69,13 @@ struct RunArgs {
     /// Where node ports are served (repeatable; default 0.0.0.0).
     #[arg(long = "node-address")]
     node_addresses: Vec<IpAddr>,
+    /// This node's zone, for topology hints (default: its Node object's
+    /// topology.kubernetes.io/zone label, when the manifests have it).
+    #[arg(long)]
+    node_zone: Option<String>,
+    /// A pod or node network of the cluster (repeatable): clients there are in-cluster.
+    #[arg(long = "cluster-cidr")]
+    cluster_cidrs: Vec<ipnet::IpNet>,
     /// Health endpoint address: /healthz and /livez (default 0.0.0.0:10256, kube-proxy's).
     #[arg(long)]
     health: Option<SocketAddr>,
@@ -162,6 +170,17 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     }
     if !args.node_addresses.is_empty() {
         s.node_addresses = args.node_addresses.clone();
+    }
+    if let Some(z) = &args.node_zone {
+        s.node_zone = Some(z.clone());
+    }
+    if !args.cluster_cidrs.is_empty() {
+        s.cluster_ranges = args.cluster_cidrs.clone();
+    }
+    if s.node_zone.is_none()
+        && let Some(name) = &s.node_name
+    {
+        s.node_zone = loaded.nodes.get(name).and_then(|n| n.zone.clone());
     }
     if let Some(a) = args.health {
         s.health = a;
@@ -265,6 +284,8 @@ fn run(args: RunArgs) -> ExitCode {
     let table = Arc::new(Table::new(TableConfig {
         node_name: settings.node_name.clone(),
         node_addresses: settings.node_addresses.clone(),
+        node_zone: settings.node_zone.clone(),
+        cluster_ranges: settings.cluster_ranges.clone(),
     }));
     let options = Options {
         backend: settings.backend,
@@ -284,6 +305,11 @@ fn run(args: RunArgs) -> ExitCode {
         capture,
         settings.admin_token.clone(),
         settings.pending_timeout,
+    ));
+    let weak = Arc::downgrade(&daemon);
+    daemon.serve_health_checks(HealthChecks::new(
+        settings.node_addresses.clone(),
+        move || weak.upgrade().is_some_and(|d| d.unhealthy().is_none()),
     ));
     if let Err(e) = daemon.load(&loaded) {
         error!("{e}");

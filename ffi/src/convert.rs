@@ -10,7 +10,7 @@ use svcproxy::{
     Conditions, Endpoint, Policy, Protocol, Service, ServicePort, SessionAffinity, TargetPort,
     TrafficPolicy,
 };
-use svcproxy_core::NamedPort;
+use svcproxy_core::{Hints, NamedPort};
 
 use crate::abi::{Failure, array, optional_text, text};
 use crate::svcproxy_result;
@@ -181,6 +181,9 @@ pub(crate) fn service(s: &svcproxy_service) -> Result<Service, Failure> {
             s.external_addresses_len,
             "service.external_addresses",
         )?,
+        load_balancer_addresses: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
+        health_check_node_port: None,
         ports,
         policy,
         session_affinity: match s.affinity_timeout_s {
@@ -265,5 +268,6 @@ pub(crate) fn endpoint(e: &svcproxy_endpoint, i: usize) -> Result<Endpoint, Fail
         weight: e.weight,
         node: optional_text(e.node, &at("node"))?.map(str::to_string),
         zone: optional_text(e.zone, &at("zone"))?.map(str::to_string),
+        hints: Hints::default(),
     })
 }

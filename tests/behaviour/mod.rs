@@ -50,6 +50,7 @@ macro_rules! suite {
             descriptor_exhaustion_backs_off_and_recovers,
             ipv6_tcp_and_udp,
             per_service_connection_limit_refuses_beyond_it,
+            load_balancer_source_ranges_refuse_clients_outside_them,
             random_payloads_arrive_intact,
             udp_datagrams_arrive_intact,
             a_backend_that_never_reads_holds_back_its_client,
@@ -1006,6 +1007,49 @@ pub fn per_service_connection_limit_refuses_beyond_it(backend: BackendKind, suit
         proxy.stats()[0].totals.connections_active == 0
     });
     assert_eq!(who_answers(vip).unwrap(), server.addr);
+}
+
+pub fn load_balancer_source_ranges_refuse_clients_outside_them(backend: BackendKind, suite: u8) {
+    let _g = shared();
+    let tcp = TcpServer::identify();
+    let udp = UdpServer::echo();
+    let proxy = start(backend, &table(), config());
+    let ip = service_ip(suite);
+    let named = |n: &str| svcproxy::TargetPort::Named(n.into());
+    let mut svc = svcproxy::Service::new("ranged")
+        .port(svcproxy::ServicePort::tcp(80).named("t").target(named("t")))
+        .port(svcproxy::ServicePort::udp(53).named("u").target(named("u")));
+    svc.load_balancer_addresses.push(ip);
+    svc.load_balancer_source_ranges = vec!["127.0.0.1/32".parse().unwrap()];
+    let pod = svcproxy::Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .named_port("t", tcp.addr.port())
+        .named_port("u", udp.addr.port());
+    publish(&proxy, svc, vec![pod]);
+    let outsider = IpAddr::from([127, suite, 255, 254]);
+    let (tcp_vip, udp_vip) = (SocketAddr::new(ip, 80), SocketAddr::new(ip, 53));
+    let refused = |port: &str| {
+        let stats = proxy.stats();
+        stats
+            .iter()
+            .find(|s| s.port == port)
+            .unwrap()
+            .totals
+            .refused
+    };
+    // TCP: the client in the range is served; one outside is cut off, and counted.
+    assert_eq!(who_answers(tcp_vip).unwrap(), tcp.addr);
+    let outside = connect_from(outsider, tcp_vip).and_then(|c| who(&c));
+    assert!(outside.is_err(), "outside the ranges: {outside:?}");
+    assert_eq!(refused("t"), 1);
+    // UDP: the datagram from outside is dropped (counted); the one from inside answered.
+    let stranger = std::net::UdpSocket::bind(SocketAddr::new(outsider, 0)).unwrap();
+    stranger.send_to(b"let me in", udp_vip).unwrap();
+    eventually("the stranger's datagram to be refused", || {
+        refused("u") == 1
+    });
+    let client = udp_client(udp_vip);
+    assert_eq!(udp_ask(&client, b"hi").unwrap(), (udp.addr, b"hi".to_vec()));
+    assert_eq!(refused("u"), 1);
 }
 
 /// A small deterministic generator (xorshift64*), so failures reproduce.

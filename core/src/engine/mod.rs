@@ -410,7 +410,7 @@ impl<D: Driver> Engine<D> {
                 let state = &mut conn.state;
                 let served = state
                     .backend_addr()
-                    .is_none_or(|b| snapshot.serves(&state.listener, b));
+                    .is_none_or(|b| snapshot.serves(&state.listener, state.client.ip(), b));
                 if state.drain.is_none() && !served {
                     state.drain = Some(self.timers.add(deadline, Timer::Drain(id)));
                 }

@@ -33,7 +33,7 @@ use super::{ConnId, Driver, Engine, OpenError, Timer, TimerId, Timers, Waiting};
 use crate::budget::Permit;
 use crate::clients::ClientPermit;
 use crate::model::ServicePortKey;
-use crate::select::{Backend, PortState};
+use crate::select::{Backend, PortState, Routed};
 use crate::session::{Direction, Side, Step, TcpSession};
 use crate::slots::Slots;
 use crate::stats::Opened;
@@ -226,9 +226,17 @@ impl<D: Driver> Engine<D> {
         now: Instant,
     ) -> Result<(), Waiting<D::Conn>> {
         let snapshot = self.ctx.table().load();
-        let Some(port) = snapshot.lookup(&w.listener) else {
-            io.close(None, w.io, Some(Side::Client));
-            return Ok(());
+        let port = match snapshot.route(&w.listener, w.peer.ip()) {
+            Some(Routed::Serve(port)) => port,
+            Some(Routed::Denied(port)) => {
+                port.counters().add_refused();
+                io.close(None, w.io, Some(Side::Client));
+                return Ok(());
+            }
+            None => {
+                io.close(None, w.io, Some(Side::Client));
+                return Ok(());
+            }
         };
         let Some(share) = self.ctx.control.admit_client(w.peer.ip()) else {
             port.counters().add_limited();
@@ -340,7 +348,8 @@ impl<D: Driver> Engine<D> {
             tally.connect_error();
         }
         let snapshot = self.ctx.table().load();
-        let next = snapshot.lookup(&conn.state.listener).and_then(|port| {
+        let route = snapshot.route(&conn.state.listener, conn.state.client.ip());
+        let next = route.and_then(Routed::serving).and_then(|port| {
             let next = conn
                 .state
                 .session

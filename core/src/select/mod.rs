@@ -1,9 +1,11 @@
 //! Choosing an endpoint for a client on one service port.
 //!
 //! A [`PortState`] is built when a table is published: the eligible endpoints of one service
-//! port (as seen from one frontend scope), sorted by address, plus the policy's state. Picking
-//! never locks and never allocates, except under ClientIP session affinity, which takes one
-//! shard lock of the affinity map (and allocates when a new client is remembered).
+//! port (for one traffic policy, seen from frontends of one address family), sorted by address,
+//! plus the policy's state. Picking never locks and never allocates, except under ClientIP
+//! session affinity, which takes one shard lock of the affinity map (and allocates when a new
+//! client is remembered). A [`Route`] says which port state serves which client at one
+//! frontend.
 //!
 //! Policy state that must persist (the round-robin cursor, Maglev and weighted tables, the
 //! affinity map) is shared with the previous `PortState` of the same service port when its
@@ -13,6 +15,7 @@
 mod affinity;
 mod eligible;
 mod maglev;
+mod route;
 mod weighted;
 
 use std::net::SocketAddr;
@@ -20,9 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::loom::sync::atomic::{AtomicUsize, Ordering};
-use crate::model::{Endpoint, Policy, Protocol, Scope, Service, ServicePort, SessionAffinity};
+use crate::model::{Endpoint, Policy, Protocol, Service, ServicePort, SessionAffinity};
 use crate::stats::{Counters, Tally};
 use affinity::Affinity;
+pub(crate) use eligible::{Place, View};
+pub use route::{Locality, Route, Routed};
 
 /// One eligible backend of a service port.
 #[derive(Debug, Clone)]
@@ -164,9 +169,9 @@ pub(crate) struct PortInput<'a> {
     pub(crate) service: &'a Service,
     pub(crate) service_name: &'a Arc<str>,
     pub(crate) port: &'a ServicePort,
-    pub(crate) scope: Scope,
+    pub(crate) view: View,
     pub(crate) endpoints: &'a [Endpoint],
-    pub(crate) node: Option<&'a str>,
+    pub(crate) here: Place<'a>,
     pub(crate) counters: &'a Arc<Counters>,
     /// Counters of every endpoint with a backend port for this service port, by address.
     pub(crate) endpoint_counters: &'a [(SocketAddr, Arc<Counters>)],
@@ -177,9 +182,9 @@ impl PortState {
         let mut backends: Vec<Backend> = eligible::eligible(
             input.service,
             input.port,
-            input.scope,
+            input.view,
             input.endpoints,
-            input.node,
+            input.here,
         )
         .into_iter()
         .map(|(addr, e)| {

@@ -5,8 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::error::TableError;
-use crate::model::{Endpoint, Frontend, Scope, Service, ServicePortKey, validate_endpoints};
-use crate::select::{PortInput, PortState};
+use crate::model::{
+    Endpoint, Family, Frontend, FrontendKind, Scope, Service, ServicePortKey, TrafficPolicy,
+    validate_endpoints,
+};
+use crate::select::{Place, PortInput, PortState, Route, View};
 use crate::stats::Counters;
 
 use super::TableConfig;
@@ -17,7 +20,7 @@ use super::snapshot::{PortEntry, ServiceEntry, Snapshot};
 pub(super) struct Draft<'a> {
     config: &'a TableConfig,
     pub(super) services: ShardedMap<Arc<str>, Arc<ServiceEntry>>,
-    pub(super) frontends: ShardedMap<ServicePortKey, Arc<PortState>>,
+    pub(super) frontends: ShardedMap<ServicePortKey, Arc<Route>>,
 }
 
 impl<'a> Draft<'a> {
@@ -46,17 +49,17 @@ impl<'a> Draft<'a> {
                         self.frontends.remove(&f.key);
                     }
                 }
-                let entry = self.build(spec, endpoints, old.as_deref());
-                for f in self.frontends_of(&entry.spec) {
+                let frontends = self.frontends_of(&spec);
+                let entry = self.build(spec, endpoints, &frontends, old.as_deref());
+                for f in &frontends {
                     if let Some(holder) = self.frontends.get(&f.key) {
                         return Err(TableError::Conflict {
                             service: entry.spec.name.clone(),
                             key: f.key,
-                            other: holder.service().to_string(),
+                            other: holder.port().service().to_string(),
                         });
                     }
-                    let state = entry.ports[f.port_index].state(f.scope).clone();
-                    self.frontends.insert(f.key, state);
+                    self.frontends.insert(f.key, entry.route(f));
                 }
                 self.services.insert(entry.name.clone(), Arc::new(entry));
             }
@@ -81,10 +84,10 @@ impl<'a> Draft<'a> {
                         error,
                     }
                 })?;
-                let entry = self.build(old.spec.clone(), endpoints, Some(&old));
-                for f in self.frontends_of(&entry.spec) {
-                    let state = entry.ports[f.port_index].state(f.scope).clone();
-                    self.frontends.insert(f.key, state);
+                let frontends = self.frontends_of(&old.spec);
+                let entry = self.build(old.spec.clone(), endpoints, &frontends, Some(&old));
+                for f in &frontends {
+                    self.frontends.insert(f.key, entry.route(f));
                 }
                 self.services.insert(entry.name.clone(), Arc::new(entry));
             }
@@ -96,20 +99,26 @@ impl<'a> Draft<'a> {
         spec.frontends(&self.config.node_addresses).collect()
     }
 
-    /// Builds a service's entry, keeping the counters and policy state of `old` where the
-    /// same service port and endpoints persist.
+    /// Builds a service's entry with a port state for each view its `frontends` use, keeping
+    /// the counters and policy state of `old` where the same service port and endpoints
+    /// persist.
     fn build(
         &self,
         spec: Service,
         endpoints: Vec<Endpoint>,
+        frontends: &[Frontend],
         old: Option<&ServiceEntry>,
     ) -> ServiceEntry {
         let name: Arc<str> = old.map_or_else(|| spec.name.as_str().into(), |o| o.name.clone());
-        let node = self.config.node_name.as_deref();
+        let here = Place {
+            node: self.config.node_name.as_deref(),
+            zone: self.config.node_zone.as_deref(),
+        };
         let ports =
             spec.ports
                 .iter()
-                .map(|port| {
+                .enumerate()
+                .map(|(index, port)| {
                     let previous = old.and_then(|o| {
                         let i = o.spec.ports.iter().position(|p| {
                             p.protocol == port.protocol && p.label() == port.label()
@@ -137,38 +146,75 @@ impl<'a> Draft<'a> {
                             (addr, kept.unwrap_or_else(|| Arc::new(Counters::new())))
                         })
                         .collect();
-                    let state = |scope: Scope| {
+                    let mut states: Vec<(View, Arc<PortState>)> = Vec::new();
+                    let used = frontends.iter().filter(|f| f.port_index == index);
+                    for view in used.flat_map(|f| views(&spec, f)) {
+                        if states.iter().any(|(v, _)| *v == view) {
+                            continue;
+                        }
                         let input = PortInput {
                             service: &spec,
                             service_name: &name,
                             port,
-                            scope,
+                            view,
                             endpoints: &endpoints,
-                            node,
+                            here,
                             counters: &counters,
                             endpoint_counters: &endpoint_counters,
                         };
-                        Arc::new(PortState::build(input, previous.map(|p| &**p.state(scope))))
-                    };
-                    let internal = state(Scope::Internal);
-                    let external = if spec.internal_traffic_policy == spec.external_traffic_policy {
-                        internal.clone()
-                    } else {
-                        state(Scope::External)
-                    };
+                        let kept = previous.and_then(|p| p.state(view)).map(|s| &**s);
+                        states.push((view, Arc::new(PortState::build(input, kept))));
+                    }
                     PortEntry {
                         counters,
                         endpoint_counters,
-                        internal,
-                        external,
+                        states,
                     }
                 })
                 .collect();
+        let sources = (!spec.load_balancer_source_ranges.is_empty())
+            .then(|| spec.load_balancer_source_ranges.as_slice().into());
         ServiceEntry {
             name,
             spec,
             endpoints,
             ports,
+            sources,
         }
+    }
+}
+
+/// The views frontend `f` of `spec` uses: the one for its traffic policy and, for an external
+/// frontend under `externalTrafficPolicy: Local`, the `Cluster` one for clients inside the
+/// cluster.
+fn views(spec: &Service, f: &Frontend) -> impl Iterator<Item = View> {
+    let family = Family::of(f.key.addr.ip());
+    let policy = match f.kind.scope() {
+        Scope::Internal => spec.internal_traffic_policy,
+        Scope::External => spec.external_traffic_policy,
+    };
+    let inside =
+        (f.kind.scope() == Scope::External && policy == TrafficPolicy::Local).then_some(View {
+            policy: TrafficPolicy::Cluster,
+            family,
+        });
+    std::iter::once(View { policy, family }).chain(inside)
+}
+
+impl ServiceEntry {
+    /// The route of frontend `f`, built by [`Draft::build`] with a state for each of its views.
+    fn route(&self, f: &Frontend) -> Arc<Route> {
+        let port = &self.ports[f.port_index];
+        let mut states = views(&self.spec, f)
+            .filter_map(|view| port.state(view))
+            .cloned();
+        let primary = states
+            .next()
+            .expect("the entry has a state for every view of its frontends");
+        let sources = match f.kind {
+            FrontendKind::LoadBalancer => self.sources.clone(),
+            _ => None,
+        };
+        Arc::new(Route::new(primary, states.next(), sources))
     }
 }

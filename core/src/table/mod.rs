@@ -21,10 +21,12 @@ use std::sync::atomic::AtomicU64 as StdAtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
 use foldhash::fast::RandomState;
+use ipnet::IpNet;
 
 use crate::error::TableError;
 use crate::loom::lock;
 use crate::loom::sync::{Arc, Guard, Mutex, SwapCell};
+use crate::select::Locality;
 
 pub use batch::{Batch, Change};
 pub use snapshot::{FrontendChanges, ServiceEntry, Snapshot};
@@ -37,6 +39,13 @@ pub struct TableConfig {
     pub node_name: Option<String>,
     /// Addresses node ports are served on. Default: `0.0.0.0` (every IPv4 address).
     pub node_addresses: Vec<IpAddr>,
+    /// This node's zone (Kubernetes' `topology.kubernetes.io/zone` label), for endpoints'
+    /// zone [`Hints`](crate::model::Hints).
+    pub node_zone: Option<String>,
+    /// The cluster's address ranges (pod and node networks): clients there, like clients on
+    /// this node, are inside the cluster, and reach the `Cluster` endpoints of a service
+    /// whose external traffic policy is `Local` (see [`Route`](crate::select::Route)).
+    pub cluster_ranges: Vec<IpNet>,
 }
 
 impl Default for TableConfig {
@@ -44,7 +53,16 @@ impl Default for TableConfig {
         Self {
             node_name: None,
             node_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            node_zone: None,
+            cluster_ranges: Vec::new(),
         }
+    }
+}
+
+impl TableConfig {
+    fn locality(&self) -> Locality {
+        let specified = self.node_addresses.iter().filter(|a| !a.is_unspecified());
+        Locality::new(specified.copied().collect(), self.cluster_ranges.clone())
     }
 }
 
@@ -100,6 +118,7 @@ impl Table {
             updated: SystemTime::now(),
             services: shards::ShardedMap::new(hasher.clone()),
             frontends: shards::ShardedMap::new(hasher),
+            locality: std::sync::Arc::new(config.locality()),
         };
         Self {
             id,
@@ -152,6 +171,7 @@ impl Table {
             updated: SystemTime::now(),
             services: draft.services,
             frontends: draft.frontends,
+            locality: current.locality.clone(),
         };
         self.cell.store(Arc::new(next));
         let elapsed = start.elapsed();

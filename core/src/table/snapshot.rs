@@ -1,15 +1,17 @@
 //! An immutable, published view of the service table.
 //!
 //! A [`Snapshot`] never changes once published. It holds every service (with its endpoints)
-//! and an index from frontend ([`ServicePortKey`]) to the [`PortState`] that picks backends
-//! for it. Unchanged services are shared with the snapshots before and after.
+//! and an index from frontend ([`ServicePortKey`]) to the [`Route`] that says which
+//! [`PortState`] picks backends for which client. Unchanged services are shared with the
+//! snapshots before and after.
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{Endpoint, Scope, Service, ServicePortKey};
-use crate::select::PortState;
+use crate::model::{Endpoint, Family, Service, ServicePortKey, TrafficPolicy};
+use crate::select::{Locality, PortState, Route, Routed, View};
 use crate::stats::{Counters, PortStats};
 
 use super::shards::ShardedMap;
@@ -21,6 +23,8 @@ pub struct ServiceEntry {
     pub(crate) spec: Service,
     pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) ports: Box<[PortEntry]>,
+    /// The load-balancer source ranges, when there are some.
+    pub(crate) sources: Option<Arc<[ipnet::IpNet]>>,
 }
 
 #[derive(Debug)]
@@ -28,17 +32,13 @@ pub(crate) struct PortEntry {
     pub(crate) counters: Arc<Counters>,
     /// Every endpoint with a backend port for this service port, sorted by backend address.
     pub(crate) endpoint_counters: Box<[(SocketAddr, Arc<Counters>)]>,
-    pub(crate) internal: Arc<PortState>,
-    /// The same `Arc` as `internal` when both traffic policies agree.
-    pub(crate) external: Arc<PortState>,
+    /// One state per view that a frontend of the service uses.
+    pub(crate) states: Vec<(View, Arc<PortState>)>,
 }
 
 impl PortEntry {
-    pub(crate) fn state(&self, scope: Scope) -> &Arc<PortState> {
-        match scope {
-            Scope::Internal => &self.internal,
-            Scope::External => &self.external,
-        }
+    pub(crate) fn state(&self, view: View) -> Option<&Arc<PortState>> {
+        self.states.iter().find(|(v, _)| *v == view).map(|(_, s)| s)
     }
 }
 
@@ -58,9 +58,31 @@ impl ServiceEntry {
         &self.endpoints
     }
 
-    /// The state of port `index` (into [`Service::ports`]) for frontends of `scope`.
-    pub fn port_state(&self, index: usize, scope: Scope) -> Option<&Arc<PortState>> {
-        Some(self.ports.get(index)?.state(scope))
+    /// The state of port `index` (into [`Service::ports`]) under traffic `policy` for
+    /// frontends of `family`, when a frontend of the service uses it.
+    pub fn port_state(
+        &self,
+        index: usize,
+        policy: TrafficPolicy,
+        family: Family,
+    ) -> Option<&Arc<PortState>> {
+        self.ports.get(index)?.state(View { policy, family })
+    }
+
+    /// How many endpoints take the service's external traffic: those eligible on some port
+    /// for external addresses and node ports (under `externalTrafficPolicy: Local`, this
+    /// node's), counted once per address. What a `healthCheckNodePort` reports.
+    pub fn external_endpoints(&self) -> usize {
+        let policy = self.spec.external_traffic_policy;
+        let eligible: HashSet<IpAddr> = self
+            .ports
+            .iter()
+            .flat_map(|p| &p.states)
+            .filter(|(view, _)| view.policy == policy)
+            .flat_map(|(_, state)| state.backends())
+            .map(|b| b.addr().ip())
+            .collect();
+        eligible.len()
     }
 }
 
@@ -81,7 +103,8 @@ pub struct Snapshot {
     pub(crate) generation: u64,
     pub(crate) updated: SystemTime,
     pub(crate) services: ShardedMap<Arc<str>, Arc<ServiceEntry>>,
-    pub(crate) frontends: ShardedMap<ServicePortKey, Arc<PortState>>,
+    pub(crate) frontends: ShardedMap<ServicePortKey, Arc<Route>>,
+    pub(crate) locality: Arc<Locality>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -106,10 +129,18 @@ impl Snapshot {
         self.updated
     }
 
-    /// The state of the service port behind a frontend: the hot-path lookup.
+    /// The state of the service port behind a frontend, for clients from outside the cluster
+    /// (see [`Snapshot::route`] for a given client).
     #[inline]
     pub fn lookup(&self, key: &ServicePortKey) -> Option<&Arc<PortState>> {
-        self.frontends.get(key)
+        self.frontends.get(key).map(|r| r.port())
+    }
+
+    /// How the frontend `key` serves `client`: the hot-path lookup. `None`: no such frontend.
+    #[inline]
+    pub fn route(&self, key: &ServicePortKey, client: IpAddr) -> Option<Routed<'_>> {
+        let route = self.frontends.get(key)?;
+        Some(route.route(client, key.addr.ip(), &self.locality))
     }
 
     /// A service by name.
@@ -127,8 +158,8 @@ impl Snapshot {
         self.services.len()
     }
 
-    /// Every frontend and its port state, in no particular order.
-    pub fn frontends(&self) -> impl Iterator<Item = (&ServicePortKey, &Arc<PortState>)> {
+    /// Every frontend and its route, in no particular order.
+    pub fn frontends(&self) -> impl Iterator<Item = (&ServicePortKey, &Arc<Route>)> {
         self.frontends.iter()
     }
 
@@ -149,10 +180,10 @@ impl Snapshot {
                 changed: diff.changed,
             };
         } else {
-            for (k, state) in self.frontends() {
-                match older.lookup(k) {
+            for (k, route) in self.frontends() {
+                match older.frontends.get(k) {
                     None => changes.added.push(*k),
-                    Some(old) if !Arc::ptr_eq(old, state) => changes.changed.push(*k),
+                    Some(old) if !Arc::ptr_eq(old, route) => changes.changed.push(*k),
                     Some(_) => {}
                 }
             }
@@ -166,16 +197,17 @@ impl Snapshot {
     }
 
     /// Whether a backend should listen on `key`: it is a frontend of this snapshot and its
-    /// service port has an eligible endpoint (without one, clients must be refused).
+    /// service port has an eligible endpoint for some client (without one, clients must be
+    /// refused).
     pub fn wants_listener(&self, key: &ServicePortKey) -> bool {
-        self.lookup(key).is_some_and(|p| !p.backends().is_empty())
+        self.frontends.get(key).is_some_and(|r| r.serves_anyone())
     }
 
     /// The frontends transparent listeners serve now (see [`crate::steering`]): those at a
     /// steerable address with an eligible endpoint, the rest being refused.
     pub fn steered_frontends(&self) -> impl Iterator<Item = ServicePortKey> + '_ {
         self.frontends()
-            .filter(|(k, p)| crate::steering::steerable(k.addr.ip()) && !p.backends().is_empty())
+            .filter(|(k, r)| crate::steering::steerable(k.addr.ip()) && r.serves_anyone())
             .map(|(k, _)| *k)
     }
 
@@ -198,10 +230,12 @@ impl Snapshot {
             .collect()
     }
 
-    /// Whether `backend` is still an eligible endpoint behind `listener` (connections to one
-    /// that is not follow the drain policy).
-    pub fn serves(&self, listener: &ServicePortKey, backend: std::net::SocketAddr) -> bool {
-        self.lookup(listener).is_some_and(|p| p.contains(backend))
+    /// Whether `backend` is still an eligible endpoint for `client` behind `listener`
+    /// (connections to one that is not follow the drain policy).
+    pub fn serves(&self, listener: &ServicePortKey, client: IpAddr, backend: SocketAddr) -> bool {
+        self.route(listener, client)
+            .and_then(Routed::serving)
+            .is_some_and(|p| p.contains(backend))
     }
 
     /// Counters of every service port (sorted by service and port), with per-endpoint counters.
