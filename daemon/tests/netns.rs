@@ -110,6 +110,36 @@ impl Topology {
         t
     }
 
+    /// Gives every link IPv6 addresses too: 2001:db8:{1,2,3}::2 in the client and the pods,
+    /// 2001:db8:{1,2,3}::1 on the node, which routes between them.
+    fn add_ipv6(&self) {
+        let id = std::process::id();
+        let links = [(&self.client, 1), (&self.pods[0], 2), (&self.pods[1], 3)];
+        for (ns, net) in links {
+            let (inner, outer) = (format!("v{id}i{net}"), format!("v{id}o{net}"));
+            let addr = |host: u8| format!("2001:db8:{net}::{host}/64");
+            ip(&["-n", ns, "addr", "add", &addr(2), "dev", &inner, "nodad"]);
+            ip(&[
+                "-n",
+                &self.node,
+                "addr",
+                "add",
+                &addr(1),
+                "dev",
+                &outer,
+                "nodad",
+            ]);
+            let gateway = format!("2001:db8:{net}::1");
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", &gateway]);
+        }
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node, "sysctl", "-qw"])
+            .arg("net.ipv6.conf.all.forwarding=1")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+
     /// Runs `f` on a thread inside namespace `ns`.
     fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/var/run/netns/{ns}");
@@ -135,7 +165,7 @@ impl Drop for Topology {
     }
 }
 
-/// A pod's servers: TCP 8080 and UDP 5353 answer "<pod> <client address>".
+/// A pod's servers: TCP 8080 and UDP 5353, on both families, answer "<pod> <client address>".
 struct Pod {
     ns: String,
     stop: Arc<AtomicBool>,
@@ -146,8 +176,8 @@ impl Pod {
     fn start(ns: &str, name: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (tcp, udp) = Topology::within(ns, || {
-            let tcp = TcpListener::bind("0.0.0.0:8080").unwrap();
-            let udp = UdpSocket::bind("0.0.0.0:5353").unwrap();
+            let tcp = TcpListener::bind("[::]:8080").unwrap();
+            let udp = UdpSocket::bind("[::]:5353").unwrap();
             (tcp, udp)
         });
         udp.set_read_timeout(Some(Duration::from_millis(50)))
@@ -159,7 +189,7 @@ impl Pod {
                 if s1.load(Ordering::SeqCst) {
                     break;
                 }
-                let _ = writeln!(c, "{name} {}", peer.ip());
+                let _ = writeln!(c, "{name} {}", peer.ip().to_canonical());
             }
         });
         let s2 = stop.clone();
@@ -167,7 +197,8 @@ impl Pod {
             let mut buf = [0u8; 512];
             while !s2.load(Ordering::SeqCst) {
                 if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{name} {}", from.ip()).as_bytes(), from);
+                    let seen = from.ip().to_canonical();
+                    let _ = udp.send_to(format!("{name} {seen}").as_bytes(), from);
                 }
             }
         });
@@ -508,6 +539,186 @@ fn node_proxy(mode: &[&str]) {
         &["netns", "exec", &topo.node, "nft", "list", "ruleset"],
     );
     assert!(!nft.contains("svcproxyd"), "{nft}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The pod that answered a TCP connection from the client pod to `vip`; `None` when the
+/// connection failed or was closed unanswered.
+fn served_by(topo: &Topology, vip: &'static str) -> Option<String> {
+    ask(topo, vip)
+        .ok()
+        .map(|(pod, _)| pod)
+        .filter(|p| !p.is_empty())
+}
+
+/// The pods that answered `n` connections to `vip` (an empty name when one was not served).
+fn served_n(topo: &Topology, vip: &'static str, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| served_by(topo, vip).unwrap_or_default())
+        .collect()
+}
+
+fn pods(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// The node's manifest for [`traffic_policies_source_ranges_topology_and_dual_stack`]: whether
+/// pod-a runs on this node (`node`), and the source ranges of the load balancer.
+fn semantics_manifest(pod_a_here: bool, ranges: &str) -> String {
+    let pod_a_node = if pod_a_here { "node" } else { "other" };
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node, labels: {{topology.kubernetes.io/zone: z2}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: shop}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n\
+         \x20 ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-x, namespace: shop, labels: {{kubernetes.io/service-name: local}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n\
+         - {{addresses: [198.18.2.2], nodeName: {pod_a_node}}}\n- {{addresses: [198.18.3.2], nodeName: other}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: ranged, namespace: shop}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.21\n  loadBalancerSourceRanges: [{ranges}]\n\
+         \x20 ports: [{{port: 80, targetPort: 8080}}]\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 198.19.5.1}}, {{ip: 198.19.5.2, ipMode: Proxy}}]}}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ranged-x, namespace: shop, labels: {{kubernetes.io/service-name: ranged}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [198.18.2.2]}}]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: zoned, namespace: shop}}\n\
+         spec: {{clusterIP: 198.19.0.30, trafficDistribution: PreferSameZone, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: zoned-x, namespace: shop, labels: {{kubernetes.io/service-name: zoned}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n\
+         - {{addresses: [198.18.2.2], zone: z1, hints: {{forZones: [{{name: z1}}]}}}}\n\
+         - {{addresses: [198.18.3.2], zone: z2, hints: {{forZones: [{{name: z2}}]}}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: dual, namespace: shop}}\n\
+         spec:\n  clusterIPs: [198.19.0.40, '2001:db8:19::40']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n\
+         \x20 ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dual-4, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [198.18.2.2]}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dual-6, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}\n\
+         addressType: IPv6\nports: [{{port: 8080}}]\nendpoints: [{{addresses: ['2001:db8:3::2']}}]\n"
+    )
+}
+
+/// The health check node port's answer to the client pod: status and body.
+fn health_check(topo: &Topology) -> (u16, serde_json::Value) {
+    let (status, body) = Topology::within(&topo.client, || {
+        common::http("198.18.1.1:31000".parse().unwrap(), "GET", "/", "", "")
+    });
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+#[test]
+fn traffic_policies_source_ranges_topology_and_dual_stack() {
+    if !root() {
+        return;
+    }
+    let _alone = alone();
+    let topo = Topology::new();
+    topo.add_ipv6();
+    let _a = Pod::start(&topo.pods[0], "pod-a");
+    let _b = Pod::start(&topo.pods[1], "pod-b");
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("svcproxyd-semantics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("cluster.yaml");
+    write(&config, &semantics_manifest(false, "198.18.9.0/24"));
+    let check = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check.status.success() && !said.contains("warning"),
+        "{said}"
+    );
+    let d = Daemon::start(&topo.node, &config, &[]);
+
+    // externalTrafficPolicy Local, no endpoint on this node: the node port does not forward
+    // the outside client, and its health check says so.
+    assert_eq!(served_n(&topo, "198.18.1.1:30080", 3), pods(&[""]));
+    let (status, body) = health_check(&topo);
+    assert_eq!(status, 503, "{body}");
+    let expected = serde_json::json!({
+        "service": {"namespace": "shop", "name": "local"},
+        "localEndpoints": 0,
+        "serviceProxyHealthy": true,
+    });
+    assert_eq!(body, expected);
+    // A client on the node itself is inside the cluster: it reaches the Cluster endpoints.
+    let from_node = Topology::within(&topo.node, || {
+        let pod = || {
+            let s = TcpStream::connect("127.0.0.1:30080").unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).unwrap();
+            line.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        (0..4)
+            .map(|_| pod())
+            .collect::<std::collections::BTreeSet<String>>()
+    });
+    assert_eq!(from_node, pods(&["pod-a", "pod-b"]));
+    // The cluster IP follows the internal policy (Cluster): both pods.
+    assert_eq!(
+        served_n(&topo, "198.19.0.20:80", 4),
+        pods(&["pod-a", "pod-b"])
+    );
+
+    // Source ranges: the client pod (198.18.1.2) is outside 198.18.9.0/24.
+    assert_eq!(served_by(&topo, "198.19.5.1:80"), None);
+    assert_eq!(
+        served_by(&topo, "198.19.0.21:80").as_deref(),
+        Some("pod-a"),
+        "the cluster IP is not limited"
+    );
+    // An ingress of ipMode Proxy belongs to the load balancer: not captured here.
+    let steered = output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.node,
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "svcproxyd",
+            "tcp4",
+        ],
+    );
+    assert!(
+        steered.contains("198.19.5.1 . 80") && !steered.contains("198.19.5.2"),
+        "{steered}"
+    );
+
+    // Zone hints: this node is in zone z2 (its Node object says), so only pod-b serves.
+    assert_eq!(served_n(&topo, "198.19.0.30:80", 4), pods(&["pod-b"]));
+
+    // Dual stack: each family's cluster IP reaches the endpoints of its family.
+    assert_eq!(served_n(&topo, "198.19.0.40:80", 3), pods(&["pod-a"]));
+    assert_eq!(served_n(&topo, "[2001:db8:19::40]:80", 3), pods(&["pod-b"]));
+
+    // pod-a moves to this node, and the source ranges take in the client.
+    write(&config, &semantics_manifest(true, "198.18.1.0/24"));
+    wait("the node port to forward to pod-a", || {
+        served_by(&topo, "198.18.1.1:30080").as_deref() == Some("pod-a")
+    });
+    assert_eq!(
+        served_n(&topo, "198.18.1.1:30080", 4),
+        pods(&["pod-a"]),
+        "local only"
+    );
+    let (status, body) = health_check(&topo);
+    assert_eq!(
+        (status, &body["localEndpoints"]),
+        (200, &serde_json::json!(1)),
+        "{body}"
+    );
+    assert_eq!(served_by(&topo, "198.19.5.1:80").as_deref(), Some("pod-a"));
+
+    assert_eq!(d.stop(), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
