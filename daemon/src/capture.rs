@@ -22,7 +22,7 @@
 //!   service addresses (the default route does) to pick a source address before the output
 //!   chain re-routes their packets.
 //! - **A listener per frontend**: every service address is put on a dummy interface (what
-//!   kube-proxy's IPVS mode does), added and removed by one `ip -batch` process per change.
+//!   kube-proxy's IPVS mode does), added and removed through netlink.
 //!   Kernels built without dummy interfaces get the addresses on the loopback interface
 //!   instead (IPv4 ones labelled `lo:svcpx`, so that leftovers of a crash are found and
 //!   removed at the next start).
@@ -32,14 +32,16 @@
 //! nftables rule, and the same policy rule delivers them locally.
 //!
 //! Everything is created at start and removed on exit (or when dropped): the interface (or
-//! the loopback addresses), the nftables table and the policy rule. Uses `ip` and `nft`
-//! (iproute2, nftables); the nftables rules go to `nft` on its standard input (no file: a file
-//! written as root at a predictable path would follow a symlink planted there).
+//! the loopback addresses), the nftables table and the policy rule. Links, addresses, rules and
+//! routes change through netlink ([`crate::netlink`]); the nftables rules go to `nft`
+//! (nftables) on its standard input (no file: a file written as root at a predictable path
+//! would follow a symlink planted there).
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
 
+use crate::netlink::Netlink;
 use std::process::{Command, Stdio};
 use svcproxy::core::steering::steerable;
 use svcproxy::core::{Protocol, ServicePortKey, Steering};
@@ -47,8 +49,8 @@ use svcproxy::core::{Protocol, ServicePortKey, Steering};
 use tracing::{info, warn};
 
 /// Firewall mark and routing table of the source-preservation routing.
-const MARK: &str = "0x5350";
-const TABLE: &str = "53535";
+const MARK: u32 = 0x5350;
+const TABLE: u32 = 53535;
 const NFT_TABLE: &str = "svcproxyd";
 /// The loopback label of captured IPv4 addresses (when there is no dummy interface).
 const LABEL: &str = "lo:svcpx";
@@ -87,42 +89,15 @@ fn run_with_input(program: &str, args: &[&str], input: String) -> io::Result<(bo
     ))
 }
 
-/// Runs `ip` commands (one per line, without the `ip`) in one `ip -force -batch -` process;
-/// returns those that failed, by index, with ip's message.
-fn ip_batch(commands: &[String]) -> io::Result<Vec<(usize, String)>> {
-    if commands.is_empty() {
-        return Ok(Vec::new());
-    }
-    let input = commands.join("\n") + "\n";
-    let (ok, stderr) = run_with_input("ip", &["-force", "-batch", "-"], input)?;
-    // Each failure is ip's message, then "Command failed -:N" (N counted from 1).
-    let mut failed = Vec::new();
-    let mut message = "";
-    for line in stderr.lines() {
-        match line.strip_prefix("Command failed -:") {
-            Some(n) => {
-                if let Some(i) = n
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|n| n.checked_sub(1))
-                {
-                    failed.push((i, message.to_string()));
-                }
-            }
-            None => message = line,
-        }
-    }
-    if !ok && failed.is_empty() {
-        return Err(io::Error::other(format!("ip -batch: {}", stderr.trim())));
-    }
-    Ok(failed)
-}
-
 /// The capture set up for this daemon.
 pub struct Capture {
+    netlink: Netlink,
     /// The dummy interface, or `None` for the loopback one (a listener per frontend).
     dummy: Option<String>,
+    /// The index of the interface the addresses go on (the dummy or the loopback one).
+    device: u32,
+    /// The loopback interface's index.
+    lo: u32,
     /// The service addresses on the interface, or in the address sets (steering).
     addresses: BTreeSet<IpAddr>,
     /// The nftables table is loaded (for steering or source preservation).
@@ -177,7 +152,7 @@ fn nft_table(steering: Option<Steering>, preserve_client_ip: bool) -> String {
     let mut input = String::new();
     let mut output = String::new();
     if preserve_client_ip {
-        pre += &format!("    socket transparent 1 meta mark set {MARK}\n");
+        pre += &format!("    socket transparent 1 meta mark set {MARK:#x}\n");
     }
     if let Some(steering) = steering {
         for (family, addr, v6) in [("ip", "ipv4_addr", false), ("ip6", "ipv6_addr", true)] {
@@ -187,15 +162,15 @@ fn nft_table(steering: Option<Steering>, preserve_client_ip: bool) -> String {
             for proto in ["tcp", "udp"] {
                 sets += &format!("  set {proto}{n} {{ type {addr} . inet_service; }}\n");
                 pre += &format!(
-                    "    {family} daddr . {proto} dport @{proto}{n} tproxy {family} to {to} meta mark set {MARK} accept\n"
+                    "    {family} daddr . {proto} dport @{proto}{n} tproxy {family} to {to} meta mark set {MARK:#x} accept\n"
                 );
                 input += &format!("    {family} daddr . {proto} dport @{proto}{n} accept\n");
             }
-            pre += &format!("    {family} daddr @addrs{n} meta mark set {MARK}\n");
+            pre += &format!("    {family} daddr @addrs{n} meta mark set {MARK:#x}\n");
             input += &format!(
                 "    {family} daddr @addrs{n} meta l4proto tcp reject with tcp reset\n    {family} daddr @addrs{n} reject\n"
             );
-            output += &format!("    {family} daddr @addrs{n} meta mark set {MARK}\n");
+            output += &format!("    {family} daddr @addrs{n} meta mark set {MARK:#x}\n");
         }
     }
     let chain = |name: &str, kind: &str, hook: &str, priority: &str, rules: &str| {
@@ -257,23 +232,31 @@ impl Capture {
         steering: Option<Steering>,
         preserve_client_ip: bool,
     ) -> io::Result<Self> {
-        let _ = run("ip", &["link", "del", interface]);
-        let _ = run("ip", &["-4", "addr", "flush", "dev", "lo", "label", LABEL]);
+        let netlink = Netlink::new()?;
+        netlink.delete_link(interface)?;
+        let lo = netlink
+            .link_index("lo")?
+            .ok_or_else(|| io::Error::other("no loopback interface"))?;
+        netlink.flush_label(lo, LABEL)?;
         let dummy = match steering {
             Some(_) => None,
-            None => match run("ip", &["link", "add", interface, "type", "dummy"]) {
-                Ok(()) => {
-                    run("ip", &["link", "set", interface, "up"])?;
-                    Some(interface.to_string())
-                }
+            None => match netlink.add_dummy(interface) {
+                Ok(index) => Some((interface.to_string(), index)),
                 Err(e) => {
                     warn!(error = %e, "no dummy interface: service addresses go on the loopback interface");
                     None
                 }
             },
         };
+        let (dummy, device) = match dummy {
+            Some((name, index)) => (Some(name), index),
+            None => (None, lo),
+        };
         let mut capture = Self {
+            netlink,
             dummy,
+            device,
+            lo,
             addresses: BTreeSet::new(),
             nft: false,
             routing: false,
@@ -285,23 +268,7 @@ impl Capture {
             nft(nft_table(steering, preserve_client_ip))?;
             capture.nft = true;
             capture.routing = true;
-            for family in ["-4", "-6"] {
-                let _ = run(
-                    "ip",
-                    &[family, "rule", "del", "fwmark", MARK, "lookup", TABLE],
-                );
-                run(
-                    "ip",
-                    &[family, "rule", "add", "fwmark", MARK, "lookup", TABLE],
-                )?;
-                let all = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-                run(
-                    "ip",
-                    &[
-                        family, "route", "replace", "local", all, "dev", "lo", "table", TABLE,
-                    ],
-                )?;
-            }
+            capture.netlink.add_mark_routing(MARK, TABLE, capture.lo)?;
         }
         info!(
             interface = capture.interface(),
@@ -312,15 +279,11 @@ impl Capture {
         Ok(capture)
     }
 
-    fn device(&self) -> &str {
-        self.dummy.as_deref().unwrap_or("lo")
-    }
-
     /// Where the addresses go, for the log.
     fn interface(&self) -> &str {
         match self.steering {
             Some(_) => "none (nftables sets)",
-            None => self.device(),
+            None => self.dummy.as_deref().unwrap_or("lo"),
         }
     }
 
@@ -339,35 +302,17 @@ impl Capture {
         }
     }
 
-    /// Puts exactly `wanted` on the interface, in one `ip` process; an address that cannot be
-    /// added or removed is logged, and tried again at the next sync.
+    /// Puts exactly `wanted` on the interface; an address that cannot be added or removed is
+    /// logged, and tried again at the next sync.
     fn put_on_interface(&mut self, wanted: BTreeSet<IpAddr>) {
-        let device = self.device().to_string();
         let mut changes: Vec<(IpAddr, bool)> = self
             .addresses
             .difference(&wanted)
             .map(|&ip| (ip, false))
             .collect();
         changes.extend(wanted.difference(&self.addresses).map(|&ip| (ip, true)));
-        let commands: Vec<String> = changes
-            .iter()
-            .map(|&(ip, add)| {
-                let verb = if add { "add" } else { "del" };
-                let label = if add && self.dummy.is_none() && ip.is_ipv4() {
-                    format!(" label {LABEL}")
-                } else {
-                    String::new()
-                };
-                format!("addr {verb} {} dev {device}{label}", host(ip))
-            })
-            .collect();
-        let failed = match ip_batch(&commands) {
-            Ok(failed) => failed,
-            Err(e) => {
-                warn!(error = %e, changes = commands.len(), "cannot change the service addresses");
-                return;
-            }
-        };
+        let label = self.dummy.is_none().then_some(LABEL);
+        let failed = self.netlink.change_addresses(self.device, &changes, label);
         let mut failed_at = failed.iter().map(|(i, _)| *i).peekable();
         for (i, &(ip, add)) in changes.iter().enumerate() {
             if failed_at.peek() == Some(&i) {
@@ -435,18 +380,13 @@ fn nft(commands: String) -> io::Result<()> {
     }
 }
 
-fn host(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(_) => format!("{ip}/32"),
-        IpAddr::V6(_) => format!("{ip}/128"),
-    }
-}
-
 impl Drop for Capture {
     fn drop(&mut self) {
         match self.dummy.clone() {
             Some(interface) => {
-                let _ = run("ip", &["link", "del", &interface]);
+                if let Err(e) = self.netlink.delete_link(&interface) {
+                    warn!(interface, error = %e, "cannot remove the capture interface");
+                }
             }
             None if self.steering.is_none() => self.put_on_interface(BTreeSet::new()),
             None => {}
@@ -454,14 +394,10 @@ impl Drop for Capture {
         if self.nft {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
         }
-        if self.routing {
-            for family in ["-4", "-6"] {
-                let _ = run(
-                    "ip",
-                    &[family, "rule", "del", "fwmark", MARK, "lookup", TABLE],
-                );
-                let _ = run("ip", &[family, "route", "flush", "table", TABLE]);
-            }
+        if self.routing
+            && let Err(e) = self.netlink.delete_mark_routing(MARK, TABLE)
+        {
+            warn!(error = %e, "cannot remove the policy routing of marked packets");
         }
         info!(interface = self.interface(), "capture removed");
     }

@@ -13,4 +13,5 @@ pub mod http;
 pub mod kube;
 pub mod metrics;
 pub mod nesting;
+pub mod netlink;
 pub mod status;
