@@ -243,11 +243,17 @@ fn manifest(endpoints: &[&str], with_web: bool) -> String {
     )
 }
 
-struct Daemon(Child);
+/// svcproxyd, and the temporary directory it was given (`TMPDIR`): it must write nothing
+/// there (a file written as root at a predictable path would follow a planted symlink).
+struct Daemon(Child, PathBuf);
 
 impl Daemon {
     /// svcproxyd in namespace `ns`, once its health endpoint answers.
     fn start(ns: &str, config: &Path, extra: &[&str]) -> Self {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let tmp = std::env::temp_dir().join(format!("svcproxyd-tmp-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -261,10 +267,11 @@ impl Daemon {
             ])
             .arg(config)
             .args(extra)
+            .env("TMPDIR", &tmp)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut d = Self(child);
+        let mut d = Self(child, tmp);
         let node = ns.to_string();
         // Long: with tens of thousands of services, the kernel takes its time adding addresses.
         wait_long("the health endpoint", || {
@@ -281,6 +288,8 @@ impl Daemon {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if let Some(s) = self.0.try_wait().unwrap() {
+                let written: Vec<_> = std::fs::read_dir(&self.1).unwrap().collect();
+                assert!(written.is_empty(), "svcproxyd wrote to TMPDIR: {written:?}");
                 return s.code().unwrap_or(-1);
             }
             assert!(Instant::now() < deadline, "svcproxyd did not exit");
@@ -293,6 +302,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
