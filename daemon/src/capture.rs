@@ -25,7 +25,10 @@
 //!   kube-proxy's IPVS mode does), added and removed through netlink.
 //!   Kernels built without dummy interfaces get the addresses on the loopback interface
 //!   instead (IPv4 ones labelled `lo:svcpx`, so that leftovers of a crash are found and
-//!   removed at the next start).
+//!   removed at the next start). So that the node does not answer ARP requests for them on its
+//!   other interfaces (IPv4 answers for any local address by default), capture sets
+//!   kube-proxy's `strictARP` (`net.ipv4.conf.all.arp_ignore=1`, `arp_announce=2`) while it
+//!   runs, and puts the previous values back when it ends.
 //!
 //! With client source preservation, the replies of backends to client addresses must reach
 //! the proxy's transparent sockets too: packets matching a transparent socket are marked by an
@@ -109,6 +112,43 @@ pub struct Capture {
     /// Steering: the frontends in the sets; `None` after a failed change, when the sets are
     /// not known and the next change rewrites them whole.
     steered: Option<BTreeSet<ServicePortKey>>,
+    /// The ARP settings replaced by strict ones (addresses on an interface), to put back.
+    arp: Vec<(&'static str, String)>,
+}
+
+/// kube-proxy's `strictARP`: answer ARP only for addresses of the interface asked on, and
+/// announce only such addresses.
+const STRICT_ARP: [(&str, &str); 2] = [
+    ("/proc/sys/net/ipv4/conf/all/arp_ignore", "1"),
+    ("/proc/sys/net/ipv4/conf/all/arp_announce", "2"),
+];
+
+/// Sets [`STRICT_ARP`]; the values it replaced. On failure, nothing is changed.
+fn strict_arp() -> io::Result<Vec<(&'static str, String)>> {
+    let mut previous = Vec::new();
+    for (path, value) in STRICT_ARP {
+        let set = std::fs::read_to_string(path).and_then(|old| {
+            std::fs::write(path, value)?;
+            Ok(old)
+        });
+        match set {
+            Ok(old) => previous.push((path, old.trim().to_string())),
+            Err(e) => {
+                restore(&previous);
+                return Err(io::Error::other(format!("{path}: {e}")));
+            }
+        }
+    }
+    Ok(previous)
+}
+
+/// Puts back settings `strict_arp` replaced.
+fn restore(settings: &[(&'static str, String)]) {
+    for (path, value) in settings {
+        if let Err(e) = std::fs::write(path, value) {
+            warn!(path, error = %e, "cannot put the ARP setting back");
+        }
+    }
 }
 
 /// What goes in a set of the nftables table.
@@ -262,7 +302,11 @@ impl Capture {
             routing: false,
             steering,
             steered: Some(BTreeSet::new()),
+            arp: Vec::new(),
         };
+        if steering.is_none() {
+            capture.arp = strict_arp()?;
+        }
         if steering.is_some() || preserve_client_ip {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
             nft(nft_table(steering, preserve_client_ip))?;
@@ -394,6 +438,7 @@ impl Drop for Capture {
         if self.nft {
             let _ = run("nft", &["delete", "table", "inet", NFT_TABLE]);
         }
+        restore(&self.arp);
         if self.routing
             && let Err(e) = self.netlink.delete_mark_routing(MARK, TABLE)
         {

@@ -523,12 +523,54 @@ fn node_proxy(mode: &[&str]) {
         "the other service still answers"
     );
 
+    // Address hygiene: a host on the node's link that asks for a service address by ARP gets
+    // no answer (kube-proxy's strictARP), though the node serves it when routed there.
+    let link = format!("v{}i1", std::process::id());
+    ip(&[
+        "-n",
+        &topo.client,
+        "route",
+        "add",
+        "198.19.0.11/32",
+        "dev",
+        &link,
+    ]);
+    let on_link = ask(&topo, "198.19.0.11:80");
+    let neighbour = output("ip", &["-n", &topo.client, "neigh", "show", "198.19.0.11"]);
+    ip(&[
+        "-n",
+        &topo.client,
+        "route",
+        "del",
+        "198.19.0.11/32",
+        "dev",
+        &link,
+    ]);
+    assert!(on_link.is_err(), "{on_link:?}");
+    assert!(
+        !neighbour.contains("lladdr"),
+        "the node answered ARP: {neighbour}"
+    );
+    let arp_ignore = "/proc/sys/net/ipv4/conf/all/arp_ignore";
+    let strict = Topology::within(&topo.node, move || {
+        std::fs::read_to_string(arp_ignore).unwrap()
+    });
+    assert_eq!(
+        strict.trim(),
+        if transparent { "0" } else { "1" },
+        "strictARP with addresses"
+    );
+
     // A clean exit leaves no interface, address, rule or route behind.
     assert_eq!(d.stop(), 0);
     let links = output("ip", &["-n", &topo.node, "link"]);
     assert!(!links.contains("svcproxy0"), "{links}");
     let addrs = output("ip", &["-n", &topo.node, "addr"]);
     assert!(!addrs.contains("198.19.0."), "{addrs}");
+    let restored = Topology::within(&topo.node, move || {
+        std::fs::read_to_string(arp_ignore).unwrap()
+    });
+    assert_eq!(restored.trim(), "0", "the ARP setting is put back");
 
     // Client source preservation: the pods see the client pod's address.
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
