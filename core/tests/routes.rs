@@ -7,25 +7,16 @@ use std::net::{IpAddr, SocketAddr};
 
 use svcproxy_core::*;
 
+mod common;
+
+use common::published as table;
+
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
 fn key(addr: &str) -> ServicePortKey {
     ServicePortKey::new(addr.parse().unwrap(), Protocol::Tcp)
-}
-
-fn table(config: TableConfig, service: Service, endpoints: Vec<Endpoint>) -> Table {
-    let table = Table::new(config);
-    let name = service.name.clone();
-    table
-        .apply(
-            Batch::new()
-                .upsert(service)
-                .replace_endpoints(name, endpoints),
-        )
-        .unwrap();
-    table
 }
 
 /// The backends that may serve `client` at `frontend`; `None` when it is denied.

@@ -31,16 +31,7 @@ fn endpoints(n: usize) -> Vec<Endpoint> {
 }
 
 fn table_with(service: Service, endpoints: Vec<Endpoint>) -> Table {
-    let table = Table::default();
-    let name = service.name.clone();
-    table
-        .apply(
-            Batch::new()
-                .upsert(service)
-                .replace_endpoints(name, endpoints),
-        )
-        .unwrap();
-    table
+    common::published(TableConfig::default(), service, endpoints)
 }
 
 fn client(i: u32) -> SocketAddr {

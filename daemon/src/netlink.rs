@@ -193,23 +193,11 @@ impl Netlink {
         self.runtime.block_on(async {
             let rule = self.handle.rule();
             let what = format!("ip rule add fwmark {mark:#x} lookup {table}");
-            let added = rule
-                .add()
-                .v4()
-                .fw_mark(mark)
-                .table_id(table)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await;
+            let add = rule.add().fw_mark(mark).table_id(table);
+            let add = add.action(RuleAction::ToTable);
+            let added = add.clone().v4().execute().await;
             added.map_err(doing(&what))?;
-            let added = rule
-                .add()
-                .v6()
-                .fw_mark(mark)
-                .table_id(table)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await;
+            let added = add.v6().execute().await;
             added.map_err(doing(&format!("IPv6 {what}")))?;
             let everything_v4 = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)

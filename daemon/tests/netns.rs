@@ -376,6 +376,22 @@ fn node_proxy_in_namespaces_with_a_listener_per_frontend() {
 }
 
 /// The node's listening TCP sockets, one `address:port` per line.
+/// The node's set of steered IPv4 TCP frontends, as nft lists it.
+fn steered_tcp4(topo: &Topology) -> String {
+    let args = [
+        "netns",
+        "exec",
+        &topo.node,
+        "nft",
+        "list",
+        "set",
+        "inet",
+        "svcproxyd",
+        "tcp4",
+    ];
+    output("ip", &args)
+}
+
 fn tcp_listeners(topo: &Topology) -> String {
     output(
         "ip",
@@ -407,22 +423,7 @@ fn node_proxy(mode: &[&str]) {
     let config = dir.join("cluster.yaml");
     write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
     let d = Daemon::start(&topo.node, &config, mode);
-    let steered = || {
-        output(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &topo.node,
-                "nft",
-                "list",
-                "set",
-                "inet",
-                "svcproxyd",
-                "tcp4",
-            ],
-        )
-    };
+    let steered = || steered_tcp4(&topo);
     let listening = tcp_listeners(&topo);
     if transparent {
         // Every service address is served by the transparent listener, steered by tproxy.
@@ -726,20 +727,7 @@ fn traffic_policies_source_ranges_topology_and_dual_stack() {
         "the cluster IP is not limited"
     );
     // An ingress of ipMode Proxy belongs to the load balancer: not captured here.
-    let steered = output(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &topo.node,
-            "nft",
-            "list",
-            "set",
-            "inet",
-            "svcproxyd",
-            "tcp4",
-        ],
-    );
+    let steered = steered_tcp4(&topo);
     assert!(
         steered.contains("198.19.5.1 . 80") && !steered.contains("198.19.5.2"),
         "{steered}"
