@@ -588,9 +588,16 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// Zone it runs in (informational).
     pub zone: Option<String>,
-    /// Where it should be used from (EndpointSlice `hints`).
-    pub hints: Hints,
+    /// Where it should be used from (EndpointSlice `hints`); `None` for none, as most
+    /// endpoints have (boxed: it would double the size of every endpoint).
+    pub hints: Option<Box<Hints>>,
 }
+
+/// No hints.
+static NO_HINTS: Hints = Hints {
+    for_zones: Vec::new(),
+    for_nodes: Vec::new(),
+};
 
 /// Topology hints of an endpoint (Kubernetes EndpointSlice `hints.forZones`, `hints.forNodes`),
 /// which the EndpointSlice controller sets for `trafficDistribution`. When every ready endpoint of
@@ -618,8 +625,13 @@ impl Endpoint {
             weight: 1,
             node: None,
             zone: None,
-            hints: Hints::default(),
+            hints: None,
         }
+    }
+
+    /// Its topology hints (empty without any).
+    pub fn topology_hints(&self) -> &Hints {
+        self.hints.as_deref().unwrap_or(&NO_HINTS)
     }
 
     /// Sets the conditions.
@@ -688,8 +700,8 @@ impl Endpoint {
             check_name(zone).map_err(|p| ValidationError::new("zone", p))?;
         }
         let hinted = [
-            ("hints.for_zones", &self.hints.for_zones),
-            ("hints.for_nodes", &self.hints.for_nodes),
+            ("hints.for_zones", &self.topology_hints().for_zones),
+            ("hints.for_nodes", &self.topology_hints().for_nodes),
         ];
         for (field, names) in hinted {
             for (i, name) in names.iter().enumerate() {

@@ -437,10 +437,12 @@ impl EndpointDoc {
             weight: self.weight,
             node: self.node.clone(),
             zone: self.zone.clone(),
-            hints: Hints {
-                for_zones: self.for_zones.clone(),
-                for_nodes: self.for_nodes.clone(),
-            },
+            hints: (!self.for_zones.is_empty() || !self.for_nodes.is_empty()).then(|| {
+                Box::new(Hints {
+                    for_zones: self.for_zones.clone(),
+                    for_nodes: self.for_nodes.clone(),
+                })
+            }),
         })
     }
 
@@ -459,8 +461,8 @@ impl EndpointDoc {
             weight: e.weight,
             node: e.node.clone(),
             zone: e.zone.clone(),
-            for_zones: e.hints.for_zones.clone(),
-            for_nodes: e.hints.for_nodes.clone(),
+            for_zones: e.topology_hints().for_zones.clone(),
+            for_nodes: e.topology_hints().for_nodes.clone(),
         }
     }
 }

@@ -157,8 +157,11 @@ fn source_ranges_limit_who_reaches_load_balancer_addresses_only() {
 
 fn hinted(i: u8, zones: &[&str], nodes: &[&str]) -> Endpoint {
     let mut e = Endpoint::new(SocketAddr::from(([198, 19, 0, i], 80)));
-    e.hints.for_zones = zones.iter().map(|z| z.to_string()).collect();
-    e.hints.for_nodes = nodes.iter().map(|n| n.to_string()).collect();
+    let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+    e.hints = Some(Box::new(Hints {
+        for_zones: names(zones),
+        for_nodes: names(nodes),
+    }));
     e
 }
 
@@ -205,7 +208,7 @@ fn zone_hints_keep_traffic_in_the_zone_when_every_endpoint_has_one() {
         "a node without a zone"
     );
     let mut one_unhinted = hinted_all();
-    one_unhinted[1].hints.for_zones.clear();
+    one_unhinted[1].hints = None;
     assert_eq!(
         backends_for(in_zone(Some("z1")), one_unhinted),
         all,

@@ -10,7 +10,7 @@ use svcproxy::{
     Conditions, Endpoint, Policy, Protocol, Service, ServicePort, SessionAffinity, TargetPort,
     TrafficPolicy,
 };
-use svcproxy_core::{Hints, NamedPort};
+use svcproxy_core::NamedPort;
 
 use crate::abi::{Failure, array, optional_text, text};
 use crate::svcproxy_result;
@@ -268,6 +268,6 @@ pub(crate) fn endpoint(e: &svcproxy_endpoint, i: usize) -> Result<Endpoint, Fail
         weight: e.weight,
         node: optional_text(e.node, &at("node"))?.map(str::to_string),
         zone: optional_text(e.zone, &at("zone"))?.map(str::to_string),
-        hints: Hints::default(),
+        hints: None,
     })
 }

@@ -38,30 +38,26 @@ pub(crate) fn eligible<'a>(
     endpoints: &'a [Endpoint],
     here: Place<'_>,
 ) -> Vec<(SocketAddr, &'a Endpoint)> {
-    let resolved: Vec<(SocketAddr, &Endpoint)> = endpoints
-        .iter()
-        .filter_map(|e| Some((e.resolve(&port.target_port)?, e)))
-        .collect();
+    let resolved = || {
+        endpoints
+            .iter()
+            .filter_map(|e| Some((e.resolve(&port.target_port)?, e)))
+    };
     let same_family = |a: &SocketAddr| Family::of(a.ip()) == view.family;
-    let any_of_family = resolved.iter().any(|(a, _)| same_family(a));
+    let any_of_family = resolved().any(|(a, _)| same_family(&a));
     let local = |e: &Endpoint| match view.policy {
         TrafficPolicy::Cluster => true,
         TrafficPolicy::Local => here.node.is_some() && e.node.as_deref() == here.node,
     };
-    let candidates: Vec<(SocketAddr, &Endpoint)> = resolved
-        .into_iter()
-        .filter(|(a, e)| (!any_of_family || same_family(a)) && local(e))
-        .collect();
+    let candidates = resolved().filter(|(a, e)| (!any_of_family || same_family(a)) && local(e));
     let by_topology = |set| match view.policy {
         TrafficPolicy::Cluster => topology(set, here),
         TrafficPolicy::Local => set,
     };
     if service.publish_not_ready {
-        return by_topology(candidates);
+        return by_topology(candidates.collect());
     }
-    let (ready, rest): (Vec<_>, Vec<_>) = candidates
-        .into_iter()
-        .partition(|(_, e)| e.conditions.ready);
+    let (ready, rest): (Vec<_>, Vec<_>) = candidates.partition(|(_, e)| e.conditions.ready);
     if !ready.is_empty() {
         return by_topology(ready);
     }
@@ -79,8 +75,8 @@ fn topology<'a>(
 ) -> Vec<(SocketAddr, &'a Endpoint)> {
     type Hinted = fn(&Endpoint) -> &[String];
     let levels: [(Hinted, Option<&str>); 2] = [
-        (|e| &e.hints.for_nodes, here.node),
-        (|e| &e.hints.for_zones, here.zone),
+        (|e| &e.topology_hints().for_nodes, here.node),
+        (|e| &e.topology_hints().for_zones, here.zone),
     ];
     for (hints, name) in levels {
         let Some(name) = name else { continue };
