@@ -3,17 +3,21 @@
 //!
 //! Workers report the table generation they have applied (listeners opened and closed, flows
 //! purged); [`Control::wait_applied`] lets the owner wait for that instead of sleeping. Bind
-//! failures are recorded per frontend so that the owner can show them.
+//! failures are recorded per frontend so that the owner can show them. A handover to another
+//! process ([`crate::handover`]) is driven from here: the owner moves the phase, the workers
+//! follow it and deposit their sockets.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::budget::{Budget, Permit};
 use crate::clients::{ClientPermit, SharedClientCounts};
 use crate::config::ProxyConfig;
+use crate::handover::{HandedFlow, Phase, WorkerSockets};
 use crate::model::ServicePortKey;
 use crate::supervisor::WorkerHealth;
 use crate::table::Table;
@@ -36,6 +40,12 @@ pub struct Control {
     clients: Arc<SharedClientCounts>,
     /// The newest generation every worker has applied, and when the last of them did.
     synced: Mutex<Option<(u64, SystemTime)>>,
+    /// The handover phase ([`Phase`]).
+    phase: AtomicU8,
+    /// Sockets each worker exported in this handover (`None`: not yet).
+    exported: Mutex<Vec<Option<WorkerSockets>>>,
+    /// Sockets inherited from a process that handed over, by worker, until taken.
+    inherited: Mutex<Vec<WorkerSockets>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -86,6 +96,9 @@ impl Control {
             health: Mutex::new(vec![WorkerHealth::default(); workers]),
             clients: Arc::default(),
             synced: Mutex::new(None),
+            phase: AtomicU8::new(Phase::Serving.as_u8()),
+            exported: Mutex::new((0..workers).map(|_| None).collect()),
+            inherited: Mutex::new((0..workers).map(|_| WorkerSockets::default()).collect()),
         }
     }
 
@@ -271,6 +284,89 @@ impl Control {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// The handover phase the workers follow.
+    #[inline]
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Moves the handover to `phase` (the owner wakes the workers after). Entering
+    /// [`Phase::Exporting`] forgets what an earlier export deposited.
+    pub fn set_phase(&self, phase: Phase) {
+        if phase == Phase::Exporting {
+            lock(&self.exported).iter_mut().for_each(|e| *e = None);
+        }
+        self.phase.store(phase.as_u8(), Ordering::Release);
+        let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        self.progressed.notify_all();
+    }
+
+    /// Worker `worker` deposits the sockets it exports.
+    pub fn deposit(&self, worker: usize, sockets: WorkerSockets) {
+        lock(&self.exported)[worker] = Some(sockets);
+        let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        self.progressed.notify_all();
+    }
+
+    /// Waits until every worker has deposited its sockets, then takes them (by worker);
+    /// `None` on timeout, or when a worker has stopped without depositing.
+    pub fn wait_exported(&self, timeout: Duration) -> Option<Vec<WorkerSockets>> {
+        let done = self.wait_until(timeout, || {
+            let exported = lock(&self.exported);
+            exported
+                .iter()
+                .zip(self.applied.iter())
+                .all(|(e, a)| e.is_some() || a.load(Ordering::Acquire) == STOPPED)
+        });
+        let mut exported = lock(&self.exported);
+        if !done || exported.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(exported.iter_mut().filter_map(Option::take).collect())
+    }
+
+    /// Gives the workers the sockets a process handed over, by worker (call before they
+    /// start). Sockets for workers beyond this proxy's are dropped.
+    pub fn inherit(&self, sockets: Vec<WorkerSockets>) {
+        let mut inherited = lock(&self.inherited);
+        for (slot, s) in inherited.iter_mut().zip(sockets) {
+            *slot = s;
+        }
+    }
+
+    /// The inherited listening socket of `worker` for `key`, if there is one left.
+    pub fn take_inherited_listener(&self, worker: usize, key: &ServicePortKey) -> Option<OwnedFd> {
+        let mut inherited = lock(&self.inherited);
+        let sockets = inherited.get_mut(worker)?;
+        if sockets.is_empty() {
+            return None;
+        }
+        sockets.take_listener(key)
+    }
+
+    /// The inherited UDP flows of `worker`.
+    pub fn take_inherited_flows(&self, worker: usize) -> Vec<(HandedFlow, OwnedFd)> {
+        lock(&self.inherited)
+            .get_mut(worker)
+            .map(|s| std::mem::take(&mut s.flows))
+            .unwrap_or_default()
+    }
+
+    /// Drops the inherited sockets no worker took (frontends this table does not serve);
+    /// returns how many there were.
+    pub fn drop_inherited(&self) -> usize {
+        let mut inherited = lock(&self.inherited);
+        let left = inherited.iter().map(WorkerSockets::len).sum();
+        inherited
+            .iter_mut()
+            .for_each(|s| *s = WorkerSockets::default());
+        left
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use foldhash::fast::RandomState;
 use hashbrown::HashMap;
 
 use crate::clients::{ClientCounts, KeyCounts};
+use crate::handover::HandedFlow;
 use crate::model::ServicePortKey;
 use crate::select::{Backend, Routed};
 use crate::slots::{SlotId, Slots};
@@ -231,6 +232,44 @@ impl<H> FlowTable<H> {
                 Err((endpoint, e))
             }
         }
+    }
+
+    /// Goes on with a flow another process handed over ([`crate::handover`]): to its
+    /// endpoint, if `snapshot` still serves the client there, idle as long as it was.
+    /// `Ok(None)`, with nothing added, when it does not (the client's next datagram starts a
+    /// flow anew). Otherwise as [`FlowTable::insert`].
+    pub fn adopt<E>(
+        &mut self,
+        handed: &HandedFlow,
+        snapshot: &Snapshot,
+        now: Instant,
+        make_handle: impl FnOnce(FlowId) -> Result<H, E>,
+    ) -> Result<Option<FlowId>, E> {
+        let port = match snapshot.route(&handed.listener, handed.key.client.ip()) {
+            Some(Routed::Serve(port)) => port,
+            _ => return Ok(None),
+        };
+        let Some(backend) = port.find(handed.endpoint) else {
+            return Ok(None);
+        };
+        let last_seen = now.checked_sub(handed.idle).unwrap_or(now);
+        let id = self.insert(handed.key, handed.listener, backend, last_seen, make_handle)?;
+        if handed.replied {
+            self.replied(id, last_seen);
+        }
+        Ok(Some(id))
+    }
+
+    /// The flow `id` as it would be handed over at `now`.
+    pub fn handed(&self, id: FlowId, now: Instant) -> Option<HandedFlow> {
+        let flow = self.slots.get(id)?;
+        Some(HandedFlow {
+            key: flow.key,
+            listener: flow.listener,
+            endpoint: flow.endpoint,
+            idle: now.saturating_duration_since(flow.last_seen),
+            replied: flow.replied,
+        })
     }
 
     /// Starts a flow from `key` to `backend`. `make_handle` gets the new flow's id (to tag

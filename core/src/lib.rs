@@ -40,6 +40,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod flow;
+pub mod handover;
 mod loom;
 pub mod model;
 #[cfg(feature = "serde")]

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,12 @@ enum Cmd {
     Forward(u16),
     Close(u16, Option<Side>),
     CloseFlow(SocketAddr),
+    /// Listened on a socket handed over by another process.
+    Adopt(ServicePortKey),
+    AdoptFlow(SocketAddr),
+    Receiving(bool),
+    Release(ServicePortKey),
+    ReleaseFlow(SocketAddr),
 }
 
 #[derive(Default)]
@@ -34,6 +41,13 @@ struct Recorder {
     listens_fail: bool,
     /// The local address of every accepted client (the frontend it connected to).
     local: Option<SocketAddr>,
+    /// A receive is in flight on every UDP socket (after receiving stopped) while set.
+    receiving_in_flight: bool,
+}
+
+/// A descriptor to stand in for an exported socket.
+fn some_fd() -> io::Result<OwnedFd> {
+    Ok(std::fs::File::open("/dev/null")?.into())
 }
 
 impl Recorder {
@@ -53,8 +67,12 @@ impl Driver for Recorder {
         key: ServicePortKey,
         _: bool,
         _: bool,
+        inherited: Option<OwnedFd>,
     ) -> io::Result<Self::Listener> {
-        self.cmds.push(Cmd::Listen(key));
+        self.cmds.push(match inherited {
+            Some(_) => Cmd::Adopt(key),
+            None => Cmd::Listen(key),
+        });
         if self.listens_fail {
             return Err(io::Error::from(io::ErrorKind::AddrInUse));
         }
@@ -103,6 +121,39 @@ impl Driver for Recorder {
     }
     fn close_flow(&mut self, flow: SocketAddr) {
         self.cmds.push(Cmd::CloseFlow(flow));
+    }
+    fn adopt_flow(
+        &mut self,
+        _: FlowId,
+        _: OwnedFd,
+        endpoint: SocketAddr,
+    ) -> io::Result<SocketAddr> {
+        self.cmds.push(Cmd::AdoptFlow(endpoint));
+        Ok(endpoint)
+    }
+    fn export_listener(&self, _: &ServicePortKey) -> io::Result<OwnedFd> {
+        some_fd()
+    }
+    fn export_flow(&self, _: &SocketAddr) -> io::Result<OwnedFd> {
+        some_fd()
+    }
+    fn listener_receiving(&mut self, _: ListenerId, _: &mut ServicePortKey, on: bool) {
+        self.cmds.push(Cmd::Receiving(on));
+    }
+    fn flow_receiving(&mut self, _: FlowId, _: &mut SocketAddr, on: bool) {
+        self.cmds.push(Cmd::Receiving(on));
+    }
+    fn listener_quiet(&self, _: &ServicePortKey) -> bool {
+        !self.receiving_in_flight
+    }
+    fn flow_quiet(&self, _: &SocketAddr) -> bool {
+        !self.receiving_in_flight
+    }
+    fn release_listener(&mut self, _: ListenerId, key: ServicePortKey) {
+        self.cmds.push(Cmd::Release(key));
+    }
+    fn release_flow(&mut self, flow: SocketAddr) {
+        self.cmds.push(Cmd::ReleaseFlow(flow));
     }
 }
 
@@ -834,5 +885,149 @@ fn a_steered_udp_frontend_has_a_listener_to_reply_from_while_it_has_flows() {
             Cmd::CloseFlow(dns_ep),
             Cmd::Unlisten(udp_key("198.18.0.53:53"))
         ]
+    );
+}
+
+/// The fixture's TCP service and a UDP one with one flow open; the UDP frontend's key.
+fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
+    let dns = Service::new("dns")
+        .address("127.0.0.1".parse().unwrap())
+        .port(ServicePort::udp(53));
+    let to = |i: u8| Endpoint::new(SocketAddr::from(([127, 0, 2, i], 53)));
+    f.table
+        .apply(
+            Batch::new()
+                .upsert(dns)
+                .replace_endpoints("dns", vec![to(1), to(2), to(3)]),
+        )
+        .unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    let key = ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp);
+    let listener = f.engine.listener_id(&key).unwrap();
+    let snapshot = f.engine.udp_snapshot(f.t0);
+    f.engine
+        .flow_for(
+            &mut f.io,
+            &snapshot,
+            listener,
+            client(client_port),
+            Destination::default(),
+            f.t0,
+        )
+        .expect("a flow");
+    f.io.take();
+    key
+}
+
+#[test]
+fn a_handover_exports_once_udp_is_quiet_and_a_retired_worker_lets_go_of_its_sockets() {
+    let mut f = fixture(config(), &[ep(1)]);
+    let udp = with_a_udp_flow(&mut f, 7);
+    let flow = f
+        .engine
+        .flows()
+        .iter()
+        .next()
+        .map(|(_, fl)| fl.endpoint)
+        .unwrap();
+
+    // Exporting: receiving stops on the listener and the flow, and the sockets are deposited
+    // only once no receive is in flight.
+    f.io.receiving_in_flight = true;
+    f.control.set_phase(handover::Phase::Exporting);
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(
+        f.io.take(),
+        vec![Cmd::Receiving(false), Cmd::Receiving(false)]
+    );
+    assert!(f.control.wait_exported(Duration::ZERO).is_none());
+    f.io.receiving_in_flight = false;
+    f.engine.poll(&mut f.io, f.t0 + Duration::from_millis(300));
+    let exported = f.control.wait_exported(Duration::ZERO).expect("deposited");
+    let mut keys: Vec<ServicePortKey> = exported[0].listeners.iter().map(|(k, _)| *k).collect();
+    keys.sort();
+    assert_eq!(keys, vec![udp, frontend()]);
+    let (handed, _) = &exported[0].flows[0];
+    assert_eq!(handed.key.client, client(7));
+    assert_eq!(handed.endpoint, flow);
+    assert_eq!(handed.idle, Duration::from_millis(300));
+
+    // Abandoned: receiving resumes. Exported again, then retired: accepting stops, and at
+    // shutdown the sockets are let go of, not closed (no shutdown(2) of another's socket).
+    f.control.set_phase(handover::Phase::Serving);
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(
+        f.io.take(),
+        vec![Cmd::Receiving(true), Cmd::Receiving(true)]
+    );
+    f.control.set_phase(handover::Phase::Exporting);
+    f.engine.poll(&mut f.io, f.t0);
+    assert!(f.control.wait_exported(Duration::ZERO).is_some());
+    f.control.set_phase(handover::Phase::Retired);
+    f.engine.poll(&mut f.io, f.t0);
+    assert!(!f.engine.may_accept());
+    f.io.take();
+    f.control.begin_shutdown(Some(f.t0));
+    f.engine.poll(&mut f.io, f.t0);
+    let mut released = f.io.take();
+    released.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        released,
+        vec![
+            Cmd::Release(udp),
+            Cmd::Release(frontend()),
+            Cmd::ReleaseFlow(flow)
+        ]
+    );
+}
+
+#[test]
+fn an_inheriting_worker_adopts_the_listeners_and_the_flows_it_still_serves() {
+    let mut old = fixture(config(), &[ep(1)]);
+    let udp = with_a_udp_flow(&mut old, 7);
+    let endpoint = old
+        .engine
+        .flows()
+        .iter()
+        .next()
+        .map(|(_, fl)| fl.endpoint)
+        .unwrap();
+    old.control.set_phase(handover::Phase::Exporting);
+    old.engine.poll(&mut old.io, old.t0);
+    let mut exported = old
+        .control
+        .wait_exported(Duration::ZERO)
+        .expect("deposited");
+    // A flow to an endpoint the new table does not have is not adopted.
+    let mut gone = exported[0].flows[0].0;
+    gone.key.client = client(8);
+    gone.endpoint = SocketAddr::from(([127, 0, 2, 9], 53));
+    exported[0].flows.push((gone, some_fd().unwrap()));
+
+    let control = Arc::new(Control::new(old.table.clone(), config(), 1));
+    control.inherit(exported);
+    let mut engine = Engine::new(WorkerContext {
+        index: 0,
+        control: control.clone(),
+    });
+    let mut io = Recorder::default();
+    engine.start(&mut io, old.t0);
+    let mut cmds = io.take();
+    cmds.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        cmds,
+        vec![
+            Cmd::Adopt(udp),
+            Cmd::Adopt(frontend()),
+            Cmd::AdoptFlow(endpoint)
+        ]
+    );
+    assert_eq!(engine.flows().len(), 1);
+    let (_, flow) = engine.flows().iter().next().unwrap();
+    assert_eq!((flow.key.client, flow.endpoint), (client(7), endpoint));
+    assert_eq!(
+        control.drop_inherited(),
+        0,
+        "every inherited socket was taken or dropped"
     );
 }

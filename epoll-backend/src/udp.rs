@@ -23,6 +23,9 @@ const ROUNDS: usize = 8;
 impl Worker {
     /// Forwards datagrams waiting on a UDP listener.
     pub(crate) fn udp_from_clients(&mut self, listener: ListenerId, now: Instant) {
+        if self.io.udp_paused {
+            return;
+        }
         let mut routes: Vec<(FlowId, usize)> = Vec::with_capacity(self.io.batch.capacity());
         for _ in 0..ROUNDS {
             let Some(l) = self.engine.listener(listener) else {
@@ -98,6 +101,9 @@ impl Worker {
 
     /// Forwards replies waiting on a flow's socket back to its client.
     pub(crate) fn udp_from_backend(&mut self, id: SlotId, now: Instant) {
+        if self.io.udp_paused {
+            return;
+        }
         for _ in 0..ROUNDS {
             let Some(flow) = self.engine.flows().get(id) else {
                 return;

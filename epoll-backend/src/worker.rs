@@ -18,7 +18,10 @@ use svcproxy_core::{
 };
 use svcproxy_sys::dgram::MAX_DATAGRAM;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
-use svcproxy_sys::{ListenOptions, PipePool, RecvBatch, Waker, accept, connect, listen, reset};
+use svcproxy_sys::{
+    ListenOptions, PipePool, RecvBatch, Waker, accept, adopt_flow, adopt_listener, connect, listen,
+    reset,
+};
 use tracing::debug;
 
 use crate::tcp::{Buffers, Conn, Failed, Pumped, pump};
@@ -54,6 +57,8 @@ pub(crate) struct Io {
     pub(crate) batch: RecvBatch,
     pub(crate) ready: VecDeque<Work>,
     listen_options: ListenOptions,
+    /// UDP receiving is paused for a handover: datagrams wait in the sockets.
+    pub(crate) udp_paused: bool,
 }
 
 pub(crate) struct Worker {
@@ -73,8 +78,12 @@ impl Driver for Io {
         key: ServicePortKey,
         transparent: bool,
         _: bool,
+        inherited: Option<OwnedFd>,
     ) -> io::Result<Socket> {
-        let socket = listen(key, &self.listen_options, transparent)?;
+        let socket = match inherited {
+            Some(fd) => adopt_listener(fd, key)?,
+            None => listen(key, &self.listen_options, transparent)?,
+        };
         let (kind, work) = match key.protocol {
             Protocol::Tcp => (Kind::TcpListener, Work::Accept(id)),
             Protocol::Udp => (Kind::UdpListener, Work::Udp(id)),
@@ -187,6 +196,58 @@ impl Driver for Io {
     fn close_flow(&mut self, socket: Socket) {
         drop(socket);
     }
+
+    fn adopt_flow(&mut self, id: FlowId, fd: OwnedFd, endpoint: SocketAddr) -> io::Result<Socket> {
+        let socket = adopt_flow(fd, endpoint)?;
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+        watch(&self.epoll, &socket, Token::new(Kind::Flow, id), flags)?;
+        // Edge-triggered: replies that arrived before the watch are taken now.
+        self.ready.push_back(Work::Replies(id));
+        Ok(socket)
+    }
+
+    fn export_listener(&self, l: &Socket) -> io::Result<OwnedFd> {
+        l.as_fd().try_clone_to_owned()
+    }
+
+    fn export_flow(&self, flow: &Socket) -> io::Result<OwnedFd> {
+        flow.as_fd().try_clone_to_owned()
+    }
+
+    fn listener_receiving(&mut self, id: ListenerId, _: &mut Socket, on: bool) {
+        self.udp_paused = !on;
+        if on {
+            self.ready.push_back(Work::Udp(id));
+        }
+    }
+
+    fn flow_receiving(&mut self, id: FlowId, _: &mut Socket, on: bool) {
+        self.udp_paused = !on;
+        if on {
+            self.ready.push_back(Work::Replies(id));
+        }
+    }
+
+    fn listener_quiet(&self, _: &Socket) -> bool {
+        // Receiving is a system call made only while not paused.
+        true
+    }
+
+    fn flow_quiet(&self, _: &Socket) -> bool {
+        true
+    }
+
+    fn release_listener(&mut self, _: ListenerId, socket: Socket) {
+        // The epoll registration belongs to the socket, which another process keeps open:
+        // without this, its events would go on waking this worker.
+        let _ = epoll::delete(&self.epoll, &socket);
+        drop(socket);
+    }
+
+    fn release_flow(&mut self, socket: Socket) {
+        let _ = epoll::delete(&self.epoll, &socket);
+        drop(socket);
+    }
 }
 
 impl Worker {
@@ -204,6 +265,7 @@ impl Worker {
                     backlog: config.listen_backlog as i32,
                     ..ListenOptions::default()
                 },
+                udp_paused: false,
             },
             engine: Engine::new(ctx),
             waker,

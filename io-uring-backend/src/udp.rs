@@ -43,6 +43,19 @@ impl AsMut<InFlight> for FlowSocket {
     }
 }
 
+impl AsFd for FlowSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl FlowSocket {
+    /// No receive is in flight on it.
+    pub(crate) fn quiet(&self) -> bool {
+        !self.ops.armed
+    }
+}
+
 /// Which socket a datagram send is queued on.
 #[derive(Debug, Clone, Copy)]
 enum Sender {
@@ -64,6 +77,11 @@ impl Io {
         source: Option<SocketAddr>,
     ) -> io::Result<FlowSocket> {
         let socket = connect(endpoint, Protocol::Udp, source, source.is_some())?;
+        self.continue_flow(id, socket)
+    }
+
+    /// A flow on `socket` (connected to its endpoint), receiving its replies.
+    pub(crate) fn continue_flow(&mut self, id: FlowId, socket: Socket) -> io::Result<FlowSocket> {
         let mut flow = FlowSocket {
             socket,
             id,
@@ -73,8 +91,17 @@ impl Io {
         Ok(flow)
     }
 
+    /// Stops (`false`, once the cancelled receive ends) or resumes receiving a flow's replies.
+    pub(crate) fn flow_receiving(&mut self, flow: &mut FlowSocket, on: bool) {
+        if on {
+            self.arm_flow(flow);
+        } else if flow.ops.armed {
+            self.cancel(&flow.socket);
+        }
+    }
+
     fn arm_flow(&mut self, flow: &mut FlowSocket) {
-        if flow.ops.armed {
+        if flow.ops.armed || self.udp_paused {
             return;
         }
         let ud = token::user_data(Op::FlowRecv, flow.id);

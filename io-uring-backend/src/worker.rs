@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +22,7 @@ use svcproxy_core::{
     Control, Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext,
 };
 use svcproxy_sys::socket::is_resource_exhaustion;
-use svcproxy_sys::{ListenOptions, PipePool, Waker, listen};
+use svcproxy_sys::{ListenOptions, PipePool, Waker, adopt_flow, adopt_listener, listen};
 use tracing::{debug, warn};
 
 use crate::inflight::{Closing, InFlight};
@@ -53,6 +53,12 @@ impl AsMut<InFlight> for Listener {
     }
 }
 
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 /// The driver: the ring, its buffers, and what waits for its last completions.
 pub(crate) struct Io {
     pub(crate) ring: Ring,
@@ -76,6 +82,9 @@ pub(crate) struct Io {
     pub(crate) listen_options: ListenOptions,
     /// The proxy's connection budget, read to choose how listeners accept.
     control: Arc<Control>,
+    /// UDP receiving is paused for a handover: no multishot receive is armed on a UDP
+    /// listener or flow, and datagrams wait in the sockets.
+    pub(crate) udp_paused: bool,
 }
 
 pub(crate) struct Worker {
@@ -107,7 +116,7 @@ impl Io {
 
     /// Starts the listener's accept (or multishot `recvmsg`) if it is not running.
     pub(crate) fn arm_listener(&mut self, id: ListenerId, l: &mut Listener) {
-        if l.ops.armed || l.starved {
+        if l.ops.armed || l.starved || (self.udp_paused && l.key.protocol == Protocol::Udp) {
             return;
         }
         let many = self.accept_many();
@@ -161,6 +170,7 @@ impl Worker {
                     ..ListenOptions::default()
                 },
                 control: ctx.control.clone(),
+                udp_paused: false,
             },
             engine: Engine::new(ctx),
             waker,
@@ -302,10 +312,15 @@ impl svcproxy_core::Driver for Io {
         key: ServicePortKey,
         transparent: bool,
         accepting: bool,
+        inherited: Option<OwnedFd>,
     ) -> io::Result<Listener> {
+        let socket = match inherited {
+            Some(fd) => adopt_listener(fd, key)?,
+            None => listen(key, &self.listen_options, transparent)?,
+        };
         let mut l = Listener {
             key,
-            socket: listen(key, &self.listen_options, transparent)?,
+            socket,
             ops: InFlight::default(),
             starved: false,
         };
@@ -382,6 +397,58 @@ impl svcproxy_core::Driver for Io {
     }
 
     fn close_flow(&mut self, flow: FlowSocket) {
+        self.end_flow(flow);
+    }
+
+    fn adopt_flow(
+        &mut self,
+        id: FlowId,
+        socket: OwnedFd,
+        endpoint: SocketAddr,
+    ) -> io::Result<FlowSocket> {
+        self.continue_flow(id, adopt_flow(socket, endpoint)?)
+    }
+
+    fn export_listener(&self, l: &Listener) -> io::Result<OwnedFd> {
+        l.as_fd().try_clone_to_owned()
+    }
+
+    fn export_flow(&self, flow: &FlowSocket) -> io::Result<OwnedFd> {
+        flow.as_fd().try_clone_to_owned()
+    }
+
+    fn listener_receiving(&mut self, id: ListenerId, l: &mut Listener, on: bool) {
+        self.udp_paused = !on;
+        if on {
+            self.arm_listener(id, l);
+        } else if l.ops.armed {
+            // Armed until the cancelled receive's last completion (`listener_quiet`).
+            self.cancel(&l.socket);
+        }
+    }
+
+    fn flow_receiving(&mut self, _: FlowId, flow: &mut FlowSocket, on: bool) {
+        self.udp_paused = !on;
+        self.flow_receiving(flow, on);
+    }
+
+    fn listener_quiet(&self, l: &Listener) -> bool {
+        !l.ops.armed
+    }
+
+    fn flow_quiet(&self, flow: &FlowSocket) -> bool {
+        flow.quiet()
+    }
+
+    fn release_listener(&mut self, id: ListenerId, l: Listener) {
+        // As `unlisten`, without the shutdown: the socket is another process's too.
+        if l.ops.armed {
+            self.cancel(&l.socket);
+        }
+        self.closing_listeners.hold(id, l);
+    }
+
+    fn release_flow(&mut self, flow: FlowSocket) {
         self.end_flow(flow);
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod ancillary;
 pub mod dgram;
+pub mod fd_passing;
 pub mod limits;
 pub mod pipe;
 pub mod socket;
@@ -20,5 +21,7 @@ pub mod waker;
 
 pub use dgram::{Datagram, RecvBatch, send_many};
 pub use pipe::{Pipe, PipePool};
-pub use socket::{ListenOptions, accept, connect, listen, local_addr, outbound, reset};
+pub use socket::{
+    ListenOptions, accept, adopt_flow, adopt_listener, connect, listen, local_addr, outbound, reset,
+};
 pub use waker::Waker;

@@ -92,6 +92,51 @@ pub fn listen(
     Ok(socket)
 }
 
+/// Takes over a listening socket another process handed over for `key` (see
+/// `svcproxy_core::handover`), after checking that it is one: bound to `key`'s address, of
+/// its protocol's type, and (TCP) listening. Made non-blocking; its options are as the other
+/// process set them (that process made it with [`listen`]).
+pub fn adopt_listener(fd: std::os::fd::OwnedFd, key: ServicePortKey) -> io::Result<Socket> {
+    let socket = Socket::from(fd);
+    let wrong = |what: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("inherited socket for {key}: {what}"),
+        )
+    };
+    let expected = match key.protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    if socket.r#type()? != expected {
+        return Err(wrong("not of the protocol's socket type".into()));
+    }
+    let bound = local_addr(&socket)?;
+    if bound != key.addr {
+        return Err(wrong(format!("bound to {bound}")));
+    }
+    if key.protocol == Protocol::Tcp && !socket.is_listener()? {
+        return Err(wrong("not listening".into()));
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Takes over a UDP flow's socket another process handed over, after checking that it is a
+/// datagram socket connected to `endpoint`. Made non-blocking.
+pub fn adopt_flow(fd: std::os::fd::OwnedFd, endpoint: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::from(fd);
+    let peer = socket.peer_addr()?.as_socket();
+    if socket.r#type()? != Type::DGRAM || peer != Some(endpoint) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("inherited flow socket: not a UDP socket connected to {endpoint}"),
+        ));
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// Makes each datagram report its destination: the local address (`IP_PKTINFO`), or for a
 /// `transparent` socket the original destination, port included.
 fn enable_destination(socket: &Socket, v6: bool, transparent: bool) -> io::Result<()> {

@@ -21,7 +21,11 @@
 //! - **UDP flows**: the worker's [`FlowTable`], purged as the table changes and expired when
 //!   idle;
 //! - **timers**: cancellable ([`Timers`]); every entry belongs to a live connection, pause or
-//!   tick, so closed connections leave none behind.
+//!   tick, so closed connections leave none behind;
+//! - **handover** ([`crate::handover`]): following the phase [`Control`](crate::Control)
+//!   holds, it pauses UDP and exports the worker's sockets, resumes, or retires (accepts and
+//!   receives nothing more, and at shutdown lets go of its sockets without ending them);
+//!   started with an inheritance, it adopts the inherited listeners and flows.
 //!
 //! Its inputs are events, given by the driver as method calls: a client was accepted
 //! ([`Engine::accepted`]), a connect completed or failed, EOF was read, bytes moved, an error,
@@ -48,6 +52,7 @@ mod udp;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -57,6 +62,7 @@ use crate::clients::KeyCounts;
 use crate::config::ProxyConfig;
 use crate::control::WorkerContext;
 use crate::flow::{FlowId, FlowTable};
+use crate::handover::{Phase, WorkerSockets};
 use crate::loom::sync::Arc;
 use crate::model::{Protocol, ServicePortKey};
 use crate::session::Side;
@@ -97,16 +103,20 @@ pub trait Driver {
     type Flow;
 
     /// Opens a listener for `key` and starts serving it: TCP listeners take clients when
-    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive. A
+    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive (unless
+    /// receiving is paused, see [`Driver::listener_receiving`]). A
     /// `transparent` one (see [`crate::steering`]) is bound with `IP_TRANSPARENT`, and UDP
     /// ones report each datagram's original destination. (A steered UDP frontend's listener,
-    /// opened to reply from, is transparent too: its address need not be local.)
+    /// opened to reply from, is transparent too: its address need not be local.) With
+    /// `inherited`, a socket another process handed over for `key` is adopted instead of a
+    /// new one being bound (it is checked to be bound there, with the right type).
     fn listen(
         &mut self,
         id: ListenerId,
         key: ServicePortKey,
         transparent: bool,
         accepting: bool,
+        inherited: Option<OwnedFd>,
     ) -> io::Result<Self::Listener>;
 
     /// The local address of an accepted client's socket: the frontend it connected to, when
@@ -158,6 +168,44 @@ pub trait Driver {
 
     /// Closes a flow's socket (now, or once the operations in flight on it have ended).
     fn close_flow(&mut self, flow: Self::Flow);
+
+    /// Goes on with a flow socket another process handed over (checked to be connected to
+    /// `endpoint`): starts receiving its replies, unless receiving is paused.
+    fn adopt_flow(
+        &mut self,
+        id: FlowId,
+        socket: OwnedFd,
+        endpoint: SocketAddr,
+    ) -> io::Result<Self::Flow>;
+
+    /// A duplicate of the listener's socket, to hand over to another process.
+    fn export_listener(&self, listener: &Self::Listener) -> io::Result<OwnedFd>;
+
+    /// A duplicate of the flow's socket, to hand over to another process.
+    fn export_flow(&self, flow: &Self::Flow) -> io::Result<OwnedFd>;
+
+    /// Stops (`false`) or resumes receiving datagrams on a UDP listener. While stopped, they
+    /// wait in the socket's buffer, and listeners and flows opened meanwhile do not receive.
+    fn listener_receiving(&mut self, id: ListenerId, listener: &mut Self::Listener, on: bool);
+
+    /// Stops (`false`) or resumes receiving replies on a flow's socket, as
+    /// [`Driver::listener_receiving`].
+    fn flow_receiving(&mut self, id: FlowId, flow: &mut Self::Flow, on: bool);
+
+    /// Whether nothing is being received on the UDP listener any more (a receive in flight
+    /// when receiving stopped has ended).
+    fn listener_quiet(&self, listener: &Self::Listener) -> bool;
+
+    /// Whether nothing is being received on the flow's socket any more.
+    fn flow_quiet(&self, flow: &Self::Flow) -> bool;
+
+    /// Another process serves this listener's socket now: stop using it and close this
+    /// process's descriptor, without ending the socket (no `shutdown(2)`, which would end it
+    /// for every process that holds it).
+    fn release_listener(&mut self, id: ListenerId, listener: Self::Listener);
+
+    /// Another process serves this flow's socket now: as [`Driver::release_listener`].
+    fn release_flow(&mut self, flow: Self::Flow);
 }
 
 /// A listener of the engine: its frontend and the driver's socket.
@@ -169,6 +217,19 @@ pub struct Listening<L> {
     pub transparent: bool,
     /// The driver's listener.
     pub io: L,
+}
+
+/// Where a worker is in a handover ([`crate::handover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// Serving as usual.
+    Serving,
+    /// UDP receiving stopped; exporting once no receive is in flight.
+    Pausing,
+    /// Sockets exported; UDP stays paused until the handover ends.
+    Exported,
+    /// Another process serves the sockets.
+    Retired,
 }
 
 /// Why accepting is paused.
@@ -225,6 +286,7 @@ pub struct Engine<D: Driver> {
     stopping: bool,
     /// Inside [`Engine::serve_waiting`]: connections closed meanwhile leave the serving to it.
     serving: bool,
+    handover: Handover,
 }
 
 impl<D: Driver> std::fmt::Debug for Engine<D> {
@@ -265,6 +327,7 @@ impl<D: Driver> Engine<D> {
             timers: Timers::default(),
             stopping: false,
             serving: false,
+            handover: Handover::Serving,
         }
     }
 
@@ -278,16 +341,46 @@ impl<D: Driver> Engine<D> {
         &self.config
     }
 
-    /// Opens the current table's listeners and starts the tick. Call once, first.
+    /// Opens the current table's listeners (adopting inherited sockets), goes on with the
+    /// inherited UDP flows, and starts the tick. Call once, first.
     pub fn start(&mut self, io: &mut D, now: Instant) {
         self.apply_table(io, now);
+        self.adopt_flows(io, now);
         self.timers.add(now + TICK, Timer::Tick);
+    }
+
+    /// Goes on with the UDP flows inherited from a process that handed over: those whose
+    /// listener this worker has and whose endpoint still serves their client.
+    fn adopt_flows(&mut self, io: &mut D, now: Instant) {
+        let inherited = self.ctx.control.take_inherited_flows(self.ctx.index);
+        if inherited.is_empty() {
+            return;
+        }
+        let snapshot = self.ctx.table().load_full();
+        let (mut adopted, offered) = (0, inherited.len());
+        for (handed, socket) in inherited {
+            if !self.by_key.contains_key(&handed.listener) {
+                continue;
+            }
+            match self.flows.adopt(&handed, &snapshot, now, |id| {
+                io.adopt_flow(id, socket, handed.endpoint)
+            }) {
+                Ok(Some(_)) => adopted += 1,
+                Ok(None) => {}
+                Err(e) => debug!(client = %handed.key.client, error = %e, "cannot adopt a flow"),
+            }
+        }
+        info!(
+            worker = self.ctx.index,
+            adopted, offered, "inherited UDP flows"
+        );
     }
 
     /// Brings the engine up to `now`: begins the shutdown once it was asked for, runs the
     /// timers that are due and applies a newly published table. Call after each batch of
     /// events, and when [`Engine::next_deadline`] has passed.
     pub fn poll(&mut self, io: &mut D, now: Instant) {
+        self.follow_handover(io, now);
         if !self.stopping && self.ctx.control.stopping() {
             self.begin_stop(io, now);
         }
@@ -352,7 +445,88 @@ impl<D: Driver> Engine<D> {
 
     /// Whether TCP listeners should take clients now.
     pub fn may_accept(&self) -> bool {
-        self.paused.is_none() && !self.stopping
+        self.paused.is_none() && !self.stopping && self.handover != Handover::Retired
+    }
+
+    /// Follows the handover phase the owner set (see [`crate::handover`]).
+    fn follow_handover(&mut self, io: &mut D, now: Instant) {
+        match (self.ctx.control.phase(), self.handover) {
+            (Phase::Exporting, Handover::Serving) => {
+                self.set_receiving(io, false);
+                self.handover = Handover::Pausing;
+                self.follow_handover(io, now);
+            }
+            (Phase::Exporting, Handover::Pausing) if self.udp_quiet(io) => {
+                let sockets = self.export(io, now);
+                info!(
+                    worker = self.ctx.index,
+                    listeners = sockets.listeners.len(),
+                    flows = sockets.flows.len(),
+                    "sockets exported for a handover"
+                );
+                self.ctx.control.deposit(self.ctx.index, sockets);
+                self.handover = Handover::Exported;
+            }
+            (Phase::Serving, Handover::Pausing | Handover::Exported) => {
+                info!(
+                    worker = self.ctx.index,
+                    "handover abandoned; receiving UDP again"
+                );
+                self.set_receiving(io, true);
+                self.handover = Handover::Serving;
+            }
+            (Phase::Retired, was) if was != Handover::Retired => {
+                if was == Handover::Serving {
+                    self.set_receiving(io, false);
+                }
+                self.handover = Handover::Retired;
+                self.set_accepting(io, false);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops or resumes receiving on every UDP listener and flow socket.
+    fn set_receiving(&mut self, io: &mut D, on: bool) {
+        for (id, l) in self.listeners.iter_mut() {
+            if l.key.protocol == Protocol::Udp {
+                io.listener_receiving(id, &mut l.io, on);
+            }
+        }
+        for id in self.flows.iter().map(|(id, _)| id).collect::<Vec<_>>() {
+            if let Some(flow) = self.flows.get_mut(id) {
+                io.flow_receiving(id, &mut flow.handle, on);
+            }
+        }
+    }
+
+    /// Whether no UDP receive is in flight on any listener or flow socket.
+    fn udp_quiet(&self, io: &D) -> bool {
+        self.listeners
+            .iter()
+            .all(|(_, l)| l.key.protocol == Protocol::Tcp || io.listener_quiet(&l.io))
+            && self.flows.iter().all(|(_, f)| io.flow_quiet(&f.handle))
+    }
+
+    /// Duplicates of this worker's listening sockets and of its live flows' sockets, with
+    /// their flows. A socket that cannot be duplicated (out of descriptors) is left out: the
+    /// other process binds that frontend anew, or starts that flow anew.
+    fn export(&self, io: &D, now: Instant) -> WorkerSockets {
+        let mut sockets = WorkerSockets::default();
+        for (_, l) in self.listeners.iter() {
+            match io.export_listener(&l.io) {
+                Ok(fd) => sockets.listeners.push((l.key, fd)),
+                Err(e) => warn!(key = %l.key, error = %e, "cannot hand over a listener"),
+            }
+        }
+        for (id, flow) in self.flows.iter().filter(|(_, f)| !f.is_retired()) {
+            let (Some(handed), Ok(fd)) = (self.flows.handed(id, now), io.export_flow(&flow.handle))
+            else {
+                continue;
+            };
+            sockets.flows.push((handed, fd));
+        }
+        sockets
     }
 
     fn fire(&mut self, io: &mut D, timer: Timer, now: Instant) {
@@ -499,8 +673,12 @@ impl<D: Driver> Engine<D> {
         accepting: bool,
     ) -> io::Result<()> {
         let serves_steered = self.steering.is_some_and(|s| s.is_listener(&key));
+        let inherited = self
+            .ctx
+            .control
+            .take_inherited_listener(self.ctx.index, &key);
         let id = self.listeners.insert_with(|id| {
-            io.listen(id, key, transparent, accepting)
+            io.listen(id, key, transparent, accepting, inherited)
                 .map(|l| Listening {
                     key,
                     transparent: serves_steered,
@@ -517,7 +695,31 @@ impl<D: Driver> Engine<D> {
             && let Some(l) = self.listeners.remove(id)
         {
             debug!(%key, "listener closed");
-            io.unlisten(id, l.io);
+            self.end_listener(io, id, l.io);
+        }
+    }
+
+    /// Whether this worker's sockets may be in another process's hands (exported or
+    /// retired): they are let go of, never ended.
+    fn shared(&self) -> bool {
+        matches!(self.handover, Handover::Exported | Handover::Retired)
+    }
+
+    /// Closes a listener removed from the engine, or lets go of it if it is shared.
+    fn end_listener(&mut self, io: &mut D, id: ListenerId, listener: D::Listener) {
+        if self.shared() {
+            io.release_listener(id, listener);
+        } else {
+            io.unlisten(id, listener);
+        }
+    }
+
+    /// Closes a flow's socket removed from the flow table, or lets go of it if it is shared.
+    fn end_flow(&mut self, io: &mut D, socket: D::Flow) {
+        if self.shared() {
+            io.release_flow(socket);
+        } else {
+            io.close_flow(socket);
         }
     }
 
@@ -543,13 +745,14 @@ impl<D: Driver> Engine<D> {
     }
 
     /// Shutdown began: stop listening (clients are refused from now on), refuse waiting
-    /// clients, close UDP flows, and give open connections until the deadline.
+    /// clients, close UDP flows, and give open connections until the deadline. A worker
+    /// that handed its sockets over lets go of them instead: another process serves them.
     fn begin_stop(&mut self, io: &mut D, now: Instant) {
         self.stopping = true;
         self.by_key.clear();
         for id in self.listeners.ids() {
             if let Some(l) = self.listeners.remove(id) {
-                io.unlisten(id, l.io);
+                self.end_listener(io, id, l.io);
             }
         }
         for key in std::mem::take(&mut self.failed_binds) {
@@ -561,7 +764,7 @@ impl<D: Driver> Engine<D> {
         let ids: Vec<FlowId> = self.flows.iter().map(|(id, _)| id).collect();
         for id in ids {
             if let Some(flow) = self.flows.remove(id) {
-                io.close_flow(flow.handle);
+                self.end_flow(io, flow.handle);
             }
         }
         if let Some(deadline) = self.ctx.control.deadline() {

@@ -68,7 +68,7 @@ impl<D: Driver> Engine<D> {
         {
             debug!(client = %old.key.client, "flow evicted to make room: no reply came back on it");
             old.tally.evicted();
-            io.close_flow(old.handle);
+            self.end_flow(io, old.handle);
         }
         self.flows
             .open(key, frontend, snapshot, now, limits, |id, endpoint| {
@@ -141,13 +141,13 @@ impl<D: Driver> Engine<D> {
         if let Some(flow) = self.flows.remove(id) {
             debug!(endpoint = %flow.endpoint, "flow failed");
             flow.tally.connect_error();
-            io.close_flow(flow.handle);
+            self.end_flow(io, flow.handle);
         }
     }
 
     pub(super) fn expire_flows(&mut self, io: &mut D, now: Instant) {
         for flow in self.flows.expire(now) {
-            io.close_flow(flow.handle);
+            self.end_flow(io, flow.handle);
         }
     }
 }
