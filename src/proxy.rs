@@ -1,6 +1,10 @@
 //! The running proxy: worker threads of the chosen backend, woken on every table publish, each
 //! supervised ([`svcproxy_core::supervisor`]): a worker that panics or fails is restarted with
 //! backoff, and one that keeps failing is reported down ([`Proxy::workers`]).
+//!
+//! A proxy can hand its sockets to another process ([`Proxy::export`], then [`Proxy::retire`]
+//! or [`Proxy::resume`]), and start from sockets handed over ([`Proxy::start_inheriting`]):
+//! see [`svcproxy_core::handover`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -8,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use svcproxy_core::handover::{Phase, WorkerSockets};
 use svcproxy_core::table::SubscriptionId;
 use svcproxy_core::{
     Control, DescriptorBudget, Forwarding, PortStats, ProxyConfig, ServicePortKey, Table,
@@ -69,6 +74,9 @@ pub enum Error {
         /// How long was waited.
         timeout: Duration,
     },
+    /// A handover to another process could not be made; this proxy serves on.
+    #[error("handover: {0}")]
+    Handover(String),
     /// A worker stopped with an error.
     #[error("worker {worker} failed: {error}")]
     Worker {
@@ -97,6 +105,18 @@ impl Proxy {
     /// Starts the workers on `table` and waits until they listen on its current frontends.
     /// Later changes to `table` apply while the proxy runs.
     pub fn start(table: Arc<Table>, options: Options) -> Result<Proxy, Error> {
+        Self::start_inheriting(table, options, Vec::new())
+    }
+
+    /// As [`Proxy::start`], with the sockets another process handed over (by worker, as its
+    /// [`Proxy::export`] returned them): worker `i` adopts worker `i`'s listeners and UDP
+    /// flows where its table serves them. Inherited sockets no worker took are closed once
+    /// the workers listen.
+    pub fn start_inheriting(
+        table: Arc<Table>,
+        options: Options,
+        inherited: Vec<WorkerSockets>,
+    ) -> Result<Proxy, Error> {
         options.config.validate().map_err(Error::Config)?;
         let backend = match options.backend {
             BackendKind::Auto => match io_uring_available() {
@@ -135,6 +155,7 @@ impl Proxy {
             "starting svcproxy"
         );
         let control = Arc::new(Control::new(table.clone(), config, workers));
+        control.inherit(inherited);
         let wakers: Arc<Vec<Arc<Waker>>> = Arc::new(
             (0..workers)
                 .map(|_| Waker::new().map(Arc::new))
@@ -194,7 +215,55 @@ impl Proxy {
                 timeout: START_TIMEOUT,
             });
         }
+        let unused = control.drop_inherited();
+        if unused > 0 {
+            info!(
+                sockets = unused,
+                "inherited sockets this table does not serve were closed"
+            );
+        }
         Ok(proxy)
+    }
+
+    /// Number of worker threads.
+    pub fn worker_count(&self) -> usize {
+        self.control.workers()
+    }
+
+    /// Begins a handover: every worker stops receiving UDP and exports its sockets (see
+    /// [`svcproxy_core::handover`]). Returns them by worker, once all have; TCP keeps being
+    /// served meanwhile. Then call [`Proxy::retire`] once the other process serves them, or
+    /// [`Proxy::resume`] if it failed. On timeout the handover is abandoned (as by
+    /// `resume`).
+    pub fn export(&self, timeout: Duration) -> Result<Vec<WorkerSockets>, Error> {
+        self.set_phase(Phase::Exporting);
+        match self.control.wait_exported(timeout) {
+            Some(sockets) => Ok(sockets),
+            None => {
+                self.resume();
+                Err(Error::Handover(format!(
+                    "the workers did not export their sockets within {timeout:?}"
+                )))
+            }
+        }
+    }
+
+    /// Abandons a handover: UDP is received again.
+    pub fn resume(&self) {
+        self.set_phase(Phase::Serving);
+    }
+
+    /// Ends a handover: another process serves the exported sockets. This proxy accepts and
+    /// receives nothing more; its connections go on until they end or
+    /// [`Proxy::drain`] / [`Proxy::shutdown`] end them, and its sockets are let go of, never
+    /// ended.
+    pub fn retire(&self) {
+        self.set_phase(Phase::Retired);
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.control.set_phase(phase);
+        self.wakers.iter().for_each(|w| w.wake());
     }
 
     /// The backend running.

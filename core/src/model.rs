@@ -71,6 +71,21 @@ impl fmt::Display for ServicePortKey {
     }
 }
 
+impl FromStr for ServicePortKey {
+    type Err = String;
+
+    /// Parses what [`fmt::Display`] writes: `ADDRESS:PORT/PROTOCOL`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, protocol) = s
+            .rsplit_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDRESS:PORT/PROTOCOL"))?;
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("{s:?}: the address: {e}"))?;
+        Ok(ServicePortKey::new(addr, protocol.parse()?))
+    }
+}
+
 /// Which backend port a service port forwards to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum TargetPort {

@@ -30,7 +30,7 @@ pub struct Counters {
 
 /// The values of [`Counters`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CounterValues {
     /// Connections (TCP) or flows (UDP) ever opened.
     pub connections_total: u64,
@@ -93,6 +93,24 @@ impl Counters {
     #[inline]
     pub fn add_limited(&self) {
         self.limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `v` (counted by another process that handed over; see
+    /// [`crate::handover`]) to every counter but the open connections, which stay that
+    /// process's.
+    pub fn carry(&self, v: &CounterValues) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.connections_total, v.connections_total);
+        add(&self.bytes_in, v.bytes_in);
+        add(&self.bytes_out, v.bytes_out);
+        add(&self.connect_errors, v.connect_errors);
+        add(&self.refused, v.refused);
+        add(&self.limited, v.limited);
+        add(&self.evicted, v.evicted);
+        add(&self.datagrams_in, v.datagrams_in);
+        add(&self.datagrams_out, v.datagrams_out);
     }
 
     /// Reads every counter.

@@ -130,6 +130,23 @@ impl Table {
         }
     }
 
+    /// An empty table whose next publish is generation `generation + 1`: it goes on from a
+    /// table another process published (see [`crate::handover`]), so that generations keep
+    /// growing across a restart.
+    pub fn continuing(config: TableConfig, generation: u64) -> Self {
+        let table = Self::new(config);
+        let empty = table.cell.load_full();
+        table.cell.store(Arc::new(Snapshot {
+            table_id: empty.table_id,
+            generation,
+            updated: empty.updated,
+            services: empty.services.clone(),
+            frontends: empty.frontends.clone(),
+            locality: empty.locality.clone(),
+        }));
+        table
+    }
+
     /// The table's settings.
     pub fn config(&self) -> &TableConfig {
         &self.config

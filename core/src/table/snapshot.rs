@@ -238,6 +238,35 @@ impl Snapshot {
             .is_some_and(|p| p.contains(backend))
     }
 
+    /// Adds counters another process counted (its [`Snapshot::stats`], handed over; see
+    /// [`crate::handover`]) to this table's, matched by service name and port label, and by
+    /// endpoint address. Returns how many service ports matched; the others are dropped.
+    pub fn carry_stats(&self, stats: &[PortStats]) -> usize {
+        let mut matched = 0;
+        for carried in stats {
+            let Some(service) = self.service(&carried.service) else {
+                continue;
+            };
+            let Some(entry) = service
+                .spec
+                .ports
+                .iter()
+                .position(|p| p.label() == carried.port)
+                .map(|i| &service.ports[i])
+            else {
+                continue;
+            };
+            matched += 1;
+            entry.counters.carry(&carried.totals);
+            for (addr, values) in &carried.endpoints {
+                if let Some((_, c)) = entry.endpoint_counters.iter().find(|(a, _)| a == addr) {
+                    c.carry(values);
+                }
+            }
+        }
+        matched
+    }
+
     /// Counters of every service port (sorted by service and port), with per-endpoint counters.
     pub fn stats(&self) -> Vec<PortStats> {
         let mut services: Vec<&ServiceEntry> = self.services().collect();
