@@ -71,6 +71,22 @@ impl fmt::Display for ServicePortKey {
     }
 }
 
+/// As its text (`ADDRESS:PORT/PROTOCOL`).
+#[cfg(feature = "serde")]
+impl serde::Serialize for ServicePortKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for ServicePortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for ServicePortKey {
     type Err = String;
 

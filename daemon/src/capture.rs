@@ -35,7 +35,10 @@
 //! nftables rule, and the same policy rule delivers them locally.
 //!
 //! Everything is created at start and removed on exit (or when dropped): the interface (or
-//! the loopback addresses), the nftables table and the policy rule. Links, addresses, rules and
+//! the loopback addresses), the nftables table and the policy rule. In a handover to another
+//! svcproxyd ([`crate::upgrade`]) nothing is removed or re-created: the running process
+//! describes its capture ([`Capture::hand_over`], a [`CaptureState`]) and the new one
+//! takes it as it is ([`Capture::adopt`]), so packets are captured all along. Links, addresses, rules and
 //! routes change through netlink ([`crate::netlink`]); the nftables rules go to `nft`
 //! (nftables) on its standard input (no file: a file written as root at a predictable path
 //! would follow a symlink planted there).
@@ -114,6 +117,32 @@ pub struct Capture {
     steered: Option<BTreeSet<ServicePortKey>>,
     /// The ARP settings replaced by strict ones (addresses on an interface), to put back.
     arp: Vec<(&'static str, String)>,
+    /// The routing and marking of client source preservation are installed.
+    preserve_client_ip: bool,
+    /// Handed over to another process: dropping it removes nothing.
+    handed_over: bool,
+}
+
+/// What a capture holds, handed from one svcproxyd to the next.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureState {
+    /// The dummy interface the addresses are on (`None`: the loopback interface, or none
+    /// with steering).
+    pub dummy: Option<String>,
+    /// The port of the transparent listeners, when frontends are steered.
+    pub steering: Option<u16>,
+    /// The routing of source preservation is installed.
+    pub preserve_client_ip: bool,
+    /// The service addresses captured.
+    pub addresses: BTreeSet<IpAddr>,
+    /// Steering: the frontends in the sets (`None`: unknown, rewritten at the next sync).
+    pub steered: Option<BTreeSet<ServicePortKey>>,
+    /// The nftables table is loaded.
+    pub nft: bool,
+    /// The policy routing of marked packets is installed.
+    pub routing: bool,
+    /// The ARP settings to put back at the end, by path.
+    pub arp: Vec<(String, String)>,
 }
 
 /// kube-proxy's `strictARP`: answer ARP only for addresses of the interface asked on, and
@@ -303,6 +332,8 @@ impl Capture {
             steering,
             steered: Some(BTreeSet::new()),
             arp: Vec::new(),
+            preserve_client_ip,
+            handed_over: false,
         };
         if steering.is_none() {
             capture.arp = strict_arp()?;
@@ -321,6 +352,87 @@ impl Capture {
             "capturing service addresses"
         );
         Ok(capture)
+    }
+
+    /// Takes over the capture another svcproxyd handed over, as it is. Fails, changing
+    /// nothing, when it was made for other settings (`steering`, `preserve_client_ip`) than
+    /// this process's, or its interface is gone.
+    pub fn adopt(
+        state: CaptureState,
+        steering: Option<Steering>,
+        preserve_client_ip: bool,
+    ) -> io::Result<Self> {
+        let port = steering.map(|s| s.listen_addr(false).port());
+        if state.steering != port || state.preserve_client_ip != preserve_client_ip {
+            return Err(io::Error::other(format!(
+                "the running svcproxyd captures with listeners {} and client address preservation {}; this one is configured with {} and {}",
+                listeners(state.steering),
+                on_off(state.preserve_client_ip),
+                listeners(port),
+                on_off(preserve_client_ip)
+            )));
+        }
+        let netlink = Netlink::new()?;
+        let lo = netlink
+            .link_index("lo")?
+            .ok_or_else(|| io::Error::other("no loopback interface"))?;
+        let device = match &state.dummy {
+            Some(name) => netlink
+                .link_index(name)?
+                .ok_or_else(|| io::Error::other(format!("the capture interface {name} is gone")))?,
+            None => lo,
+        };
+        let arp = state
+            .arp
+            .iter()
+            .filter_map(|(path, value)| {
+                let known = STRICT_ARP.iter().find(|(p, _)| p == path)?.0;
+                Some((known, value.clone()))
+            })
+            .collect();
+        let capture = Self {
+            netlink,
+            dummy: state.dummy,
+            device,
+            lo,
+            addresses: state.addresses,
+            nft: state.nft,
+            routing: state.routing,
+            steering,
+            steered: state.steered,
+            arp,
+            preserve_client_ip,
+            handed_over: false,
+        };
+        info!(
+            interface = capture.interface(),
+            addresses = capture.addresses.len(),
+            "capture taken over from the previous svcproxyd"
+        );
+        Ok(capture)
+    }
+
+    /// What this capture holds, for a process taking it over ([`Capture::adopt`]).
+    pub fn state(&self) -> CaptureState {
+        CaptureState {
+            dummy: self.dummy.clone(),
+            steering: self.steering.map(|s| s.listen_addr(false).port()),
+            preserve_client_ip: self.preserve_client_ip,
+            addresses: self.addresses.clone(),
+            steered: self.steered.clone(),
+            nft: self.nft,
+            routing: self.routing,
+            arp: self
+                .arp
+                .iter()
+                .map(|(p, v)| (p.to_string(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Another process has taken this capture over: dropping it removes nothing.
+    pub fn hand_over(mut self) {
+        self.handed_over = true;
     }
 
     /// Where the addresses go, for the log.
@@ -424,8 +536,23 @@ fn nft(commands: String) -> io::Result<()> {
     }
 }
 
+fn listeners(port: Option<u16>) -> String {
+    match port {
+        Some(port) => format!("transparent (port {port})"),
+        None => "per-frontend".to_string(),
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
+        if self.handed_over {
+            info!(interface = self.interface(), "capture handed over, left in place");
+            return;
+        }
         match self.dummy.clone() {
             Some(interface) => {
                 if let Err(e) = self.netlink.delete_link(&interface) {

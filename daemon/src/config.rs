@@ -46,6 +46,10 @@
 //!                             # listener per service port and worker
 //! transparent_port = 10263    # where the transparent listeners listen (loopback)
 //!
+//! [upgrade]                   # restarts and upgrades that drop nothing (README, Upgrading)
+//! socket = "/run/svcproxyd/upgrade.sock"  # where a new svcproxyd asks for the sockets;
+//!                             # unset: each start is a cold one
+//!
 //! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)
 //!
 //! [[services]]                # the table schema shared with the admin API and the C/Go API
@@ -109,6 +113,8 @@ struct ConfigFile {
     admin: AdminSection,
     #[serde(default)]
     capture: CaptureSection,
+    #[serde(default)]
+    upgrade: UpgradeSection,
     manifests: Option<PathBuf>,
     #[serde(default)]
     services: Vec<ServiceDoc>,
@@ -201,6 +207,12 @@ impl Default for MetricsSection {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct UpgradeSection {
+    socket: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 struct CaptureSection {
@@ -271,6 +283,9 @@ pub struct Settings {
     /// With capture, serve service addresses with transparent listeners at this port
     /// (`None`: a listener per frontend).
     pub transparent_port: Option<u16>,
+    /// Where a new svcproxyd asks this one for its sockets, and this one asks a running one
+    /// (`None`: no handover, a cold start).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -291,6 +306,7 @@ impl Default for Settings {
             capture: true,
             interface: "svcproxy0".into(),
             transparent_port: Some(DEFAULT_TRANSPARENT_PORT),
+            upgrade_socket: None,
         }
     }
 }
@@ -588,6 +604,11 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
         capture: file.capture.cluster_ips,
         interface: file.capture.interface.clone(),
         transparent_port,
+        upgrade_socket: file
+            .upgrade
+            .socket
+            .as_ref()
+            .map(|f| path.parent().unwrap_or(Path::new(".")).join(f)),
     })
 }
 

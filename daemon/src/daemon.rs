@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,7 @@ use svcproxy::{Proxy, Table, TableError};
 use svcproxy_core::schema::{ServiceDoc, TableDoc};
 use tracing::{info, warn};
 
-use crate::capture::Capture;
+use crate::capture::{Capture, CaptureState};
 use crate::config::Loaded;
 use crate::health_check::HealthChecks;
 use crate::http::{Request, Response};
@@ -40,6 +40,8 @@ pub struct Daemon {
     reloads: AtomicU64,
     reload_error: Mutex<Option<String>>,
     pub stopping: AtomicBool,
+    /// The pid of the svcproxyd this one handed over to (0: none).
+    pub handed_to: AtomicU32,
     token: Option<String>,
     /// Generations published and not yet known applied by every worker, oldest first, with
     /// when they were published and what they changed (at most [`UNAPPLIED_KEPT`]).
@@ -80,6 +82,7 @@ impl Daemon {
             reloads: AtomicU64::new(0),
             reload_error: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            handed_to: AtomicU32::new(0),
             token,
             unapplied: Mutex::new(VecDeque::new()),
             sync: SyncMetrics::default(),
@@ -115,6 +118,30 @@ impl Daemon {
             checks.sync(&self.table.load());
         }
         Ok(published.generation)
+    }
+
+    /// What the capture holds, for a handover to another svcproxyd.
+    pub fn capture_state(&self) -> Option<CaptureState> {
+        lock(&self.capture).as_ref().map(Capture::state)
+    }
+
+    /// Duplicates of the health check node ports' listening sockets, to hand over.
+    pub fn health_check_listeners(&self) -> Vec<std::net::TcpListener> {
+        lock(&self.health_checks)
+            .as_ref()
+            .map(HealthChecks::listeners)
+            .unwrap_or_default()
+    }
+
+    /// Another svcproxyd (`pid`) serves from now on: the capture stays in place when this one
+    /// exits, the health check node ports are its, and `/healthz` says this one drains.
+    pub fn handed_over(&self, pid: u32) {
+        self.handed_to.store(pid, Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(capture) = lock(&self.capture).take() {
+            capture.hand_over();
+        }
+        lock(&self.health_checks).take();
     }
 
     /// Serves the services' health check node ports with `checks`, from now on.
@@ -319,7 +346,10 @@ impl Daemon {
             return Some(down.to_string());
         }
         if self.stopping.load(Ordering::SeqCst) {
-            return Some("shutting down".to_string());
+            return Some(match self.handed_to.load(Ordering::SeqCst) {
+                0 => "shutting down".to_string(),
+                pid => format!("draining: handed over to svcproxyd pid {pid}"),
+            });
         }
         if *lock(&self.node_eligible) == Some(false) {
             return Some(

@@ -8,10 +8,12 @@
 //!
 //! [`HealthChecks::sync`] brings the servers in line with a snapshot: it opens the ports that
 //! are new, closes the ones no service has any more, and updates every count. A port that
-//! cannot be bound (in use) is reported once and tried again at the next sync.
+//! cannot be bound (in use) is reported once and tried again at the next sync. Listening
+//! sockets handed over by another svcproxyd ([`HealthChecks::inherit`]) are served instead of
+//! binding anew, where the address matches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use svcproxy::Snapshot;
@@ -36,6 +38,8 @@ pub struct HealthChecks {
     /// Ports whose bind failed, reported once.
     failed: BTreeSet<u16>,
     healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Listening sockets handed over, until the first sync takes or closes them.
+    inherited: Vec<TcpListener>,
 }
 
 impl HealthChecks {
@@ -48,7 +52,23 @@ impl HealthChecks {
             servers: BTreeMap::new(),
             failed: BTreeSet::new(),
             healthy: Arc::new(healthy),
+            inherited: Vec::new(),
         }
+    }
+
+    /// Serves `listeners` (handed over by another svcproxyd) where they listen at a health
+    /// check address; the first sync closes the others.
+    pub fn inherit(&mut self, listeners: Vec<TcpListener>) {
+        self.inherited = listeners;
+    }
+
+    /// Duplicates of the listening sockets, to hand over.
+    pub fn listeners(&self) -> Vec<TcpListener> {
+        self.servers
+            .values()
+            .flatten()
+            .filter_map(|s| s.listener().try_clone().ok())
+            .collect()
     }
 
     /// Serves the health check port of every service of `snapshot` that has one, and no other.
@@ -88,20 +108,30 @@ impl HealthChecks {
             }
         }
         *self.answers.write().unwrap_or_else(PoisonError::into_inner) = wanted;
+        self.inherited.clear();
     }
 
-    fn open(&self, port: u16) -> std::io::Result<Vec<Server>> {
-        self.addresses
-            .iter()
-            .map(|&ip| {
-                let answers = self.answers.clone();
-                let healthy = self.healthy.clone();
-                Server::start(SocketAddr::new(ip, port), move |_| {
-                    let answers = answers.read().unwrap_or_else(PoisonError::into_inner);
-                    answer(answers.get(&port), healthy())
-                })
-            })
-            .collect()
+    fn open(&mut self, port: u16) -> std::io::Result<Vec<Server>> {
+        let mut servers = Vec::new();
+        for &ip in &self.addresses {
+            let answers = self.answers.clone();
+            let healthy = self.healthy.clone();
+            let handler = move |_: &crate::http::Request| {
+                let answers = answers.read().unwrap_or_else(PoisonError::into_inner);
+                answer(answers.get(&port), healthy())
+            };
+            let addr = SocketAddr::new(ip, port);
+            let inherited = self
+                .inherited
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|a| a == addr))
+                .map(|i| self.inherited.swap_remove(i));
+            servers.push(match inherited {
+                Some(listener) => Server::start_on(listener, handler)?,
+                None => Server::start(addr, handler)?,
+            });
+        }
+        Ok(servers)
     }
 }
 

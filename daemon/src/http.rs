@@ -104,15 +104,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A running server; stops (and joins its threads) when dropped.
+/// A running server; stops (and joins its threads) when dropped. Stopping closes its
+/// descriptor of the listening socket and never shuts the socket down, so a socket handed to
+/// another process ([`Server::listener`]) goes on there.
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    /// The listening socket, shut down to wake the acceptor (which needs no new descriptor,
-    /// unlike connecting to it: stopping must work when descriptors have run out).
     listener: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
+
+/// How often the acceptor looks at the stop flag while no client comes.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 impl Server {
     /// Serves `handler` on `addr`.
@@ -120,8 +123,19 @@ impl Server {
         addr: SocketAddr,
         handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
     ) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        Self::start_on(TcpListener::bind(addr)?, handler)
+    }
+
+    /// Serves `handler` on `listener` (one handed over by another process, say).
+    pub fn start_on(
+        listener: TcpListener,
+        handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
+    ) -> io::Result<Self> {
         let addr = listener.local_addr()?;
+        // The acceptor waits with poll(2), looking at the stop flag in between: stopping
+        // needs no new descriptor (stopping must work when descriptors have run out) and
+        // no shutdown(2) of a socket that may be shared.
+        listener.set_nonblocking(true)?;
         let handle = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);
@@ -132,12 +146,13 @@ impl Server {
                 .spawn(move || {
                     let mut slots: Vec<Slot> = Vec::new();
                     let mut backoff = Backoff::default();
-                    for stream in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let mut stream = match stream {
-                            Ok(s) => s,
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut stream = match listener.accept() {
+                            Ok((s, _)) => s,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                wait_readable(&listener);
+                                continue;
+                            }
                             Err(e) => {
                                 // Out of descriptors, accept fails at once until some are
                                 // back: wait instead of spinning.
@@ -187,13 +202,29 @@ impl Server {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// The listening socket (to hand over).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+}
+
+/// Waits until `listener` has a client, or [`STOP_CHECK`] has passed.
+fn wait_readable(listener: &TcpListener) {
+    let mut fds = [rustix::event::PollFd::new(
+        listener,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: STOP_CHECK.as_nanos() as i64,
+    };
+    let _ = rustix::event::poll(&mut fds, Some(&timeout));
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // A blocked accept() returns (EINVAL) once its listening socket is shut down.
-        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Read);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod nesting;
 pub mod netlink;
 pub mod status;
+pub mod upgrade;

@@ -5,7 +5,8 @@
 //!   manifests (a YAML file or directory), reloaded when the files change or on SIGHUP; three
 //!   HTTP endpoints: health (`/healthz`, `/livez`), metrics (`/metrics`) and the admin API
 //!   (`/services`); as root, service addresses are captured on a dummy interface. SIGTERM or
-//!   SIGINT drain and exit.
+//!   SIGINT drain and exit. With an upgrade socket, a new `svcproxyd run` takes the running
+//!   one's sockets over, and the old one drains and exits 0 ([`svcproxyd::upgrade`]).
 //! - `svcproxyd check --config PATH`: validate a config and print what it would serve.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
@@ -21,13 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig};
+use svcproxy::{Batch, BackendKind, Options, Proxy, Table, TableConfig};
 use tracing::{error, info, warn};
 
 use svcproxyd::config::{self, Settings};
 use svcproxyd::daemon::{self, Daemon};
 use svcproxyd::health_check::HealthChecks;
-use svcproxyd::{capture, demo, http};
+use svcproxyd::{capture, demo, http, upgrade};
 
 #[derive(Parser)]
 #[command(
@@ -101,6 +102,9 @@ struct RunArgs {
     /// for them all, the default) or per-frontend (one listener per service port and worker).
     #[arg(long)]
     listeners: Option<String>,
+    /// Where a new svcproxyd takes this one's sockets over (and this one a running one's).
+    #[arg(long)]
+    upgrade_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -210,6 +214,9 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     if args.preserve_client_ip {
         s.proxy.preserve_client_ip = true;
     }
+    if let Some(path) = &args.upgrade_socket {
+        s.upgrade_socket = Some(path.clone());
+    }
     if let Some(listeners) = &args.listeners {
         let port = s
             .transparent_port
@@ -225,6 +232,9 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     }
     Ok(s)
 }
+
+/// The name the health check node ports' listeners are handed over by.
+const HEALTH_CHECK: &str = "health check node port";
 
 /// What answers the requests of one of the daemon's HTTP endpoints.
 type Handler = fn(&Daemon, &http::Request) -> http::Response;
@@ -247,22 +257,39 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut inheritance = match &settings.upgrade_socket {
+        Some(path) => match upgrade::take_over(path, settings.proxy.worker_count()) {
+            Ok(i) => i,
+            Err(e) => {
+                error!("cannot take over from the running svcproxyd: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let root = rustix::process::geteuid().is_root();
+    let captured = inheritance.as_mut().and_then(|i| i.capture.take());
     let capture = if settings.capture && root {
         // Transparent listeners need the steering that capture installs.
         settings.proxy.transparent_port = settings.transparent_port;
         let steering = settings.proxy.steering();
-        match capture::Capture::new(
-            &settings.interface,
-            steering,
-            settings.proxy.preserve_client_ip,
-        ) {
+        let preserve = settings.proxy.preserve_client_ip;
+        let made = match captured {
+            Some(state) => capture::Capture::adopt(state, steering, preserve),
+            None => capture::Capture::new(&settings.interface, steering, preserve),
+        };
+        match made {
             Ok(c) => Some(c),
             Err(e) => {
                 error!("cannot capture service addresses: {e}");
                 return ExitCode::from(1);
             }
         }
+    } else if captured.is_some() {
+        error!(
+            "the running svcproxyd captures service addresses and this one would not (not root, or capture off): a takeover needs the same capture settings"
+        );
+        return ExitCode::from(1);
     } else {
         if !root {
             warn!(
@@ -281,17 +308,33 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(limit) => info!(limit, "descriptor limit"),
         Err(e) => warn!("cannot raise the descriptor limit to the hard limit: {e}"),
     }
-    let table = Arc::new(Table::new(TableConfig {
+    let table_config = TableConfig {
         node_name: settings.node_name.clone(),
         node_addresses: settings.node_addresses.clone(),
         node_zone: settings.node_zone.clone(),
         cluster_ranges: settings.cluster_ranges.clone(),
-    }));
+    };
+    let table = Arc::new(match &inheritance {
+        Some(i) => Table::continuing(table_config, i.generation),
+        None => Table::new(table_config),
+    });
+    let mut inherited = Vec::new();
+    if let Some(i) = inheritance.as_mut() {
+        // Workers adopt the inherited sockets as they open the table's frontends: the table
+        // is published before they start.
+        if let Err(e) = table.apply(loaded.changes().into_iter().collect::<Batch>()) {
+            error!("{}", daemon::explain(&e, &loaded));
+            return ExitCode::from(2);
+        }
+        let matched = table.load().carry_stats(&i.stats);
+        info!(service_ports = matched, "counters carried over");
+        inherited = std::mem::take(&mut i.sockets);
+    }
     let options = Options {
         backend: settings.backend,
         config: settings.proxy,
     };
-    let proxy = match Proxy::start(table.clone(), options) {
+    let proxy = match Proxy::start_inheriting(table.clone(), options, inherited) {
         Ok(p) => p,
         Err(e) => {
             error!("cannot start the proxy: {e}");
@@ -307,10 +350,13 @@ fn run(args: RunArgs) -> ExitCode {
         settings.pending_timeout,
     ));
     let weak = Arc::downgrade(&daemon);
-    daemon.serve_health_checks(HealthChecks::new(
-        settings.node_addresses.clone(),
-        move || weak.upgrade().is_some_and(|d| d.unhealthy().is_none()),
-    ));
+    let mut health_checks = HealthChecks::new(settings.node_addresses.clone(), move || {
+        weak.upgrade().is_some_and(|d| d.unhealthy().is_none())
+    });
+    if let Some(i) = inheritance.as_mut() {
+        health_checks.inherit(i.http_listeners(HEALTH_CHECK));
+    }
+    daemon.serve_health_checks(health_checks);
     if let Err(e) = daemon.load(&loaded) {
         error!("{e}");
         return ExitCode::from(2);
@@ -332,10 +378,18 @@ fn run(args: RunArgs) -> ExitCode {
     let mut servers = Vec::new();
     for (what, address, handler) in endpoints {
         let d = daemon.clone();
-        match http::Server::start(address, move |r| handler(&d, r)) {
+        let handler = move |r: &http::Request| handler(&d, r);
+        let inherited = inheritance
+            .as_mut()
+            .and_then(|i| i.http_listener(what, address));
+        let started = match inherited {
+            Some(listener) => http::Server::start_on(listener, handler),
+            None => http::Server::start(address, handler),
+        };
+        match started {
             Ok(s) => {
                 info!(address = %s.addr(), "{what}");
-                servers.push(s);
+                servers.push((what, s));
             }
             Err(e) => {
                 error!(%address, "cannot serve the {what}: {e}");
@@ -343,6 +397,27 @@ fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
+
+    if let Some(i) = inheritance {
+        let from = i.from;
+        match i.ready() {
+            Ok(()) => info!(from, "took over from the previous svcproxyd; it drains and exits"),
+            Err(e) => warn!(from, "the previous svcproxyd did not confirm the handover: {e}"),
+        }
+    }
+    let upgrades = match &settings.upgrade_socket {
+        Some(path) => match upgrade::listen(path) {
+            Ok(l) => {
+                info!(socket = %path.display(), "a new svcproxyd can take over here");
+                Some(l)
+            }
+            Err(e) => {
+                error!(socket = %path.display(), "cannot listen for a takeover: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
 
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
@@ -359,8 +434,50 @@ fn run(args: RunArgs) -> ExitCode {
     let mut seen = config::signature(&args.config);
     let mut settling = None;
     let mut failed = false;
+    let mut handed_over = false;
     while !term.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
+        if let Some(channel) = upgrades.as_ref().and_then(|l| match l.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("takeover socket: {e}");
+                None
+            }
+        }) {
+            let mut http: Vec<(String, std::net::TcpListener)> = servers
+                .iter()
+                .filter_map(|(what, s): &(&str, http::Server)| {
+                    Some((what.to_string(), s.listener().try_clone().ok()?))
+                })
+                .collect();
+            http.extend(
+                daemon
+                    .health_check_listeners()
+                    .into_iter()
+                    .map(|l| (HEALTH_CHECK.to_string(), l)),
+            );
+            match upgrade::hand_over(
+                channel,
+                &daemon.proxy,
+                &daemon.table,
+                daemon.capture_state(),
+                &http,
+            ) {
+                Ok(handing) => {
+                    let to = handing.to;
+                    daemon.proxy.retire();
+                    daemon.handed_over(to);
+                    servers.clear();
+                    if let Err(e) = handing.done() {
+                        warn!("telling the new svcproxyd: {e}");
+                    }
+                    info!(to, "handed over to a new svcproxyd");
+                    handed_over = true;
+                    break;
+                }
+                Err(e) => warn!("{e}; serving on"),
+            }
+        }
         if let Some(down) = daemon.proxy.down() {
             error!(
                 "{down}: stopping, so that what supervises svcproxyd (systemd, the kubelet) starts it again"
@@ -404,6 +521,9 @@ fn run(args: RunArgs) -> ExitCode {
         info!("the grace period ended; closing the connections left");
     }
     drop(servers);
+    if !handed_over && let Some(l) = &upgrades {
+        let _ = std::fs::remove_file(l.path());
+    }
     let Ok(daemon) = Arc::try_unwrap(daemon) else {
         error!("an HTTP endpoint still holds the daemon");
         return ExitCode::from(1);

@@ -90,6 +90,12 @@ impl Channel {
         Ok(Self { fd })
     }
 
+    /// The process id of the peer (as it was when it connected).
+    pub fn peer_pid(&self) -> io::Result<u32> {
+        let peer = sockopt::socket_peercred(&self.fd)?;
+        Ok(peer.pid.as_raw_nonzero().get() as u32)
+    }
+
     /// Makes each [`Channel::send`] and [`Channel::recv`] fail (`WouldBlock`) after
     /// `timeout` without progress.
     pub fn set_timeout(&self, timeout: Duration) -> io::Result<()> {

@@ -1,0 +1,446 @@
+//! Restarts and upgrades that drop nothing: a running svcproxyd hands its sockets, UDP flows,
+//! table generation, counters, HTTP listeners and capture to a new one, over a Unix socket
+//! (`[upgrade] socket`, `--upgrade-socket`; mode 0600, peers of another user refused).
+//!
+//! The exchange, each message one `SOCK_SEQPACKET` record of JSON with descriptors beside it
+//! ([`svcproxy_sys::fd_passing`]):
+//! 1. new -> old: `hello` (protocol version, release, worker count).
+//! 2. old -> new: `refused` with the reason (nothing changes: another protocol version, or
+//!    another worker count), or `offer` (generation, counters, capture, the HTTP listeners
+//!    attached, and how many socket records follow), then `sockets` batches of at most
+//!    [`MAX_FDS`] descriptors. Before the offer, the old process's workers stop receiving UDP
+//!    and export their sockets (see `svcproxy_core::handover`); TCP is served all along.
+//! 3. The new process publishes its table, starts its workers on the sockets (each frontend
+//!    it serves adopts the inherited socket, so no client is refused), serves its HTTP
+//!    endpoints on the inherited listeners, takes the capture over as it is, and sends
+//!    `ready`.
+//! 4. The old process retires (accepts and receives nothing more), leaves its capture in
+//!    place, stops its HTTP endpoints (without ending their sockets), sends `done`, lets its
+//!    TCP connections finish (the shutdown grace) and exits 0.
+//!
+//! If the new process goes away or stays silent before `ready`, the old one receives UDP
+//! again and serves on as if nothing had happened; the new one exits 1. When nothing answers
+//! at the socket, a new process starts cold.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use svcproxy::core::handover::{HandedFlow, WorkerSockets};
+use svcproxy::core::{CounterValues, FlowKey, PortStats, Protocol, ServicePortKey};
+use svcproxy::{Proxy, Table};
+use svcproxy_sys::fd_passing::{Channel, ChannelListener, MAX_FDS};
+use tracing::info;
+
+use crate::capture::CaptureState;
+
+/// The version of this exchange; both processes must speak the same.
+pub const PROTOCOL: u32 = 1;
+/// How long each message may take.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new process may take from the last socket to `ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the workers may take to export their sockets.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Message {
+    Hello {
+        protocol: u32,
+        release: String,
+        workers: usize,
+    },
+    Refused {
+        reason: String,
+    },
+    Offer {
+        protocol: u32,
+        release: String,
+        generation: u64,
+        stats: Vec<Stats>,
+        capture: Option<CaptureState>,
+        /// The HTTP endpoints' names, their listeners attached in this order.
+        http: Vec<String>,
+        records: usize,
+    },
+    Sockets {
+        records: Vec<Record>,
+    },
+    Ready,
+    Done,
+}
+
+/// One handed socket, its descriptor attached in the same position.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Record {
+    Listener {
+        worker: usize,
+        key: ServicePortKey,
+    },
+    Flow {
+        worker: usize,
+        client: SocketAddr,
+        local: SocketAddr,
+        listener: ServicePortKey,
+        endpoint: SocketAddr,
+        idle_ms: u64,
+        replied: bool,
+    },
+}
+
+/// A service port's counters on the way.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stats {
+    service: String,
+    port: String,
+    protocol: String,
+    totals: CounterValues,
+    endpoints: Vec<(SocketAddr, CounterValues)>,
+}
+
+impl From<PortStats> for Stats {
+    fn from(s: PortStats) -> Self {
+        Self {
+            service: s.service,
+            port: s.port,
+            protocol: s.protocol.to_string(),
+            totals: s.totals,
+            endpoints: s.endpoints,
+        }
+    }
+}
+
+impl Stats {
+    fn into_port_stats(self) -> Option<PortStats> {
+        Some(PortStats {
+            service: self.service,
+            port: self.port,
+            protocol: self.protocol.parse::<Protocol>().ok()?,
+            totals: self.totals,
+            endpoints: self.endpoints,
+        })
+    }
+}
+
+fn send(channel: &Channel, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
+    let bytes = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+    channel.send(&bytes, fds).map_err(|e| format!("sending: {e}"))
+}
+
+fn recv(channel: &Channel) -> Result<(Message, Vec<OwnedFd>), String> {
+    let (bytes, fds) = channel.recv().map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock => "no answer in time".to_string(),
+        io::ErrorKind::UnexpectedEof => "the other svcproxyd went away".to_string(),
+        _ => format!("receiving: {e}"),
+    })?;
+    let message = serde_json::from_slice(&bytes).map_err(|e| format!("a bad message: {e}"))?;
+    Ok((message, fds))
+}
+
+/// What a new process received from the one it takes over from.
+pub struct Inheritance {
+    channel: Channel,
+    /// The old process's pid.
+    pub from: u32,
+    /// The old table's generation (the new one goes on from it).
+    pub generation: u64,
+    /// The old counters.
+    pub stats: Vec<PortStats>,
+    /// The old capture, to adopt.
+    pub capture: Option<CaptureState>,
+    /// The old HTTP listeners, by endpoint name.
+    http: Vec<(String, TcpListener)>,
+    /// The old workers' sockets, by worker.
+    pub sockets: Vec<WorkerSockets>,
+}
+
+/// Asks the svcproxyd at `path` for its sockets. `Ok(None)` when none answers there (a cold
+/// start); `Err` when one answered and refused, or failed (it serves on).
+pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, String> {
+    let channel = match Channel::connect(path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    channel
+        .set_timeout(MESSAGE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let from = channel.peer_pid().unwrap_or(0);
+    send(
+        &channel,
+        &Message::Hello {
+            protocol: PROTOCOL,
+            release: env!("CARGO_PKG_VERSION").into(),
+            workers,
+        },
+        &[],
+    )?;
+    let (offer, http_fds) = recv(&channel)?;
+    let (generation, stats, capture, names, records, release) = match offer {
+        Message::Offer {
+            protocol: PROTOCOL,
+            release,
+            generation,
+            stats,
+            capture,
+            http,
+            records,
+        } => (generation, stats, capture, http, records, release),
+        Message::Refused { reason } => return Err(format!("refused: {reason}")),
+        other => return Err(format!("unexpected {other:?}")),
+    };
+    if names.len() != http_fds.len() {
+        return Err("the HTTP listeners do not match their names".into());
+    }
+    let http = names
+        .into_iter()
+        .zip(http_fds)
+        .map(|(name, fd)| (name, TcpListener::from(fd)))
+        .collect();
+    let mut sockets: Vec<WorkerSockets> = (0..workers).map(|_| WorkerSockets::default()).collect();
+    let mut received = 0;
+    while received < records {
+        let (message, fds) = recv(&channel)?;
+        let Message::Sockets { records } = message else {
+            return Err(format!("expected sockets, got {message:?}"));
+        };
+        if records.len() != fds.len() {
+            return Err("socket records do not match their descriptors".into());
+        }
+        received += records.len();
+        for (record, fd) in records.into_iter().zip(fds) {
+            let (worker, socket) = match record {
+                Record::Listener { worker, key } => (worker, Ok((key, fd))),
+                Record::Flow {
+                    worker,
+                    client,
+                    local,
+                    listener,
+                    endpoint,
+                    idle_ms,
+                    replied,
+                } => {
+                    let handed = HandedFlow {
+                        key: FlowKey { client, local },
+                        listener,
+                        endpoint,
+                        idle: Duration::from_millis(idle_ms),
+                        replied,
+                    };
+                    (worker, Err((handed, fd)))
+                }
+            };
+            let Some(to) = sockets.get_mut(worker) else {
+                return Err(format!("a socket of worker {worker}, of {workers}"));
+            };
+            match socket {
+                Ok(listener) => to.listeners.push(listener),
+                Err(flow) => to.flows.push(flow),
+            }
+        }
+    }
+    info!(
+        from,
+        release,
+        generation,
+        sockets = received,
+        "received the sockets of the running svcproxyd"
+    );
+    Ok(Some(Inheritance {
+        channel,
+        from,
+        generation,
+        stats: stats.into_iter().filter_map(Stats::into_port_stats).collect(),
+        capture,
+        http,
+        sockets,
+    }))
+}
+
+impl Inheritance {
+    /// The inherited listener of the HTTP endpoint `name`, if it listens at `addr`.
+    pub fn http_listener(&mut self, name: &str, addr: SocketAddr) -> Option<TcpListener> {
+        let at = self
+            .http
+            .iter()
+            .position(|(n, l)| n == name && l.local_addr().is_ok_and(|a| a == addr))?;
+        Some(self.http.swap_remove(at).1)
+    }
+
+    /// Every inherited listener of the HTTP endpoints named `name`.
+    pub fn http_listeners(&mut self, name: &str) -> Vec<TcpListener> {
+        let (wanted, rest) = std::mem::take(&mut self.http)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.http = rest;
+        wanted.into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// Tells the old process that this one serves: it retires. Returns once it has.
+    pub fn ready(self) -> Result<(), String> {
+        send(&self.channel, &Message::Ready, &[])?;
+        self.channel
+            .set_timeout(READY_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        match recv(&self.channel)?.0 {
+            Message::Done => Ok(()),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+}
+
+/// Listens at `path` for a new svcproxyd's `hello`, replacing what is there (a stale socket
+/// of a process that ended, or one that handed over to this one). Creates the directory.
+pub fn listen(path: &Path) -> io::Result<ChannelListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    ChannelListener::bind(path)
+}
+
+/// A handover the new process is ready for: retire, then [`Handing::done`].
+pub struct Handing {
+    channel: Channel,
+    /// The new process's pid.
+    pub to: u32,
+}
+
+impl Handing {
+    /// Tells the new process that this one has retired.
+    pub fn done(self) -> Result<(), String> {
+        send(&self.channel, &Message::Done, &[])
+    }
+}
+
+/// Answers a new svcproxyd on `channel`: checks its `hello`, exports `proxy`'s sockets and
+/// sends them with `table`'s generation and counters, the `capture` and the `http`
+/// listeners, then waits for `ready`. `Err` (with `proxy` receiving UDP again) when it was
+/// refused or the new process failed.
+pub fn hand_over(
+    channel: Channel,
+    proxy: &Proxy,
+    table: &Table,
+    capture: Option<CaptureState>,
+    http: &[(String, TcpListener)],
+) -> Result<Handing, String> {
+    channel
+        .set_timeout(MESSAGE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let to = channel.peer_pid().unwrap_or(0);
+    let (hello, _) = recv(&channel)?;
+    // Says why to the new process; the error for this one's log.
+    let refuse = |reason: String| {
+        let _ = send(
+            &channel,
+            &Message::Refused {
+                reason: reason.clone(),
+            },
+            &[],
+        );
+        format!("refused pid {to}: {reason}")
+    };
+    let Message::Hello {
+        protocol, workers, ..
+    } = hello
+    else {
+        return Err(refuse(format!("expected hello, got {hello:?}")));
+    };
+    if protocol != PROTOCOL {
+        return Err(refuse(format!(
+            "handover protocol version {protocol} asked; this svcproxyd speaks version {PROTOCOL}"
+        )));
+    }
+    if workers != proxy.worker_count() {
+        return Err(refuse(format!(
+            "{workers} workers asked; this svcproxyd runs {} (a handover needs the same number: set proxy.workers)",
+            proxy.worker_count()
+        )));
+    }
+    let exported = proxy
+        .export(EXPORT_TIMEOUT)
+        .map_err(|e| refuse(e.to_string()))?;
+    let sent = offer(&channel, table, capture, http, &exported);
+    drop(exported);
+    let outcome = sent.and_then(|()| {
+        channel
+            .set_timeout(READY_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        match recv(&channel)?.0 {
+            Message::Ready => Ok(()),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    });
+    match outcome {
+        Ok(()) => Ok(Handing { channel, to }),
+        Err(e) => {
+            proxy.resume();
+            Err(format!("the handover to pid {to} failed: {e}"))
+        }
+    }
+}
+
+/// Sends the offer and the socket records.
+fn offer(
+    channel: &Channel,
+    table: &Table,
+    capture: Option<CaptureState>,
+    http: &[(String, TcpListener)],
+    exported: &[WorkerSockets],
+) -> Result<(), String> {
+    let mut records = Vec::new();
+    for (worker, sockets) in exported.iter().enumerate() {
+        for (key, fd) in &sockets.listeners {
+            records.push((Record::Listener { worker, key: *key }, fd.as_fd()));
+        }
+        for (flow, fd) in &sockets.flows {
+            let record = Record::Flow {
+                worker,
+                client: flow.key.client,
+                local: flow.key.local,
+                listener: flow.listener,
+                endpoint: flow.endpoint,
+                idle_ms: flow.idle.as_millis() as u64,
+                replied: flow.replied,
+            };
+            records.push((record, fd.as_fd()));
+        }
+    }
+    let snapshot = table.load();
+    let http_fds: Vec<BorrowedFd<'_>> = http.iter().map(|(_, l)| l.as_fd()).collect();
+    send(
+        channel,
+        &Message::Offer {
+            protocol: PROTOCOL,
+            release: env!("CARGO_PKG_VERSION").into(),
+            generation: snapshot.generation(),
+            stats: snapshot.stats().into_iter().map(Stats::from).collect(),
+            capture,
+            http: http.iter().map(|(name, _)| name.clone()).collect(),
+            records: records.len(),
+        },
+        &http_fds,
+    )?;
+    let mut records = records.into_iter().peekable();
+    while records.peek().is_some() {
+        let (batch, fds): (Vec<Record>, Vec<BorrowedFd<'_>>) =
+            records.by_ref().take(MAX_FDS).unzip();
+        send(channel, &Message::Sockets { records: batch }, &fds)?;
+    }
+    Ok(())
+}
