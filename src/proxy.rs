@@ -111,7 +111,8 @@ impl Proxy {
     /// As [`Proxy::start`], with the sockets another process handed over (by worker, as its
     /// [`Proxy::export`] returned them): worker `i` adopts worker `i`'s listeners and UDP
     /// flows where its table serves them. Inherited sockets no worker took are closed once
-    /// the workers listen.
+    /// the workers listen. With an inheritance, the workers neither accept nor receive until
+    /// [`Proxy::begin_serving`] (once the other process has retired).
     pub fn start_inheriting(
         table: Arc<Table>,
         options: Options,
@@ -155,7 +156,10 @@ impl Proxy {
             "starting svcproxy"
         );
         let control = Arc::new(Control::new(table.clone(), config, workers));
-        control.inherit(inherited);
+        if !inherited.is_empty() {
+            control.set_phase(Phase::Inheriting);
+            control.inherit(inherited);
+        }
         let wakers: Arc<Vec<Arc<Waker>>> = Arc::new(
             (0..workers)
                 .map(|_| Waker::new().map(Arc::new))
@@ -250,6 +254,12 @@ impl Proxy {
 
     /// Abandons a handover: UDP is received again.
     pub fn resume(&self) {
+        self.set_phase(Phase::Serving);
+    }
+
+    /// Starts serving the inherited sockets (see [`Proxy::start_inheriting`]); a proxy
+    /// started without an inheritance serves already.
+    pub fn begin_serving(&self) {
         self.set_phase(Phase::Serving);
     }
 

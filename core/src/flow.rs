@@ -253,7 +253,15 @@ impl<H> FlowTable<H> {
             return Ok(None);
         };
         let last_seen = now.checked_sub(handed.idle).unwrap_or(now);
-        let id = self.insert(handed.key, handed.listener, backend, last_seen, make_handle)?;
+        let tally = || backend.tally().carry_on();
+        let id = self.add(
+            handed.key,
+            handed.listener,
+            backend,
+            tally,
+            last_seen,
+            make_handle,
+        )?;
         if handed.replied {
             self.replied(id, last_seen);
         }
@@ -283,13 +291,27 @@ impl<H> FlowTable<H> {
         now: Instant,
         make_handle: impl FnOnce(FlowId) -> Result<H, E>,
     ) -> Result<FlowId, E> {
+        let tally = || backend.tally().open();
+        self.add(key, listener, backend, tally, now, make_handle)
+    }
+
+    /// As [`FlowTable::insert`], counted by `tally` once the handle is made.
+    fn add<E>(
+        &mut self,
+        key: FlowKey,
+        listener: ServicePortKey,
+        backend: &Backend,
+        tally: impl FnOnce() -> Opened,
+        now: Instant,
+        make_handle: impl FnOnce(FlowId) -> Result<H, E>,
+    ) -> Result<FlowId, E> {
         let id = self.slots.insert_with(|id| {
             Ok(Flow {
                 key,
                 listener,
                 endpoint: backend.addr(),
                 handle: make_handle(id)?,
-                tally: backend.tally().open(),
+                tally: tally(),
                 last_seen: now,
                 retired_at: None,
                 replied: false,

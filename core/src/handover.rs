@@ -9,18 +9,22 @@
 //! sockets' buffers, which both processes share. TCP listeners keep accepting: the accept
 //! queue is shared too, and a connection accepted by either process is served by it.
 //!
-//! The new process starts its workers with the exported sockets as its *inheritance*: worker
-//! `i` takes over worker `i`'s listeners (a frontend it listens on adopts the inherited socket
-//! instead of binding a new one, so no client is refused and the accept queue carries over)
-//! and its flows (each continues to its endpoint, if the table still serves it there). Then
-//! the old process *retires*: it stops accepting for good, receives no more UDP, and
-//! finishes its TCP connections. Its descriptors close without ending the sockets, which
-//! live on in the new process. If the new process fails before that, the old one
+//! The new process starts its workers with the exported sockets as its *inheritance*, in
+//! [`Phase::Inheriting`]: worker `i` takes over worker `i`'s listeners (a frontend it listens
+//! on adopts the inherited socket instead of binding a new one, so the accept queue carries
+//! over) and its flows (each continues to its endpoint, if the table still serves it there),
+//! but neither accepts nor receives yet: a new process that fails while starting has touched
+//! no traffic. Then the old process *retires*: it stops accepting for good, receives no more
+//! UDP, and finishes its TCP connections; its descriptors close without ending the sockets,
+//! which live on in the new process. Then the new one serves ([`Phase::Serving`]). In
+//! between, clients wait in the accept queues and datagrams in the socket buffers: none is
+//! refused or lost. If the new process fails before the old one retires, the old one
 //! *resumes* receiving UDP and serves on as before.
 //!
-//! Phases, as [`Control`](crate::Control) holds them: [`Phase::Serving`] ->
+//! Phases, as [`Control`](crate::Control) holds them. The old process: [`Phase::Serving`] ->
 //! [`Phase::Exporting`] (each worker pauses UDP, then deposits its sockets) -> either
-//! [`Phase::Retired`] or back to [`Phase::Serving`].
+//! [`Phase::Retired`] or back to [`Phase::Serving`]. The new one: [`Phase::Inheriting`] ->
+//! [`Phase::Serving`].
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -34,6 +38,9 @@ use crate::model::ServicePortKey;
 pub enum Phase {
     /// Serving as usual.
     Serving,
+    /// Started on inherited sockets: listening, neither accepting nor receiving until the
+    /// process that handed them over has retired.
+    Inheriting,
     /// Workers pause UDP and export their sockets.
     Exporting,
     /// Another process serves the sockets: accept nothing, receive nothing, finish the
@@ -47,6 +54,7 @@ impl Phase {
             Phase::Serving => 0,
             Phase::Exporting => 1,
             Phase::Retired => 2,
+            Phase::Inheriting => 3,
         }
     }
 
@@ -54,6 +62,7 @@ impl Phase {
         match v {
             1 => Phase::Exporting,
             2 => Phase::Retired,
+            3 => Phase::Inheriting,
             _ => Phase::Serving,
         }
     }

@@ -161,6 +161,16 @@ impl Tally {
         Opened(self.clone())
     }
 
+    /// Counts a flow another process opened (and counted; see [`crate::handover`]) as open
+    /// here, until the returned [`Opened`] is dropped.
+    #[inline]
+    pub fn carry_on(&self) -> Opened {
+        for c in [&self.port, &self.endpoint] {
+            c.connections_active.fetch_add(1, Ordering::Relaxed);
+        }
+        Opened(self.clone())
+    }
+
     /// Counts a connection or flow to the endpoint evicted to make room.
     #[inline]
     pub fn evicted(&self) {

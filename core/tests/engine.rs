@@ -24,9 +24,10 @@ enum Cmd {
     Forward(u16),
     Close(u16, Option<Side>),
     CloseFlow(SocketAddr),
-    /// Listened on a socket handed over by another process.
-    Adopt(ServicePortKey),
-    AdoptFlow(SocketAddr),
+    /// Listened on a socket handed over by another process; serving at once?
+    Adopt(ServicePortKey, bool),
+    /// Went on with a flow socket handed over; receiving at once?
+    AdoptFlow(SocketAddr, bool),
     Receiving(bool),
     Release(ServicePortKey),
     ReleaseFlow(SocketAddr),
@@ -66,11 +67,11 @@ impl Driver for Recorder {
         _: ListenerId,
         key: ServicePortKey,
         _: bool,
-        _: bool,
+        serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Self::Listener> {
         self.cmds.push(match inherited {
-            Some(_) => Cmd::Adopt(key),
+            Some(_) => Cmd::Adopt(key, serving),
             None => Cmd::Listen(key),
         });
         if self.listens_fail {
@@ -127,8 +128,9 @@ impl Driver for Recorder {
         _: FlowId,
         _: OwnedFd,
         endpoint: SocketAddr,
+        receiving: bool,
     ) -> io::Result<SocketAddr> {
-        self.cmds.push(Cmd::AdoptFlow(endpoint));
+        self.cmds.push(Cmd::AdoptFlow(endpoint, receiving));
         Ok(endpoint)
     }
     fn export_listener(&self, _: &ServicePortKey) -> io::Result<OwnedFd> {
@@ -1006,23 +1008,34 @@ fn an_inheriting_worker_adopts_the_listeners_and_the_flows_it_still_serves() {
 
     let control = Arc::new(Control::new(old.table.clone(), config(), 1));
     control.inherit(exported);
+    control.set_phase(handover::Phase::Inheriting);
     let mut engine = Engine::new(WorkerContext {
         index: 0,
         control: control.clone(),
     });
     let mut io = Recorder::default();
     engine.start(&mut io, old.t0);
+    // Adopted, neither accepting nor receiving until the old process has retired.
     let mut cmds = io.take();
     cmds.sort_by_key(|c| format!("{c:?}"));
     assert_eq!(
         cmds,
         vec![
-            Cmd::Adopt(udp),
-            Cmd::Adopt(frontend()),
-            Cmd::AdoptFlow(endpoint)
+            Cmd::Adopt(udp, false),
+            Cmd::Adopt(frontend(), false),
+            Cmd::AdoptFlow(endpoint, false),
+            Cmd::Receiving(false),
         ]
     );
+    assert!(!engine.may_accept());
     assert_eq!(engine.flows().len(), 1);
+    let dns = old.table.load().stats();
+    let dns = &dns.iter().find(|s| s.service == "dns").unwrap().totals;
+    assert_eq!(
+        (dns.connections_total, dns.connections_active),
+        (1, 2),
+        "an adopted flow is not counted as opened again; here both processes hold it"
+    );
     let (_, flow) = engine.flows().iter().next().unwrap();
     assert_eq!((flow.key.client, flow.endpoint), (client(7), endpoint));
     assert_eq!(
@@ -1030,4 +1043,18 @@ fn an_inheriting_worker_adopts_the_listeners_and_the_flows_it_still_serves() {
         0,
         "every inherited socket was taken or dropped"
     );
+
+    control.set_phase(handover::Phase::Serving);
+    engine.poll(&mut io, old.t0);
+    let mut cmds = io.take();
+    cmds.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        cmds,
+        vec![
+            Cmd::Accepting(true),
+            Cmd::Receiving(true),
+            Cmd::Receiving(true)
+        ]
+    );
+    assert!(engine.may_accept());
 }

@@ -550,7 +550,10 @@ fn on_off(on: bool) -> &'static str {
 impl Drop for Capture {
     fn drop(&mut self) {
         if self.handed_over {
-            info!(interface = self.interface(), "capture handed over, left in place");
+            info!(
+                interface = self.interface(),
+                "capture handed over, left in place"
+            );
             return;
         }
         match self.dummy.clone() {

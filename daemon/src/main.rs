@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use svcproxy::{Batch, BackendKind, Options, Proxy, Table, TableConfig};
+use svcproxy::{BackendKind, Batch, Options, Proxy, Table, TableConfig};
 use tracing::{error, info, warn};
 
 use svcproxyd::config::{self, Settings};
@@ -401,9 +401,16 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(i) = inheritance {
         let from = i.from;
         match i.ready() {
-            Ok(()) => info!(from, "took over from the previous svcproxyd; it drains and exits"),
-            Err(e) => warn!(from, "the previous svcproxyd did not confirm the handover: {e}"),
+            Ok(()) => info!(
+                from,
+                "took over from the previous svcproxyd; it drains and exits"
+            ),
+            Err(e) => warn!(
+                from,
+                "the previous svcproxyd did not confirm the handover: {e}"
+            ),
         }
+        daemon.proxy.begin_serving();
     }
     let upgrades = match &settings.upgrade_socket {
         Some(path) => match upgrade::listen(path) {
@@ -467,10 +474,10 @@ fn run(args: RunArgs) -> ExitCode {
                     let to = handing.to;
                     daemon.proxy.retire();
                     daemon.handed_over(to);
-                    servers.clear();
                     if let Err(e) = handing.done() {
                         warn!("telling the new svcproxyd: {e}");
                     }
+                    servers.clear();
                     info!(to, "handed over to a new svcproxyd");
                     handed_over = true;
                     break;

@@ -129,7 +129,9 @@ impl Stats {
 
 fn send(channel: &Channel, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
     let bytes = serde_json::to_vec(message).map_err(|e| e.to_string())?;
-    channel.send(&bytes, fds).map_err(|e| format!("sending: {e}"))
+    channel
+        .send(&bytes, fds)
+        .map_err(|e| format!("sending: {e}"))
 }
 
 fn recv(channel: &Channel) -> Result<(Message, Vec<OwnedFd>), String> {
@@ -262,7 +264,10 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
         channel,
         from,
         generation,
-        stats: stats.into_iter().filter_map(Stats::into_port_stats).collect(),
+        stats: stats
+            .into_iter()
+            .filter_map(Stats::into_port_stats)
+            .collect(),
         capture,
         http,
         sockets,

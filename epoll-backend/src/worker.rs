@@ -77,7 +77,7 @@ impl Driver for Io {
         id: ListenerId,
         key: ServicePortKey,
         transparent: bool,
-        _: bool,
+        serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Socket> {
         let socket = match inherited {
@@ -90,8 +90,11 @@ impl Driver for Io {
         };
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
         watch(&self.epoll, &socket, Token::new(kind, id), flags)?;
-        // Edge-triggered: whatever arrived before the watch is taken now.
-        self.ready.push_back(work);
+        // Edge-triggered: whatever arrived before the watch is taken now (or when serving
+        // begins).
+        if serving {
+            self.ready.push_back(work);
+        }
         Ok(socket)
     }
 
@@ -197,12 +200,21 @@ impl Driver for Io {
         drop(socket);
     }
 
-    fn adopt_flow(&mut self, id: FlowId, fd: OwnedFd, endpoint: SocketAddr) -> io::Result<Socket> {
+    fn adopt_flow(
+        &mut self,
+        id: FlowId,
+        fd: OwnedFd,
+        endpoint: SocketAddr,
+        receiving: bool,
+    ) -> io::Result<Socket> {
         let socket = adopt_flow(fd, endpoint)?;
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
         watch(&self.epoll, &socket, Token::new(Kind::Flow, id), flags)?;
-        // Edge-triggered: replies that arrived before the watch are taken now.
-        self.ready.push_back(Work::Replies(id));
+        // Edge-triggered: replies that arrived before the watch are taken now (or when
+        // receiving begins).
+        if receiving {
+            self.ready.push_back(Work::Replies(id));
+        }
         Ok(socket)
     }
 

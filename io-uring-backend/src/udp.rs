@@ -77,18 +77,26 @@ impl Io {
         source: Option<SocketAddr>,
     ) -> io::Result<FlowSocket> {
         let socket = connect(endpoint, Protocol::Udp, source, source.is_some())?;
-        self.continue_flow(id, socket)
+        Ok(self.continue_flow(id, socket, true))
     }
 
-    /// A flow on `socket` (connected to its endpoint), receiving its replies.
-    pub(crate) fn continue_flow(&mut self, id: FlowId, socket: Socket) -> io::Result<FlowSocket> {
+    /// A flow on `socket` (connected to its endpoint), receiving its replies when
+    /// `receiving` (and receiving is not paused).
+    pub(crate) fn continue_flow(
+        &mut self,
+        id: FlowId,
+        socket: Socket,
+        receiving: bool,
+    ) -> FlowSocket {
         let mut flow = FlowSocket {
             socket,
             id,
             ops: InFlight::default(),
         };
-        self.arm_flow(&mut flow);
-        Ok(flow)
+        if receiving {
+            self.arm_flow(&mut flow);
+        }
+        flow
     }
 
     /// Stops (`false`, once the cancelled receive ends) or resumes receiving a flow's replies.

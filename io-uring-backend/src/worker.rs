@@ -311,7 +311,7 @@ impl svcproxy_core::Driver for Io {
         id: ListenerId,
         key: ServicePortKey,
         transparent: bool,
-        accepting: bool,
+        serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Listener> {
         let socket = match inherited {
@@ -324,7 +324,7 @@ impl svcproxy_core::Driver for Io {
             ops: InFlight::default(),
             starved: false,
         };
-        if accepting || key.protocol == Protocol::Udp {
+        if serving {
             self.arm_listener(id, &mut l);
         }
         Ok(l)
@@ -405,8 +405,9 @@ impl svcproxy_core::Driver for Io {
         id: FlowId,
         socket: OwnedFd,
         endpoint: SocketAddr,
+        receiving: bool,
     ) -> io::Result<FlowSocket> {
-        self.continue_flow(id, adopt_flow(socket, endpoint)?)
+        Ok(self.continue_flow(id, adopt_flow(socket, endpoint)?, receiving))
     }
 
     fn export_listener(&self, l: &Listener) -> io::Result<OwnedFd> {

@@ -102,9 +102,9 @@ pub trait Driver {
     /// A UDP flow's backend-side socket.
     type Flow;
 
-    /// Opens a listener for `key` and starts serving it: TCP listeners take clients when
-    /// `accepting` (else once [`Driver::accepting`] says so), UDP listeners receive (unless
-    /// receiving is paused, see [`Driver::listener_receiving`]). A
+    /// Opens a listener for `key`: when `serving`, TCP listeners take clients and UDP
+    /// listeners receive (else once [`Driver::accepting`] or [`Driver::listener_receiving`]
+    /// says so). A
     /// `transparent` one (see [`crate::steering`]) is bound with `IP_TRANSPARENT`, and UDP
     /// ones report each datagram's original destination. (A steered UDP frontend's listener,
     /// opened to reply from, is transparent too: its address need not be local.) With
@@ -115,7 +115,7 @@ pub trait Driver {
         id: ListenerId,
         key: ServicePortKey,
         transparent: bool,
-        accepting: bool,
+        serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Self::Listener>;
 
@@ -170,12 +170,14 @@ pub trait Driver {
     fn close_flow(&mut self, flow: Self::Flow);
 
     /// Goes on with a flow socket another process handed over (checked to be connected to
-    /// `endpoint`): starts receiving its replies, unless receiving is paused.
+    /// `endpoint`); receives its replies when `receiving` (else once
+    /// [`Driver::flow_receiving`] says so).
     fn adopt_flow(
         &mut self,
         id: FlowId,
         socket: OwnedFd,
         endpoint: SocketAddr,
+        receiving: bool,
     ) -> io::Result<Self::Flow>;
 
     /// A duplicate of the listener's socket, to hand over to another process.
@@ -185,7 +187,8 @@ pub trait Driver {
     fn export_flow(&self, flow: &Self::Flow) -> io::Result<OwnedFd>;
 
     /// Stops (`false`) or resumes receiving datagrams on a UDP listener. While stopped, they
-    /// wait in the socket's buffer, and listeners and flows opened meanwhile do not receive.
+    /// wait in the socket's buffer, and flows opened meanwhile do not receive. The engine
+    /// stops or resumes every UDP socket of the worker at once.
     fn listener_receiving(&mut self, id: ListenerId, listener: &mut Self::Listener, on: bool);
 
     /// Stops (`false`) or resumes receiving replies on a flow's socket, as
@@ -224,6 +227,9 @@ pub struct Listening<L> {
 enum Handover {
     /// Serving as usual.
     Serving,
+    /// Started with an inheritance: listening, not serving until the process that handed
+    /// over has retired.
+    Waiting,
     /// UDP receiving stopped; exporting once no receive is in flight.
     Pausing,
     /// Sockets exported; UDP stays paused until the handover ends.
@@ -344,7 +350,13 @@ impl<D: Driver> Engine<D> {
     /// Opens the current table's listeners (adopting inherited sockets), goes on with the
     /// inherited UDP flows, and starts the tick. Call once, first.
     pub fn start(&mut self, io: &mut D, now: Instant) {
+        if self.ctx.control.phase() == Phase::Inheriting {
+            self.handover = Handover::Waiting;
+        }
         self.apply_table(io, now);
+        if self.handover == Handover::Waiting {
+            self.set_receiving(io, false);
+        }
         self.adopt_flows(io, now);
         self.timers.add(now + TICK, Timer::Tick);
     }
@@ -358,12 +370,13 @@ impl<D: Driver> Engine<D> {
         }
         let snapshot = self.ctx.table().load_full();
         let (mut adopted, offered) = (0, inherited.len());
+        let receiving = self.receiving();
         for (handed, socket) in inherited {
             if !self.by_key.contains_key(&handed.listener) {
                 continue;
             }
             match self.flows.adopt(&handed, &snapshot, now, |id| {
-                io.adopt_flow(id, socket, handed.endpoint)
+                io.adopt_flow(id, socket, handed.endpoint, receiving)
             }) {
                 Ok(Some(_)) => adopted += 1,
                 Ok(None) => {}
@@ -445,7 +458,14 @@ impl<D: Driver> Engine<D> {
 
     /// Whether TCP listeners should take clients now.
     pub fn may_accept(&self) -> bool {
-        self.paused.is_none() && !self.stopping && self.handover != Handover::Retired
+        self.paused.is_none()
+            && !self.stopping
+            && !matches!(self.handover, Handover::Retired | Handover::Waiting)
+    }
+
+    /// Whether UDP sockets should receive now.
+    fn receiving(&self) -> bool {
+        self.handover == Handover::Serving
     }
 
     /// Follows the handover phase the owner set (see [`crate::handover`]).
@@ -474,6 +494,13 @@ impl<D: Driver> Engine<D> {
                 );
                 self.set_receiving(io, true);
                 self.handover = Handover::Serving;
+            }
+            (Phase::Serving, Handover::Waiting) => {
+                self.handover = Handover::Serving;
+                self.set_receiving(io, true);
+                if self.may_accept() {
+                    self.set_accepting(io, true);
+                }
             }
             (Phase::Retired, was) if was != Handover::Retired => {
                 if was == Handover::Serving {
@@ -642,9 +669,8 @@ impl<D: Driver> Engine<D> {
     }
 
     fn open_listener(&mut self, io: &mut D, key: ServicePortKey) {
-        let accepting = self.may_accept();
         let transparent = self.steering.is_some_and(|s| s.is_listener(&key));
-        match self.insert_listener(io, key, transparent, accepting) {
+        match self.insert_listener(io, key, transparent) {
             Ok(()) => {
                 self.ctx.control.set_bind_error(key, None);
                 if self.failed_binds.remove(&key) {
@@ -664,21 +690,24 @@ impl<D: Driver> Engine<D> {
     }
 
     /// Opens a listener for `key` (see [`Driver::listen`]; `transparent`: its socket's
-    /// `IP_TRANSPARENT`) and indexes it.
+    /// `IP_TRANSPARENT`), serving if the worker serves, and indexes it.
     fn insert_listener(
         &mut self,
         io: &mut D,
         key: ServicePortKey,
         transparent: bool,
-        accepting: bool,
     ) -> io::Result<()> {
+        let serving = match key.protocol {
+            Protocol::Tcp => self.may_accept(),
+            Protocol::Udp => self.receiving(),
+        };
         let serves_steered = self.steering.is_some_and(|s| s.is_listener(&key));
         let inherited = self
             .ctx
             .control
             .take_inherited_listener(self.ctx.index, &key);
         let id = self.listeners.insert_with(|id| {
-            io.listen(id, key, transparent, accepting, inherited)
+            io.listen(id, key, transparent, serving, inherited)
                 .map(|l| Listening {
                     key,
                     transparent: serves_steered,

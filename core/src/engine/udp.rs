@@ -95,7 +95,7 @@ impl<D: Driver> Engine<D> {
             return false;
         }
         // Transparent: the service address is not necessarily one of this host's.
-        match self.insert_listener(io, frontend, true, false) {
+        match self.insert_listener(io, frontend, true) {
             Ok(()) => true,
             Err(e) => {
                 debug!(%frontend, error = %e, "cannot open a listener to reply from");
