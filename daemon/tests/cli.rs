@@ -101,6 +101,14 @@ fn eventually_within(limit: Duration, what: &str, mut condition: impl FnMut() ->
     }
 }
 
+/// Where a daemon serves its HTTP endpoints.
+#[derive(Debug, Clone, Copy)]
+struct Endpoints {
+    admin: SocketAddr,
+    health: SocketAddr,
+    metrics: SocketAddr,
+}
+
 struct Daemon {
     child: Child,
     /// The admin API's address (`/services`).
@@ -120,10 +128,31 @@ impl Daemon {
 
     /// `svcproxyd run` through `command` (`BIN` itself, or a wrapper given `BIN`).
     /// Besides the admin API on `admin`, the health and metrics endpoints get free ports of
-    /// their own.
-    fn start_with(mut command: Command, config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
-        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    /// their own. Returns once the admin endpoint answers.
+    fn start_with(command: Command, config: &Path, admin: SocketAddr, extra: &[&str]) -> Self {
+        let endpoints = Endpoints {
+            admin,
+            health: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        };
+        let mut d = Self::spawn(command, config, endpoints, extra);
+        eventually("the admin endpoint", || {
+            assert!(
+                d.child.try_wait().unwrap().is_none(),
+                "svcproxyd exited early"
+            );
+            TcpStream::connect(admin).is_ok()
+        });
+        d
+    }
+
+    /// `svcproxyd run` through `command`, its endpoints at `endpoints`, without waiting.
+    fn spawn(mut command: Command, config: &Path, endpoints: Endpoints, extra: &[&str]) -> Self {
+        let Endpoints {
+            admin,
+            health,
+            metrics,
+        } = endpoints;
         let child = command
             .args(["run", "--config"])
             .arg(config)
@@ -147,21 +176,28 @@ impl Daemon {
                 }
             });
         }
-        let mut d = Self {
+        Self {
             child,
             admin,
             health,
             metrics,
             log,
-        };
-        eventually("the admin endpoint", || {
-            assert!(
-                d.child.try_wait().unwrap().is_none(),
-                "svcproxyd exited early"
-            );
-            TcpStream::connect(admin).is_ok()
+        }
+    }
+
+    fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            admin: self.admin,
+            health: self.health,
+            metrics: self.metrics,
+        }
+    }
+
+    /// Waits until the daemon has logged `text`.
+    fn logged(&self, text: &str) {
+        eventually(&format!("the log to say {text:?}"), || {
+            self.log.lock().unwrap().contains(text)
         });
-        d
     }
 
     fn health(&self) -> serde_json::Value {
@@ -1311,4 +1347,312 @@ fn a_node_being_removed_is_not_eligible_for_load_balancer_traffic() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""nodeEligible":true"#), "{body}");
     assert_eq!(d.stop(), 0);
+}
+
+/// A UDP backend answering every datagram with its name.
+fn named_udp_backend(name: &'static str) -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(name.as_bytes(), from);
+        }
+    });
+    addr
+}
+
+/// A config with an upgrade socket, `workers` workers, a TCP service in front of two echo
+/// backends and a UDP service in front of two named ones; its path, and the TCP and UDP
+/// service addresses.
+fn upgradable(name: &str, workers: usize) -> (PathBuf, SocketAddr, SocketAddr) {
+    let dir = temp(name);
+    let (tcp, udp) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nworkers = {workers}\nshutdown_grace_s = 30\n\n\
+         [upgrade]\nsocket = \"{}\"\n\n\
+         [[services]]\nname = \"default/web\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {tcp} }}]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\n\
+         [[services]]\nname = \"default/dns\"\naddresses = [\"127.0.0.1\"]\nports = [{{ port = {udp}, protocol = \"UDP\" }}]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n",
+        dir.join("run/upgrade.sock").display(),
+        echo_backend(),
+        echo_backend(),
+        named_udp_backend("a"),
+        named_udp_backend("b"),
+    );
+    let path = dir.join("svcproxyd.toml");
+    std::fs::write(&path, text).unwrap();
+    (
+        path,
+        SocketAddr::from(([127, 0, 0, 1], tcp)),
+        SocketAddr::from(([127, 0, 0, 1], udp)),
+    )
+}
+
+/// One TCP connection to an echo service at `addr`: a byte sent and echoed.
+fn echo_byte(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    if &b == b"x" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("a wrong echo"))
+    }
+}
+
+/// What the clients beside a takeover saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// TCP connections that failed (refused, reset, or a wrong echo), with why.
+    tcp_failures: Vec<String>,
+    tcp_connections: u64,
+    /// Bytes echoed intact on the long-lived streams.
+    stream_bytes: u64,
+    /// UDP questions without an answer within 5 s.
+    udp_lost: u64,
+    udp_answers: u64,
+    /// UDP clients whose answers came from more than one endpoint.
+    udp_moved: Vec<String>,
+}
+
+/// Clients that run until `stop` (each loop bounded to 100,000 rounds): `connectors` threads
+/// opening TCP connections to `tcp` in a loop (a byte echoed on each), 4 long-lived streams
+/// to `tcp` sending and checking a pattern, and 8 UDP clients with fixed source ports asking
+/// `udp` one question at a time. Returns them, to join, and a count of rounds done so far.
+fn clients_beside(
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    connectors: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    Vec<std::thread::JoinHandle<Seen>>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    const ROUNDS: u64 = 100_000;
+    let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..connectors {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            for _ in 0..ROUNDS {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                match echo_byte(tcp) {
+                    Ok(()) => seen.tcp_connections += 1,
+                    Err(e) => seen.tcp_failures.push(e.to_string()),
+                }
+                rounds.fetch_add(1, Relaxed);
+            }
+            seen
+        }));
+    }
+    for n in 0..4u8 {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        let mut s = TcpStream::connect_timeout(&tcp, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        threads.push(std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let chunk: Vec<u8> = (0..4096u32).map(|i| (i as u8) ^ n).collect();
+            let mut back = vec![0u8; chunk.len()];
+            for _ in 0..ROUNDS {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                let round = s.write_all(&chunk).and_then(|()| s.read_exact(&mut back));
+                match round {
+                    Ok(()) if back == chunk => seen.stream_bytes += chunk.len() as u64,
+                    Ok(()) => {
+                        seen.tcp_failures
+                            .push("a stream's bytes came back changed".into());
+                        break;
+                    }
+                    Err(e) => {
+                        seen.tcp_failures.push(format!("a stream: {e}"));
+                        break;
+                    }
+                }
+                rounds.fetch_add(1, Relaxed);
+            }
+            seen
+        }));
+    }
+    for n in 0..8 {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        threads.push(std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut endpoints = std::collections::BTreeSet::new();
+            for _ in 0..ROUNDS {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                c.send_to(b"q", udp).unwrap();
+                let mut reply = [0u8; 16];
+                match c.recv_from(&mut reply) {
+                    Ok((len, from)) if from == udp => {
+                        seen.udp_answers += 1;
+                        endpoints.insert(reply[..len].to_vec());
+                    }
+                    _ => seen.udp_lost += 1,
+                }
+                rounds.fetch_add(1, Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if endpoints.len() > 1 {
+                seen.udp_moved.push(format!("client {n}: {endpoints:?}"));
+            }
+            seen
+        }));
+    }
+    (threads, rounds)
+}
+
+/// Waits until the clients have done `more` rounds beyond where they are.
+fn rounds_pass(rounds: &std::sync::atomic::AtomicU64, more: u64) {
+    let from = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    eventually("the clients to make progress", || {
+        rounds.load(std::sync::atomic::Ordering::Relaxed) >= from + more
+    });
+}
+
+fn takeover_drops_nothing(backend: &str) {
+    let _g = alone();
+    let (config, tcp, udp) = upgradable(&format!("takeover-{backend}"), 2);
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let backend_arg = ["--backend", backend];
+    let mut old = Daemon::start(&config, admin, &backend_arg);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (clients, rounds) = clients_beside(tcp, udp, 200, stop.clone());
+    rounds_pass(&rounds, 2_000);
+    let (_, before) = http(old.metrics, "GET", "/metrics", "", "");
+    let web_before = service_metric(&before, "connections_total", "default/web");
+    let generation_before = old.generation();
+
+    let new = Daemon::spawn(Command::new(BIN), &config, old.endpoints(), &backend_arg);
+    new.logged("took over from the previous svcproxyd");
+    old.logged("handed over to a new svcproxyd");
+    // The clients go on through the new daemon; the old one finishes its streams.
+    rounds_pass(&rounds, 2_000);
+    let health = new.health();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Seen::default();
+    for c in clients {
+        let s = c.join().unwrap();
+        seen.tcp_failures.extend(s.tcp_failures);
+        seen.tcp_connections += s.tcp_connections;
+        seen.stream_bytes += s.stream_bytes;
+        seen.udp_lost += s.udp_lost;
+        seen.udp_answers += s.udp_answers;
+        seen.udp_moved.extend(s.udp_moved);
+    }
+    assert_eq!(
+        old.exit_code("handing over"),
+        0,
+        "the old daemon drains and exits 0"
+    );
+    assert!(
+        !new.log
+            .lock()
+            .unwrap()
+            .contains("inherited sockets this table does not serve"),
+        "every inherited socket was adopted"
+    );
+    assert!(seen.tcp_failures.is_empty(), "{:?}", seen.tcp_failures);
+    assert_eq!(seen.udp_lost, 0, "no UDP reply lost");
+    assert!(seen.udp_moved.is_empty(), "{:?}", seen.udp_moved);
+    assert!(seen.tcp_connections > 0 && seen.stream_bytes > 0 && seen.udp_answers > 0);
+    assert_eq!(
+        health["backend"],
+        if backend == "epoll" {
+            "Epoll"
+        } else {
+            "IoUring"
+        }
+    );
+    assert!(
+        health["generation"].as_u64().unwrap() > generation_before,
+        "generations go on: {health}"
+    );
+    let (_, after) = http(new.metrics, "GET", "/metrics", "", "");
+    let web_after = service_metric(&after, "connections_total", "default/web");
+    assert!(
+        web_after > web_before,
+        "counters go on: {web_before} before, {web_after} after"
+    );
+    assert_eq!(
+        service_metric(&after, "datagrams_in_total", "default/dns"),
+        seen.udp_answers,
+        "every datagram is counted once, by one daemon or the other"
+    );
+    new.stop();
+}
+
+#[test]
+fn a_takeover_drops_nothing_and_the_old_daemon_drains_and_exits_zero_epoll() {
+    takeover_drops_nothing("epoll");
+}
+
+#[test]
+fn a_takeover_drops_nothing_and_the_old_daemon_drains_and_exits_zero_io_uring() {
+    takeover_drops_nothing("io_uring");
+}
+
+#[test]
+fn a_refused_or_failed_takeover_leaves_the_old_daemon_serving() {
+    let _g = shared();
+    let (config, tcp, udp) = upgradable("takeover-fails", 2);
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let old = Daemon::start(&config, admin, &[]);
+    let ask_udp = |c: &std::net::UdpSocket| {
+        c.send_to(b"q", udp).unwrap();
+        let mut reply = [0u8; 16];
+        let (len, _) = c.recv_from(&mut reply).expect("an answer");
+        reply[..len].to_vec()
+    };
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let endpoint = ask_udp(&client);
+
+    // Another worker count: refused, with the reason, before anything is handed over.
+    let other = config.with_file_name("two-workers-less.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&other, text.replace("workers = 2", "workers = 1")).unwrap();
+    let mut refused = Daemon::spawn(Command::new(BIN), &other, old.endpoints(), &[]);
+    assert_eq!(refused.exit_code("a refused takeover"), 1);
+    refused.logged("1 workers asked; this svcproxyd runs 2");
+
+    // The new daemon fails after receiving the sockets (its metrics address is taken): the
+    // old one receives UDP again, the same flow still goes to the same endpoint.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoints = Endpoints {
+        metrics: taken.local_addr().unwrap(),
+        ..old.endpoints()
+    };
+    let mut failed = Daemon::spawn(Command::new(BIN), &config, endpoints, &[]);
+    assert_eq!(failed.exit_code("a failed takeover"), 1);
+    failed.logged("received the sockets of the running svcproxyd");
+    old.logged("serving on");
+    for _ in 0..10 {
+        assert_eq!(ask_udp(&client), endpoint);
+        echo_byte(tcp).expect("TCP is served");
+    }
+    assert_eq!(http(old.health, "GET", "/healthz", "", "").0, 200);
+
+    // And a takeover after those works: the old daemon hands over and exits 0.
+    let mut old = old;
+    let new = Daemon::spawn(Command::new(BIN), &config, old.endpoints(), &[]);
+    new.logged("took over from the previous svcproxyd");
+    assert_eq!(old.exit_code("handing over"), 0);
+    assert_eq!(
+        ask_udp(&client),
+        endpoint,
+        "the flow went on in the new daemon"
+    );
+    new.stop();
 }

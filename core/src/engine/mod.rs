@@ -62,7 +62,7 @@ use crate::clients::KeyCounts;
 use crate::config::ProxyConfig;
 use crate::control::WorkerContext;
 use crate::flow::{FlowId, FlowTable};
-use crate::handover::{Phase, WorkerSockets};
+use crate::handover::{HandedFlow, Phase, WorkerSockets};
 use crate::loom::sync::Arc;
 use crate::model::{Protocol, ServicePortKey};
 use crate::session::Side;
@@ -353,18 +353,20 @@ impl<D: Driver> Engine<D> {
         if self.ctx.control.phase() == Phase::Inheriting {
             self.handover = Handover::Waiting;
         }
-        self.apply_table(io, now);
+        let flows = self.ctx.control.take_inherited_flows(self.ctx.index);
+        let generation = self.apply_table(io, now);
         if self.handover == Handover::Waiting {
             self.set_receiving(io, false);
         }
-        self.adopt_flows(io, now);
+        self.adopt_flows(io, flows, now);
+        // Reported once the inheritance is taken: the owner then closes what is left of it.
+        self.ctx.control.report_applied(self.ctx.index, generation);
         self.timers.add(now + TICK, Timer::Tick);
     }
 
     /// Goes on with the UDP flows inherited from a process that handed over: those whose
     /// listener this worker has and whose endpoint still serves their client.
-    fn adopt_flows(&mut self, io: &mut D, now: Instant) {
-        let inherited = self.ctx.control.take_inherited_flows(self.ctx.index);
+    fn adopt_flows(&mut self, io: &mut D, inherited: Vec<(HandedFlow, OwnedFd)>, now: Instant) {
         if inherited.is_empty() {
             return;
         }
@@ -372,7 +374,11 @@ impl<D: Driver> Engine<D> {
         let (mut adopted, offered) = (0, inherited.len());
         let receiving = self.receiving();
         for (handed, socket) in inherited {
-            if !self.by_key.contains_key(&handed.listener) {
+            // A steered frontend's flows need the listener they reply from.
+            let steered = self.steering.is_some_and(|s| s.steers(&handed.listener));
+            if !self.by_key.contains_key(&handed.listener)
+                && !(steered && self.reply_listener(io, &snapshot, handed.listener))
+            {
                 continue;
             }
             match self.flows.adopt(&handed, &snapshot, now, |id| {
@@ -406,7 +412,8 @@ impl<D: Driver> Engine<D> {
             .as_ref()
             .is_none_or(|s| s.generation() != current)
         {
-            self.apply_table(io, now);
+            let generation = self.apply_table(io, now);
+            self.ctx.control.report_applied(self.ctx.index, generation);
         }
     }
 
@@ -596,8 +603,9 @@ impl<D: Driver> Engine<D> {
         }
     }
 
-    /// Brings listeners, flows and draining connections in line with the current table.
-    fn apply_table(&mut self, io: &mut D, now: Instant) {
+    /// Brings listeners, flows and draining connections in line with the current table;
+    /// returns its generation.
+    fn apply_table(&mut self, io: &mut D, now: Instant) -> u64 {
         let snapshot = self.ctx.table().load_full();
         #[cfg(feature = "fault-injection")]
         crate::fault::at_apply(self.ctx.index, &snapshot);
@@ -619,7 +627,7 @@ impl<D: Driver> Engine<D> {
         }
         let generation = snapshot.generation();
         self.applied = Some(snapshot);
-        self.ctx.control.report_applied(self.ctx.index, generation);
+        generation
     }
 
     /// Serves the frontend `key` (when `wanted`) or stops serving it: with its own listener,
@@ -729,9 +737,12 @@ impl<D: Driver> Engine<D> {
     }
 
     /// Whether this worker's sockets may be in another process's hands (exported or
-    /// retired): they are let go of, never ended.
+    /// retired, or inherited and not served yet): they are let go of, never ended.
     fn shared(&self) -> bool {
-        matches!(self.handover, Handover::Exported | Handover::Retired)
+        matches!(
+            self.handover,
+            Handover::Exported | Handover::Retired | Handover::Waiting
+        )
     }
 
     /// Closes a listener removed from the engine, or lets go of it if it is shared.

@@ -82,7 +82,7 @@ impl<D: Driver> Engine<D> {
 
     /// Makes sure the steered UDP frontend `frontend`, if it is served, has a listener to send
     /// replies from; false when it is not served or the listener cannot be opened.
-    fn reply_listener(
+    pub(super) fn reply_listener(
         &mut self,
         io: &mut D,
         snapshot: &Snapshot,
