@@ -49,6 +49,8 @@
 //! [upgrade]                   # restarts and upgrades that drop nothing (README, Upgrading)
 //! socket = "/run/svcproxyd/upgrade.sock"  # where a new svcproxyd asks for the sockets;
 //!                             # unset: each start is a cold one
+//! stay_after_handover = false # after handing over and draining, wait for SIGTERM instead
+//!                             # of exiting (a DaemonSet's old pod, deleted by its controller)
 //!
 //! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)
 //!
@@ -211,6 +213,8 @@ impl Default for MetricsSection {
 #[serde(deny_unknown_fields)]
 struct UpgradeSection {
     socket: Option<PathBuf>,
+    #[serde(default)]
+    stay_after_handover: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -286,6 +290,8 @@ pub struct Settings {
     /// Where a new svcproxyd asks this one for its sockets, and this one asks a running one
     /// (`None`: no handover, a cold start).
     pub upgrade_socket: Option<PathBuf>,
+    /// After handing over and draining, wait for SIGTERM instead of exiting.
+    pub stay_after_handover: bool,
 }
 
 impl Default for Settings {
@@ -307,6 +313,7 @@ impl Default for Settings {
             interface: "svcproxy0".into(),
             transparent_port: Some(DEFAULT_TRANSPARENT_PORT),
             upgrade_socket: None,
+            stay_after_handover: false,
         }
     }
 }
@@ -609,6 +616,7 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
             .socket
             .as_ref()
             .map(|f| path.parent().unwrap_or(Path::new(".")).join(f)),
+        stay_after_handover: file.upgrade.stay_after_handover,
     })
 }
 

@@ -14,5 +14,6 @@ pub mod kube;
 pub mod metrics;
 pub mod nesting;
 pub mod netlink;
+pub mod notify;
 pub mod status;
 pub mod upgrade;

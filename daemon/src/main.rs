@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use svcproxyd::config::{self, Settings};
 use svcproxyd::daemon::{self, Daemon};
 use svcproxyd::health_check::HealthChecks;
-use svcproxyd::{capture, demo, http, upgrade};
+use svcproxyd::{capture, demo, http, notify, upgrade};
 
 #[derive(Parser)]
 #[command(
@@ -105,6 +105,9 @@ struct RunArgs {
     /// Where a new svcproxyd takes this one's sockets over (and this one a running one's).
     #[arg(long)]
     upgrade_socket: Option<PathBuf>,
+    /// After handing over and draining, wait for SIGTERM instead of exiting.
+    #[arg(long)]
+    stay_after_handover: bool,
 }
 
 fn main() -> ExitCode {
@@ -217,6 +220,9 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     if let Some(path) = &args.upgrade_socket {
         s.upgrade_socket = Some(path.clone());
     }
+    if args.stay_after_handover {
+        s.stay_after_handover = true;
+    }
     if let Some(listeners) = &args.listeners {
         let port = s
             .transparent_port
@@ -235,6 +241,66 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
 
 /// The name the health check node ports' listeners are handed over by.
 const HEALTH_CHECK: &str = "health check node port";
+
+/// Answers a new svcproxyd asking on `channel` for this one's sockets (with the HTTP
+/// endpoints' listeners, from `servers`); whether this one handed over (it has retired, and
+/// `servers` are stopped).
+fn hand_over(
+    daemon: &Daemon,
+    channel: svcproxy_sys::fd_passing::Channel,
+    servers: &mut Vec<(&str, http::Server)>,
+) -> bool {
+    let mut listeners: Vec<(String, std::net::TcpListener)> = servers
+        .iter()
+        .filter_map(|(what, s)| Some((what.to_string(), s.listener().try_clone().ok()?)))
+        .collect();
+    listeners.extend(
+        daemon
+            .health_check_listeners()
+            .into_iter()
+            .map(|l| (HEALTH_CHECK.to_string(), l)),
+    );
+    let capture = daemon.capture_state();
+    match upgrade::hand_over(channel, &daemon.proxy, &daemon.table, capture, &listeners) {
+        Ok(handing) => {
+            let to = handing.to;
+            daemon.proxy.retire();
+            daemon.handed_over(to);
+            if let Err(e) = handing.done() {
+                warn!("telling the new svcproxyd: {e}");
+            }
+            servers.clear();
+            info!(to, "handed over to a new svcproxyd");
+            true
+        }
+        Err(e) => {
+            warn!("{e}; serving on");
+            false
+        }
+    }
+}
+
+/// SIGUSR2: starts a new svcproxyd from the binary at this one's path (an upgraded one, say),
+/// with the same arguments, to take over.
+fn start_successor(upgradable: bool) -> Option<std::process::Child> {
+    if !upgradable {
+        warn!("SIGUSR2: a takeover needs an upgrade socket (--upgrade-socket, [upgrade] socket)");
+        return None;
+    }
+    match upgrade::start_successor() {
+        Ok(child) => {
+            info!(
+                pid = child.id(),
+                "SIGUSR2: started a new svcproxyd to take over"
+            );
+            Some(child)
+        }
+        Err(e) => {
+            warn!("SIGUSR2: cannot start a new svcproxyd: {e}");
+            None
+        }
+    }
+}
 
 /// What answers the requests of one of the daemon's HTTP endpoints.
 type Handler = fn(&Daemon, &http::Request) -> http::Response;
@@ -398,6 +464,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     }
 
+    let took_over = inheritance.is_some();
     if let Some(i) = inheritance {
         let from = i.from;
         match i.ready() {
@@ -426,12 +493,23 @@ fn run(args: RunArgs) -> ExitCode {
         None => None,
     };
 
+    let state = if took_over {
+        notify::took_over()
+    } else {
+        "READY=1".to_string()
+    };
+    if let Err(e) = notify::notify(&state) {
+        warn!("cannot tell systemd: {e}");
+    }
+
     let term = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
+    let usr2 = Arc::new(AtomicBool::new(false));
     for (signal, flag) in [
         (signal_hook::consts::SIGTERM, &term),
         (signal_hook::consts::SIGINT, &term),
         (signal_hook::consts::SIGHUP, &hup),
+        (signal_hook::consts::SIGUSR2, &usr2),
     ] {
         if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
             error!("cannot handle signal {signal}: {e}");
@@ -442,6 +520,7 @@ fn run(args: RunArgs) -> ExitCode {
     let mut settling = None;
     let mut failed = false;
     let mut handed_over = false;
+    let mut successor = None;
     while !term.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         if let Some(channel) = upgrades.as_ref().and_then(|l| match l.accept() {
@@ -450,40 +529,19 @@ fn run(args: RunArgs) -> ExitCode {
                 warn!("takeover socket: {e}");
                 None
             }
-        }) {
-            let mut http: Vec<(String, std::net::TcpListener)> = servers
-                .iter()
-                .filter_map(|(what, s): &(&str, http::Server)| {
-                    Some((what.to_string(), s.listener().try_clone().ok()?))
-                })
-                .collect();
-            http.extend(
-                daemon
-                    .health_check_listeners()
-                    .into_iter()
-                    .map(|l| (HEALTH_CHECK.to_string(), l)),
-            );
-            match upgrade::hand_over(
-                channel,
-                &daemon.proxy,
-                &daemon.table,
-                daemon.capture_state(),
-                &http,
-            ) {
-                Ok(handing) => {
-                    let to = handing.to;
-                    daemon.proxy.retire();
-                    daemon.handed_over(to);
-                    if let Err(e) = handing.done() {
-                        warn!("telling the new svcproxyd: {e}");
-                    }
-                    servers.clear();
-                    info!(to, "handed over to a new svcproxyd");
-                    handed_over = true;
-                    break;
-                }
-                Err(e) => warn!("{e}; serving on"),
-            }
+        }) && hand_over(&daemon, channel, &mut servers)
+        {
+            handed_over = true;
+            break;
+        }
+        if usr2.swap(false, Ordering::SeqCst) {
+            successor = start_successor(upgrades.is_some());
+        }
+        if let Some(child) = &mut successor
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            warn!(%status, "the new svcproxyd exited without taking over");
+            successor = None;
         }
         if let Some(down) = daemon.proxy.down() {
             error!(
@@ -528,6 +586,12 @@ fn run(args: RunArgs) -> ExitCode {
         info!("the grace period ended; closing the connections left");
     }
     drop(servers);
+    if handed_over && settings.stay_after_handover {
+        info!("drained; staying, serving nothing, until SIGTERM");
+        while !term.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     if !handed_over && let Some(l) = &upgrades {
         let _ = std::fs::remove_file(l.path());
     }

@@ -319,6 +319,19 @@ pub fn listen(path: &Path) -> io::Result<ChannelListener> {
     ChannelListener::bind(path)
 }
 
+/// Starts a new svcproxyd from the binary at this one's path (`argv[0]`: after an upgrade,
+/// the new release), with this one's arguments, to take over.
+pub fn start_successor() -> io::Result<std::process::Child> {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .ok_or_else(|| io::Error::other("no program name among the arguments"))?;
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
+
 /// A handover the new process is ready for: retire, then [`Handing::done`].
 pub struct Handing {
     channel: Channel,

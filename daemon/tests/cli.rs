@@ -1608,7 +1608,7 @@ fn a_refused_or_failed_takeover_leaves_the_old_daemon_serving() {
     let _g = shared();
     let (config, tcp, udp) = upgradable("takeover-fails", 2);
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let old = Daemon::start(&config, admin, &[]);
+    let old = Daemon::start(&config, admin, &["--stay-after-handover"]);
     let ask_udp = |c: &std::net::UdpSocket| {
         c.send_to(b"q", udp).unwrap();
         let mut reply = [0u8; 16];
@@ -1644,15 +1644,63 @@ fn a_refused_or_failed_takeover_leaves_the_old_daemon_serving() {
     }
     assert_eq!(http(old.health, "GET", "/healthz", "", "").0, 200);
 
-    // And a takeover after those works: the old daemon hands over and exits 0.
-    let mut old = old;
+    // And a takeover after those works. The old daemon, told to stay after handing over,
+    // drains and waits for SIGTERM (as a DaemonSet's old pod, deleted by its controller).
     let new = Daemon::spawn(Command::new(BIN), &config, old.endpoints(), &[]);
     new.logged("took over from the previous svcproxyd");
-    assert_eq!(old.exit_code("handing over"), 0);
     assert_eq!(
         ask_udp(&client),
         endpoint,
         "the flow went on in the new daemon"
     );
+    old.logged("drained; staying, serving nothing, until SIGTERM");
+    assert_eq!(old.stop(), 0);
+    echo_byte(tcp).expect("the new daemon serves");
     new.stop();
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaps).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn sigusr2_starts_the_binary_anew_which_takes_over_and_tells_systemd() {
+    let _g = shared();
+    let (config, tcp, _) = upgradable("sigusr2", 1);
+    let notify = config.with_file_name("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let said = || {
+        let mut buf = [0u8; 256];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut command = Command::new(BIN);
+    command.env("NOTIFY_SOCKET", &notify);
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut old = Daemon::start_with(command, &config, admin, &[]);
+    assert_eq!(said(), "READY=1");
+
+    let pid = rustix::process::Pid::from_raw(old.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::USR2).unwrap();
+    let state = said();
+    let new: u32 = state
+        .strip_prefix("MAINPID=")
+        .and_then(|s| s.strip_suffix("\nREADY=1"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the new process names itself: {state:?}"));
+    assert_ne!(new, old.child.id());
+    assert_eq!(old.exit_code("SIGUSR2"), 0);
+    echo_byte(tcp).expect("the new process serves");
+    assert_eq!(http(old.health, "GET", "/healthz", "", "").0, 200);
+    let new_pid = rustix::process::Pid::from_raw(new as i32).unwrap();
+    rustix::process::kill_process(new_pid, rustix::process::Signal::TERM).unwrap();
+    eventually("the new process to exit", || exited(new));
 }

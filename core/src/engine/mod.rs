@@ -376,9 +376,9 @@ impl<D: Driver> Engine<D> {
         for (handed, socket) in inherited {
             // A steered frontend's flows need the listener they reply from.
             let steered = self.steering.is_some_and(|s| s.steers(&handed.listener));
-            if !self.by_key.contains_key(&handed.listener)
-                && !(steered && self.reply_listener(io, &snapshot, handed.listener))
-            {
+            let listening = self.by_key.contains_key(&handed.listener)
+                || steered && self.reply_listener(io, &snapshot, handed.listener);
+            if !listening {
                 continue;
             }
             match self.flows.adopt(&handed, &snapshot, now, |id| {
