@@ -375,7 +375,6 @@ fn node_proxy_in_namespaces_with_a_listener_per_frontend() {
     node_proxy(&["--listeners", "per-frontend"]);
 }
 
-/// The node's listening TCP sockets, one `address:port` per line.
 /// The node's set of steered IPv4 TCP frontends, as nft lists it.
 fn steered_tcp4(topo: &Topology) -> String {
     let args = [
@@ -392,6 +391,7 @@ fn steered_tcp4(topo: &Topology) -> String {
     output("ip", &args)
 }
 
+/// The node's listening TCP sockets, one `address:port` per line.
 fn tcp_listeners(topo: &Topology) -> String {
     output(
         "ip",
@@ -1004,4 +1004,107 @@ fn wait_long(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_takeover_hands_the_capture_and_the_flows_over_with_transparent_listeners() {
+    takeover_in_namespaces(&[]);
+}
+
+#[test]
+fn a_takeover_hands_the_capture_and_the_flows_over_with_a_listener_per_frontend() {
+    takeover_in_namespaces(&["--listeners", "per-frontend"]);
+}
+
+/// What capture leaves on the node: the nftables table, addresses, policy rules and routes,
+/// and the ARP settings.
+fn node_state(topo: &Topology) -> String {
+    let run = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &topo.node];
+        all.extend(args);
+        output("ip", &all)
+    };
+    [
+        run(&["nft", "list", "table", "inet", "svcproxyd"]),
+        run(&["ip", "-o", "address"]),
+        run(&["ip", "rule"]),
+        run(&["ip", "route", "show", "table", "53535"]),
+        run(&[
+            "sysctl",
+            "net.ipv4.conf.all.arp_ignore",
+            "net.ipv4.conf.all.arp_announce",
+        ]),
+    ]
+    .join("\n")
+}
+
+/// A new svcproxyd takes over from a running one in the node (capture mode `mode`): the node
+/// keeps its capture as it was (never removed and added again), UDP flows keep their pod, and
+/// the old daemon exits 0.
+fn takeover_in_namespaces(mode: &[&str]) {
+    if !root() {
+        return;
+    }
+    let _alone = alone();
+    let topo = Topology::new();
+    let _a = Pod::start(&topo.pods[0], "pod-a");
+    let _b = Pod::start(&topo.pods[1], "pod-b");
+    let dir = std::env::temp_dir().join(format!("svcproxyd-netns-takeover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("cluster.yaml");
+    write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
+    let socket = dir.join("run/upgrade.sock");
+    let mut args = vec!["--upgrade-socket", socket.to_str().unwrap()];
+    args.extend(mode);
+    let mut old = Daemon::start(&topo.node, &config, &args);
+
+    let clients: Vec<UdpSocket> = Topology::within(&topo.client, || {
+        (0..6)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s.connect("198.19.0.10:53").unwrap();
+                s
+            })
+            .collect()
+    });
+    let answer = |s: &UdpSocket| {
+        s.send(b"q").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).expect("an answer through the node");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        text.split_whitespace().next().unwrap_or("").to_string()
+    };
+    let before: Vec<String> = clients.iter().map(answer).collect();
+    assert_eq!(
+        before
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        pods(&["pod-a", "pod-b"]),
+        "round robin over the flows"
+    );
+    let state = node_state(&topo);
+    assert!(state.contains("198.19.0.10"), "{state}");
+
+    let new = Daemon::start(&topo.node, &config, &args);
+    wait("the old daemon to hand over and exit", || {
+        old.0.try_wait().unwrap().is_some()
+    });
+    assert_eq!(old.0.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        node_state(&topo),
+        state,
+        "the capture is handed over as it was"
+    );
+    let after: Vec<String> = clients.iter().map(answer).collect();
+    assert_eq!(after, before, "each flow stays with its pod");
+    assert!(ask(&topo, "198.19.0.10:80").is_ok(), "TCP is served");
+
+    assert_eq!(new.stop(), 0);
+    assert!(
+        !node_state(&topo).contains("198.19.0.10"),
+        "the new daemon removes the capture when it exits"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
