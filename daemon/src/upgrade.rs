@@ -200,6 +200,11 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
             http,
             records,
         } => (generation, stats, capture, http, records, release),
+        Message::Offer { protocol, .. } => {
+            return Err(format!(
+                "the running svcproxyd speaks handover protocol version {protocol}, this one {PROTOCOL}"
+            ));
+        }
         Message::Refused { reason } => return Err(format!("refused: {reason}")),
         other => return Err(format!("unexpected {other:?}")),
     };
