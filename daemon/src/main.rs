@@ -240,7 +240,7 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
 }
 
 /// The name the health check node ports' listeners are handed over by.
-const HEALTH_CHECK: &str = "health check node port";
+const HEALTH_CHECK: &str = "health-check-node-port";
 
 /// Answers a new svcproxyd asking on `channel` for this one's sockets (with the HTTP
 /// endpoints' listeners, from `servers`); whether this one handed over (it has retired, and
@@ -428,26 +428,34 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     info!(services = loaded.services.len(), "configuration loaded");
-    let endpoints: [(&str, SocketAddr, Handler); 3] = [
+    // Each with the name its listener is handed over by (the same in every release).
+    let endpoints: [(&str, &str, SocketAddr, Handler); 3] = [
         (
+            "health",
             "health endpoint (/healthz, /livez)",
             settings.health,
             Daemon::health,
         ),
         (
+            "metrics",
             "metrics endpoint (/metrics)",
             settings.metrics,
             Daemon::metrics,
         ),
-        ("admin endpoint (/services)", settings.admin, Daemon::admin),
+        (
+            "admin",
+            "admin endpoint (/services)",
+            settings.admin,
+            Daemon::admin,
+        ),
     ];
     let mut servers = Vec::new();
-    for (what, address, handler) in endpoints {
+    for (name, what, address, handler) in endpoints {
         let d = daemon.clone();
         let handler = move |r: &http::Request| handler(&d, r);
         let inherited = inheritance
             .as_mut()
-            .and_then(|i| i.http_listener(what, address));
+            .and_then(|i| i.http_listener(name, address));
         let started = match inherited {
             Some(listener) => http::Server::start_on(listener, handler),
             None => http::Server::start(address, handler),
@@ -455,7 +463,7 @@ fn run(args: RunArgs) -> ExitCode {
         match started {
             Ok(s) => {
                 info!(address = %s.addr(), "{what}");
-                servers.push((what, s));
+                servers.push((name, s));
             }
             Err(e) => {
                 error!(%address, "cannot serve the {what}: {e}");

@@ -391,7 +391,7 @@ pub fn hand_over(
     }
     if workers != proxy.worker_count() {
         return Err(refuse(format!(
-            "{workers} workers asked; this svcproxyd runs {} (a handover needs the same number: set proxy.workers)",
+            "the new svcproxyd would run {workers} worker threads, this one runs {} (a handover needs the same number: set proxy.workers)",
             proxy.worker_count()
         )));
     }
@@ -466,4 +466,50 @@ fn offer(
         send(channel, &Message::Sockets { records: batch }, &fds)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use svcproxy::{BackendKind, Options, ProxyConfig, TableConfig};
+
+    use super::*;
+
+    #[test]
+    fn another_protocol_version_is_refused_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("svcproxyd-upgrade-{}", std::process::id()));
+        let path = dir.join("upgrade.sock");
+        let listener = listen(&path).unwrap();
+        let table = Arc::new(Table::new(TableConfig::default()));
+        let options = Options {
+            backend: BackendKind::Epoll,
+            config: ProxyConfig {
+                workers: 1,
+                ..ProxyConfig::default()
+            },
+        };
+        let proxy = Proxy::start(table.clone(), options).unwrap();
+
+        let new = Channel::connect(&path).unwrap();
+        new.set_timeout(MESSAGE_TIMEOUT).unwrap();
+        let hello = Message::Hello {
+            protocol: PROTOCOL + 1,
+            release: "9.9.9".into(),
+            workers: 1,
+        };
+        send(&new, &hello, &[]).unwrap();
+        let old = listener.accept().unwrap().expect("the new process");
+        let refused = hand_over(old, &proxy, &table, None, &[]).err().unwrap();
+        assert!(
+            refused.contains(&format!("version {}", PROTOCOL + 1)),
+            "{refused}"
+        );
+        match recv(&new).unwrap().0 {
+            Message::Refused { reason } => assert!(reason.contains("this svcproxyd speaks")),
+            other => panic!("{other:?}"),
+        }
+        proxy.shutdown(Duration::ZERO).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1625,7 +1625,7 @@ fn a_refused_or_failed_takeover_leaves_the_old_daemon_serving() {
     std::fs::write(&other, text.replace("workers = 2", "workers = 1")).unwrap();
     let mut refused = Daemon::spawn(Command::new(BIN), &other, old.endpoints(), &[]);
     assert_eq!(refused.exit_code("a refused takeover"), 1);
-    refused.logged("1 workers asked; this svcproxyd runs 2");
+    refused.logged("would run 1 worker threads, this one runs 2");
 
     // The new daemon fails after receiving the sockets (its metrics address is taken): the
     // old one receives UDP again, the same flow still goes to the same endpoint.
