@@ -895,7 +895,10 @@ impl<D: Driver> Engine<D> {
         self.serving = false;
         if served && self.paused == Some(Pause::Budget) && !self.stopping {
             self.paused = None;
-            self.set_accepting(io, true);
+            // Not while a handover keeps this worker from accepting.
+            if self.may_accept() {
+                self.set_accepting(io, true);
+            }
         }
     }
 
