@@ -539,20 +539,8 @@ fn at_the_flow_limit_the_oldest_unreplied_flow_makes_room() {
         ..ProxyConfig::default()
     };
     let mut f = fixture(config, &[ep(1)]);
-    let dns = Service::new("dns")
-        .address("127.0.0.1".parse().unwrap())
-        .port(ServicePort::udp(53));
-    let to = |i: u8| Endpoint::new(SocketAddr::from(([127, 0, 2, i], 53)));
-    f.table
-        .apply(
-            Batch::new()
-                .upsert(dns)
-                .replace_endpoints("dns", vec![to(1), to(2), to(3)]),
-        )
-        .unwrap();
-    f.engine.poll(&mut f.io, f.t0);
+    let key = with_a_udp_service(&mut f);
     f.io.take();
-    let key = ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp);
     let listener = f.engine.listener_id(&key).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
     let open = |f: &mut Fixture, port: u16| {
@@ -890,8 +878,8 @@ fn a_steered_udp_frontend_has_a_listener_to_reply_from_while_it_has_flows() {
     );
 }
 
-/// The fixture's TCP service and a UDP one with one flow open; the UDP frontend's key.
-fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
+/// Adds to the fixture a UDP service `dns` with three endpoints, applied; its frontend's key.
+fn with_a_udp_service(f: &mut Fixture) -> ServicePortKey {
     let dns = Service::new("dns")
         .address("127.0.0.1".parse().unwrap())
         .port(ServicePort::udp(53));
@@ -904,7 +892,12 @@ fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
         )
         .unwrap();
     f.engine.poll(&mut f.io, f.t0);
-    let key = ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp);
+    ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp)
+}
+
+/// The fixture's TCP service and a UDP one with one flow open; the UDP frontend's key.
+fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
+    let key = with_a_udp_service(f);
     let listener = f.engine.listener_id(&key).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
     f.engine

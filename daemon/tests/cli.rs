@@ -1704,3 +1704,22 @@ fn sigusr2_starts_the_binary_anew_which_takes_over_and_tells_systemd() {
     rustix::process::kill_process(new_pid, rustix::process::Signal::TERM).unwrap();
     eventually("the new process to exit", || exited(new));
 }
+
+#[test]
+fn a_stale_upgrade_socket_means_a_cold_start() {
+    let _g = shared();
+    let (config, tcp, _) = upgradable("stale-socket", 1);
+    let socket = config.with_file_name("run").join("upgrade.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    // What a crashed svcproxyd leaves: the socket file, and nobody listening on it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = Daemon::start(&config, admin, &[]);
+    d.logged("a new svcproxyd can take over here");
+    echo_byte(tcp).expect("served after a cold start");
+    assert_eq!(d.stop(), 0);
+    assert!(
+        !socket.exists(),
+        "a daemon that did not hand over removes its socket"
+    );
+}
