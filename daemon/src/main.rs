@@ -6,7 +6,9 @@
 //!   HTTP endpoints: health (`/healthz`, `/livez`), metrics (`/metrics`) and the admin API
 //!   (`/services`); as root, service addresses are captured on a dummy interface. SIGTERM or
 //!   SIGINT drain and exit. With an upgrade socket, a new `svcproxyd run` takes the running
-//!   one's sockets over, and the old one drains and exits 0 ([`svcproxyd::upgrade`]).
+//!   one's sockets over, and the old one drains and exits 0 ([`svcproxyd::upgrade`]); SIGUSR2
+//!   starts that new process from the binary on disk. Under systemd (`Type=notify`) it says
+//!   when it serves ([`svcproxyd::notify`]).
 //! - `svcproxyd check --config PATH`: validate a config and print what it would serve.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (the proxy could not start or failed);
@@ -323,6 +325,12 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // As many descriptors as the hard limit allows (the proxy splits them: README, limits),
+    // before sockets are handed over.
+    match svcproxy::raise_descriptor_limit() {
+        Ok(limit) => info!(limit, "descriptor limit"),
+        Err(e) => warn!("cannot raise the descriptor limit to the hard limit: {e}"),
+    }
     let mut inheritance = match &settings.upgrade_socket {
         Some(path) => match upgrade::take_over(path, settings.proxy.worker_count()) {
             Ok(i) => i,
@@ -368,11 +376,6 @@ fn run(args: RunArgs) -> ExitCode {
         warn!(
             "client source preservation needs root and capture; backends see the proxy's address"
         );
-    }
-    // As many descriptors as the hard limit allows; the proxy splits them (README, limits).
-    match svcproxy::raise_descriptor_limit() {
-        Ok(limit) => info!(limit, "descriptor limit"),
-        Err(e) => warn!("cannot raise the descriptor limit to the hard limit: {e}"),
     }
     let table_config = TableConfig {
         node_name: settings.node_name.clone(),

@@ -311,15 +311,28 @@ impl Inheritance {
     }
 }
 
-/// Listens at `path` for a new svcproxyd's `hello`, replacing what is there (a stale socket
-/// of a process that ended, or one that handed over to this one). Creates the directory.
+/// Listens at `path` for a new svcproxyd's `hello`, replacing the socket there (a stale one
+/// of a process that ended, or the one of the process that handed over to this one); anything
+/// else at `path` is an error, and left alone. A missing directory is created, readable by
+/// this user only.
 pub fn listen(path: &Path) -> io::Result<ChannelListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "something other than a socket is there",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     ChannelListener::bind(path)
 }
@@ -510,6 +523,31 @@ mod tests {
             other => panic!("{other:?}"),
         }
         proxy.shutdown(Duration::ZERO).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_socket_is_replaced_at_the_upgrade_path() {
+        let dir =
+            std::env::temp_dir().join(format!("svcproxyd-upgrade-path-{}", std::process::id()));
+        let path = dir.join("private/upgrade.sock");
+        let first = listen(&path).unwrap();
+        drop(first);
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+        // A socket left there is replaced.
+        drop(listen(&path).unwrap());
+        // A file is not.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "keep me").unwrap();
+        let e = listen(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
