@@ -1024,9 +1024,15 @@ fn node_state(topo: &Topology) -> String {
         all.extend(args);
         output("ip", &all)
     };
+    // Link-local addresses come and go on their own (duplicate address detection).
+    let addresses: String = run(&["ip", "-o", "address"])
+        .lines()
+        .filter(|l| !l.contains("scope link"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     [
         run(&["nft", "list", "table", "inet", "svcproxyd"]),
-        run(&["ip", "-o", "address"]),
+        addresses,
         run(&["ip", "rule"]),
         run(&["ip", "route", "show", "table", "53535"]),
         run(&[
