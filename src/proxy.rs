@@ -252,7 +252,7 @@ impl Proxy {
         }
     }
 
-    /// Abandons a handover: UDP is received again.
+    /// Abandons a handover (exported, or even retired): the proxy serves as before.
     pub fn resume(&self) {
         self.set_phase(Phase::Serving);
     }
@@ -266,9 +266,11 @@ impl Proxy {
     /// Ends a handover: another process serves the exported sockets. This proxy accepts and
     /// receives nothing more; its connections go on until they end or
     /// [`Proxy::drain`] / [`Proxy::shutdown`] end them, and its sockets are let go of, never
-    /// ended.
-    pub fn retire(&self) {
+    /// ended. Waits up to `timeout` for every worker's accepts in flight to end (a client
+    /// they take is served here), and says whether they did. [`Proxy::resume`] undoes it.
+    pub fn retire(&self, timeout: Duration) -> bool {
         self.set_phase(Phase::Retired);
+        self.control.wait_retired(timeout)
     }
 
     fn set_phase(&self, phase: Phase) {

@@ -44,6 +44,8 @@ pub struct Control {
     phase: AtomicU8,
     /// Sockets each worker exported in this handover (`None`: not yet).
     exported: Mutex<Vec<Option<WorkerSockets>>>,
+    /// Which workers have retired (nothing accepted or received in flight any more).
+    retired: Mutex<Vec<bool>>,
     /// Sockets inherited from a process that handed over, by worker, until taken.
     inherited: Mutex<Vec<WorkerSockets>>,
 }
@@ -98,6 +100,7 @@ impl Control {
             synced: Mutex::new(None),
             phase: AtomicU8::new(Phase::Serving.as_u8()),
             exported: Mutex::new((0..workers).map(|_| None).collect()),
+            retired: Mutex::new(vec![false; workers]),
             inherited: Mutex::new((0..workers).map(|_| WorkerSockets::default()).collect()),
         }
     }
@@ -291,22 +294,54 @@ impl Control {
         Phase::from_u8(self.phase.load(Ordering::Acquire))
     }
 
-    /// Moves the handover to `phase` (the owner wakes the workers after). Entering
-    /// [`Phase::Exporting`] forgets what an earlier export deposited.
+    /// Moves the handover to `phase` (the owner wakes the workers after), forgetting (and
+    /// closing) what was deposited and not taken, and the workers' reports of having retired.
     pub fn set_phase(&self, phase: Phase) {
-        if phase == Phase::Exporting {
-            lock(&self.exported).iter_mut().for_each(|e| *e = None);
+        {
+            // Under the deposits' lock: a worker deposits only while the phase is Exporting.
+            let mut exported = lock(&self.exported);
+            exported.iter_mut().for_each(|e| *e = None);
+            lock(&self.retired).iter_mut().for_each(|r| *r = false);
+            self.phase.store(phase.as_u8(), Ordering::Release);
         }
-        self.phase.store(phase.as_u8(), Ordering::Release);
         let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         self.progressed.notify_all();
     }
 
-    /// Worker `worker` deposits the sockets it exports.
+    /// Worker `worker` deposits the sockets it exports. Outside [`Phase::Exporting`] (the
+    /// handover was abandoned meanwhile) they are dropped.
     pub fn deposit(&self, worker: usize, sockets: WorkerSockets) {
-        lock(&self.exported)[worker] = Some(sockets);
+        {
+            let mut exported = lock(&self.exported);
+            if self.phase() == Phase::Exporting {
+                exported[worker] = Some(sockets);
+            }
+        }
         let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
         self.progressed.notify_all();
+    }
+
+    /// Worker `worker` has retired: no accept or receive of its is in flight any more (in
+    /// [`Phase::Retired`] only).
+    pub fn report_retired(&self, worker: usize) {
+        {
+            let _exported = lock(&self.exported);
+            if self.phase() == Phase::Retired {
+                lock(&self.retired)[worker] = true;
+            }
+        }
+        let _guard = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        self.progressed.notify_all();
+    }
+
+    /// Waits until every worker has retired (or stopped); false on timeout.
+    pub fn wait_retired(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, || {
+            lock(&self.retired)
+                .iter()
+                .zip(self.applied.iter())
+                .all(|(r, a)| *r || a.load(Ordering::Acquire) == STOPPED)
+        })
     }
 
     /// Waits until every worker has deposited its sockets, then takes them (by worker);

@@ -139,6 +139,7 @@ impl Driver for Recorder {
     fn export_flow(&self, _: &SocketAddr) -> io::Result<OwnedFd> {
         some_fd()
     }
+    fn udp_receiving(&mut self, _: bool) {}
     fn listener_receiving(&mut self, _: ListenerId, _: &mut ServicePortKey, on: bool) {
         self.cmds.push(Cmd::Receiving(on));
     }
@@ -961,6 +962,10 @@ fn a_handover_exports_once_udp_is_quiet_and_a_retired_worker_lets_go_of_its_sock
     f.control.set_phase(handover::Phase::Retired);
     f.engine.poll(&mut f.io, f.t0);
     assert!(!f.engine.may_accept());
+    assert!(
+        f.control.wait_retired(Duration::ZERO),
+        "retired, nothing in flight"
+    );
     f.io.take();
     f.control.begin_shutdown(Some(f.t0));
     f.engine.poll(&mut f.io, f.t0);
@@ -1050,4 +1055,45 @@ fn an_inheriting_worker_adopts_the_listeners_and_the_flows_it_still_serves() {
         ]
     );
     assert!(engine.may_accept());
+}
+
+#[test]
+fn a_retired_worker_opens_no_listener_and_once_resumed_opens_what_it_left() {
+    let mut f = fixture(config(), &[ep(1)]);
+    f.io.receiving_in_flight = true;
+    f.control.set_phase(handover::Phase::Retired);
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![Cmd::Accepting(false)]);
+    assert!(
+        !f.control.wait_retired(Duration::ZERO),
+        "not retired while an accept is in flight"
+    );
+    f.io.receiving_in_flight = false;
+    f.engine.poll(&mut f.io, f.t0);
+    assert!(f.control.wait_retired(Duration::ZERO));
+
+    // A frontend published now gets no listener: the process serving the sockets would not
+    // know it, and its clients would be lost when this one exits.
+    let api = Service::new("api")
+        .address("127.0.0.1".parse().unwrap())
+        .port(ServicePort::tcp(8081));
+    f.table
+        .apply(
+            Batch::new()
+                .upsert(api)
+                .replace_endpoints("api", vec![Endpoint::new(ep(1))]),
+        )
+        .unwrap();
+    f.engine.poll(&mut f.io, f.t0);
+    assert_eq!(f.io.take(), vec![]);
+
+    // The other process did not take over after all: this one serves again, everything.
+    f.control.set_phase(handover::Phase::Serving);
+    f.engine.poll(&mut f.io, f.t0);
+    let api_key = ServicePortKey::new("127.0.0.1:8081".parse().unwrap(), Protocol::Tcp);
+    assert_eq!(
+        f.io.take(),
+        vec![Cmd::Accepting(true), Cmd::Listen(api_key)]
+    );
+    assert!(f.engine.may_accept());
 }

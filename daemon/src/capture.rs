@@ -119,8 +119,9 @@ pub struct Capture {
     arp: Vec<(&'static str, String)>,
     /// The routing and marking of client source preservation are installed.
     preserve_client_ip: bool,
-    /// Handed over to another process: dropping it removes nothing.
-    handed_over: bool,
+    /// This process owns the capture: dropping it removes it. Not while another process
+    /// may (taken over and not confirmed yet; handed over).
+    owned: bool,
 }
 
 /// What a capture holds, handed from one svcproxyd to the next.
@@ -333,7 +334,7 @@ impl Capture {
             steered: Some(BTreeSet::new()),
             arp: Vec::new(),
             preserve_client_ip,
-            handed_over: false,
+            owned: true,
         };
         if steering.is_none() {
             capture.arp = strict_arp()?;
@@ -354,9 +355,10 @@ impl Capture {
         Ok(capture)
     }
 
-    /// Takes over the capture another svcproxyd handed over, as it is. Fails, changing
-    /// nothing, when it was made for other settings (`steering`, `preserve_client_ip`) than
-    /// this process's, or its interface is gone.
+    /// Takes over the capture another svcproxyd handed over, as it is, not owned until
+    /// [`Capture::own`] (dropped before that, it is left in place for the other process).
+    /// Fails, changing nothing, when it was made for other settings (`steering`,
+    /// `preserve_client_ip`) than this process's, or its interface is gone.
     pub fn adopt(
         state: CaptureState,
         steering: Option<Steering>,
@@ -402,7 +404,7 @@ impl Capture {
             steered: state.steered,
             arp,
             preserve_client_ip,
-            handed_over: false,
+            owned: false,
         };
         info!(
             interface = capture.interface(),
@@ -432,7 +434,12 @@ impl Capture {
 
     /// Another process has taken this capture over: dropping it removes nothing.
     pub fn hand_over(mut self) {
-        self.handed_over = true;
+        self.owned = false;
+    }
+
+    /// The process this capture was taken over from has let go of it: this one owns it.
+    pub fn own(&mut self) {
+        self.owned = true;
     }
 
     /// Where the addresses go, for the log.
@@ -549,10 +556,10 @@ fn on_off(on: bool) -> &'static str {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if self.handed_over {
+        if !self.owned {
             info!(
                 interface = self.interface(),
-                "capture handed over, left in place"
+                "capture left in place for the other svcproxyd"
             );
             return;
         }

@@ -125,6 +125,13 @@ impl Daemon {
         lock(&self.capture).as_ref().map(Capture::state)
     }
 
+    /// The svcproxyd this one took over from has retired: the capture is this one's.
+    pub fn own_capture(&self) {
+        if let Some(capture) = lock(&self.capture).as_mut() {
+            capture.own();
+        }
+    }
+
     /// Duplicates of the health check node ports' listening sockets, to hand over.
     pub fn health_check_listeners(&self) -> Vec<std::net::TcpListener> {
         lock(&self.health_checks)

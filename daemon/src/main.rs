@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,11 +266,15 @@ fn hand_over(
     match upgrade::hand_over(channel, &daemon.proxy, &daemon.table, capture, &listeners) {
         Ok(handing) => {
             let to = handing.to;
-            daemon.proxy.retire();
-            daemon.handed_over(to);
-            if let Err(e) = handing.done() {
-                warn!("telling the new svcproxyd: {e}");
+            if !daemon.proxy.retire(upgrade::WORKERS_TIMEOUT) {
+                warn!("some workers still had accepts in flight when handing over");
             }
+            if let Err(e) = handing.done() {
+                warn!("cannot tell the new svcproxyd it may serve ({e}); serving on");
+                daemon.proxy.resume();
+                return false;
+            }
+            daemon.handed_over(to);
             servers.clear();
             info!(to, "handed over to a new svcproxyd");
             true
@@ -483,11 +487,21 @@ fn run(args: RunArgs) -> ExitCode {
                 from,
                 "took over from the previous svcproxyd; it drains and exits"
             ),
-            Err(e) => warn!(
-                from,
-                "the previous svcproxyd did not confirm the handover: {e}"
-            ),
+            Err(e) if from.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) => {
+                warn!(
+                    from,
+                    "the previous svcproxyd went away during the handover ({e}); serving"
+                )
+            }
+            Err(e) => {
+                error!(
+                    from,
+                    "the previous svcproxyd did not confirm the handover ({e}); it may serve still, so this one does not"
+                );
+                return ExitCode::from(1);
+            }
         }
+        daemon.own_capture();
         daemon.proxy.begin_serving();
     }
     let upgrades = match &settings.upgrade_socket {
@@ -495,6 +509,11 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(l) => {
                 info!(socket = %path.display(), "a new svcproxyd can take over here");
                 Some(l)
+            }
+            Err(e) if took_over => {
+                // The old process has retired: this one serves, upgradable or not.
+                error!(socket = %path.display(), "cannot listen for a takeover: {e}; the next start is a cold one");
+                None
             }
             Err(e) => {
                 error!(socket = %path.display(), "cannot listen for a takeover: {e}");

@@ -6,21 +6,26 @@
 //! ([`svcproxy_sys::fd_passing`]):
 //! 1. new -> old: `hello` (protocol version, release, worker count).
 //! 2. old -> new: `refused` with the reason (nothing changes: another protocol version, or
-//!    another worker count), or `offer` (generation, counters, capture, the HTTP listeners
-//!    attached, and how many socket records follow), then `sockets` batches of at most
-//!    [`MAX_FDS`] descriptors. Before the offer, the old process's workers stop receiving UDP
-//!    and export their sockets (see `svcproxy_core::handover`); TCP is served all along.
+//!    another worker count), or `offer` (the HTTP listeners attached, the length of the state
+//!    and how many socket records follow), then the state (generation, counters, capture: as
+//!    JSON in parts of [`STATE_PART`] bytes, so that no message outgrows the socket's buffer
+//!    however large the table), then `sockets` batches of at most [`MAX_FDS`] descriptors.
+//!    Before the offer, the old process's workers stop receiving UDP and export their
+//!    sockets (see `svcproxy_core::handover`); TCP is served all along.
 //! 3. The new process publishes its table, starts its workers on the sockets (each frontend
 //!    it serves adopts the inherited socket, so no client is refused), serves its HTTP
 //!    endpoints on the inherited listeners, takes the capture over as it is, and sends
 //!    `ready`.
-//! 4. The old process retires (accepts and receives nothing more), leaves its capture in
-//!    place, stops its HTTP endpoints (without ending their sockets), sends `done`, lets its
-//!    TCP connections finish (the shutdown grace) and exits 0.
+//! 4. The old process retires (accepts and receives nothing more, and waits until no accept
+//!    of its is in flight), sends `done`, leaves its capture in place, stops its HTTP
+//!    endpoints (without ending their sockets), lets its TCP connections finish (the shutdown
+//!    grace) and exits 0. The new one serves once it has `done`, and owns the capture from
+//!    then on.
 //!
-//! If the new process goes away or stays silent before `ready`, the old one receives UDP
-//! again and serves on as if nothing had happened; the new one exits 1. When nothing answers
-//! at the socket, a new process starts cold.
+//! If the new process goes away or stays silent before `ready`, or `done` cannot be sent, the
+//! old one serves on as if nothing had happened; a new process without `done` exits 1
+//! (unless the old one is gone), leaving the capture in place. When nothing answers at the
+//! socket, a new process starts cold.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -43,8 +48,10 @@ pub const PROTOCOL: u32 = 1;
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new process may take from the last socket to `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the workers may take to export their sockets.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the workers may take to export their sockets, or to retire.
+pub const WORKERS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of the state per message.
+pub const STATE_PART: usize = 64 << 10;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -60,11 +67,10 @@ enum Message {
     Offer {
         protocol: u32,
         release: String,
-        generation: u64,
-        stats: Vec<Stats>,
-        capture: Option<CaptureState>,
         /// The HTTP endpoints' names, their listeners attached in this order.
         http: Vec<String>,
+        /// Bytes of [`State`] that follow.
+        state: usize,
         records: usize,
     },
     Sockets {
@@ -91,6 +97,14 @@ enum Record {
         idle_ms: u64,
         replied: bool,
     },
+}
+
+/// What the old process's table and capture hold.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    generation: u64,
+    stats: Vec<Stats>,
+    capture: Option<CaptureState>,
 }
 
 /// A service port's counters on the way.
@@ -147,8 +161,8 @@ fn recv(channel: &Channel) -> Result<(Message, Vec<OwnedFd>), String> {
 /// What a new process received from the one it takes over from.
 pub struct Inheritance {
     channel: Channel,
-    /// The old process's pid.
-    pub from: u32,
+    /// The old process's pid (`None`: in a process namespace this one does not see).
+    pub from: Option<u32>,
     /// The old table's generation (the new one goes on from it).
     pub generation: u64,
     /// The old counters.
@@ -179,7 +193,7 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
     channel
         .set_timeout(MESSAGE_TIMEOUT)
         .map_err(|e| e.to_string())?;
-    let from = channel.peer_pid().unwrap_or(0);
+    let from = channel.peer_pid().ok().flatten();
     send(
         &channel,
         &Message::Hello {
@@ -190,16 +204,14 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
         &[],
     )?;
     let (offer, http_fds) = recv(&channel)?;
-    let (generation, stats, capture, names, records, release) = match offer {
+    let (names, length, records, release) = match offer {
         Message::Offer {
             protocol: PROTOCOL,
             release,
-            generation,
-            stats,
-            capture,
             http,
+            state,
             records,
-        } => (generation, stats, capture, http, records, release),
+        } => (http, state, records, release),
         Message::Offer { protocol, .. } => {
             return Err(format!(
                 "the running svcproxyd speaks handover protocol version {protocol}, this one {PROTOCOL}"
@@ -216,6 +228,21 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
         .zip(http_fds)
         .map(|(name, fd)| (name, TcpListener::from(fd)))
         .collect();
+    let mut state = Vec::new();
+    while state.len() < length {
+        let (part, fds) = channel
+            .recv()
+            .map_err(|e| format!("receiving the state: {e}"))?;
+        if part.is_empty() || !fds.is_empty() || state.len() + part.len() > length {
+            return Err("the state does not match its length".into());
+        }
+        state.extend(part);
+    }
+    let State {
+        generation,
+        stats,
+        capture,
+    } = serde_json::from_slice(&state).map_err(|e| format!("a bad state: {e}"))?;
     let mut sockets: Vec<WorkerSockets> = (0..workers).map(|_| WorkerSockets::default()).collect();
     let mut received = 0;
     while received < records {
@@ -223,7 +250,7 @@ pub fn take_over(path: &Path, workers: usize) -> Result<Option<Inheritance>, Str
         let Message::Sockets { records } = message else {
             return Err(format!("expected sockets, got {message:?}"));
         };
-        if records.len() != fds.len() {
+        if records.is_empty() || records.len() != fds.len() {
             return Err("socket records do not match their descriptors".into());
         }
         received += records.len();
@@ -298,7 +325,8 @@ impl Inheritance {
         wanted.into_iter().map(|(_, l)| l).collect()
     }
 
-    /// Tells the old process that this one serves: it retires. Returns once it has.
+    /// Tells the old process that this one is ready to serve; returns once it has retired
+    /// (`done`). `Err` when it did not say so: it may be serving still.
     pub fn ready(self) -> Result<(), String> {
         send(&self.channel, &Message::Ready, &[])?;
         self.channel
@@ -378,7 +406,7 @@ pub fn hand_over(
     channel
         .set_timeout(MESSAGE_TIMEOUT)
         .map_err(|e| e.to_string())?;
-    let to = channel.peer_pid().unwrap_or(0);
+    let to = channel.peer_pid().ok().flatten().unwrap_or(0);
     let (hello, _) = recv(&channel)?;
     // Says why to the new process; the error for this one's log.
     let refuse = |reason: String| {
@@ -409,7 +437,7 @@ pub fn hand_over(
         )));
     }
     let exported = proxy
-        .export(EXPORT_TIMEOUT)
+        .export(WORKERS_TIMEOUT)
         .map_err(|e| refuse(e.to_string()))?;
     let sent = offer(&channel, table, capture, http, &exported);
     drop(exported);
@@ -458,20 +486,29 @@ fn offer(
         }
     }
     let snapshot = table.load();
+    let state = serde_json::to_vec(&State {
+        generation: snapshot.generation(),
+        stats: snapshot.stats().into_iter().map(Stats::from).collect(),
+        capture,
+    })
+    .map_err(|e| e.to_string())?;
     let http_fds: Vec<BorrowedFd<'_>> = http.iter().map(|(_, l)| l.as_fd()).collect();
     send(
         channel,
         &Message::Offer {
             protocol: PROTOCOL,
             release: env!("CARGO_PKG_VERSION").into(),
-            generation: snapshot.generation(),
-            stats: snapshot.stats().into_iter().map(Stats::from).collect(),
-            capture,
             http: http.iter().map(|(name, _)| name.clone()).collect(),
+            state: state.len(),
             records: records.len(),
         },
         &http_fds,
     )?;
+    for part in state.chunks(STATE_PART) {
+        channel
+            .send(part, &[])
+            .map_err(|e| format!("sending the state: {e}"))?;
+    }
     let mut records = records.into_iter().peekable();
     while records.peek().is_some() {
         let (batch, fds): (Vec<Record>, Vec<BorrowedFd<'_>>) =

@@ -250,6 +250,19 @@ struct Daemon(Child, PathBuf);
 impl Daemon {
     /// svcproxyd in namespace `ns`, once its health endpoint answers.
     fn start(ns: &str, config: &Path, extra: &[&str]) -> Self {
+        let mut d = Self::spawn(ns, config, extra);
+        let node = ns.to_string();
+        // Long: with tens of thousands of services, the kernel takes its time adding addresses.
+        wait_long("the health endpoint", || {
+            assert!(d.0.try_wait().unwrap().is_none(), "svcproxyd exited early");
+            let node = node.clone();
+            Topology::within(&node, || TcpStream::connect("127.0.0.1:10256").is_ok())
+        });
+        d
+    }
+
+    /// svcproxyd in namespace `ns`, without waiting.
+    fn spawn(ns: &str, config: &Path, extra: &[&str]) -> Self {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let tmp = std::env::temp_dir().join(format!("svcproxyd-tmp-{}-{n}", std::process::id()));
@@ -271,15 +284,7 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut d = Self(child, tmp);
-        let node = ns.to_string();
-        // Long: with tens of thousands of services, the kernel takes its time adding addresses.
-        wait_long("the health endpoint", || {
-            assert!(d.0.try_wait().unwrap().is_none(), "svcproxyd exited early");
-            let node = node.clone();
-            Topology::within(&node, || TcpStream::connect("127.0.0.1:10256").is_ok())
-        });
-        d
+        Self(child, tmp)
     }
 
     fn stop(mut self) -> i32 {
@@ -1092,6 +1097,25 @@ fn takeover_in_namespaces(mode: &[&str]) {
     );
     let state = node_state(&topo);
     assert!(state.contains("198.19.0.10"), "{state}");
+
+    // A new daemon that fails after receiving the sockets and the capture (its metrics
+    // address is taken) leaves the capture as it was, and the old daemon serving each flow.
+    let taken = Topology::within(&topo.node, || TcpListener::bind("127.0.0.1:0").unwrap());
+    let metrics = taken.local_addr().unwrap().to_string();
+    let mut failing = args.clone();
+    failing.extend(["--metrics", metrics.as_str()]);
+    let mut failed = Daemon::spawn(&topo.node, &config, &failing);
+    wait("the failing daemon to exit", || {
+        failed.0.try_wait().unwrap().is_some()
+    });
+    assert_eq!(failed.0.wait().unwrap().code(), Some(1));
+    assert_eq!(
+        node_state(&topo),
+        state,
+        "the failed daemon left the capture alone"
+    );
+    let again: Vec<String> = clients.iter().map(answer).collect();
+    assert_eq!(again, before, "the old daemon serves each flow on");
 
     let new = Daemon::start(&topo.node, &config, &args);
     wait("the old daemon to hand over and exit", || {

@@ -226,22 +226,25 @@ impl Driver for Io {
         flow.as_fd().try_clone_to_owned()
     }
 
-    fn listener_receiving(&mut self, id: ListenerId, _: &mut Socket, on: bool) {
+    fn udp_receiving(&mut self, on: bool) {
         self.udp_paused = !on;
+    }
+
+    fn listener_receiving(&mut self, id: ListenerId, _: &mut Socket, on: bool) {
+        // Edge-triggered: what arrived while paused is taken now.
         if on {
             self.ready.push_back(Work::Udp(id));
         }
     }
 
     fn flow_receiving(&mut self, id: FlowId, _: &mut Socket, on: bool) {
-        self.udp_paused = !on;
         if on {
             self.ready.push_back(Work::Replies(id));
         }
     }
 
     fn listener_quiet(&self, _: &Socket) -> bool {
-        // Receiving is a system call made only while not paused.
+        // Accepting and receiving are system calls, made only while allowed.
         true
     }
 

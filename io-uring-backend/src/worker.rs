@@ -418,8 +418,11 @@ impl svcproxy_core::Driver for Io {
         flow.as_fd().try_clone_to_owned()
     }
 
-    fn listener_receiving(&mut self, id: ListenerId, l: &mut Listener, on: bool) {
+    fn udp_receiving(&mut self, on: bool) {
         self.udp_paused = !on;
+    }
+
+    fn listener_receiving(&mut self, id: ListenerId, l: &mut Listener, on: bool) {
         if on {
             self.arm_listener(id, l);
         } else if l.ops.armed {
@@ -429,7 +432,6 @@ impl svcproxy_core::Driver for Io {
     }
 
     fn flow_receiving(&mut self, _: FlowId, flow: &mut FlowSocket, on: bool) {
-        self.udp_paused = !on;
         self.flow_receiving(flow, on);
     }
 

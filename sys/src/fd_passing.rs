@@ -59,8 +59,7 @@ impl ChannelListener {
             Err(rustix::io::Errno::AGAIN) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let peer = sockopt::socket_peercred(&fd)?;
-        if peer.uid != rustix::process::geteuid() {
+        if peer_credentials(&fd)?.uid != rustix::process::geteuid().as_raw() {
             return Ok(None);
         }
         Ok(Some(Channel { fd }))
@@ -71,6 +70,34 @@ impl ChannelListener {
 #[derive(Debug)]
 pub struct Channel {
     fd: OwnedFd,
+}
+
+/// The peer's credentials (`SO_PEERCRED`). Read into `libc::ucred`, whose pid may be 0 (a
+/// peer in a process namespace this one does not see), which rustix's `UCred` (a non-zero
+/// pid) cannot hold.
+fn peer_credentials(fd: &OwnedFd) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a live `ucred` and `len` its size, both outliving the call; the
+    // descriptor is borrowed from `fd` for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cred)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn seqpacket(flags: SocketFlags) -> io::Result<OwnedFd> {
@@ -90,10 +117,11 @@ impl Channel {
         Ok(Self { fd })
     }
 
-    /// The process id of the peer (as it was when it connected).
-    pub fn peer_pid(&self) -> io::Result<u32> {
-        let peer = sockopt::socket_peercred(&self.fd)?;
-        Ok(peer.pid.as_raw_nonzero().get() as u32)
+    /// The process id of the peer (as it was when it connected); `None` when the peer is in
+    /// a process namespace this process does not see (the kernel reports 0).
+    pub fn peer_pid(&self) -> io::Result<Option<u32>> {
+        let pid = peer_credentials(&self.fd)?.pid;
+        Ok(u32::try_from(pid).ok().filter(|&p| p != 0))
     }
 
     /// Makes each [`Channel::send`] and [`Channel::recv`] fail (`WouldBlock`) after

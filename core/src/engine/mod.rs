@@ -186,17 +186,22 @@ pub trait Driver {
     /// A duplicate of the flow's socket, to hand over to another process.
     fn export_flow(&self, flow: &Self::Flow) -> io::Result<OwnedFd>;
 
-    /// Stops (`false`) or resumes receiving datagrams on a UDP listener. While stopped, they
-    /// wait in the socket's buffer, and flows opened meanwhile do not receive. The engine
-    /// stops or resumes every UDP socket of the worker at once.
+    /// Stops (`false`) or resumes receiving on every UDP socket of the worker: while stopped,
+    /// datagrams wait in the sockets' buffers, and listeners and flows opened meanwhile do
+    /// not receive. The engine then stops or resumes each socket it has
+    /// ([`Driver::listener_receiving`], [`Driver::flow_receiving`]).
+    fn udp_receiving(&mut self, on: bool);
+
+    /// Stops (`false`) or resumes receiving datagrams on a UDP listener (after
+    /// [`Driver::udp_receiving`]).
     fn listener_receiving(&mut self, id: ListenerId, listener: &mut Self::Listener, on: bool);
 
     /// Stops (`false`) or resumes receiving replies on a flow's socket, as
     /// [`Driver::listener_receiving`].
     fn flow_receiving(&mut self, id: FlowId, flow: &mut Self::Flow, on: bool);
 
-    /// Whether nothing is being received on the UDP listener any more (a receive in flight
-    /// when receiving stopped has ended).
+    /// Whether nothing is being received or accepted on the listener any more (a receive or
+    /// an accept in flight when it stopped has ended).
     fn listener_quiet(&self, listener: &Self::Listener) -> bool;
 
     /// Whether nothing is being received on the flow's socket any more.
@@ -234,7 +239,10 @@ enum Handover {
     Pausing,
     /// Sockets exported; UDP stays paused until the handover ends.
     Exported,
-    /// Another process serves the sockets.
+    /// Another process serves the sockets: accepting stopped, waiting for the accepts in
+    /// flight to end.
+    Retiring,
+    /// Another process serves the sockets; nothing of this worker's is in flight on them.
     Retired,
 }
 
@@ -350,8 +358,14 @@ impl<D: Driver> Engine<D> {
     /// Opens the current table's listeners (adopting inherited sockets), goes on with the
     /// inherited UDP flows, and starts the tick. Call once, first.
     pub fn start(&mut self, io: &mut D, now: Instant) {
-        if self.ctx.control.phase() == Phase::Inheriting {
-            self.handover = Handover::Waiting;
+        match self.ctx.control.phase() {
+            Phase::Inheriting => self.handover = Handover::Waiting,
+            // Restarted after its proxy retired: it opens nothing.
+            Phase::Retired => {
+                self.handover = Handover::Retired;
+                self.ctx.control.report_retired(self.ctx.index);
+            }
+            Phase::Serving | Phase::Exporting => {}
         }
         let flows = self.ctx.control.take_inherited_flows(self.ctx.index);
         let generation = self.apply_table(io, now);
@@ -467,7 +481,10 @@ impl<D: Driver> Engine<D> {
     pub fn may_accept(&self) -> bool {
         self.paused.is_none()
             && !self.stopping
-            && !matches!(self.handover, Handover::Retired | Handover::Waiting)
+            && !matches!(
+                self.handover,
+                Handover::Retiring | Handover::Retired | Handover::Waiting
+            )
     }
 
     /// Whether UDP sockets should receive now.
@@ -483,7 +500,7 @@ impl<D: Driver> Engine<D> {
                 self.handover = Handover::Pausing;
                 self.follow_handover(io, now);
             }
-            (Phase::Exporting, Handover::Pausing) if self.udp_quiet(io) => {
+            (Phase::Exporting, Handover::Pausing) if self.quiet(io, Protocol::Udp) => {
                 let sockets = self.export(io, now);
                 info!(
                     worker = self.ctx.index,
@@ -494,13 +511,20 @@ impl<D: Driver> Engine<D> {
                 self.ctx.control.deposit(self.ctx.index, sockets);
                 self.handover = Handover::Exported;
             }
-            (Phase::Serving, Handover::Pausing | Handover::Exported) => {
-                info!(
-                    worker = self.ctx.index,
-                    "handover abandoned; receiving UDP again"
-                );
-                self.set_receiving(io, true);
-                self.handover = Handover::Serving;
+            (
+                Phase::Retired,
+                was @ (Handover::Serving | Handover::Pausing | Handover::Exported),
+            ) => {
+                if was == Handover::Serving {
+                    self.set_receiving(io, false);
+                }
+                self.handover = Handover::Retiring;
+                self.set_accepting(io, false);
+                self.follow_handover(io, now);
+            }
+            (Phase::Retired, Handover::Retiring) if self.quiet(io, Protocol::Tcp) => {
+                self.handover = Handover::Retired;
+                self.ctx.control.report_retired(self.ctx.index);
             }
             (Phase::Serving, Handover::Waiting) => {
                 self.handover = Handover::Serving;
@@ -509,12 +533,21 @@ impl<D: Driver> Engine<D> {
                     self.set_accepting(io, true);
                 }
             }
-            (Phase::Retired, was) if was != Handover::Retired => {
-                if was == Handover::Serving {
-                    self.set_receiving(io, false);
+            (
+                Phase::Serving,
+                was @ (Handover::Pausing
+                | Handover::Exported
+                | Handover::Retiring
+                | Handover::Retired),
+            ) => {
+                info!(worker = self.ctx.index, "handover abandoned; serving again");
+                self.handover = Handover::Serving;
+                self.set_receiving(io, true);
+                if matches!(was, Handover::Retiring | Handover::Retired) && self.may_accept() {
+                    self.set_accepting(io, true);
                 }
-                self.handover = Handover::Retired;
-                self.set_accepting(io, false);
+                // Frontends left unopened while the sockets were shared open now.
+                self.applied = None;
             }
             _ => {}
         }
@@ -522,6 +555,7 @@ impl<D: Driver> Engine<D> {
 
     /// Stops or resumes receiving on every UDP listener and flow socket.
     fn set_receiving(&mut self, io: &mut D, on: bool) {
+        io.udp_receiving(on);
         for (id, l) in self.listeners.iter_mut() {
             if l.key.protocol == Protocol::Udp {
                 io.listener_receiving(id, &mut l.io, on);
@@ -534,11 +568,13 @@ impl<D: Driver> Engine<D> {
         }
     }
 
-    /// Whether no UDP receive is in flight on any listener or flow socket.
-    fn udp_quiet(&self, io: &D) -> bool {
+    /// Whether nothing is received (and, with `Protocol::Tcp`, nothing accepted either) in
+    /// flight on any listener or flow socket.
+    fn quiet(&self, io: &D, upto: Protocol) -> bool {
         self.listeners
             .iter()
-            .all(|(_, l)| l.key.protocol == Protocol::Tcp || io.listener_quiet(&l.io))
+            .filter(|(_, l)| l.key.protocol == Protocol::Udp || upto == Protocol::Tcp)
+            .all(|(_, l)| io.listener_quiet(&l.io))
             && self.flows.iter().all(|(_, f)| io.flow_quiet(&f.handle))
     }
 
@@ -667,6 +703,7 @@ impl<D: Driver> Engine<D> {
     fn set_listening(&mut self, io: &mut D, key: ServicePortKey, wanted: bool) {
         let wanted = wanted && !self.stopping;
         match (wanted, self.by_key.get(&key).copied()) {
+            (true, None) if self.frozen() => {}
             (true, None) => self.open_listener(io, key),
             (false, Some(_)) => self.remove_listener(io, &key),
             _ => {}
@@ -739,9 +776,15 @@ impl<D: Driver> Engine<D> {
     /// Whether this worker's sockets may be in another process's hands (exported or
     /// retired, or inherited and not served yet): they are let go of, never ended.
     fn shared(&self) -> bool {
+        self.frozen() || self.handover == Handover::Waiting
+    }
+
+    /// Whether another process has this worker's sockets: it opens no new listener (one
+    /// the other process would not know), until the handover is abandoned.
+    fn frozen(&self) -> bool {
         matches!(
             self.handover,
-            Handover::Exported | Handover::Retired | Handover::Waiting
+            Handover::Exported | Handover::Retiring | Handover::Retired
         )
     }
 
