@@ -14,17 +14,21 @@
 //! on adopts the inherited socket instead of binding a new one, so the accept queue carries
 //! over) and its flows (each continues to its endpoint, if the table still serves it there),
 //! but neither accepts nor receives yet: a new process that fails while starting has touched
-//! no traffic. Then the old process *retires*: it stops accepting for good, receives no more
-//! UDP, and finishes its TCP connections; its descriptors close without ending the sockets,
-//! which live on in the new process. Then the new one serves ([`Phase::Serving`]). In
-//! between, clients wait in the accept queues and datagrams in the socket buffers: none is
-//! refused or lost. If the new process fails before the old one retires, the old one
-//! *resumes* receiving UDP and serves on as before.
+//! no traffic. Then the old process *retires*: it stops accepting for good (each worker
+//! reports once no accept of its is in flight: a client it accepted is its to serve, and no
+//! accepted client is dropped), receives no more UDP, and finishes its TCP connections; its
+//! descriptors close without ending the sockets, which live on in the new process. Meanwhile a
+//! retired worker opens no new listener (the new process would not know it). Then the new one
+//! serves ([`Phase::Serving`]). In between, clients wait in the accept queues and datagrams in
+//! the socket buffers: none is refused or lost. If the new process fails before it serves,
+//! the old one *resumes*, even from retired: it receives and accepts again, and opens what it
+//! left unopened.
 //!
 //! Phases, as [`Control`](crate::Control) holds them. The old process: [`Phase::Serving`] ->
-//! [`Phase::Exporting`] (each worker pauses UDP, then deposits its sockets) -> either
-//! [`Phase::Retired`] or back to [`Phase::Serving`]. The new one: [`Phase::Inheriting`] ->
-//! [`Phase::Serving`].
+//! [`Phase::Exporting`] (each worker pauses UDP, then deposits its sockets) ->
+//! [`Phase::Retired`] (each worker reports when it has), or back to [`Phase::Serving`] from
+//! either. The new one: [`Phase::Inheriting`] -> [`Phase::Serving`]. A worker the supervisor
+//! restarts follows the phase it finds.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;

@@ -590,11 +590,13 @@ impl<D: Driver> Engine<D> {
             }
         }
         for (id, flow) in self.flows.iter().filter(|(_, f)| !f.is_retired()) {
-            let (Some(handed), Ok(fd)) = (self.flows.handed(id, now), io.export_flow(&flow.handle))
-            else {
+            let Some(handed) = self.flows.handed(id, now) else {
                 continue;
             };
-            sockets.flows.push((handed, fd));
+            match io.export_flow(&flow.handle) {
+                Ok(fd) => sockets.flows.push((handed, fd)),
+                Err(e) => warn!(client = %handed.key.client, error = %e, "cannot hand over a flow"),
+            }
         }
         sockets
     }
