@@ -312,6 +312,8 @@ fn start_successor(upgradable: bool) -> Option<std::process::Child> {
 type Handler = fn(&Daemon, &http::Request) -> http::Response;
 
 fn run(args: RunArgs) -> ExitCode {
+    // Taken before the files are read: a change made while svcproxyd starts is reloaded.
+    let mut seen = config::signature(&args.config);
     let loaded = match config::load(&args.config) {
         Ok(l) => l,
         Err(e) => {
@@ -546,7 +548,6 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let mut seen = config::signature(&args.config);
     let mut settling = None;
     let mut failed = false;
     let mut handed_over = false;
