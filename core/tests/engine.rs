@@ -896,8 +896,9 @@ fn with_a_udp_service(f: &mut Fixture) -> ServicePortKey {
     ServicePortKey::new("127.0.0.1:53".parse().unwrap(), Protocol::Udp)
 }
 
-/// The fixture's TCP service and a UDP one with one flow open; the UDP frontend's key.
-fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
+/// The fixture's TCP service and a UDP one with one flow open; the UDP frontend's key and
+/// the flow's endpoint.
+fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> (ServicePortKey, SocketAddr) {
     let key = with_a_udp_service(f);
     let listener = f.engine.listener_id(&key).unwrap();
     let snapshot = f.engine.udp_snapshot(f.t0);
@@ -912,20 +913,14 @@ fn with_a_udp_flow(f: &mut Fixture, client_port: u16) -> ServicePortKey {
         )
         .expect("a flow");
     f.io.take();
-    key
+    let endpoint = f.engine.flows().iter().next().unwrap().1.endpoint;
+    (key, endpoint)
 }
 
 #[test]
 fn a_handover_exports_once_udp_is_quiet_and_a_retired_worker_lets_go_of_its_sockets() {
     let mut f = fixture(config(), &[ep(1)]);
-    let udp = with_a_udp_flow(&mut f, 7);
-    let flow = f
-        .engine
-        .flows()
-        .iter()
-        .next()
-        .map(|(_, fl)| fl.endpoint)
-        .unwrap();
+    let (udp, flow) = with_a_udp_flow(&mut f, 7);
 
     // Exporting: receiving stops on the listener and the flow, and the sockets are deposited
     // only once no receive is in flight.
@@ -984,14 +979,7 @@ fn a_handover_exports_once_udp_is_quiet_and_a_retired_worker_lets_go_of_its_sock
 #[test]
 fn an_inheriting_worker_adopts_the_listeners_and_the_flows_it_still_serves() {
     let mut old = fixture(config(), &[ep(1)]);
-    let udp = with_a_udp_flow(&mut old, 7);
-    let endpoint = old
-        .engine
-        .flows()
-        .iter()
-        .next()
-        .map(|(_, fl)| fl.endpoint)
-        .unwrap();
+    let (udp, endpoint) = with_a_udp_flow(&mut old, 7);
     old.control.set_phase(handover::Phase::Exporting);
     old.engine.poll(&mut old.io, old.t0);
     let mut exported = old

@@ -19,8 +19,7 @@ use svcproxy_core::{
 use svcproxy_sys::dgram::MAX_DATAGRAM;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
 use svcproxy_sys::{
-    ListenOptions, PipePool, RecvBatch, Waker, accept, adopt_flow, adopt_listener, connect, listen,
-    reset,
+    ListenOptions, PipePool, RecvBatch, Waker, accept, adopt_flow, connect, listen_or_adopt, reset,
 };
 use tracing::debug;
 
@@ -80,10 +79,7 @@ impl Driver for Io {
         serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Socket> {
-        let socket = match inherited {
-            Some(fd) => adopt_listener(fd, key)?,
-            None => listen(key, &self.listen_options, transparent)?,
-        };
+        let socket = listen_or_adopt(key, &self.listen_options, transparent, inherited)?;
         let (kind, work) = match key.protocol {
             Protocol::Tcp => (Kind::TcpListener, Work::Accept(id)),
             Protocol::Udp => (Kind::UdpListener, Work::Udp(id)),

@@ -22,7 +22,7 @@ use svcproxy_core::{
     Control, Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext,
 };
 use svcproxy_sys::socket::is_resource_exhaustion;
-use svcproxy_sys::{ListenOptions, PipePool, Waker, adopt_flow, adopt_listener, listen};
+use svcproxy_sys::{ListenOptions, PipePool, Waker, adopt_flow, listen_or_adopt};
 use tracing::{debug, warn};
 
 use crate::inflight::{Closing, InFlight};
@@ -314,10 +314,7 @@ impl svcproxy_core::Driver for Io {
         serving: bool,
         inherited: Option<OwnedFd>,
     ) -> io::Result<Listener> {
-        let socket = match inherited {
-            Some(fd) => adopt_listener(fd, key)?,
-            None => listen(key, &self.listen_options, transparent)?,
-        };
+        let socket = listen_or_adopt(key, &self.listen_options, transparent, inherited)?;
         let mut l = Listener {
             key,
             socket,

@@ -22,6 +22,7 @@ pub mod waker;
 pub use dgram::{Datagram, RecvBatch, send_many};
 pub use pipe::{Pipe, PipePool};
 pub use socket::{
-    ListenOptions, accept, adopt_flow, adopt_listener, connect, listen, local_addr, outbound, reset,
+    ListenOptions, accept, adopt_flow, adopt_listener, connect, listen, listen_or_adopt,
+    local_addr, outbound, reset,
 };
 pub use waker::Waker;

@@ -92,6 +92,20 @@ pub fn listen(
     Ok(socket)
 }
 
+/// The socket for a listener of `key`: `inherited` (handed over by another process) adopted,
+/// or else a new one made with [`listen`].
+pub fn listen_or_adopt(
+    key: ServicePortKey,
+    options: &ListenOptions,
+    transparent: bool,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> io::Result<Socket> {
+    match inherited {
+        Some(fd) => adopt_listener(fd, key),
+        None => listen(key, options, transparent),
+    }
+}
+
 /// Takes over a listening socket another process handed over for `key` (see
 /// `svcproxy_core::handover`), after checking that it is one: bound to `key`'s address, of
 /// its protocol's type, and (TCP) listening. Made non-blocking; its options are as the other
