@@ -312,6 +312,24 @@ fn start_successor(upgradable: bool) -> Option<std::process::Child> {
 type Handler = fn(&Daemon, &http::Request) -> http::Response;
 
 fn run(args: RunArgs) -> ExitCode {
+    // Handled from the start, before anyone can be told that svcproxyd is up (systemd, or a
+    // client of its endpoints): a signal sent at once must not meet the default action, which
+    // ends the process. One that comes while it starts is acted on once it serves.
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    let usr2 = Arc::new(AtomicBool::new(false));
+    for (signal, flag) in [
+        (signal_hook::consts::SIGTERM, &term),
+        (signal_hook::consts::SIGINT, &term),
+        (signal_hook::consts::SIGHUP, &hup),
+        (signal_hook::consts::SIGUSR2, &usr2),
+    ] {
+        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
+            error!("cannot handle signal {signal}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+
     // Taken before the files are read: a change made while svcproxyd starts is reloaded.
     let mut seen = config::signature(&args.config);
     let loaded = match config::load(&args.config) {
@@ -534,20 +552,6 @@ fn run(args: RunArgs) -> ExitCode {
         warn!("cannot tell systemd: {e}");
     }
 
-    let term = Arc::new(AtomicBool::new(false));
-    let hup = Arc::new(AtomicBool::new(false));
-    let usr2 = Arc::new(AtomicBool::new(false));
-    for (signal, flag) in [
-        (signal_hook::consts::SIGTERM, &term),
-        (signal_hook::consts::SIGINT, &term),
-        (signal_hook::consts::SIGHUP, &hup),
-        (signal_hook::consts::SIGUSR2, &usr2),
-    ] {
-        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
-            error!("cannot handle signal {signal}: {e}");
-            return ExitCode::from(1);
-        }
-    }
     let mut settling = None;
     let mut failed = false;
     let mut handed_over = false;
