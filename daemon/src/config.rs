@@ -81,7 +81,7 @@ use svcproxy_core::session::{
     CONNECT_TIMEOUT_RANGE, DRAIN_RANGE, IDLE_TIMEOUT_RANGE, check_duration,
 };
 
-use crate::kube::{self, Node};
+use crate::objects::{self, Node};
 
 /// How long shutdown may wait for connections: up to 1 hour.
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
@@ -335,6 +335,11 @@ pub struct Loaded {
     pub triggered: BTreeMap<String, SystemTime>,
     /// Nodes among the manifests, by name.
     pub nodes: BTreeMap<String, Node>,
+    /// Kubernetes objects left out, each with what is wrong with it, and manifest files kept
+    /// as they were read before (they do not parse now): the rest is served.
+    pub skipped: Vec<String>,
+    /// How many objects were left out as not served here (SCTP, FQDN, other kinds).
+    pub left_out: usize,
 }
 
 impl Loaded {
@@ -398,58 +403,82 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     Ok(text)
 }
 
-/// Reads `path`: a TOML file, a manifest file, or a directory of manifests. Every service is
-/// checked on its own (conflicts between services are the table's to find); the error lists
-/// every problem, each naming the file, the object and the field as written there.
+/// Reads `path` once (see [`Reader::load`]).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    if path.is_dir() || is_manifest(path) {
-        return checked(None, manifests(path)?, |_| true);
+    Reader::default().load(path)
+}
+
+/// Reads a config again and again, remembering each manifest file's text as last read whole,
+/// so that a file that does not parse now (half written, or broken) counts as it was.
+#[derive(Debug, Default)]
+pub struct Reader {
+    last_good: BTreeMap<PathBuf, String>,
+}
+
+impl Reader {
+    /// Reads `path`: a TOML file, a manifest file, or a directory of manifests. Every service
+    /// is checked on its own (conflicts between services are the table's to find).
+    ///
+    /// A problem of the TOML file or of a service it defines makes the whole load fail, the
+    /// error listing every problem. Kubernetes objects are read as from a cluster: one that
+    /// cannot be used is left out and named in [`Loaded::skipped`] (with the field as written
+    /// there), and a manifest file that does not parse counts as it was last read.
+    pub fn load(&mut self, path: &Path) -> Result<Loaded, ConfigError> {
+        if path.is_dir() || is_manifest(path) {
+            return checked(None, self.manifests(path)?, |_| true);
+        }
+        self.load_toml(path)
     }
-    let text = read(path)?;
-    let file: ConfigFile =
-        toml::from_str(&text).map_err(|e| ConfigError::at(path, e.to_string().trim_end()))?;
-    let mut found = kube::Manifests::default();
-    let mut errors = Vec::new();
-    for (i, doc) in file.services.iter().enumerate() {
-        let origin = format!("{}: services[{i}] {:?}", path.display(), clip(&doc.name));
-        add(&mut found, doc.clone(), origin, &mut errors);
-    }
-    let mut from_manifests = BTreeSet::new();
-    if let Some(dir) = &file.manifests {
-        let dir = path.parent().unwrap_or(Path::new(".")).join(dir);
-        match manifests(&dir) {
-            Ok(mut more) => {
-                for doc in more.services {
-                    let origin = more.origins.remove(&doc.name).unwrap_or_default();
-                    from_manifests.insert(doc.name.clone());
-                    add(&mut found, doc, origin, &mut errors);
+
+    fn load_toml(&mut self, path: &Path) -> Result<Loaded, ConfigError> {
+        let text = read(path)?;
+        let file: ConfigFile =
+            toml::from_str(&text).map_err(|e| ConfigError::at(path, e.to_string().trim_end()))?;
+        let mut found = objects::Manifests::default();
+        let mut errors = Vec::new();
+        for (i, doc) in file.services.iter().enumerate() {
+            let origin = format!("{}: services[{i}] {:?}", path.display(), clip(&doc.name));
+            add(&mut found, doc.clone(), origin, &mut errors);
+        }
+        let mut from_manifests = BTreeSet::new();
+        if let Some(dir) = &file.manifests {
+            let dir = path.parent().unwrap_or(Path::new(".")).join(dir);
+            match self.manifests(&dir) {
+                Ok(mut more) => {
+                    for doc in more.services {
+                        let origin = more.origins.remove(&doc.name).unwrap_or_default();
+                        from_manifests.insert(doc.name.clone());
+                        add(&mut found, doc, origin, &mut errors);
+                    }
+                    found.warnings.extend(more.warnings);
+                    found.triggered.extend(more.triggered);
+                    found.nodes.extend(more.nodes);
+                    found.errors.extend(more.errors);
+                    found.left_out += more.left_out;
                 }
-                found.warnings.extend(more.warnings);
-                found.triggered.extend(more.triggered);
-                found.nodes.extend(more.nodes);
+                Err(e) => errors.push(e.0),
             }
-            Err(e) => errors.push(e.0),
         }
-    }
-    let settings = match settings(&file, path) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            errors.insert(0, e.0);
-            None
-        }
-    };
-    match checked(settings, found, |name| from_manifests.contains(name)) {
-        Ok(loaded) if errors.is_empty() => Ok(loaded),
-        Ok(_) => Err(ConfigError(errors.join("\n"))),
-        Err(e) => {
-            errors.push(e.0);
-            Err(ConfigError(errors.join("\n")))
+        let settings = match settings(&file, path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.insert(0, e.0);
+                None
+            }
+        };
+        match checked(settings, found, |name| from_manifests.contains(name)) {
+            Ok(loaded) if errors.is_empty() => Ok(loaded),
+            Ok(_) => Err(ConfigError(errors.join("\n"))),
+            Err(e) => {
+                errors.push(e.0);
+                Err(ConfigError(errors.join("\n")))
+            }
         }
     }
 }
 
 /// Adds `doc` (defined at `origin`) to `found`, or an error if a service of its name is there.
-fn add(found: &mut kube::Manifests, doc: ServiceDoc, origin: String, errors: &mut Vec<String>) {
+fn add(found: &mut objects::Manifests, doc: ServiceDoc, origin: String, errors: &mut Vec<String>) {
     match found.origins.get(&doc.name) {
         Some(first) => errors.push(format!(
             "{origin}: service {:?} is defined twice (first at {first})",
@@ -462,28 +491,36 @@ fn add(found: &mut kube::Manifests, doc: ServiceDoc, origin: String, errors: &mu
     }
 }
 
-/// `found` with every service checked, or every problem; `from_manifest` tells the services
-/// read from manifests (their errors name the manifest's fields).
+/// `found` with every service checked: one read from a manifest (`from_manifest`) that the
+/// table would refuse is left out, its error naming the manifest's field; one of the TOML
+/// file makes it fail, with every such problem.
 fn checked(
     settings: Option<Settings>,
-    found: kube::Manifests,
+    mut found: objects::Manifests,
     from_manifest: impl Fn(&str) -> bool,
 ) -> Result<Loaded, ConfigError> {
     let mut errors = Vec::new();
-    for doc in &found.services {
+    let mut skipped: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+    found.services.retain(|doc| {
+        let Err(e) = check_service(doc) else {
+            return true;
+        };
         let origin = found.origins.get(&doc.name).map_or("", String::as_str);
-        if let Err(e) = check_service(doc) {
-            let field = if from_manifest(&doc.name) {
-                kube::manifest_field(doc, &e.field)
-            } else {
-                e.field.clone()
-            };
-            errors.push(format!("{origin}: {field}: {}", e.problem));
+        if from_manifest(&doc.name) {
+            let field = objects::manifest_field(doc, &e.field);
+            skipped.push(format!("{origin}: {field}: {}", e.problem));
+        } else {
+            errors.push(format!("{origin}: {}: {}", e.field, e.problem));
         }
-    }
+        false
+    });
     if !errors.is_empty() {
-        return Err(ConfigError(kube::lines(&errors, &found.warnings)));
+        return Err(ConfigError(objects::lines(&errors, &found.warnings)));
     }
+    let services: BTreeSet<&str> = found.services.iter().map(|d| d.name.as_str()).collect();
+    found
+        .origins
+        .retain(|name, _| services.contains(name.as_str()));
     Ok(Loaded {
         settings,
         services: found.services,
@@ -491,6 +528,8 @@ fn checked(
         warnings: found.warnings,
         triggered: found.triggered,
         nodes: found.nodes,
+        skipped,
+        left_out: found.left_out,
     })
 }
 
@@ -620,25 +659,76 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     })
 }
 
-/// The manifest files of `path` (a file, or every `.yaml`, `.yml` and `.json` file of a
-/// directory, in name order), mapped to services.
-fn manifests(path: &Path) -> Result<kube::Manifests, ConfigError> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| ConfigError::at(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_manifest(p))
+impl Reader {
+    /// The manifest files of `path` (a file, or every `.yaml`, `.yml` and `.json` file of a
+    /// directory, in name order), mapped to services. A file that cannot be read, or does not
+    /// parse, counts as it was last read whole (and is reported in [`Manifests::errors`]).
+    ///
+    /// [`Manifests::errors`]: objects::Manifests::errors
+    fn manifests(&mut self, path: &Path) -> Result<objects::Manifests, ConfigError> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| ConfigError::at(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_manifest(p))
+                .collect();
+            files.sort();
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut texts = Vec::new();
+        let mut unread = Vec::new();
+        for f in &files {
+            match read(f) {
+                Ok(text) => texts.push((f.display().to_string(), text)),
+                Err(e) => unread.push((f, e)),
+            }
+        }
+        let found = objects::services(&texts);
+        // Files read whole this time are what later ones fall back on.
+        for (name, text) in &texts {
+            if !found.unparsed.contains_key(name) {
+                self.last_good.insert(PathBuf::from(name), text.clone());
+            }
+        }
+        self.last_good.retain(|f, _| files.contains(f));
+        let mut problems: Vec<(String, objects::ManifestError)> = unread
+            .into_iter()
+            .map(|(f, e)| {
+                let file = f.display().to_string();
+                let problem = e.0.strip_prefix(&format!("{file}: ")).unwrap_or(&e.0);
+                let error = objects::ManifestError {
+                    object: file.clone(),
+                    problem: problem.to_string(),
+                };
+                (file, error)
+            })
             .collect();
-        files.sort();
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut texts = Vec::new();
-    for f in files {
-        texts.push((f.display().to_string(), read(&f)?));
+        problems.extend(found.unparsed.clone());
+        let kept: Vec<(String, String)> = problems
+            .iter()
+            .filter_map(|(f, _)| Some((f.clone(), self.last_good.get(Path::new(f))?.clone())))
+            .collect();
+        let mut found = if kept.is_empty() {
+            found
+        } else {
+            let whole: Vec<(String, String)> = texts
+                .into_iter()
+                .filter(|(f, _)| !found.unparsed.contains_key(f))
+                .chain(kept.iter().cloned())
+                .collect();
+            objects::services(&whole)
+        };
+        found.errors.extend(problems.into_iter().map(|(_, e)| e));
+        found
+            .errors
+            .extend(kept.into_iter().map(|(file, _)| objects::ManifestError {
+                object: file,
+                problem: "served as it was last read whole".into(),
+            }));
+        Ok(found)
     }
-    kube::services(&texts).map_err(|e| ConfigError(e.to_string()))
 }
 
 /// What a reload looks at to notice a change: every file's path, size and modification time.
@@ -899,7 +989,7 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
             "{e}"
         );
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [198.19.0.1]}]\n";
-        let e = load_dir(
+        let loaded = load_dir(
             "dups",
             &[
                 ("a.yaml", WEB),
@@ -908,8 +998,12 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
                 ("d.yml", slice),
             ],
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap();
+        assert!(
+            loaded.origins["default/web"].contains("a.yaml"),
+            "{loaded:?}"
+        );
+        let e = loaded.skipped.join("\n");
         assert!(
             e.contains("b.yaml: Service default/web: defined twice (first at ")
                 && e.contains("a.yaml: Service default/web)"),
@@ -958,17 +1052,21 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
     fn manifest_mistakes_name_the_manifest_field() {
         let wrong_family = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\n\
                             addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: ['::1']}]\n";
-        let e = load_dir("family", &[("a.yaml", WEB), ("b.yaml", wrong_family)])
-            .unwrap_err()
-            .to_string();
+        let loaded = load_dir("family", &[("a.yaml", WEB), ("b.yaml", wrong_family)]).unwrap();
+        assert_eq!(
+            loaded.services.len(),
+            1,
+            "the service is served without the slice"
+        );
+        let e = loaded.skipped.join("\n");
         assert!(
             e.ends_with("b.yaml: EndpointSlice default/web-1: endpoints[0].addresses[0]: ::1 is not an address of the slice's addressType IPv4"),
             "{e}"
         );
         let bad_port = "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80, nodePort: 0}]}\n";
-        let e = load_dir("port", &[("a.yaml", bad_port)])
-            .unwrap_err()
-            .to_string();
+        let loaded = load_dir("port", &[("a.yaml", bad_port)]).unwrap();
+        assert!(loaded.services.is_empty(), "{loaded:?}");
+        let e = loaded.skipped.join("\n");
         assert!(
             e.ends_with("a.yaml: Service default/web: spec.ports[0].nodePort: must not be 0"),
             "{e}"
@@ -976,28 +1074,42 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
     }
 
     #[test]
-    fn json_manifests_are_read_and_empty_files_refused() {
+    fn json_manifests_are_read_and_an_empty_file_keeps_what_it_held() {
         let json = r#"{"kind": "Service", "metadata": {"name": "api"}, "spec": {"clusterIP": "198.18.0.9", "ports": [{"port": 443}]}}"#;
         let d = dir("json", &[("a.yaml", WEB), ("b.json", json)]);
-        let names: Vec<String> = load(&d)
-            .unwrap()
-            .services
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(names, ["default/api", "default/web"]);
+        let mut reader = Reader::default();
+        let names = |loaded: Loaded| -> Vec<String> {
+            loaded.services.into_iter().map(|s| s.name).collect()
+        };
+        assert_eq!(
+            names(reader.load(&d).unwrap()),
+            ["default/api", "default/web"]
+        );
         std::fs::write(d.join("a.yaml"), "").unwrap();
-        let e = load(&d).unwrap_err().to_string();
+        let loaded = reader.load(&d).unwrap();
+        let e = loaded.skipped.join("\n");
+        assert!(
+            e.contains(
+                "a.yaml: the file is empty (write a comment to mean that it defines nothing)"
+            ) && e.contains("served as it was last read whole"),
+            "{e}"
+        );
+        assert_eq!(
+            names(loaded),
+            ["default/api", "default/web"],
+            "a.yaml as last read"
+        );
+        let e = load(&d).unwrap().skipped.join("\n");
         assert!(
             e.ends_with(
                 "a.yaml: the file is empty (write a comment to mean that it defines nothing)"
             ),
-            "{e}"
+            "never read whole, it gives nothing: {e}"
         );
         std::fs::write(d.join("a.yaml"), "# nothing here yet\n").unwrap();
         assert_eq!(
-            load(&d).unwrap().services.len(),
-            1,
+            names(reader.load(&d).unwrap()),
+            ["default/api"],
             "a comment means: no services"
         );
         let e = load(&write("empty.toml", " \n")).unwrap_err().to_string();

@@ -15,21 +15,28 @@ use svcproxy::core::error::clip;
 use svcproxy::core::{Batch, Change};
 use svcproxy::{Proxy, Table, TableError};
 use svcproxy_core::schema::{ServiceDoc, TableDoc};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::capture::{Capture, CaptureState};
 use crate::config::Loaded;
 use crate::health_check::HealthChecks;
 use crate::http::{Request, Response};
 use crate::metrics::{self, Changes, SyncMetrics};
+use crate::publish::{Publisher, Wanted};
 use crate::status;
 
 pub struct Daemon {
     pub table: Arc<Table>,
     pub proxy: Proxy,
-    /// Services the config files define, with where (a reload removes those they no longer
-    /// have; the admin API may not change them; services it added are left alone).
-    file_owned: Mutex<BTreeMap<String, String>>,
+    /// Services a source (the config files, the Kubernetes API) defines, with where: the
+    /// source removes those it no longer has; the admin API may not change them; services it
+    /// added are left alone.
+    owned: Mutex<BTreeMap<String, (Source, String)>>,
+    /// Turns what the sources want into the smallest batch, settling conflicts.
+    publisher: Mutex<Publisher>,
+    /// What each source left out (objects it could not use), and how many objects it left out
+    /// as not served here; with the lines already logged, so each is logged once.
+    skipped: Mutex<BTreeMap<Source, Skipped>>,
     capture: Mutex<Option<Capture>>,
     /// The health check node ports, once served ([`Daemon::serve_health_checks`]).
     health_checks: Mutex<Option<HealthChecks>>,
@@ -55,6 +62,36 @@ pub struct Daemon {
     pending_timeout: Duration,
 }
 
+/// Where services come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// The config path: a TOML file, manifests.
+    Files,
+    /// The Kubernetes API.
+    Api,
+}
+
+impl Source {
+    /// Its name in metrics and `/healthz`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Files => "files",
+            Self::Api => "api",
+        }
+    }
+}
+
+/// What a source left out.
+#[derive(Debug, Default)]
+struct Skipped {
+    /// The objects it could not use, each with why.
+    invalid: Vec<String>,
+    /// How many objects it does not serve (SCTP, FQDN, other kinds).
+    left_out: usize,
+    /// The lines logged.
+    logged: BTreeSet<String>,
+}
+
 /// Unapplied generations remembered; past it the newest entry is replaced, so that the oldest
 /// (what the health check measures) stays.
 const UNAPPLIED_KEPT: usize = 1024;
@@ -74,7 +111,9 @@ impl Daemon {
         Self {
             table,
             proxy,
-            file_owned: Mutex::new(BTreeMap::new()),
+            owned: Mutex::new(BTreeMap::new()),
+            publisher: Mutex::new(Publisher::default()),
+            skipped: Mutex::new(BTreeMap::new()),
             capture: Mutex::new(capture),
             health_checks: Mutex::new(None),
             checked: Mutex::new(BTreeSet::new()),
@@ -183,36 +222,142 @@ impl Daemon {
     }
 
     /// Makes the table hold what `loaded` describes: its services (with their endpoints), and
-    /// none of the file's services it no longer has. One generation, or nothing.
+    /// none of the files' services it no longer has; only what changed is published. One
+    /// generation, or nothing (a conflict among Kubernetes objects is settled, see
+    /// [`crate::publish`]; one involving the TOML file's services fails it).
     pub fn load(&self, loaded: &Loaded) -> Result<u64, String> {
-        let mut owned = lock(&self.file_owned);
-        let mut batch = Batch::new();
-        let snapshot = self.table.load();
-        for gone in owned.keys() {
-            if !loaded.origins.contains_key(gone) && snapshot.service(gone).is_some() {
-                batch.push(Change::Remove(gone.clone()));
+        let mut wanted: BTreeMap<String, Option<Wanted>> = lock(&self.owned)
+            .iter()
+            .filter(|(name, (source, _))| {
+                *source == Source::Files && !loaded.origins.contains_key(*name)
+            })
+            .map(|(name, _)| (name.clone(), None))
+            .collect();
+        for doc in &loaded.services {
+            // Each document was converted when it was loaded.
+            if let Ok((service, endpoints)) = doc.to_model() {
+                let endpoints = endpoints.unwrap_or_default();
+                wanted.insert(doc.name.clone(), Some((service, endpoints)));
             }
         }
-        // Endpoint sets this load changes, and when their change was triggered.
-        let mut triggered = Vec::new();
-        for change in loaded.changes() {
-            if let Change::ReplaceEndpoints { service, endpoints } = &change
-                && let Some(&t) = loaded.triggered.get(service)
-                && snapshot.service(service).map(|s| s.endpoints()) != Some(&endpoints[..])
-            {
-                triggered.push(t);
-            }
-            batch.push(change);
-        }
-        let generation = self.apply(batch).map_err(|e| explain(&e, loaded))?;
-        let now = SystemTime::now();
-        for t in triggered {
-            self.sync.programmed(t, now);
-        }
-        *owned = loaded.origins.clone();
+        let settle = loaded.settings.is_none();
+        let generation = self
+            .publish(
+                Source::Files,
+                wanted,
+                settle,
+                &loaded.origins,
+                &loaded.triggered,
+            )
+            .map_err(|e| explain(&e, loaded))?;
         let node = self.table.config().node_name.as_deref();
-        *lock(&self.node_eligible) = node.and_then(|n| Some(loaded.nodes.get(n)?.eligible));
+        self.set_node(node.and_then(|n| loaded.nodes.get(n)));
+        self.report(
+            Source::Files,
+            &loaded.warnings,
+            loaded.skipped.clone(),
+            loaded.left_out,
+        );
         Ok(generation)
+    }
+
+    /// Publishes what `source` wants of each service `wanted` names (`None`: gone), with
+    /// where each is defined (`origins`) and when its endpoints' change was triggered
+    /// (`triggered`), settling conflicts or not. Services it refuses are reported as skipped.
+    pub fn publish(
+        &self,
+        source: Source,
+        wanted: BTreeMap<String, Option<Wanted>>,
+        settle: bool,
+        origins: &BTreeMap<String, String>,
+        triggered: &BTreeMap<String, SystemTime>,
+    ) -> Result<u64, TableError> {
+        let mut owned = lock(&self.owned);
+        let names: Vec<(String, bool)> = wanted
+            .iter()
+            .map(|(n, w)| (n.clone(), w.is_some()))
+            .collect();
+        let mut publisher = lock(&self.publisher);
+        publisher.settle = settle;
+        let outcome = publisher.publish(&self.table, wanted, |batch| self.apply(batch))?;
+        for (service, losses) in publisher.contested() {
+            for (key, holder) in losses {
+                let line = format!(
+                    "service {service:?}: {key} is served for {holder:?} (the first name), not for it"
+                );
+                self.report_once(source, line);
+            }
+        }
+        drop(publisher);
+        let now = SystemTime::now();
+        for name in &outcome.endpoints_changed {
+            if let Some(&t) = triggered.get(name) {
+                self.sync.programmed(t, now);
+            }
+        }
+        for (name, present) in names {
+            if present {
+                let origin = origins.get(&name).cloned().unwrap_or_default();
+                owned.insert(name, (source, origin));
+            } else if owned.get(&name).is_some_and(|(s, _)| *s == source) {
+                owned.remove(&name);
+            }
+        }
+        for why in outcome.refused {
+            warn!("{why}; it stays as it was");
+        }
+        Ok(outcome.generation)
+    }
+
+    /// Whether this node may take load-balancer traffic, as its Node object says (`None`:
+    /// no object).
+    pub fn set_node(&self, node: Option<&crate::objects::Node>) {
+        *lock(&self.node_eligible) = node.map(|n| n.eligible);
+    }
+
+    /// Records what `source` left out now (`skipped`: objects it could not use; `left_out`: how
+    /// many it does not serve) and its `warnings`, logging each line not logged before.
+    pub fn report(
+        &self,
+        source: Source,
+        warnings: &[String],
+        skipped: Vec<String>,
+        left_out: usize,
+    ) {
+        let mut all = lock(&self.skipped);
+        let entry = all.entry(source).or_default();
+        let mut logged = BTreeSet::new();
+        for w in warnings {
+            if !entry.logged.contains(w) {
+                warn!("{w}");
+            }
+            logged.insert(w.clone());
+        }
+        for e in &skipped {
+            if !entry.logged.contains(e) {
+                error!("{e}; left out, the rest is served");
+            }
+            logged.insert(e.clone());
+        }
+        entry.logged = logged;
+        entry.invalid = skipped;
+        entry.left_out = left_out;
+    }
+
+    /// Logs `line` for `source` unless it was logged since its last [`Daemon::report`].
+    fn report_once(&self, source: Source, line: String) {
+        let mut all = lock(&self.skipped);
+        if all.entry(source).or_default().logged.insert(line.clone()) {
+            warn!("{line}");
+        }
+    }
+
+    /// Objects left out, by source: those that could not be used, and those not served here.
+    pub fn skipped(&self) -> BTreeMap<Source, (Vec<String>, usize)> {
+        lock(&self.skipped)
+            .iter()
+            .map(|(s, k)| (*s, (k.invalid.clone(), k.left_out)))
+            .collect()
     }
 
     /// The health endpoint: `/healthz` (kube-proxy's JSON and more; 503 when unhealthy) and
@@ -278,7 +423,7 @@ impl Daemon {
             (method, path) if path.starts_with("/services/") => {
                 let name = &path["/services/".len()..];
                 if matches!(method, "PUT" | "DELETE")
-                    && let Some(origin) = lock(&self.file_owned).get(name)
+                    && let Some((_, origin)) = lock(&self.owned).get(name)
                 {
                     return Response::error(
                         409,

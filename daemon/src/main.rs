@@ -139,9 +139,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// `svcproxyd check`: the warnings, then every object `run` would leave out (exit 2 if any),
+/// or the services and their frontends.
 fn check(loaded: &config::Loaded) -> ExitCode {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
+    }
+    if !loaded.skipped.is_empty() {
+        for e in &loaded.skipped {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(2);
     }
     let table = Table::new(TableConfig {
         node_name: loaded.settings.as_ref().and_then(|s| s.node_name.clone()),
@@ -332,16 +340,14 @@ fn run(args: RunArgs) -> ExitCode {
 
     // Taken before the files are read: a change made while svcproxyd starts is reloaded.
     let mut seen = config::signature(&args.config);
-    let loaded = match config::load(&args.config) {
+    let mut reader = config::Reader::default();
+    let loaded = match reader.load(&args.config) {
         Ok(l) => l,
         Err(e) => {
             error!("{e}");
             return ExitCode::from(2);
         }
     };
-    for w in &loaded.warnings {
-        warn!("{w}");
-    }
     let mut settings = match settings(&args, &loaded) {
         Ok(s) => s,
         Err(e) => {
@@ -597,7 +603,8 @@ fn run(args: RunArgs) -> ExitCode {
         }
         settling = None;
         seen = now;
-        let outcome = config::load(&args.config)
+        let outcome = reader
+            .load(&args.config)
             .map_err(|e| e.to_string())
             .and_then(|loaded| {
                 if loaded
@@ -606,9 +613,6 @@ fn run(args: RunArgs) -> ExitCode {
                     .is_some_and(|s| s.proxy != settings.proxy)
                 {
                     warn!("proxy settings changed in the config: they apply after a restart");
-                }
-                for w in &loaded.warnings {
-                    warn!("{w}");
                 }
                 daemon.load(&loaded)
             });

@@ -14,7 +14,7 @@ use std::time::Duration;
 use svcproxy::{BackendKind, Options, Proxy, ProxyConfig, Table};
 use svcproxy_core::schema::BatchDoc;
 use svcproxyd::daemon::Daemon;
-use svcproxyd::{config, http, kube};
+use svcproxyd::{config, http, objects};
 
 /// The batch every check's table starts from: one service.
 const UPSERT: &[u8] = include_bytes!("../corpus/batch/upsert.json");
@@ -85,21 +85,24 @@ pub fn toml_config(input: &[u8]) -> Result<(), String> {
 /// `input` as a Kubernetes manifest file.
 pub fn kubernetes_manifests(input: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(input).into_owned();
-    match kube::services(&[("fuzz.yaml".into(), text)]) {
-        Ok(found) => apply_or_keep(
-            &table(),
-            to_batch(BatchDoc {
-                upsert: found.services,
-                remove: vec![],
-            }),
-        ),
-        Err(found) => found.errors.iter().try_for_each(|e| {
+    let found = objects::services(&[("fuzz.yaml".into(), text)]);
+    found
+        .errors
+        .iter()
+        .chain(found.unparsed.values())
+        .try_for_each(|e| {
             ensure(
                 !e.problem.is_empty() && e.object.starts_with("fuzz.yaml"),
                 || format!("an error that names no file or problem: {e:?}"),
             )
+        })?;
+    apply_or_keep(
+        &table(),
+        to_batch(BatchDoc {
+            upsert: found.services,
+            remove: vec![],
         }),
-    }
+    )
 }
 
 /// `input` as a JSON batch (the table schema).

@@ -183,24 +183,13 @@ struct SlicePort {
 }
 
 /// A manifest that cannot be used, naming the file, the object and the field.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{object}: {problem}")]
 pub struct ManifestError {
     /// e.g. `web.yaml: Service default/web` or `web.yaml: document 3`.
     pub object: String,
     /// What is wrong.
     pub problem: String,
-}
-
-/// Every problem found in a set of manifests, one per line, then the warnings (which may
-/// explain them: a misspelt field is a warning, the field then missing an error).
-#[derive(Debug, thiserror::Error)]
-#[error("{}", lines(errors, warnings))]
-pub struct ManifestErrors {
-    /// The problems.
-    pub errors: Vec<ManifestError>,
-    /// What was ignored.
-    pub warnings: Vec<String>,
 }
 
 /// `errors` one per line, then `warnings`, each marked as one.
@@ -227,6 +216,14 @@ pub struct Manifests {
     pub triggered: BTreeMap<String, SystemTime>,
     /// Nodes among the manifests, by name.
     pub nodes: BTreeMap<String, Node>,
+    /// The objects left out, each with what is wrong with it.
+    pub errors: Vec<ManifestError>,
+    /// The files with a document that does not parse (nothing was read from them), each with
+    /// the first problem.
+    pub unparsed: BTreeMap<String, ManifestError>,
+    /// How many objects were left out because svcproxyd does not serve what they describe
+    /// (an SCTP service, an FQDN slice, a kind it does not read); each has a warning.
+    pub left_out: usize,
 }
 
 /// What svcproxyd reads of a Node object.
@@ -249,22 +246,22 @@ fn error(object: impl Into<String>, problem: impl Into<String>) -> ManifestError
     }
 }
 
-struct Slice {
-    /// `file: EndpointSlice ns/name`, for messages.
+/// An EndpointSlice as read.
+pub(crate) struct Slice {
+    /// `file: EndpointSlice ns/name` (or `EndpointSlice ns/name` from the API), for messages.
     object: String,
     namespace: String,
     service: String,
     name: String,
-    address_type: Option<String>,
-    endpoints: Vec<SliceEndpoint>,
-    ports: Vec<SlicePort>,
+    /// Its endpoints, one per IP, each with every port of the slice.
+    endpoints: Vec<EndpointDoc>,
     /// Its trigger-time annotation, when it has one that parses.
     triggered: Option<SystemTime>,
 }
 
 /// A Service as read, before its endpoints are joined.
-struct RawService {
-    /// `file: Service ns/name`, for messages.
+pub(crate) struct RawService {
+    /// `file: Service ns/name` (or `Service ns/name` from the API), for messages.
     object: String,
     namespace: String,
     name: String,
@@ -272,61 +269,104 @@ struct RawService {
     status: ServiceStatus,
 }
 
+/// One object read, as svcproxyd keeps it.
+pub(crate) enum Item {
+    Service(RawService),
+    Slice(Slice),
+    /// A Node, with its name.
+    Node(String, Node),
+}
+
 /// What [`collect`] gathers from every document.
 #[derive(Default)]
 struct Collected {
-    services: Vec<RawService>,
-    slices: Vec<Slice>,
-    nodes: BTreeMap<String, Node>,
+    items: Vec<Item>,
     errors: Vec<ManifestError>,
-    warnings: Vec<String>,
+    notes: Notes,
+    unparsed: BTreeMap<String, ManifestError>,
+}
+
+/// What reading set aside: warnings, one line each, and how many objects were left out
+/// because svcproxyd does not serve what they describe.
+#[derive(Debug, Default)]
+pub(crate) struct Notes {
+    pub warnings: Vec<String>,
+    pub left_out: usize,
+}
+
+impl Notes {
+    fn warn(&mut self, warning: String) {
+        self.warnings.push(warning);
+    }
+
+    fn leave_out(&mut self, why: String) {
+        self.left_out += 1;
+        self.warn(why);
+    }
 }
 
 /// Reads every YAML document in `texts` (each: a file's text and its name for messages) and
-/// returns the services they describe, or every problem found (not only the first).
-pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors> {
+/// returns the services they describe. An object that cannot be used is left out, with an
+/// error naming it and the field (every one, not only the first); a file with a document that
+/// does not parse gives nothing, and is named in [`Manifests::unparsed`] (not in its errors).
+pub fn services(texts: &[(String, String)]) -> Manifests {
     let mut found = Collected::default();
     for (file, text) in texts {
+        let kept = (found.items.len(), found.notes.warnings.len());
+        let unparsed = |found: &mut Collected, error: ManifestError| {
+            found.items.truncate(kept.0);
+            found.notes.warnings.truncate(kept.1);
+            found.unparsed.insert(file.clone(), error);
+        };
         // Deep flow nesting would cost libyaml quadratic time: refuse it before parsing.
         if let Err(e) = crate::nesting::check(text) {
-            found.errors.push(error(file, e));
+            unparsed(&mut found, error(file, e));
             continue;
         }
         for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
             let here = format!("{file}: document {}", i + 1);
             match serde_norway::Value::deserialize(doc) {
                 Ok(value) if value.is_null() => {}
-                Ok(value) => collect(value, file, &here, &mut found),
+                Ok(value) => collect(value, &format!("{file}: "), &here, &mut found),
                 Err(e) => {
-                    // The rest of the file cannot be trusted to parse.
-                    found.errors.push(error(&here, e.to_string()));
+                    // The rest of the file cannot be trusted to parse, nor what came before.
+                    unparsed(&mut found, error(&here, e.to_string()));
                     break;
                 }
             }
         }
     }
     let Collected {
-        services,
-        slices,
-        nodes,
+        items,
         mut errors,
-        warnings,
+        mut notes,
+        unparsed,
     } = found;
+    let mut services = Vec::new();
+    let mut nodes = BTreeMap::new();
     let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
     let mut slice_names = HashMap::new();
-    for slice in slices {
-        let key = (slice.namespace.clone(), slice.name.clone());
-        if !first_time(&mut slice_names, key, &slice.object, &mut errors) {
-            continue;
+    for item in items {
+        match item {
+            Item::Service(raw) => services.push(raw),
+            Item::Node(name, node) => {
+                nodes.insert(name, node);
+            }
+            Item::Slice(slice) => {
+                let key = (slice.namespace.clone(), slice.name.clone());
+                if !first_time(&mut slice_names, key, &slice.object, &mut errors) {
+                    continue;
+                }
+                by_service
+                    .entry((slice.namespace.clone(), slice.service.clone()))
+                    .or_default()
+                    .push(slice);
+            }
         }
-        by_service
-            .entry((slice.namespace.clone(), slice.service.clone()))
-            .or_default()
-            .push(slice);
     }
     let mut manifests = Manifests {
-        warnings,
         nodes,
+        unparsed,
         ..Manifests::default()
     };
     let mut service_names = HashMap::new();
@@ -336,7 +376,7 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
             continue;
         }
         let slices = by_service.remove(&key).unwrap_or_default();
-        match service(&raw, &slices) {
+        match service(&raw, &slices, &mut notes) {
             Ok(Some(doc)) => {
                 if let Some(t) = slices.iter().filter_map(|s| s.triggered).max() {
                     manifests.triggered.insert(doc.name.clone(), t);
@@ -350,14 +390,11 @@ pub fn services(texts: &[(String, String)]) -> Result<Manifests, ManifestErrors>
             Err(e) => errors.push(e),
         }
     }
-    if !errors.is_empty() {
-        return Err(ManifestErrors {
-            errors,
-            warnings: manifests.warnings,
-        });
-    }
     manifests.services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(manifests)
+    manifests.errors = errors;
+    manifests.warnings = notes.warnings;
+    manifests.left_out = notes.left_out;
+    manifests
 }
 
 /// Records that `object` is defined as `key` (namespace, name) and returns true, or, when an
@@ -387,7 +424,52 @@ const KINDS: [&str; 7] = [
     "NodeList",
 ];
 
-fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Collected) {
+/// Reads the document `value` (at `here`, in the file that `origin` names) into `found`.
+fn collect(value: serde_norway::Value, origin: &str, here: &str, found: &mut Collected) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default();
+    if !matches!(
+        kind,
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList"
+    ) {
+        match item(value, origin, here, true, &mut found.notes) {
+            Ok(Some(item)) => found.items.push(item),
+            Ok(None) => {}
+            Err(e) => found.errors.push(e),
+        }
+        return;
+    }
+    // A List holds a whole cluster dump: its items move out of it, not copied.
+    let list: Object = match serde_norway::from_value(value) {
+        Ok(o) => o,
+        Err(e) => return found.errors.push(error(here, e.to_string())),
+    };
+    for (j, value) in list.items.unwrap_or_default().into_iter().enumerate() {
+        collect(value, origin, &format!("{here}, item {}", j + 1), found);
+    }
+}
+
+/// An object from the API (a watch event's), as svcproxyd keeps it: `None` for what it does
+/// not read (an FQDN slice, a service of another proxy), with a warning when that may matter.
+pub(crate) fn api_item(
+    value: serde_norway::Value,
+    notes: &mut Notes,
+) -> Result<Option<Item>, ManifestError> {
+    item(value, "", "an object", false, notes)
+}
+
+/// The object `value` (not a list; `here` names where it is, `origin` the file with `: `, or
+/// nothing), as svcproxyd keeps it. With `check_fields`, a field the API does not define is
+/// warned about (a misspelt one in a manifest).
+fn item(
+    value: serde_norway::Value,
+    origin: &str,
+    here: &str,
+    check_fields: bool,
+    notes: &mut Notes,
+) -> Result<Option<Item>, ManifestError> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -397,43 +479,29 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
         "Service" => fields::SERVICE,
         "EndpointSlice" => fields::SLICE,
         "Node" => fields::NODE,
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => fields::LIST,
         _ => {
             let hint = did_you_mean(&kind, KINDS);
-            found
-                .warnings
-                .push(format!("{here}: kind {kind:?} is not read{hint}"));
-            return;
+            notes.leave_out(format!("{here}: kind {kind:?} is not read{hint}"));
+            return Ok(None);
         }
     };
-    // Checked before the value moves into the object (a List holds a whole cluster dump:
-    // no copy of it); the warnings get the object's name below.
+    // Checked before the value moves into the object; the warnings get its name below.
     let mut unknown = Vec::new();
-    if !std::ptr::eq(known, fields::LIST) {
+    if check_fields {
         fields::check(&value, known, "", &mut unknown);
     }
-    let object: Object = match serde_norway::from_value(value) {
-        Ok(o) => o,
-        Err(e) => return found.errors.push(error(here, e.to_string())),
-    };
+    let object: Object = serde_norway::from_value(value).map_err(|e| error(here, e.to_string()))?;
     let namespace = object
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    if std::ptr::eq(known, fields::LIST) {
-        for (j, item) in object.items.unwrap_or_default().into_iter().enumerate() {
-            collect(item, file, &format!("{here}, item {}", j + 1), found);
-        }
-        return;
-    }
     let Some(name) = object.metadata.name.clone() else {
-        let problem = format!("{kind} without metadata.name");
-        return found.errors.push(error(here, problem));
+        return Err(error(here, format!("{kind} without metadata.name")));
     };
-    let object_name = format!("{file}: {kind} {namespace}/{}", clip(&name));
+    let object_name = format!("{origin}{kind} {namespace}/{}", clip(&name));
     let named = unknown.into_iter().map(|w| format!("{object_name}: {w}"));
-    found.warnings.extend(named);
+    notes.warnings.extend(named);
     let labels = object.metadata.labels.unwrap_or_default();
     let triggered = object
         .metadata
@@ -457,62 +525,65 @@ fn collect(value: serde_norway::Value, file: &str, here: &str, found: &mut Colle
             eligible: !(tainted || deleting),
             zone: labels.get(ZONE_LABEL).cloned(),
         };
-        found.nodes.insert(name, node);
-        return;
+        return Ok(Some(Item::Node(name, node)));
     }
     if kind == "Service" {
         if labels.contains_key("service.kubernetes.io/service-proxy-name") {
-            return;
+            return Ok(None);
         }
         let spec: ServiceSpec = match object.spec {
-            Some(v) => match serde_norway::from_value(v) {
-                Ok(s) => s,
-                Err(e) => return found.errors.push(error(&object_name, format!("spec: {e}"))),
-            },
-            None => return found.errors.push(error(&object_name, "spec is missing")),
+            Some(v) => serde_norway::from_value(v)
+                .map_err(|e| error(&object_name, format!("spec: {e}")))?,
+            None => return Err(error(&object_name, "spec is missing")),
         };
         let status: ServiceStatus = match object.status {
             Some(v) => serde_norway::from_value(v).unwrap_or_default(),
             None => ServiceStatus::default(),
         };
-        found.services.push(RawService {
+        return Ok(Some(Item::Service(RawService {
             object: object_name,
             namespace,
             name,
             spec,
             status,
-        });
-        return;
+        })));
     }
     if object
         .api_version
         .as_deref()
         .is_some_and(|v| !v.starts_with("discovery.k8s.io/"))
     {
-        return found.errors.push(error(
+        return Err(error(
             &object_name,
             "apiVersion must be discovery.k8s.io/v1",
         ));
     }
     if object.address_type.as_deref() == Some("FQDN") {
-        return;
+        notes.leave_out(format!(
+            "{object_name}: addressType FQDN is not served (IPv4 and IPv6 are); left out"
+        ));
+        return Ok(None);
     }
     let Some(service) = labels.get("kubernetes.io/service-name").cloned() else {
-        return found.errors.push(error(
+        return Err(error(
             &object_name,
             "metadata.labels has no kubernetes.io/service-name",
         ));
     };
-    found.slices.push(Slice {
+    let endpoints = slice_endpoints(
+        &object_name,
+        object.address_type.as_deref(),
+        object.endpoints.unwrap_or_default(),
+        &object.ports.unwrap_or_default(),
+    )?;
+    Ok(Some(Item::Slice(Slice {
         object: object_name,
         namespace,
         service,
         name,
-        address_type: object.address_type,
-        endpoints: object.endpoints.unwrap_or_default(),
-        ports: object.ports.unwrap_or_default(),
+        endpoints,
         triggered,
-    });
+    })))
 }
 
 /// The field of a manifest that a field of the service document made from it (`field`, as
@@ -611,7 +682,14 @@ fn traffic(value: Option<&str>, object: &str, field: &str) -> Result<TrafficDoc,
     }
 }
 
-fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, ManifestError> {
+/// The service `raw` with the endpoints of its `slices`; `None` for a service proxied
+/// elsewhere (headless, `ExternalName`) or without a port served here (warned about, as is
+/// each port left out).
+pub(crate) fn service(
+    raw: &RawService,
+    slices: &[Slice],
+    notes: &mut Notes,
+) -> Result<Option<ServiceDoc>, ManifestError> {
     let RawService {
         object,
         namespace,
@@ -681,10 +759,10 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
             "TCP" => svcproxy::Protocol::Tcp,
             "UDP" => svcproxy::Protocol::Udp,
             other => {
-                return Err(error(
-                    object,
-                    format!("spec.ports[{i}].protocol: {other:?} is not supported (TCP or UDP)"),
+                notes.warn(format!(
+                    "{object}: spec.ports[{i}]: protocol {other} is not served (TCP and UDP are); the port is left out"
                 ));
+                continue;
             }
         };
         let port_name = p.name.clone().filter(|n| !n.is_empty());
@@ -697,6 +775,10 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
             port: p.port,
             node_port: p.node_port,
         });
+    }
+    if ports.is_empty() && spec.ports.as_ref().is_some_and(|p| !p.is_empty()) {
+        notes.leave_out(format!("{object}: no port is served here; left out"));
+        return Ok(None);
     }
     let (session_affinity, affinity_timeout_seconds) = match spec.session_affinity.as_deref() {
         None | Some("None") => (AffinityDoc::None, None),
@@ -717,7 +799,7 @@ fn service(raw: &RawService, slices: &[Slice]) -> Result<Option<ServiceDoc>, Man
             ));
         }
     };
-    let mut endpoints = endpoints(slices)?;
+    let mut endpoints = endpoints(slices);
     // Kubernetes lets a slice carry ports the service does not target (during a change of
     // ports, say): an endpoint no service port reaches serves nothing here, and is left out.
     endpoints.retain(|e| {
@@ -767,62 +849,78 @@ fn hinted(names: Option<&Vec<Named>>) -> Vec<String> {
 
 /// The endpoints of every slice, one per IP: an IP in several slices (with different ports)
 /// gets the union of their named ports.
-fn endpoints(slices: &[Slice]) -> Result<Vec<EndpointDoc>, ManifestError> {
-    let mut by_ip: BTreeMap<IpAddr, EndpointDoc> = BTreeMap::new();
-    for slice in slices {
-        let object = slice.object.as_str();
-        let mut ports = BTreeMap::new();
-        for (i, p) in slice.ports.iter().enumerate() {
-            if p.protocol
-                .as_deref()
-                .is_some_and(|x| x != "TCP" && x != "UDP")
-            {
-                continue;
-            }
-            let Some(port) = p.port else { continue };
-            let name = p
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| UNNAMED_PORT.into());
-            if ports.insert(name, port).is_some() {
-                return Err(error(object, format!("ports[{i}].name is used twice")));
+fn endpoints(slices: &[Slice]) -> Vec<EndpointDoc> {
+    let mut by_ip: BTreeMap<&str, EndpointDoc> = BTreeMap::new();
+    for e in slices.iter().flat_map(|s| &s.endpoints) {
+        match by_ip.get_mut(e.address.as_str()) {
+            Some(first) => first
+                .ports
+                .extend(e.ports.iter().map(|(n, p)| (n.clone(), *p))),
+            None => {
+                by_ip.insert(&e.address, e.clone());
             }
         }
-        for (j, e) in slice.endpoints.iter().enumerate() {
-            let c = e.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            for (k, address) in e.addresses.iter().enumerate() {
-                let field = format!("endpoints[{j}].addresses[{k}]");
-                let addr = ip(address, object, &field)?;
-                let family_ok = match slice.address_type.as_deref() {
-                    Some("IPv4") => addr.is_ipv4(),
-                    Some("IPv6") => addr.is_ipv6(),
-                    _ => true,
-                };
-                if !family_ok {
-                    let problem = format!(
-                        "{field}: {addr} is not an address of the slice's addressType {}",
-                        slice.address_type.as_deref().unwrap_or_default()
-                    );
-                    return Err(error(object, problem));
-                }
-                let entry = by_ip.entry(addr).or_insert_with(|| EndpointDoc {
-                    address: addr.to_string(),
-                    ports: BTreeMap::new(),
-                    ready,
-                    serving: Some(c.and_then(|c| c.serving).unwrap_or(ready)),
-                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                    weight: 1,
-                    node: e.node_name.clone(),
-                    zone: e.zone.clone(),
-                    for_zones: hinted(e.hints.as_ref().map(|h| &h.for_zones)),
-                    for_nodes: hinted(e.hints.as_ref().map(|h| &h.for_nodes)),
-                });
-                entry
-                    .ports
-                    .extend(ports.iter().map(|(n, p)| (n.clone(), *p)));
+    }
+    by_ip.into_values().collect()
+}
+
+/// The endpoints of one slice (`object` names it), one per IP, each with every port of the
+/// slice; an error names the first field that is wrong.
+fn slice_endpoints(
+    object: &str,
+    address_type: Option<&str>,
+    endpoints: Vec<SliceEndpoint>,
+    slice_ports: &[SlicePort],
+) -> Result<Vec<EndpointDoc>, ManifestError> {
+    let mut ports = BTreeMap::new();
+    for (i, p) in slice_ports.iter().enumerate() {
+        if p.protocol
+            .as_deref()
+            .is_some_and(|x| x != "TCP" && x != "UDP")
+        {
+            continue;
+        }
+        let Some(port) = p.port else { continue };
+        let name = p
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| UNNAMED_PORT.into());
+        if ports.insert(name, port).is_some() {
+            return Err(error(object, format!("ports[{i}].name is used twice")));
+        }
+    }
+    let mut by_ip: BTreeMap<IpAddr, EndpointDoc> = BTreeMap::new();
+    for (j, e) in endpoints.into_iter().enumerate() {
+        let c = e.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        for (k, address) in e.addresses.iter().enumerate() {
+            let field = format!("endpoints[{j}].addresses[{k}]");
+            let addr = ip(address, object, &field)?;
+            let family_ok = match address_type {
+                Some("IPv4") => addr.is_ipv4(),
+                Some("IPv6") => addr.is_ipv6(),
+                _ => true,
+            };
+            if !family_ok {
+                let problem = format!(
+                    "{field}: {addr} is not an address of the slice's addressType {}",
+                    address_type.unwrap_or_default()
+                );
+                return Err(error(object, problem));
             }
+            by_ip.entry(addr).or_insert_with(|| EndpointDoc {
+                address: addr.to_string(),
+                ports: ports.clone(),
+                ready,
+                serving: Some(c.and_then(|c| c.serving).unwrap_or(ready)),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                weight: 1,
+                node: e.node_name.clone(),
+                zone: e.zone.clone(),
+                for_zones: hinted(e.hints.as_ref().map(|h| &h.for_zones)),
+                for_nodes: hinted(e.hints.as_ref().map(|h| &h.for_nodes)),
+            });
         }
     }
     Ok(by_ip.into_values().collect())
@@ -846,7 +944,7 @@ spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1', effect: NoSche
 kind: Node
 metadata: {name: c, deletionTimestamp: '2026-12-01T00:00:00Z'}
 ";
-        let m = services(&[("nodes.yaml".into(), yaml.into())]).unwrap();
+        let m = services(&[("nodes.yaml".into(), yaml.into())]);
         let expected = [
             ("a", true, Some("z1")),
             ("b", false, None),
@@ -861,9 +959,13 @@ metadata: {name: c, deletionTimestamp: '2026-12-01T00:00:00Z'}
     }
 
     fn load(yaml: &str) -> Result<Vec<ServiceDoc>, String> {
-        services(&[("test.yaml".into(), yaml.into())])
-            .map(|m| m.services)
-            .map_err(|e| e.to_string())
+        let m = services(&[("test.yaml".into(), yaml.into())]);
+        let errors: Vec<&ManifestError> = m.errors.iter().chain(m.unparsed.values()).collect();
+        if errors.is_empty() {
+            Ok(m.services)
+        } else {
+            Err(lines(&errors, &m.warnings))
+        }
     }
 
     const SERVICE: &str = "
@@ -1057,12 +1159,66 @@ kind: Deployment
 metadata: {name: not-ours}
 spec: {replicas: 3}
 ";
-        let found = services(&[("test.yaml".into(), yaml.into())]).unwrap();
+        let found = services(&[("test.yaml".into(), yaml.into())]);
         assert!(found.services.is_empty());
         assert!(
             found.origins.is_empty(),
             "an ignored service is not the file's to own"
         );
+    }
+
+    #[test]
+    fn what_is_not_served_is_left_out_with_a_warning_and_the_rest_is_served() {
+        let yaml = "kind: Service\nmetadata: {name: sig, namespace: telco}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 36412, protocol: SCTP}]}\n---\n\
+                    kind: Service\nmetadata: {name: mixed}\nspec: {clusterIP: 198.18.0.4, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP}]}\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: f, labels: {kubernetes.io/service-name: mixed}}\naddressType: FQDN\nendpoints: [{addresses: [example.test]}]\n---\n\
+                    kind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 198.18.0.300, ports: [{port: 80}]}\n---\n\
+                    kind: Deployment\nmetadata: {name: d}\n";
+        let m = services(&[("dump.yaml".into(), yaml.into())]);
+        let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/mixed"], "what can be served is");
+        assert_eq!(m.services[0].ports.len(), 1);
+        assert_eq!(
+            m.warnings,
+            [
+                "dump.yaml: EndpointSlice default/f: addressType FQDN is not served (IPv4 and IPv6 are); left out",
+                "dump.yaml: document 5: kind \"Deployment\" is not read",
+                "dump.yaml: Service telco/sig: spec.ports[0]: protocol SCTP is not served (TCP and UDP are); the port is left out",
+                "dump.yaml: Service telco/sig: no port is served here; left out",
+                "dump.yaml: Service default/mixed: spec.ports[1]: protocol SCTP is not served (TCP and UDP are); the port is left out",
+            ]
+        );
+        let errors: Vec<String> = m.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "dump.yaml: Service default/bad: spec.clusterIPs[0]: \"198.18.0.300\" is not an IP address"
+            ]
+        );
+        assert!(m.unparsed.is_empty());
+        assert_eq!(m.left_out, 3, "sig, the FQDN slice and the Deployment");
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_gives_nothing_and_is_named() {
+        let good = "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80}]}\n";
+        let broken = format!("{good}---\nkind: [unclosed\n");
+        let m = services(&[
+            ("good.yaml".into(), good.into()),
+            ("broken.yaml".into(), broken.replace("name: a", "name: b")),
+        ]);
+        let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["default/a"],
+            "nothing of the broken file, not even its first document"
+        );
+        let broken: Vec<String> = m.unparsed.values().map(ToString::to_string).collect();
+        assert!(
+            broken.len() == 1 && broken[0].starts_with("broken.yaml: document 2"),
+            "{broken:?}"
+        );
+        assert!(m.errors.is_empty());
     }
 
     #[test]
@@ -1073,12 +1229,6 @@ spec: {replicas: 3}
                 "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.300, ports: [{port: 80}]}"
             ),
             "test.yaml: Service default/web: spec.clusterIPs[0]: \"198.18.0.300\" is not an IP address"
-        );
-        assert_eq!(
-            err(
-                "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80, protocol: SCTP}]}"
-            ),
-            "test.yaml: Service default/web: spec.ports[0].protocol: \"SCTP\" is not supported (TCP or UDP)"
         );
         assert_eq!(
             err(

@@ -118,14 +118,6 @@ pub const NODE: &Shape = &Shape(&[
     ("status", Any),
 ]);
 
-/// A `List` (its items are checked one by one, as objects of their own).
-pub const LIST: &Shape = &Shape(&[
-    ("apiVersion", Any),
-    ("items", Any),
-    ("kind", Any),
-    ("metadata", Any),
-]);
-
 /// Adds a warning to `warnings` for each key of `value` (at `path`) that `shape` does not
 /// know, with a "did you mean" for a near miss; the caller names the object.
 pub fn check(value: &Value, shape: &Shape, path: &str, warnings: &mut Vec<String>) {
