@@ -73,7 +73,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use serde::Deserialize;
 use svcproxy::core::error::clip;
-use svcproxy::core::{Change, ValidationError};
+use svcproxy::core::Change;
 use svcproxy::{BackendKind, DrainPolicy, Forwarding, ProxyConfig};
 use svcproxy_core::config::UDP_IDLE_TIMEOUT_RANGE;
 use svcproxy_core::schema::ServiceDoc;
@@ -82,6 +82,7 @@ use svcproxy_core::session::{
 };
 
 use crate::objects::{self, Node};
+use crate::publish::wanted;
 
 /// How long shutdown may wait for connections: up to 1 hour.
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
@@ -319,7 +320,7 @@ impl Default for Settings {
 }
 
 /// What a config path holds: settings (TOML only) and services.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     /// Settings; `None` for Kubernetes manifests (command-line options apply).
     pub settings: Option<Settings>,
@@ -346,16 +347,13 @@ impl Loaded {
     /// The changes that publish every service with its endpoints.
     pub fn changes(&self) -> Vec<Change> {
         let mut changes = Vec::with_capacity(2 * self.services.len());
-        for doc in &self.services {
-            // Each document was converted when it was loaded.
-            let Ok((service, endpoints)) = doc.to_model() else {
-                continue;
-            };
+        // Each document was checked when it was loaded.
+        for (service, endpoints) in self.services.iter().filter_map(|d| wanted(d).ok()) {
             let name = service.name.clone();
             changes.push(Change::Upsert(service));
             changes.push(Change::ReplaceEndpoints {
                 service: name,
-                endpoints: endpoints.unwrap_or_default(),
+                endpoints,
             });
         }
         changes
@@ -502,7 +500,7 @@ fn checked(
     let mut errors = Vec::new();
     let mut skipped: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
     found.services.retain(|doc| {
-        let Err(e) = check_service(doc) else {
+        let Err(e) = wanted(doc) else {
             return true;
         };
         let origin = found.origins.get(&doc.name).map_or("", String::as_str);
@@ -533,12 +531,6 @@ fn checked(
     })
 }
 
-/// Checks one service document as the table would, on its own.
-fn check_service(doc: &ServiceDoc) -> Result<(), ValidationError> {
-    let (service, endpoints) = doc.to_model()?;
-    service.validate()?;
-    svcproxy::core::model::validate_endpoints(&endpoints.unwrap_or_default(), &service.ports)
-}
 
 fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     let bad = |field: &str, why: String| ConfigError(format!("{}: {field}: {why}", path.display()));

@@ -60,6 +60,8 @@ pub struct Daemon {
     node_eligible: Mutex<Option<bool>>,
     /// How long a change may wait for the data path before `/healthz` says 503.
     pending_timeout: Duration,
+    /// How the Kubernetes API's watches stand, when it is a source.
+    api: Mutex<Option<Arc<Mutex<crate::watch::Status>>>>,
 }
 
 /// Where services come from.
@@ -127,6 +129,7 @@ impl Daemon {
             sync: SyncMetrics::default(),
             node_eligible: Mutex::new(None),
             pending_timeout,
+            api: Mutex::new(None),
         }
     }
 
@@ -234,10 +237,9 @@ impl Daemon {
             .map(|(name, _)| (name.clone(), None))
             .collect();
         for doc in &loaded.services {
-            // Each document was converted when it was loaded.
-            if let Ok((service, endpoints)) = doc.to_model() {
-                let endpoints = endpoints.unwrap_or_default();
-                wanted.insert(doc.name.clone(), Some((service, endpoints)));
+            // Each document was checked when it was loaded.
+            if let Ok(w) = crate::publish::wanted(doc) {
+                wanted.insert(doc.name.clone(), Some(w));
             }
         }
         let settle = loaded.settings.is_none();
@@ -309,6 +311,31 @@ impl Daemon {
         Ok(outcome.generation)
     }
 
+    /// Shows how the Kubernetes API's watches stand in `/healthz`.
+    pub fn watching(&self, status: Arc<Mutex<crate::watch::Status>>) {
+        *lock(&self.api) = Some(status);
+    }
+
+    /// Publishes an update from the Kubernetes API (conflicts settled), and records how long
+    /// it took from its first event to the table.
+    pub fn api_update(&self, update: crate::watch::Update) -> Result<u64, TableError> {
+        let generation = self.publish(
+            Source::Api,
+            update.wanted,
+            true,
+            &update.origins,
+            &update.triggered,
+        )?;
+        if let Some(received) = update.received {
+            self.sync.api_published(received.elapsed());
+        }
+        if self.table.config().node_name.is_some() {
+            self.set_node(update.node.as_ref());
+        }
+        self.report(Source::Api, &update.warnings, update.skipped, update.left_out);
+        Ok(generation)
+    }
+
     /// Whether this node may take load-balancer traffic, as its Node object says (`None`:
     /// no object).
     pub fn set_node(&self, node: Option<&crate::objects::Node>) {
@@ -340,6 +367,7 @@ impl Daemon {
             logged.insert(e.clone());
         }
         entry.logged = logged;
+        self.sync.skipped(source.name(), skipped.len(), left_out);
         entry.invalid = skipped;
         entry.left_out = left_out;
     }
@@ -549,6 +577,25 @@ impl Daemon {
             "bindErrors": self.proxy.bind_errors().iter().map(|(k, e)| format!("{k}: {e}")).collect::<Vec<_>>(),
             "reloads": self.reloads.load(Ordering::SeqCst),
             "lastReloadError": *lock(&self.reload_error),
+            "kubernetesApi": lock(&self.api).as_ref().map(|status| {
+                let s = lock(status).clone();
+                let unreachable = s.unreachable_since.map(|t| t.elapsed().unwrap_or_default());
+                serde_json::json!({
+                    "synced": s.synced.map(rfc3339),
+                    "reachable": unreachable.is_none(),
+                    "unreachableSince": s.unreachable_since.map(rfc3339),
+                    "unreachableForSeconds": unreachable.map(|d| d.as_secs()),
+                    "lastError": s.last_error.as_ref().map(|(_, e)| e),
+                    "lastErrorTime": s.last_error.as_ref().map(|&(t, _)| rfc3339(t)),
+                    "events": s.events,
+                })
+            }),
+            "skipped": self.skipped().into_iter().map(|(source, (invalid, not_served))| {
+                (source.name().to_string(), serde_json::json!({
+                    "invalid": invalid,
+                    "notServed": not_served,
+                }))
+            }).collect::<serde_json::Map<_, _>>(),
             "workers": self.proxy.workers().iter().map(|w| serde_json::json!({
                 "restarts": w.restarts,
                 "lastFailure": w.last_failure,

@@ -18,3 +18,4 @@ pub mod objects;
 pub mod publish;
 pub mod status;
 pub mod upgrade;
+pub mod watch;

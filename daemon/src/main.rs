@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use svcproxy::{BackendKind, Batch, Options, Proxy, Table, TableConfig};
@@ -30,7 +31,7 @@ use tracing::{error, info, warn};
 use svcproxyd::config::{self, Settings};
 use svcproxyd::daemon::{self, Daemon};
 use svcproxyd::health_check::HealthChecks;
-use svcproxyd::{capture, demo, http, notify, upgrade};
+use svcproxyd::{capture, demo, http, notify, upgrade, watch};
 
 #[derive(Parser)]
 #[command(
@@ -64,8 +65,14 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// A TOML config, a YAML manifest, or a directory of manifests (watched for changes).
+    #[arg(long, required_unless_present_any = ["kubeconfig", "in_cluster"])]
+    config: Option<PathBuf>,
+    /// Watch the Kubernetes API of this kubeconfig's current context.
+    #[arg(long, conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the Kubernetes API as a pod (its service account, KUBERNETES_SERVICE_HOST).
     #[arg(long)]
-    config: PathBuf,
+    in_cluster: bool,
     /// This node's name (Kubernetes manifests; a TOML config sets `node.name`).
     #[arg(long)]
     node_name: Option<String>,
@@ -316,6 +323,36 @@ fn start_successor(upgradable: bool) -> Option<std::process::Child> {
     }
 }
 
+/// How often the config files are looked at, and the loop's longest wait.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The first update of `watch`: the API listed whole. Waits for it, saying why every
+/// [`WAIT_REPORT`]; `Err` with the exit code if asked to stop (`term`) meanwhile, or if the
+/// watch stopped.
+fn first_update(watch: &watch::Watch, term: &AtomicBool) -> Result<watch::Update, ExitCode> {
+    let mut report = Instant::now() + WAIT_REPORT;
+    while !term.load(Ordering::SeqCst) {
+        match watch.updates.recv_timeout(POLL) {
+            Ok(update) => return Ok(update),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                error!("the Kubernetes API watch stopped before listing");
+                return Err(ExitCode::from(1));
+            }
+        }
+        if Instant::now() >= report {
+            report += WAIT_REPORT;
+            let status = watch.status.lock().map(|s| s.clone()).unwrap_or_default();
+            let why = status.last_error.map(|(_, e)| e).unwrap_or_default();
+            info!("waiting for the Kubernetes API to list services and endpoint slices {why}");
+        }
+    }
+    Err(ExitCode::SUCCESS)
+}
+
+/// How often the wait for the API's first list says why.
+const WAIT_REPORT: Duration = Duration::from_secs(10);
+
 /// What answers the requests of one of the daemon's HTTP endpoints.
 type Handler = fn(&Daemon, &http::Request) -> http::Response;
 
@@ -339,11 +376,12 @@ fn run(args: RunArgs) -> ExitCode {
     }
 
     // Taken before the files are read: a change made while svcproxyd starts is reloaded.
-    let mut seen = config::signature(&args.config);
+    let mut seen = args.config.as_deref().map(config::signature);
     let mut reader = config::Reader::default();
-    let loaded = match reader.load(&args.config) {
-        Ok(l) => l,
-        Err(e) => {
+    let loaded = match args.config.as_deref().map(|path| reader.load(path)) {
+        Some(Ok(l)) => l,
+        None => config::Loaded::default(),
+        Some(Err(e)) => {
             error!("{e}");
             return ExitCode::from(2);
         }
@@ -355,6 +393,33 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let connect = match (&args.kubeconfig, args.in_cluster) {
+        (Some(path), _) => Some(watch::Connect::Kubeconfig(path.clone())),
+        (None, true) => Some(watch::Connect::InCluster),
+        (None, false) => None,
+    };
+    let watch = match connect.map(|c| watch::start(&c, settings.node_name.clone())) {
+        Some(Ok(w)) => Some(w),
+        None => None,
+        Some(Err(e)) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Nothing is served before the API was listed whole (a takeover: the running svcproxyd
+    // serves meanwhile).
+    let first = match &watch {
+        Some(w) => match first_update(w, &term) {
+            Ok(u) => Some(u),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    if settings.node_zone.is_none()
+        && let Some(zone) = first.as_ref().and_then(|u| u.node.as_ref()?.zone.clone())
+    {
+        settings.node_zone = Some(zone);
+    }
     // As many descriptors as the hard limit allows (the proxy splits them: README, limits),
     // before sockets are handed over.
     match svcproxy::raise_descriptor_limit() {
@@ -425,6 +490,14 @@ fn run(args: RunArgs) -> ExitCode {
             error!("{}", daemon::explain(&e, &loaded));
             return ExitCode::from(2);
         }
+        if let Some(update) = &first {
+            let mut publisher = svcproxyd::publish::Publisher::settling();
+            let apply = |batch| table.apply(batch).map(|p| p.generation);
+            if let Err(e) = publisher.publish(&table, update.wanted.clone(), apply) {
+                error!("the Kubernetes API's services: {e}");
+                return ExitCode::from(1);
+            }
+        }
         let matched = table.load().carry_stats(&i.stats);
         info!(service_ports = matched, "counters carried over");
         inherited = std::mem::take(&mut i.sockets);
@@ -440,7 +513,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    info!(backend = ?proxy.backend(), config = %args.config.display(), "svcproxyd running");
+    info!(backend = ?proxy.backend(), config = ?args.config, kubernetes = watch.is_some(), "svcproxyd running");
     let daemon = Arc::new(Daemon::new(
         table,
         proxy,
@@ -461,6 +534,15 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     info!(services = loaded.services.len(), "configuration loaded");
+    if let (Some(w), Some(update)) = (&watch, first) {
+        daemon.watching(w.status.clone());
+        let services = update.wanted.len();
+        if let Err(e) = daemon.api_update(update) {
+            error!("the Kubernetes API's services: {e}");
+            return ExitCode::from(1);
+        }
+        info!(services, "the Kubernetes API's services loaded");
+    }
     // Each with the name its listener is handed over by (the same in every release).
     let endpoints: [(&str, &str, SocketAddr, Handler); 3] = [
         (
@@ -562,8 +644,22 @@ fn run(args: RunArgs) -> ExitCode {
     let mut failed = false;
     let mut handed_over = false;
     let mut successor = None;
+    let mut next_poll = Instant::now();
     while !term.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(200));
+        match watch.as_ref().map(|w| w.updates.recv_timeout(POLL)) {
+            Some(Ok(update)) => {
+                if let Err(e) = daemon.api_update(update) {
+                    error!("the Kubernetes API's services: {e}");
+                }
+            }
+            Some(Err(RecvTimeoutError::Timeout)) => {}
+            Some(Err(RecvTimeoutError::Disconnected)) => {
+                error!("the Kubernetes API watch stopped: stopping, so that it is started again");
+                failed = true;
+                break;
+            }
+            None => std::thread::sleep(POLL),
+        }
         if let Some(channel) = upgrades.as_ref().and_then(|l| match l.accept() {
             Ok(c) => c,
             Err(e) => {
@@ -591,7 +687,12 @@ fn run(args: RunArgs) -> ExitCode {
             failed = true;
             break;
         }
-        let now = config::signature(&args.config);
+        let Some(path) = &args.config else { continue };
+        if Instant::now() < next_poll {
+            continue;
+        }
+        next_poll = Instant::now() + POLL;
+        let now = Some(config::signature(path));
         let asked = hup.swap(false, Ordering::SeqCst);
         if now != seen && !asked && settling.as_ref() != Some(&now) {
             // A file is being written: read it once it has stayed the same for one poll.
@@ -604,7 +705,7 @@ fn run(args: RunArgs) -> ExitCode {
         settling = None;
         seen = now;
         let outcome = reader
-            .load(&args.config)
+            .load(path)
             .map_err(|e| e.to_string())
             .and_then(|loaded| {
                 if loaded

@@ -23,6 +23,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -131,6 +132,10 @@ pub struct SyncMetrics {
     last: Gauge<f64, AtomicU64>,
     service_changes: Counter,
     endpoint_changes: Counter,
+    /// From a Kubernetes API event's arrival to the publication of what it changed.
+    event_to_table: Histogram,
+    /// Objects a source left out, by source and why.
+    skipped: Family<Vec<(&'static str, &'static str)>, Gauge>,
 }
 
 impl Default for SyncMetrics {
@@ -143,6 +148,9 @@ impl Default for SyncMetrics {
             last: Gauge::default(),
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
+            // 10 us to about 5 s.
+            event_to_table: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            skipped: Family::default(),
         }
     }
 }
@@ -163,7 +171,31 @@ impl SyncMetrics {
         self.programming.observe(latency.as_secs_f64());
     }
 
+    /// What API events that arrived `took` ago is published.
+    pub fn api_published(&self, took: Duration) {
+        self.event_to_table.observe(took.as_secs_f64());
+    }
+
+    /// `source` (its name) leaves out `invalid` objects it cannot use and `not_served` that
+    /// it does not serve.
+    pub fn skipped(&self, source: &'static str, invalid: usize, not_served: usize) {
+        for (reason, n) in [("invalid", invalid), ("not_served", not_served)] {
+            let labels = vec![("source", source), ("reason", reason)];
+            self.skipped.get_or_create(&labels).set(n as i64);
+        }
+    }
+
     fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "svcproxy_api_event_to_table_seconds",
+            "Time from a Kubernetes API watch event's arrival to the publication of what it changed",
+            self.event_to_table.clone(),
+        );
+        registry.register(
+            "svcproxy_objects_skipped",
+            "Objects a source leaves out: invalid (cannot be used, an error names the field) or not_served (SCTP, FQDN, other kinds)",
+            self.skipped.clone(),
+        );
         let sync = "kubeproxy_sync_proxy_rules";
         registry.register(
             format!("{sync}_duration_seconds"),

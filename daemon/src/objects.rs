@@ -29,6 +29,7 @@ use svcproxy_core::schema::{
     AffinityDoc, EndpointDoc, PolicyDoc, PortDoc, ServiceDoc, TargetDoc, TrafficDoc,
 };
 
+pub(crate) mod cluster;
 mod fields;
 
 /// The endpoint-slice port name that stands for an unnamed (single) service port.
@@ -376,7 +377,7 @@ pub fn services(texts: &[(String, String)]) -> Manifests {
             continue;
         }
         let slices = by_service.remove(&key).unwrap_or_default();
-        match service(&raw, &slices, &mut notes) {
+        match service(&raw, &slices.iter().collect::<Vec<_>>(), &mut notes) {
             Ok(Some(doc)) => {
                 if let Some(t) = slices.iter().filter_map(|s| s.triggered).max() {
                     manifests.triggered.insert(doc.name.clone(), t);
@@ -687,7 +688,7 @@ fn traffic(value: Option<&str>, object: &str, field: &str) -> Result<TrafficDoc,
 /// each port left out).
 pub(crate) fn service(
     raw: &RawService,
-    slices: &[Slice],
+    slices: &[&Slice],
     notes: &mut Notes,
 ) -> Result<Option<ServiceDoc>, ManifestError> {
     let RawService {
@@ -849,7 +850,7 @@ fn hinted(names: Option<&Vec<Named>>) -> Vec<String> {
 
 /// The endpoints of every slice, one per IP: an IP in several slices (with different ports)
 /// gets the union of their named ports.
-fn endpoints(slices: &[Slice]) -> Vec<EndpointDoc> {
+fn endpoints(slices: &[&Slice]) -> Vec<EndpointDoc> {
     let mut by_ip: BTreeMap<&str, EndpointDoc> = BTreeMap::new();
     for e in slices.iter().flat_map(|s| &s.endpoints) {
         match by_ip.get_mut(e.address.as_str()) {

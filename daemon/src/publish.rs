@@ -13,9 +13,20 @@ use std::collections::BTreeMap;
 
 use svcproxy::core::{Batch, Change};
 use svcproxy::{Endpoint, Service, ServicePortKey, Table, TableError};
+use svcproxy_core::error::ValidationError;
+use svcproxy_core::schema::ServiceDoc;
 
 /// A service as a source wants it, with its endpoints.
 pub type Wanted = (Service, Vec<Endpoint>);
+
+/// The service and endpoints `doc` describes, checked as the table checks them.
+pub fn wanted(doc: &ServiceDoc) -> Result<Wanted, ValidationError> {
+    let (service, endpoints) = doc.to_model()?;
+    let endpoints = endpoints.unwrap_or_default();
+    service.validate()?;
+    svcproxy::core::model::validate_endpoints(&endpoints, &service.ports)?;
+    Ok((service, endpoints))
+}
 
 /// The most attempts at one publish (each settles a conflict or leaves a service out).
 const MAX_ATTEMPTS: usize = 256;
@@ -42,6 +53,14 @@ pub struct Outcome {
 }
 
 impl Publisher {
+    /// A publisher that settles conflicts.
+    pub fn settling() -> Self {
+        Self {
+            settle: true,
+            ..Self::default()
+        }
+    }
+
     /// Makes the table hold what `wanted` says of each service it names (`None`: not at all),
     /// publishing with `apply`; services it does not name stay as they are. When a change is
     /// refused the others are published all the same and the refusal is reported, but for a
@@ -257,10 +276,7 @@ mod tests {
     fn a_contested_frontend_goes_to_the_first_name_whatever_the_order_and_comes_back() {
         for order in [["a", "b"], ["b", "a"]] {
             let table = Table::default();
-            let mut p = Publisher {
-                settle: true,
-                ..Publisher::default()
-            };
+            let mut p = Publisher::settling();
             let want = |n: &str| {
                 let cluster = if n == "a" { "127.0.0.10" } else { "127.0.0.11" };
                 Some(service(n, cluster, "127.0.1.1"))
