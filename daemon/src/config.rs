@@ -72,8 +72,8 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use svcproxy::core::error::clip;
 use svcproxy::core::Change;
+use svcproxy::core::error::clip;
 use svcproxy::{BackendKind, DrainPolicy, Forwarding, ProxyConfig};
 use svcproxy_core::config::UDP_IDLE_TIMEOUT_RANGE;
 use svcproxy_core::schema::ServiceDoc;
@@ -530,7 +530,6 @@ fn checked(
         left_out: found.left_out,
     })
 }
-
 
 fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
     let bad = |field: &str, why: String| ConfigError(format!("{}: {field}: {why}", path.display()));

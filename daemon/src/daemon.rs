@@ -332,7 +332,12 @@ impl Daemon {
         if self.table.config().node_name.is_some() {
             self.set_node(update.node.as_ref());
         }
-        self.report(Source::Api, &update.warnings, update.skipped, update.left_out);
+        self.report(
+            Source::Api,
+            &update.warnings,
+            update.skipped,
+            update.left_out,
+        );
         Ok(generation)
     }
 

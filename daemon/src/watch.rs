@@ -359,8 +359,8 @@ impl State {
             .map(str::to_string)
             .chain(self.service_notes.values().flat_map(|(w, _)| w.clone()))
             .collect();
-        update.left_out = self.cluster.not_served()
-            + self.service_notes.values().filter(|(_, n)| *n).count();
+        update.left_out =
+            self.cluster.not_served() + self.service_notes.values().filter(|(_, n)| *n).count();
         Some(update)
     }
 }

@@ -35,7 +35,10 @@ const RBAC: &str = include_str!("../../deploy/kubernetes/rbac.yaml");
 
 /// The directory holding `kube-apiserver` and `etcd`, built (once, cached) if need be.
 fn servers() -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/kube-servers/build.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/kube-servers/build.sh"
+    );
     let out = Command::new("bash")
         .arg(script)
         .stderr(Stdio::inherit())
@@ -101,32 +104,81 @@ impl Cluster {
         run(
             "openssl",
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-days", "2", "-subj", "/CN=svcproxy-test-ca", "-keyout", &at("ca.key"), "-out",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=svcproxy-test-ca",
+                "-keyout",
+                &at("ca.key"),
+                "-out",
                 &at("ca.crt"),
             ],
         );
         run(
             "openssl",
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj",
-                "/CN=kube-apiserver", "-keyout", &at("server.key"), "-out", &at("server.csr"),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=kube-apiserver",
+                "-keyout",
+                &at("server.key"),
+                "-out",
+                &at("server.csr"),
             ],
         );
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
         run(
             "openssl",
             &[
-                "x509", "-req", "-in", &at("server.csr"), "-CA", &at("ca.crt"), "-CAkey",
-                &at("ca.key"), "-CAcreateserial", "-days", "2", "-extfile", &at("san.ext"),
-                "-out", &at("server.crt"),
+                "x509",
+                "-req",
+                "-in",
+                &at("server.csr"),
+                "-CA",
+                &at("ca.crt"),
+                "-CAkey",
+                &at("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &at("san.ext"),
+                "-out",
+                &at("server.crt"),
             ],
         );
         run(
             "openssl",
-            &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", &at("sa.key")],
+            &[
+                "ecparam",
+                "-genkey",
+                "-name",
+                "prime256v1",
+                "-noout",
+                "-out",
+                &at("sa.key"),
+            ],
         );
-        run("openssl", &["ec", "-in", &at("sa.key"), "-pubout", "-out", &at("sa.pub")]);
+        run(
+            "openssl",
+            &["ec", "-in", &at("sa.key"), "-pubout", "-out", &at("sa.pub")],
+        );
         std::fs::write(
             dir.join("tokens.csv"),
             format!(
@@ -355,7 +407,12 @@ impl Proxy {
             format!("--kubeconfig={}", cluster.path("proxy.kubeconfig")),
             "--node-name=node".into(),
         ];
-        let child = spawn_in(&cluster.ns, Path::new(BIN), &args, &cluster.dir.join("svcproxyd.log"));
+        let child = spawn_in(
+            &cluster.ns,
+            Path::new(BIN),
+            &args,
+            &cluster.dir.join("svcproxyd.log"),
+        );
         let proxy = Self(child);
         let ns = cluster.ns.clone();
         wait("svcproxyd's health endpoint", START_TIMEOUT, || {
@@ -388,7 +445,10 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     let status = reply.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    (
+        status,
+        reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
 }
 
 fn wait(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
@@ -435,7 +495,10 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     }
     let _g = alone();
     let topo = Topology::new();
-    let _pods = [Pod::start(&topo.pods[0], "a"), Pod::start(&topo.pods[1], "b")];
+    let _pods = [
+        Pod::start(&topo.pods[0], "a"),
+        Pod::start(&topo.pods[1], "b"),
+    ];
     let mut cluster = Cluster::start(&topo);
     let sctp = json!({
         "apiVersion": "v1", "kind": "Service",
@@ -451,14 +514,22 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
         "endpoints": [{"addresses": ["pod.example"]}],
     });
     cluster.apply(vec![namespace()]);
-    cluster.apply(vec![service("web", "198.19.0.10"), slice("web", &[POD_A]), sctp, fqdn]);
+    cluster.apply(vec![
+        service("web", "198.19.0.10"),
+        slice("web", &[POD_A]),
+        sctp,
+        fqdn,
+    ]);
     let _proxy = Proxy::start(&cluster);
     let web: SocketAddr = "198.19.0.10:80".parse().unwrap();
     assert_eq!(served_n(&topo, web, 4), pods(&["a"]));
     let health = Proxy::health(&cluster);
     assert!(health["kubernetesApi"]["synced"].is_string(), "{health}");
     assert_eq!(health["kubernetesApi"]["reachable"], true, "{health}");
-    assert_eq!(health["skipped"]["api"]["notServed"], 2, "the SCTP service, the FQDN slice: {health}");
+    assert_eq!(
+        health["skipped"]["api"]["notServed"], 2,
+        "the SCTP service, the FQDN slice: {health}"
+    );
 
     // Scaled up: both pods, in round robin.
     cluster.apply(vec![slice("web", &[POD_A, POD_B])]);
@@ -479,9 +550,13 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     // A second service, then deleted: it stops answering.
     let api: SocketAddr = "198.19.0.11:80".parse().unwrap();
     cluster.apply(vec![service("api", "198.19.0.11"), slice("api", &[POD_A])]);
-    wait("the new service", TIMEOUT, || served_by(&topo, api).as_deref() == Some("a"));
+    wait("the new service", TIMEOUT, || {
+        served_by(&topo, api).as_deref() == Some("a")
+    });
     cluster.delete("v1", "Service", "shop", "api");
-    wait("the service gone", TIMEOUT, || served_by(&topo, api).is_none());
+    wait("the service gone", TIMEOUT, || {
+        served_by(&topo, api).is_none()
+    });
 
     // The API server stops: the table stays; svcproxyd says since when it is unreachable.
     cluster.stop_apiserver();
@@ -490,16 +565,21 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     });
     assert_eq!(served_n(&topo, web, 2), pods(&["b"]), "served as it was");
     let health = Proxy::health(&cluster);
-    assert!(health["kubernetesApi"]["unreachableSince"].is_string(), "{health}");
+    assert!(
+        health["kubernetesApi"]["unreachableSince"].is_string(),
+        "{health}"
+    );
     assert!(health["kubernetesApi"]["lastError"].is_string(), "{health}");
     // Back, with changes made while svcproxyd was not watching (straight into etcd's keeping
     // by a new API server): they are served.
     cluster.start_apiserver();
     cluster.apply(vec![slice("web", &[POD_A])]);
     cluster.apply(vec![service("api", "198.19.0.11"), slice("api", &[POD_B])]);
-    wait("the changes made while the API was away", TIMEOUT * 6, || {
-        served_n(&topo, web, 2) == pods(&["a"]) && served_by(&topo, api).as_deref() == Some("b")
-    });
+    wait(
+        "the changes made while the API was away",
+        TIMEOUT * 6,
+        || served_n(&topo, web, 2) == pods(&["a"]) && served_by(&topo, api).as_deref() == Some("b"),
+    );
     wait("svcproxyd to see the API back", TIMEOUT, || {
         Proxy::health(&cluster)["kubernetesApi"]["reachable"] == true
     });
@@ -514,7 +594,10 @@ fn a_thousand_services_made_in_a_burst_are_all_served() {
     }
     let _g = alone();
     let topo = Topology::new();
-    let _pods = [Pod::start(&topo.pods[0], "a"), Pod::start(&topo.pods[1], "b")];
+    let _pods = [
+        Pod::start(&topo.pods[0], "a"),
+        Pod::start(&topo.pods[1], "b"),
+    ];
     let cluster = Cluster::start(&topo);
     cluster.apply(vec![namespace()]);
     let _proxy = Proxy::start(&cluster);
@@ -529,14 +612,18 @@ fn a_thousand_services_made_in_a_burst_are_all_served() {
     let start = Instant::now();
     cluster.apply(docs);
     let made = start.elapsed();
-    let vips: Vec<SocketAddr> = (0..N).map(|i| format!("{}:80", ip(i)).parse().unwrap()).collect();
+    let vips: Vec<SocketAddr> = (0..N)
+        .map(|i| format!("{}:80", ip(i)).parse().unwrap())
+        .collect();
     let mut left = vips.clone();
     wait("every service", Duration::from_secs(120), || {
         left.retain(|vip| served_by(&topo, *vip).is_none());
         left.is_empty()
     });
     let served = start.elapsed();
-    eprintln!("{N} services and slices: made through the API in {made:?}, all served after {served:?}");
+    eprintln!(
+        "{N} services and slices: made through the API in {made:?}, all served after {served:?}"
+    );
     for (i, vip) in vips.iter().enumerate().step_by(97) {
         let expected = if i % 2 == 0 { "a" } else { "b" };
         assert_eq!(served_by(&topo, *vip).as_deref(), Some(expected), "{vip}");

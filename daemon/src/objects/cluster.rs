@@ -67,7 +67,11 @@ impl Cluster {
         let held: Vec<Key> = match kind {
             Kind::Service => self.services.keys().cloned().collect(),
             Kind::EndpointSlice => self.slices.keys().cloned().collect(),
-            Kind::Node => self.nodes.keys().map(|n| (String::new(), n.clone())).collect(),
+            Kind::Node => self
+                .nodes
+                .keys()
+                .map(|n| (String::new(), n.clone()))
+                .collect(),
         };
         let set_aside = self
             .invalid

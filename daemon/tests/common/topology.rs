@@ -28,7 +28,6 @@ pub fn ip(args: &[&str]) {
     );
 }
 
-
 /// The namespaces and links; removed when dropped.
 pub struct Topology {
     pub client: String,
@@ -210,7 +209,6 @@ impl Drop for Pod {
     }
 }
 
-
 /// Serializes the tests that build the namespaces (named after this process).
 pub fn alone() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -229,4 +227,3 @@ pub fn root() -> bool {
     eprintln!("skipped: network namespaces need root");
     false
 }
-
