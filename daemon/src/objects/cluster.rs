@@ -216,3 +216,89 @@ impl Cluster {
         self.not_served.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(yaml: &str) -> serde_norway::Value {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 198.18.0.10, ports: [{port: 80}]}";
+
+    fn slice(name: &str, service: &str, ip: &str) -> serde_norway::Value {
+        doc(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]"
+        ))
+    }
+
+    fn key(name: &str) -> Key {
+        ("shop".into(), name.into())
+    }
+
+    fn addresses(c: &Cluster, name: &str) -> Vec<String> {
+        let found = c.service(&key(name), &mut Notes::default()).unwrap();
+        found
+            .map(|(d, _)| d.endpoints.unwrap().into_iter().map(|e| e.address).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn each_change_touches_its_services_and_a_moved_slice_both() {
+        let mut c = Cluster::default();
+        assert_eq!(c.apply(Kind::Service, doc(WEB)), BTreeSet::from([key("web")]));
+        let touched = c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.1"));
+        assert_eq!(touched, BTreeSet::from([key("web")]));
+        assert_eq!(addresses(&c, "web"), ["198.18.1.1"]);
+        let moved = c.apply(Kind::EndpointSlice, slice("s1", "api", "198.18.1.1"));
+        assert_eq!(moved, BTreeSet::from([key("api"), key("web")]));
+        assert!(addresses(&c, "web").is_empty());
+        let gone = c.delete(Kind::Service, &doc(WEB));
+        assert_eq!(gone, BTreeSet::from([key("web")]));
+        assert!(c.service(&key("web"), &mut Notes::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_bad_object_keeps_its_last_good_state_and_is_named() {
+        let mut c = Cluster::default();
+        c.apply(Kind::Service, doc(WEB));
+        c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.1"));
+        let bad = c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.999"));
+        assert!(bad.is_empty(), "nothing to publish");
+        assert_eq!(addresses(&c, "web"), ["198.18.1.1"]);
+        let invalid: Vec<&str> = c.invalid().collect();
+        assert_eq!(
+            invalid,
+            ["EndpointSlice shop/s1: endpoints[0].addresses[0]: \"198.18.1.999\" is not an IP address"]
+        );
+        c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.2"));
+        assert_eq!(addresses(&c, "web"), ["198.18.1.2"]);
+        assert_eq!(c.invalid().count(), 0);
+    }
+
+    #[test]
+    fn a_relist_forgets_what_it_no_longer_holds() {
+        let mut c = Cluster::default();
+        c.apply(Kind::Service, doc(WEB));
+        c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.1"));
+        c.apply(Kind::EndpointSlice, slice("s2", "web", "198.18.1.2"));
+        let fqdn = doc(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: f, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: FQDN",
+        );
+        c.apply(Kind::EndpointSlice, fqdn);
+        assert_eq!(c.not_served(), 1);
+        c.listing(Kind::EndpointSlice);
+        c.apply(Kind::EndpointSlice, slice("s2", "web", "198.18.1.2"));
+        assert_eq!(addresses(&c, "web"), ["198.18.1.1", "198.18.1.2"], "not before it ends");
+        assert_eq!(c.listed(Kind::EndpointSlice), BTreeSet::from([key("web")]));
+        assert_eq!(addresses(&c, "web"), ["198.18.1.2"]);
+        assert_eq!(c.not_served(), 0, "the FQDN slice is gone too");
+        c.listing(Kind::Service);
+        assert_eq!(c.listed(Kind::Service), BTreeSet::from([key("web")]));
+        assert!(c.service(&key("web"), &mut Notes::default()).unwrap().is_none());
+    }
+}
