@@ -62,6 +62,9 @@ pub struct Daemon {
     pending_timeout: Duration,
     /// How the Kubernetes API's watches stand, when it is a source.
     api: Mutex<Option<Arc<Mutex<crate::watch::Status>>>>,
+    /// Generations published for API events and not yet known applied by every worker, with
+    /// when their first event arrived, oldest first (at most [`UNAPPLIED_KEPT`]).
+    api_unapplied: Mutex<VecDeque<(u64, SystemTime)>>,
 }
 
 /// Where services come from.
@@ -130,6 +133,7 @@ impl Daemon {
             node_eligible: Mutex::new(None),
             pending_timeout,
             api: Mutex::new(None),
+            api_unapplied: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -252,8 +256,11 @@ impl Daemon {
                 &loaded.triggered,
             )
             .map_err(|e| explain(&e, loaded))?;
-        let node = self.table.config().node_name.as_deref();
-        self.set_node(node.and_then(|n| loaded.nodes.get(n)));
+        // With the API watched, this node's Node comes from there.
+        if lock(&self.api).is_none() {
+            let node = self.table.config().node_name.as_deref();
+            self.set_node(node.and_then(|n| loaded.nodes.get(n)));
+        }
         self.report(
             Source::Files,
             &loaded.warnings,
@@ -319,6 +326,7 @@ impl Daemon {
     /// Publishes an update from the Kubernetes API (conflicts settled), and records how long
     /// it took from its first event to the table.
     pub fn api_update(&self, update: crate::watch::Update) -> Result<u64, TableError> {
+        let before = self.table.load().generation();
         let generation = self.publish(
             Source::Api,
             update.wanted,
@@ -327,7 +335,12 @@ impl Daemon {
             &update.triggered,
         )?;
         if let Some(received) = update.received {
-            self.sync.api_published(received.elapsed());
+            let waited = received.elapsed();
+            self.sync.api_published(waited);
+            let mut unapplied = lock(&self.api_unapplied);
+            if generation > before && unapplied.len() < UNAPPLIED_KEPT {
+                unapplied.push_back((generation, SystemTime::now() - waited));
+            }
         }
         if self.table.config().node_name.is_some() {
             self.set_node(update.node.as_ref());
@@ -339,6 +352,22 @@ impl Daemon {
             update.left_out,
         );
         Ok(generation)
+    }
+
+    /// Records, for each generation published for API events that every worker has applied
+    /// since, how long it took from its first event to the workers.
+    pub fn observe_applied(&self) {
+        let Some((applied, at)) = self.proxy.synced() else {
+            return;
+        };
+        let mut unapplied = lock(&self.api_unapplied);
+        while let Some(&(generation, received)) = unapplied.front()
+            && generation <= applied
+        {
+            self.sync
+                .api_applied(at.duration_since(received).unwrap_or_default());
+            unapplied.pop_front();
+        }
     }
 
     /// Whether this node may take load-balancer traffic, as its Node object says (`None`:

@@ -660,6 +660,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
             None => std::thread::sleep(POLL),
         }
+        daemon.observe_applied();
         if let Some(channel) = upgrades.as_ref().and_then(|l| match l.accept() {
             Ok(c) => c,
             Err(e) => {

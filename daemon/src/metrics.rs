@@ -134,6 +134,8 @@ pub struct SyncMetrics {
     endpoint_changes: Counter,
     /// From a Kubernetes API event's arrival to the publication of what it changed.
     event_to_table: Histogram,
+    /// From a Kubernetes API event's arrival to every worker serving what it changed.
+    event_to_workers: Histogram,
     /// Objects a source left out, by source and why.
     skipped: Family<Vec<(&'static str, &'static str)>, Gauge>,
 }
@@ -150,6 +152,7 @@ impl Default for SyncMetrics {
             endpoint_changes: Counter::default(),
             // 10 us to about 5 s.
             event_to_table: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            event_to_workers: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
             skipped: Family::default(),
         }
     }
@@ -176,6 +179,11 @@ impl SyncMetrics {
         self.event_to_table.observe(took.as_secs_f64());
     }
 
+    /// What API events that arrived `took` before is applied by every worker.
+    pub fn api_applied(&self, took: Duration) {
+        self.event_to_workers.observe(took.as_secs_f64());
+    }
+
     /// `source` (its name) leaves out `invalid` objects it cannot use and `not_served` that
     /// it does not serve.
     pub fn skipped(&self, source: &'static str, invalid: usize, not_served: usize) {
@@ -190,6 +198,11 @@ impl SyncMetrics {
             "svcproxy_api_event_to_table_seconds",
             "Time from a Kubernetes API watch event's arrival to the publication of what it changed",
             self.event_to_table.clone(),
+        );
+        registry.register(
+            "svcproxy_api_event_to_workers_seconds",
+            "Time from a Kubernetes API watch event's arrival to every worker serving what it changed (at most the next generation's when generations follow closely)",
+            self.event_to_workers.clone(),
         );
         registry.register(
             "svcproxy_objects_skipped",

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{GroupVersionKind, TypeMeta};
 use kube::discovery::{Scope, pinned_kind};
 use serde_json::{Value, json};
@@ -224,11 +224,7 @@ impl Cluster {
             apiserver: None,
         };
         cluster.start_apiserver();
-        cluster.admin(|client| async move {
-            for doc in documents(RBAC) {
-                apply(&client, doc).await;
-            }
-        });
+        cluster.apply(documents(RBAC));
         cluster
     }
 
@@ -304,11 +300,26 @@ impl Cluster {
         })
     }
 
-    /// Applies every object of `docs` (server-side apply).
+    /// Applies every object of `docs` (server-side apply), 16 at a time.
     fn apply(&self, docs: Vec<Value>) {
         self.admin(|client| async move {
-            futures_util::stream::iter(docs)
-                .for_each_concurrent(16, |doc| apply(&client, doc))
+            let mut kinds = std::collections::HashMap::new();
+            let mut objects = Vec::new();
+            for doc in docs {
+                let object: DynamicObject = serde_json::from_value(doc).unwrap();
+                let types = object.types.clone().unwrap();
+                if !kinds.contains_key(&types.kind) {
+                    let gvk = GroupVersionKind::try_from(&types).unwrap();
+                    let found = pinned_kind(&client, &gvk).await.unwrap();
+                    kinds.insert(types.kind.clone(), found);
+                }
+                objects.push((object, types.kind));
+            }
+            futures_util::stream::iter(objects)
+                .for_each_concurrent(16, |(object, kind)| {
+                    let (resource, capabilities) = &kinds[&kind];
+                    apply(&client, object, resource, &capabilities.scope)
+                })
                 .await;
         });
     }
@@ -324,7 +335,9 @@ impl Cluster {
             name.to_string(),
         );
         self.admin(|client| async move {
-            let api = dynamic(&client, &types, &namespace).await;
+            let gvk = GroupVersionKind::try_from(&types).unwrap();
+            let (resource, capabilities) = pinned_kind(&client, &gvk).await.unwrap();
+            let api = dynamic(&client, &resource, &capabilities.scope, &namespace);
             api.delete(&name, &DeleteParams::default()).await.unwrap();
         });
     }
@@ -347,25 +360,31 @@ fn documents(yaml: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn dynamic(client: &kube::Client, types: &TypeMeta, namespace: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::try_from(types).unwrap();
-    let (resource, capabilities) = pinned_kind(client, &gvk).await.unwrap();
-    match capabilities.scope {
-        Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
-        Scope::Cluster => Api::all_with(client.clone(), &resource),
+fn dynamic(
+    client: &kube::Client,
+    resource: &ApiResource,
+    scope: &Scope,
+    namespace: &str,
+) -> Api<DynamicObject> {
+    match scope {
+        Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, resource),
+        Scope::Cluster => Api::all_with(client.clone(), resource),
     }
 }
 
-async fn apply(client: &kube::Client, doc: Value) {
-    let object: DynamicObject = serde_json::from_value(doc).unwrap();
-    let types = object.types.clone().unwrap();
+async fn apply(
+    client: &kube::Client,
+    object: DynamicObject,
+    resource: &ApiResource,
+    scope: &Scope,
+) {
     let namespace = object.metadata.namespace.clone().unwrap_or_default();
     let name = object.metadata.name.clone().unwrap();
-    let api = dynamic(client, &types, &namespace).await;
+    let api = dynamic(client, resource, scope, &namespace);
     let params = PatchParams::apply("svcproxy-test").force();
     api.patch(&name, &params, &Patch::Apply(&object))
         .await
-        .unwrap_or_else(|e| panic!("{} {namespace}/{name}: {e}", types.kind));
+        .unwrap_or_else(|e| panic!("{} {namespace}/{name}: {e}", resource.kind));
 }
 
 /// The Service `name` in namespace `shop` at `cluster_ip`, port 80 to the pods' 8080.
@@ -627,5 +646,112 @@ fn a_thousand_services_made_in_a_burst_are_all_served() {
     for (i, vip) in vips.iter().enumerate().step_by(97) {
         let expected = if i % 2 == 0 { "a" } else { "b" };
         assert_eq!(served_by(&topo, *vip).as_deref(), Some(expected), "{vip}");
+    }
+}
+
+/// A value of the metrics endpoint (`series` with its labels, as printed), in the node.
+fn metric(cluster: &Cluster, series: &str) -> f64 {
+    let ns = cluster.ns.clone();
+    let addr: SocketAddr = "127.0.0.1:10249".parse().unwrap();
+    let (_, text) = Topology::within(&ns, move || http_get(addr, "/metrics"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The benchmark of docs/BENCHMARKS.md, "Kubernetes API: event to table": 10,000 services with
+/// 10 endpoints each (100,000), then one EndpointSlice changed at a time; prints the medians
+/// of the time from the watch event to the table and to the workers, and of the network
+/// programming latency (from the slice's trigger time, set as it is written). Run with
+/// `cargo test --release -p svcproxyd --test kube_api -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: minutes of setup"]
+fn event_to_table_at_10k_services_and_100k_endpoints() {
+    if !root() {
+        return;
+    }
+    let _g = alone();
+    let topo = Topology::new();
+    let cluster = Cluster::start(&topo);
+    cluster.apply(vec![namespace()]);
+    const N: usize = 10_000;
+    const ROUNDS: usize = 21;
+    let ip = |i: usize| format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
+    let endpoints = |i: usize, round: usize| -> Vec<String> {
+        (0..10)
+            .map(|j| format!("198.18.{}.{}", 4 + j, 1 + (i + round) % 250))
+            .collect()
+    };
+    let start = Instant::now();
+    let mut docs = Vec::new();
+    for i in 0..N {
+        let name = format!("s{i}");
+        let eps = endpoints(i, 0);
+        docs.push(service(&name, &ip(i)));
+        docs.push(slice(
+            &name,
+            &eps.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+    }
+    cluster.apply(docs);
+    eprintln!("{N} services and slices made in {:?}", start.elapsed());
+    let started = Instant::now();
+    let _proxy = Proxy::start(&cluster);
+    wait(
+        "every service in the table",
+        Duration::from_secs(300),
+        || metric(&cluster, "svcproxy_table_services") >= N as f64,
+    );
+    eprintln!("listed and published in {:?}", started.elapsed());
+    let series = [
+        "svcproxy_api_event_to_table_seconds",
+        "svcproxy_api_event_to_workers_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+    ];
+    let mut seen: Vec<Vec<f64>> = vec![Vec::new(); series.len()];
+    for round in 1..=ROUNDS {
+        let sums: Vec<(f64, f64)> = series
+            .iter()
+            .map(|s| {
+                (
+                    metric(&cluster, &format!("{s}_sum")),
+                    metric(&cluster, &format!("{s}_count")),
+                )
+            })
+            .collect();
+        let i = round * 37 % N;
+        let name = format!("s{i}");
+        let eps = endpoints(i, round);
+        let mut changed = slice(&name, &eps.iter().map(String::as_str).collect::<Vec<_>>());
+        let now = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+        changed["metadata"]["annotations"] =
+            json!({"endpoints.kubernetes.io/last-change-trigger-time": now});
+        cluster.apply(vec![changed]);
+        wait("the change measured", TIMEOUT, || {
+            series
+                .iter()
+                .zip(&sums)
+                .all(|(s, (_, count))| metric(&cluster, &format!("{s}_count")) > *count)
+        });
+        for (k, s) in series.iter().enumerate() {
+            seen[k].push(metric(&cluster, &format!("{s}_sum")) - sums[k].0);
+        }
+    }
+    for (s, values) in series.iter().zip(seen) {
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), v| (l.min(*v), h.max(*v)));
+        eprintln!(
+            "{s}: median {:.3} ms (min {:.3}, max {:.3}) over {ROUNDS} changes",
+            median(values) * 1e3,
+            lo * 1e3,
+            hi * 1e3
+        );
     }
 }

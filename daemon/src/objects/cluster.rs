@@ -242,14 +242,23 @@ mod tests {
     fn addresses(c: &Cluster, name: &str) -> Vec<String> {
         let found = c.service(&key(name), &mut Notes::default()).unwrap();
         found
-            .map(|(d, _)| d.endpoints.unwrap().into_iter().map(|e| e.address).collect())
+            .map(|(d, _)| {
+                d.endpoints
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.address)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     #[test]
     fn each_change_touches_its_services_and_a_moved_slice_both() {
         let mut c = Cluster::default();
-        assert_eq!(c.apply(Kind::Service, doc(WEB)), BTreeSet::from([key("web")]));
+        assert_eq!(
+            c.apply(Kind::Service, doc(WEB)),
+            BTreeSet::from([key("web")])
+        );
         let touched = c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.1"));
         assert_eq!(touched, BTreeSet::from([key("web")]));
         assert_eq!(addresses(&c, "web"), ["198.18.1.1"]);
@@ -258,7 +267,11 @@ mod tests {
         assert!(addresses(&c, "web").is_empty());
         let gone = c.delete(Kind::Service, &doc(WEB));
         assert_eq!(gone, BTreeSet::from([key("web")]));
-        assert!(c.service(&key("web"), &mut Notes::default()).unwrap().is_none());
+        assert!(
+            c.service(&key("web"), &mut Notes::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -272,7 +285,9 @@ mod tests {
         let invalid: Vec<&str> = c.invalid().collect();
         assert_eq!(
             invalid,
-            ["EndpointSlice shop/s1: endpoints[0].addresses[0]: \"198.18.1.999\" is not an IP address"]
+            [
+                "EndpointSlice shop/s1: endpoints[0].addresses[0]: \"198.18.1.999\" is not an IP address"
+            ]
         );
         c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.2"));
         assert_eq!(addresses(&c, "web"), ["198.18.1.2"]);
@@ -285,20 +300,26 @@ mod tests {
         c.apply(Kind::Service, doc(WEB));
         c.apply(Kind::EndpointSlice, slice("s1", "web", "198.18.1.1"));
         c.apply(Kind::EndpointSlice, slice("s2", "web", "198.18.1.2"));
-        let fqdn = doc(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {name: f, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: FQDN",
-        );
+        let fqdn = doc("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: f, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: FQDN");
         c.apply(Kind::EndpointSlice, fqdn);
         assert_eq!(c.not_served(), 1);
         c.listing(Kind::EndpointSlice);
         c.apply(Kind::EndpointSlice, slice("s2", "web", "198.18.1.2"));
-        assert_eq!(addresses(&c, "web"), ["198.18.1.1", "198.18.1.2"], "not before it ends");
+        assert_eq!(
+            addresses(&c, "web"),
+            ["198.18.1.1", "198.18.1.2"],
+            "not before it ends"
+        );
         assert_eq!(c.listed(Kind::EndpointSlice), BTreeSet::from([key("web")]));
         assert_eq!(addresses(&c, "web"), ["198.18.1.2"]);
         assert_eq!(c.not_served(), 0, "the FQDN slice is gone too");
         c.listing(Kind::Service);
         assert_eq!(c.listed(Kind::Service), BTreeSet::from([key("web")]));
-        assert!(c.service(&key("web"), &mut Notes::default()).unwrap().is_none());
+        assert!(
+            c.service(&key("web"), &mut Notes::default())
+                .unwrap()
+                .is_none()
+        );
     }
 }
