@@ -50,9 +50,9 @@ pub struct Daemon {
     /// The pid of the svcproxyd this one handed over to (0: none).
     pub handed_to: AtomicU32,
     token: Option<String>,
-    /// Generations published and not yet known applied by every worker, oldest first, with
-    /// when they were published and what they changed (at most [`UNAPPLIED_KEPT`]).
-    unapplied: Mutex<VecDeque<(u64, SystemTime, Changes)>>,
+    /// Generations published and not yet known applied by every worker, oldest first (at
+    /// most [`UNAPPLIED_KEPT`]).
+    unapplied: Mutex<VecDeque<Unapplied>>,
     /// kube-proxy's sync series.
     sync: SyncMetrics,
     /// Whether this node may take load-balancer traffic, when a Node object among the
@@ -62,9 +62,18 @@ pub struct Daemon {
     pending_timeout: Duration,
     /// How the Kubernetes API's watches stand, when it is a source.
     api: Mutex<Option<Arc<Mutex<crate::watch::Status>>>>,
-    /// Generations published for API events and not yet known applied by every worker, with
-    /// when their first event arrived, oldest first (at most [`UNAPPLIED_KEPT`]).
-    api_unapplied: Mutex<VecDeque<(u64, SystemTime)>>,
+}
+
+/// A generation published and not yet known applied by every worker.
+#[derive(Debug, Clone, Copy)]
+struct Unapplied {
+    generation: u64,
+    /// When it was published.
+    published: SystemTime,
+    /// What it changed.
+    changes: Changes,
+    /// When the first Kubernetes API event it carries arrived, if it carries any.
+    event: Option<SystemTime>,
 }
 
 /// Where services come from.
@@ -133,12 +142,16 @@ impl Daemon {
             node_eligible: Mutex::new(None),
             pending_timeout,
             api: Mutex::new(None),
-            api_unapplied: Mutex::new(VecDeque::new()),
         }
     }
 
     /// Publishes `batch`, then brings the captured addresses in line with the table.
     pub fn apply(&self, batch: Batch) -> Result<u64, TableError> {
+        self.apply_events(batch, None)
+    }
+
+    /// [`Daemon::apply`] for Kubernetes API events, the first of which arrived at `event`.
+    fn apply_events(&self, batch: Batch, event: Option<SystemTime>) -> Result<u64, TableError> {
         let mut changes = Changes::default();
         for change in batch.changes() {
             match change {
@@ -152,12 +165,19 @@ impl Daemon {
             .store(published.elapsed.as_nanos() as u64, Ordering::Relaxed);
         self.sync.published(published.elapsed, now, changes);
         let mut unapplied = lock(&self.unapplied);
+        let mut event = event;
         if unapplied.len() == UNAPPLIED_KEPT
-            && let Some((_, _, newest)) = unapplied.pop_back()
+            && let Some(newest) = unapplied.pop_back()
         {
-            changes += newest;
+            changes += newest.changes;
+            event = newest.event.or(event);
         }
-        unapplied.push_back((published.generation, now, changes));
+        unapplied.push_back(Unapplied {
+            generation: published.generation,
+            published: now,
+            changes,
+            event,
+        });
         drop(unapplied);
         self.sync_capture();
         if let Some(checks) = lock(&self.health_checks).as_mut() {
@@ -254,6 +274,7 @@ impl Daemon {
                 settle,
                 &loaded.origins,
                 &loaded.triggered,
+                None,
             )
             .map_err(|e| explain(&e, loaded))?;
         // With the API watched, this node's Node comes from there.
@@ -280,6 +301,7 @@ impl Daemon {
         settle: bool,
         origins: &BTreeMap<String, String>,
         triggered: &BTreeMap<String, SystemTime>,
+        event: Option<SystemTime>,
     ) -> Result<u64, TableError> {
         let mut owned = lock(&self.owned);
         let names: Vec<(String, bool)> = wanted
@@ -287,8 +309,8 @@ impl Daemon {
             .map(|(n, w)| (n.clone(), w.is_some()))
             .collect();
         let mut publisher = lock(&self.publisher);
-        publisher.settle = settle;
-        let outcome = publisher.publish(&self.table, wanted, |batch| self.apply(batch))?;
+        let apply = |batch| self.apply_events(batch, event);
+        let outcome = publisher.publish(&self.table, wanted, settle, apply)?;
         for (service, losses) in publisher.contested() {
             for (key, holder) in losses {
                 let line = format!(
@@ -326,21 +348,17 @@ impl Daemon {
     /// Publishes an update from the Kubernetes API (conflicts settled), and records how long
     /// it took from its first event to the table.
     pub fn api_update(&self, update: crate::watch::Update) -> Result<u64, TableError> {
-        let before = self.table.load().generation();
+        let event = update.received.map(|r| SystemTime::now() - r.elapsed());
         let generation = self.publish(
             Source::Api,
             update.wanted,
             true,
             &update.origins,
             &update.triggered,
+            event,
         )?;
         if let Some(received) = update.received {
-            let waited = received.elapsed();
-            self.sync.api_published(waited);
-            let mut unapplied = lock(&self.api_unapplied);
-            if generation > before && unapplied.len() < UNAPPLIED_KEPT {
-                unapplied.push_back((generation, SystemTime::now() - waited));
-            }
+            self.sync.api_published(received.elapsed());
         }
         if self.table.config().node_name.is_some() {
             self.set_node(update.node.as_ref());
@@ -354,20 +372,10 @@ impl Daemon {
         Ok(generation)
     }
 
-    /// Records, for each generation published for API events that every worker has applied
-    /// since, how long it took from its first event to the workers.
+    /// Forgets the generations every worker has applied since the last look, recording for
+    /// those carrying API events how long they took from the first event to the workers.
     pub fn observe_applied(&self) {
-        let Some((applied, at)) = self.proxy.synced() else {
-            return;
-        };
-        let mut unapplied = lock(&self.api_unapplied);
-        while let Some(&(generation, received)) = unapplied.front()
-            && generation <= applied
-        {
-            self.sync
-                .api_applied(at.duration_since(received).unwrap_or_default());
-            unapplied.pop_front();
-        }
+        self.unapplied();
     }
 
     /// Whether this node may take load-balancer traffic, as its Node object says (`None`:
@@ -584,16 +592,23 @@ impl Daemon {
     /// The oldest generation published and not yet applied by every worker, with when it was
     /// published; and the changes such generations carry.
     fn unapplied(&self) -> (Option<(u64, SystemTime)>, Changes) {
-        let applied = self.proxy.synced().map_or(0, |(g, _)| g);
+        let (applied, at) = self.proxy.synced().unwrap_or((0, SystemTime::UNIX_EPOCH));
         let mut unapplied = lock(&self.unapplied);
-        while unapplied.front().is_some_and(|&(g, _, _)| g <= applied) {
+        while let Some(done) = unapplied.front().filter(|u| u.generation <= applied) {
+            if let Some(event) = done.event {
+                self.sync
+                    .api_applied(at.duration_since(event).unwrap_or_default());
+            }
             unapplied.pop_front();
         }
         let mut pending = Changes::default();
-        for &(_, _, changes) in unapplied.iter() {
-            pending += changes;
+        for u in unapplied.iter() {
+            pending += u.changes;
         }
-        (unapplied.front().map(|&(g, t, _)| (g, t)), pending)
+        (
+            unapplied.front().map(|u| (u.generation, u.published)),
+            pending,
+        )
     }
 
     fn healthz(&self) -> Response {

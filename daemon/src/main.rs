@@ -491,9 +491,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
         if let Some(update) = &first {
-            let mut publisher = svcproxyd::publish::Publisher::settling();
+            let mut publisher = svcproxyd::publish::Publisher::default();
             let apply = |batch| table.apply(batch).map(|p| p.generation);
-            if let Err(e) = publisher.publish(&table, update.wanted.clone(), apply) {
+            if let Err(e) = publisher.publish(&table, update.wanted.clone(), true, apply) {
                 error!("the Kubernetes API's services: {e}");
                 return ExitCode::from(1);
             }

@@ -4,7 +4,7 @@
 //! the frontends that changed.
 //!
 //! When two services claim one frontend (an external or load-balancer address and port, say)
-//! and conflicts are settled ([`Publisher::settle`]), the one whose name sorts first keeps it
+//! and conflicts are settled (`settle`, for Kubernetes objects), the one whose name sorts first keeps it
 //! whatever the order of the changes, and the other is published without that address (or node
 //! port), reported in [`Publisher::contested`], and given it back once it is free. Otherwise a
 //! conflict fails the whole publish, as the table does.
@@ -34,8 +34,6 @@ const MAX_ATTEMPTS: usize = 256;
 /// Settles and remembers conflicts across publishes.
 #[derive(Debug, Default)]
 pub struct Publisher {
-    /// Whether conflicts are settled (else they fail the publish).
-    pub settle: bool,
     /// Services published without what another holds: what they want, and each frontend
     /// they lost with the service that holds it.
     contested: BTreeMap<String, (Wanted, Vec<(ServicePortKey, String)>)>,
@@ -53,22 +51,15 @@ pub struct Outcome {
 }
 
 impl Publisher {
-    /// A publisher that settles conflicts.
-    pub fn settling() -> Self {
-        Self {
-            settle: true,
-            ..Self::default()
-        }
-    }
-
     /// Makes the table hold what `wanted` says of each service it names (`None`: not at all),
     /// publishing with `apply`; services it does not name stay as they are. When a change is
     /// refused the others are published all the same and the refusal is reported, but for a
-    /// conflict that is not settled, which fails it all.
+    /// conflict that is not settled (`settle` false), which fails it all.
     pub fn publish(
         &mut self,
         table: &Table,
         mut wanted: BTreeMap<String, Option<Wanted>>,
+        settle: bool,
         mut apply: impl FnMut(Batch) -> Result<u64, TableError>,
     ) -> Result<Outcome, TableError> {
         // A service published without a frontend may have it back now.
@@ -128,7 +119,7 @@ impl Publisher {
                     service,
                     key,
                     other,
-                }) if self.settle => {
+                }) if settle => {
                     let (winner, loser) = if service < other {
                         (service, other)
                     } else {
@@ -235,7 +226,7 @@ mod tests {
             .map(|(n, w)| (n.to_string(), w.clone()))
             .collect();
         let apply = |batch: Batch| table.apply(batch).map(|p| p.generation);
-        p.publish(table, wanted, apply).unwrap()
+        p.publish(table, wanted, true, apply).unwrap()
     }
 
     #[test]
@@ -276,7 +267,7 @@ mod tests {
     fn a_contested_frontend_goes_to_the_first_name_whatever_the_order_and_comes_back() {
         for order in [["a", "b"], ["b", "a"]] {
             let table = Table::default();
-            let mut p = Publisher::settling();
+            let mut p = Publisher::default();
             let want = |n: &str| {
                 let cluster = if n == "a" { "127.0.0.10" } else { "127.0.0.11" };
                 Some(service(n, cluster, "127.0.1.1"))
@@ -318,7 +309,7 @@ mod tests {
         )];
         let apply = |batch: Batch| table.apply(batch).map(|p| p.generation);
         let err = p
-            .publish(&table, wanted.into_iter().collect(), apply)
+            .publish(&table, wanted.into_iter().collect(), false, apply)
             .unwrap_err();
         assert!(matches!(err, TableError::Conflict { .. }), "{err}");
         assert_eq!(table.load().generation(), 1);

@@ -225,6 +225,7 @@ impl Cluster {
         };
         cluster.start_apiserver();
         cluster.apply(documents(RBAC));
+        cluster.apply(vec![namespace()]);
         cluster
     }
 
@@ -499,6 +500,37 @@ fn pods(names: &[&str]) -> std::collections::BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
 
+/// What each test runs in: the topology with its two pods, and the API servers in its node
+/// namespace; torn down in that order (the servers first).
+struct Stack {
+    cluster: Cluster,
+    _pods: [Pod; 2],
+    topo: Topology,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Stack {
+    /// `None` (the test is skipped) without root.
+    fn start() -> Option<Self> {
+        if !root() {
+            return None;
+        }
+        let alone = alone();
+        let topo = Topology::new();
+        let pods = [
+            Pod::start(&topo.pods[0], "a"),
+            Pod::start(&topo.pods[1], "b"),
+        ];
+        Some(Self {
+            cluster: Cluster::start(&topo),
+            _pods: pods,
+            topo,
+            _alone: alone,
+        })
+    }
+}
+
+/// The namespace of the tests' objects.
 fn namespace() -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
 }
@@ -509,16 +541,10 @@ fn namespace() -> Value {
 /// is served.
 #[test]
 fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
-    if !root() {
+    let Some(mut stack) = Stack::start() else {
         return;
-    }
-    let _g = alone();
-    let topo = Topology::new();
-    let _pods = [
-        Pod::start(&topo.pods[0], "a"),
-        Pod::start(&topo.pods[1], "b"),
-    ];
-    let mut cluster = Cluster::start(&topo);
+    };
+    let (topo, cluster) = (&stack.topo, &mut stack.cluster);
     let sctp = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "sig", "namespace": "shop"},
@@ -532,17 +558,16 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
         "ports": [{"name": "http", "port": 8080}],
         "endpoints": [{"addresses": ["pod.example"]}],
     });
-    cluster.apply(vec![namespace()]);
     cluster.apply(vec![
         service("web", "198.19.0.10"),
         slice("web", &[POD_A]),
         sctp,
         fqdn,
     ]);
-    let _proxy = Proxy::start(&cluster);
+    let _proxy = Proxy::start(cluster);
     let web: SocketAddr = "198.19.0.10:80".parse().unwrap();
-    assert_eq!(served_n(&topo, web, 4), pods(&["a"]));
-    let health = Proxy::health(&cluster);
+    assert_eq!(served_n(topo, web, 4), pods(&["a"]));
+    let health = Proxy::health(cluster);
     assert!(health["kubernetesApi"]["synced"].is_string(), "{health}");
     assert_eq!(health["kubernetesApi"]["reachable"], true, "{health}");
     assert_eq!(
@@ -553,16 +578,16 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     // Scaled up: both pods, in round robin.
     cluster.apply(vec![slice("web", &[POD_A, POD_B])]);
     let took = wait("the new endpoint", Duration::from_secs(1), || {
-        served_n(&topo, web, 2) == pods(&["a", "b"])
+        served_n(topo, web, 2) == pods(&["a", "b"])
     });
     eprintln!("scaled up: followed in {took:?}");
     // Round robin: alternately.
-    let order: Vec<String> = (0..4).filter_map(|_| served_by(&topo, web)).collect();
+    let order: Vec<String> = (0..4).filter_map(|_| served_by(topo, web)).collect();
     assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
     // Scaled down to b.
     cluster.apply(vec![slice("web", &[POD_B])]);
     let took = wait("the endpoint removed", Duration::from_secs(1), || {
-        served_n(&topo, web, 4) == pods(&["b"])
+        served_n(topo, web, 4) == pods(&["b"])
     });
     eprintln!("scaled down: followed in {took:?}");
 
@@ -570,20 +595,20 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     let api: SocketAddr = "198.19.0.11:80".parse().unwrap();
     cluster.apply(vec![service("api", "198.19.0.11"), slice("api", &[POD_A])]);
     wait("the new service", TIMEOUT, || {
-        served_by(&topo, api).as_deref() == Some("a")
+        served_by(topo, api).as_deref() == Some("a")
     });
     cluster.delete("v1", "Service", "shop", "api");
     wait("the service gone", TIMEOUT, || {
-        served_by(&topo, api).is_none()
+        served_by(topo, api).is_none()
     });
 
     // The API server stops: the table stays; svcproxyd says since when it is unreachable.
     cluster.stop_apiserver();
     wait("svcproxyd to see the API gone", TIMEOUT * 3, || {
-        Proxy::health(&cluster)["kubernetesApi"]["reachable"] == false
+        Proxy::health(cluster)["kubernetesApi"]["reachable"] == false
     });
-    assert_eq!(served_n(&topo, web, 2), pods(&["b"]), "served as it was");
-    let health = Proxy::health(&cluster);
+    assert_eq!(served_n(topo, web, 2), pods(&["b"]), "served as it was");
+    let health = Proxy::health(cluster);
     assert!(
         health["kubernetesApi"]["unreachableSince"].is_string(),
         "{health}"
@@ -597,10 +622,10 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     wait(
         "the changes made while the API was away",
         TIMEOUT * 6,
-        || served_n(&topo, web, 2) == pods(&["a"]) && served_by(&topo, api).as_deref() == Some("b"),
+        || served_n(topo, web, 2) == pods(&["a"]) && served_by(topo, api).as_deref() == Some("b"),
     );
     wait("svcproxyd to see the API back", TIMEOUT, || {
-        Proxy::health(&cluster)["kubernetesApi"]["reachable"] == true
+        Proxy::health(cluster)["kubernetesApi"]["reachable"] == true
     });
 }
 
@@ -608,18 +633,11 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
 /// printed (docs/BENCHMARKS.md records it).
 #[test]
 fn a_thousand_services_made_in_a_burst_are_all_served() {
-    if !root() {
+    let Some(stack) = Stack::start() else {
         return;
-    }
-    let _g = alone();
-    let topo = Topology::new();
-    let _pods = [
-        Pod::start(&topo.pods[0], "a"),
-        Pod::start(&topo.pods[1], "b"),
-    ];
-    let cluster = Cluster::start(&topo);
-    cluster.apply(vec![namespace()]);
-    let _proxy = Proxy::start(&cluster);
+    };
+    let (topo, cluster) = (&stack.topo, &stack.cluster);
+    let _proxy = Proxy::start(cluster);
     const N: usize = 1000;
     let ip = |i: usize| format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
     let mut docs = Vec::new();
@@ -636,7 +654,7 @@ fn a_thousand_services_made_in_a_burst_are_all_served() {
         .collect();
     let mut left = vips.clone();
     wait("every service", Duration::from_secs(120), || {
-        left.retain(|vip| served_by(&topo, *vip).is_none());
+        left.retain(|vip| served_by(topo, *vip).is_none());
         left.is_empty()
     });
     let served = start.elapsed();
@@ -645,7 +663,7 @@ fn a_thousand_services_made_in_a_burst_are_all_served() {
     );
     for (i, vip) in vips.iter().enumerate().step_by(97) {
         let expected = if i % 2 == 0 { "a" } else { "b" };
-        assert_eq!(served_by(&topo, *vip).as_deref(), Some(expected), "{vip}");
+        assert_eq!(served_by(topo, *vip).as_deref(), Some(expected), "{vip}");
     }
 }
 
@@ -673,13 +691,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "a benchmark: minutes of setup"]
 fn event_to_table_at_10k_services_and_100k_endpoints() {
-    if !root() {
+    let Some(stack) = Stack::start() else {
         return;
-    }
-    let _g = alone();
-    let topo = Topology::new();
-    let cluster = Cluster::start(&topo);
-    cluster.apply(vec![namespace()]);
+    };
+    let cluster = &stack.cluster;
     const N: usize = 10_000;
     const ROUNDS: usize = 21;
     let ip = |i: usize| format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
@@ -702,11 +717,11 @@ fn event_to_table_at_10k_services_and_100k_endpoints() {
     cluster.apply(docs);
     eprintln!("{N} services and slices made in {:?}", start.elapsed());
     let started = Instant::now();
-    let _proxy = Proxy::start(&cluster);
+    let _proxy = Proxy::start(cluster);
     wait(
         "every service in the table",
         Duration::from_secs(300),
-        || metric(&cluster, "svcproxy_table_services") >= N as f64,
+        || metric(cluster, "svcproxy_table_services") >= N as f64,
     );
     eprintln!("listed and published in {:?}", started.elapsed());
     let series = [
@@ -720,8 +735,8 @@ fn event_to_table_at_10k_services_and_100k_endpoints() {
             .iter()
             .map(|s| {
                 (
-                    metric(&cluster, &format!("{s}_sum")),
-                    metric(&cluster, &format!("{s}_count")),
+                    metric(cluster, &format!("{s}_sum")),
+                    metric(cluster, &format!("{s}_count")),
                 )
             })
             .collect();
@@ -737,10 +752,10 @@ fn event_to_table_at_10k_services_and_100k_endpoints() {
             series
                 .iter()
                 .zip(&sums)
-                .all(|(s, (_, count))| metric(&cluster, &format!("{s}_count")) > *count)
+                .all(|(s, (_, count))| metric(cluster, &format!("{s}_count")) > *count)
         });
         for (k, s) in series.iter().enumerate() {
-            seen[k].push(metric(&cluster, &format!("{s}_sum")) - sums[k].0);
+            seen[k].push(metric(cluster, &format!("{s}_sum")) - sums[k].0);
         }
     }
     for (s, values) in series.iter().zip(seen) {
