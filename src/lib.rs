@@ -50,4 +50,5 @@ pub use svcproxy_core::{
     SessionAffinity, Snapshot, Table, TableConfig, TableError, TargetPort, TcpPolicy,
     TrafficPolicy, WorkerHealth,
 };
+pub use svcproxy_socklb as socket_lb;
 pub use svcproxy_sys::limits::raise_descriptor_limit;

@@ -5,10 +5,15 @@
 //! A proxy can hand its sockets to another process ([`Proxy::export`], then [`Proxy::retire`]
 //! or [`Proxy::resume`]), and start from sockets handed over ([`Proxy::start_inheriting`]):
 //! see [`svcproxy_core::handover`].
+//!
+//! Node-local clients can also be balanced at the socket, before a packet exists
+//! ([`Proxy::attach_socket_lb`], see [`svcproxy_socklb`]): those connections never reach the
+//! workers, and their counters are added to [`Proxy::stats`].
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +23,7 @@ use svcproxy_core::{
     Control, DescriptorBudget, Forwarding, PortStats, ProxyConfig, ServicePortKey, Table,
     WorkerContext, WorkerHealth, supervise,
 };
+use svcproxy_socklb::SocketLb;
 use svcproxy_sys::Waker;
 use tracing::info;
 
@@ -77,6 +83,9 @@ pub enum Error {
     /// A handover to another process could not be made; this proxy serves on.
     #[error("handover: {0}")]
     Handover(String),
+    /// Socket-level load balancing could not be attached; the proxy serves on without it.
+    #[error("socket-level load balancing: {0}")]
+    SocketLb(#[from] svcproxy_socklb::Error),
     /// A worker stopped with an error.
     #[error("worker {worker} failed: {error}")]
     Worker {
@@ -96,6 +105,7 @@ pub struct Proxy {
     subscription: SubscriptionId,
     threads: Vec<JoinHandle<io::Result<()>>>,
     backend: BackendKind,
+    socket_lb: Mutex<Option<SocketLb>>,
 }
 
 /// How long [`Proxy::start`] waits for the workers to open the table's listeners.
@@ -180,6 +190,7 @@ impl Proxy {
             subscription,
             threads: Vec::with_capacity(workers),
             backend,
+            socket_lb: Mutex::new(None),
         };
         for (index, waker) in wakers.iter().enumerate() {
             let ctx = WorkerContext {
@@ -318,9 +329,43 @@ impl Proxy {
         }
     }
 
-    /// Counters of every service port and endpoint.
+    /// Counters of every service port and endpoint (with what socket-level load balancing
+    /// counted, when attached).
     pub fn stats(&self) -> Vec<PortStats> {
-        self.control.table().load().stats()
+        let mut stats = self.control.table().load().stats();
+        if let Some(lb) = self.socket_lb_guard().as_ref() {
+            lb.add_stats(&mut stats);
+        }
+        stats
+    }
+
+    /// Balances the clients in `cgroup` (a cgroup v2 directory; its processes and those below
+    /// it, in any network namespace) at the socket from now on, following this proxy's table
+    /// (see [`svcproxy_socklb`]). Replaces an earlier attachment. Needs root (CAP_BPF and
+    /// CAP_NET_ADMIN); on `Err` the proxy serves as before, every client through the workers.
+    pub fn attach_socket_lb(&self, cgroup: &Path) -> Result<(), Error> {
+        let lb = SocketLb::attach(cgroup, self.control.table().clone())?;
+        info!(cgroup = %cgroup.display(), frontends = lb.frontends(), "socket-level load balancing attached");
+        *self.socket_lb_guard() = Some(lb);
+        Ok(())
+    }
+
+    /// The cgroup socket-level load balancing is attached to, if it is.
+    pub fn socket_lb(&self) -> Option<PathBuf> {
+        self.socket_lb_guard()
+            .as_ref()
+            .map(|lb| lb.cgroup().to_path_buf())
+    }
+
+    /// Detaches socket-level load balancing: node-local clients reach the workers again.
+    pub fn detach_socket_lb(&self) {
+        self.socket_lb_guard().take();
+    }
+
+    fn socket_lb_guard(&self) -> std::sync::MutexGuard<'_, Option<SocketLb>> {
+        self.socket_lb
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// TCP connections open now.
@@ -362,6 +407,7 @@ impl Proxy {
     /// workers with them); returns whether they all did. The proxy serves nothing new after
     /// this; [`Proxy::shutdown`] then closes what is left.
     pub fn drain(&self, grace: Duration) -> bool {
+        self.detach_socket_lb();
         self.control
             .begin_shutdown(Instant::now().checked_add(grace));
         self.wakers.iter().for_each(|w| w.wake());
@@ -381,6 +427,7 @@ impl Proxy {
     /// Stops the workers, closing what is open at `deadline` (`None`: whenever it ends);
     /// returns the first worker's error, if one failed or panicked.
     fn stop(&mut self, deadline: Option<Instant>) -> Option<Error> {
+        self.detach_socket_lb();
         self.control.table().unsubscribe(self.subscription);
         self.control.begin_shutdown(deadline);
         self.wakers.iter().for_each(|w| w.wake());

@@ -338,6 +338,16 @@ impl PortState {
         &self.counters
     }
 
+    /// How long ClientIP session affinity remembers a client (`None`: no affinity).
+    pub fn affinity_timeout(&self) -> Option<Duration> {
+        self.affinity.as_ref().map(|(_, timeout)| *timeout)
+    }
+
+    /// The most connections or flows open at once (`None`: unlimited).
+    pub fn connection_limit(&self) -> Option<u64> {
+        self.limit
+    }
+
     /// Clients remembered by session affinity (0 without affinity).
     pub fn affinity_entries(&self) -> usize {
         self.affinity.as_ref().map_or(0, |(map, _)| map.len())

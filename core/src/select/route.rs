@@ -109,6 +109,15 @@ impl Route {
         }
     }
 
+    /// The port state that serves every client on this node (they are inside the cluster), or
+    /// `None` when serving depends on the client's address (source ranges).
+    pub fn node_clients(&self) -> Option<&Arc<PortState>> {
+        match self.sources {
+            Some(_) => None,
+            None => Some(self.in_cluster.as_ref().unwrap_or(&self.port)),
+        }
+    }
+
     /// Whether some client may be served: a port state here has an eligible endpoint.
     pub fn serves_anyone(&self) -> bool {
         !self.port.backends().is_empty()

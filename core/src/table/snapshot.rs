@@ -136,6 +136,11 @@ impl Snapshot {
         self.frontends.get(key).map(|r| r.port())
     }
 
+    /// The route of frontend `key`.
+    pub fn frontend(&self, key: &ServicePortKey) -> Option<&Arc<Route>> {
+        self.frontends.get(key)
+    }
+
     /// How the frontend `key` serves `client`: the hot-path lookup. `None`: no such frontend.
     #[inline]
     pub fn route(&self, key: &ServicePortKey, client: IpAddr) -> Option<Routed<'_>> {
