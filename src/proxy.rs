@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -345,16 +345,15 @@ impl Proxy {
     /// CAP_NET_ADMIN); on `Err` the proxy serves as before, every client through the workers.
     pub fn attach_socket_lb(&self, cgroup: &Path) -> Result<(), Error> {
         let lb = SocketLb::attach(cgroup, self.control.table().clone())?;
-        info!(cgroup = %cgroup.display(), frontends = lb.frontends(), "socket-level load balancing attached");
+        let status = lb.status();
+        info!(cgroup = %cgroup.display(), frontends = status.frontends, "socket-level load balancing attached");
         *self.socket_lb_guard() = Some(lb);
         Ok(())
     }
 
-    /// The cgroup socket-level load balancing is attached to, if it is.
-    pub fn socket_lb(&self) -> Option<PathBuf> {
-        self.socket_lb_guard()
-            .as_ref()
-            .map(|lb| lb.cgroup().to_path_buf())
+    /// Where socket-level load balancing is attached and what it serves, if it is.
+    pub fn socket_lb(&self) -> Option<svcproxy_socklb::Status> {
+        self.socket_lb_guard().as_ref().map(SocketLb::status)
     }
 
     /// Detaches socket-level load balancing: node-local clients reach the workers again.

@@ -12,7 +12,7 @@ mod topology;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use svcproxy::{
     Batch, Endpoint, Options, Policy, Proxy, ProxyConfig, Service, ServicePort, SessionAffinity,
     Table,
 };
-use topology::{Pod, Topology, alone, ip, root};
+use topology::{Cgroup, Pod, Topology, alone, ip, root};
 
 const HELPER: &str = "SVCPROXY_SOCKLB_CLIENT";
 const POD_A: &str = "198.18.2.2:8080";
@@ -30,30 +30,6 @@ const POD_B: &str = "198.18.3.2:8080";
 const UDP_A: &str = "198.18.2.2:5353";
 const UDP_B: &str = "198.18.3.2:5353";
 const CLIENT: &str = "198.18.1.2";
-
-/// A cgroup v2 directory of the test's own, removed when dropped.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new() -> Self {
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-        let mount = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.get(2) == Some(&"cgroup2"))
-            .map(|f| PathBuf::from(f[1]))
-            .expect("cgroup v2 is mounted");
-        let path = mount.join(format!("svcproxy-test-{}", std::process::id()));
-        std::fs::create_dir(&path).unwrap();
-        Cgroup(path)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 /// The client process.
 struct Client {

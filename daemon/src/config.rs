@@ -52,6 +52,10 @@
 //! stay_after_handover = false # after handing over and draining, wait for SIGTERM instead
 //!                             # of exiting (a DaemonSet's old pod, deleted by its controller)
 //!
+//! [socket_lb]                 # as root: node-local clients connect straight to an endpoint
+//! enabled = false             # (cgroup BPF; README, Socket-level load balancing)
+//! cgroup = "/sys/fs/cgroup"   # whose processes; default: the cgroup v2 root (every process)
+//!
 //! manifests = "k8s/"          # also read Kubernetes manifests (relative to this file)
 //!
 //! [[services]]                # the table schema shared with the admin API and the C/Go API
@@ -118,6 +122,8 @@ struct ConfigFile {
     capture: CaptureSection,
     #[serde(default)]
     upgrade: UpgradeSection,
+    #[serde(default)]
+    socket_lb: SocketLbSection,
     manifests: Option<PathBuf>,
     #[serde(default)]
     services: Vec<ServiceDoc>,
@@ -218,6 +224,13 @@ struct UpgradeSection {
     stay_after_handover: bool,
 }
 
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+struct SocketLbSection {
+    enabled: bool,
+    cgroup: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 struct CaptureSection {
@@ -293,6 +306,10 @@ pub struct Settings {
     pub upgrade_socket: Option<PathBuf>,
     /// After handing over and draining, wait for SIGTERM instead of exiting.
     pub stay_after_handover: bool,
+    /// Balance node-local clients at the socket (cgroup BPF).
+    pub socket_lb: bool,
+    /// Whose clients: this cgroup v2 directory (`None`: the cgroup v2 root, every process).
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -315,6 +332,8 @@ impl Default for Settings {
             transparent_port: Some(DEFAULT_TRANSPARENT_PORT),
             upgrade_socket: None,
             stay_after_handover: false,
+            socket_lb: false,
+            socket_lb_cgroup: None,
         }
     }
 }
@@ -647,6 +666,8 @@ fn settings(file: &ConfigFile, path: &Path) -> Result<Settings, ConfigError> {
             .as_ref()
             .map(|f| path.parent().unwrap_or(Path::new(".")).join(f)),
         stay_after_handover: file.upgrade.stay_after_handover,
+        socket_lb: file.socket_lb.enabled,
+        socket_lb_cgroup: file.socket_lb.cgroup.clone(),
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Daemon {
     pending_timeout: Duration,
     /// How the Kubernetes API's watches stand, when it is a source.
     api: Mutex<Option<Arc<Mutex<crate::watch::Status>>>>,
+    /// Why socket-level load balancing, asked for, is not attached.
+    socket_lb_error: Mutex<Option<String>>,
 }
 
 /// A generation published and not yet known applied by every worker.
@@ -142,7 +144,13 @@ impl Daemon {
             node_eligible: Mutex::new(None),
             pending_timeout,
             api: Mutex::new(None),
+            socket_lb_error: Mutex::new(None),
         }
+    }
+
+    /// Socket-level load balancing was asked for and could not be attached, for `reason`.
+    pub fn socket_lb_failed(&self, reason: String) {
+        *lock(&self.socket_lb_error) = Some(reason);
     }
 
     /// Publishes `batch`, then brings the captured addresses in line with the table.
@@ -639,6 +647,14 @@ impl Daemon {
                     "events": s.events,
                 })
             }),
+            "socketLb": match (self.proxy.socket_lb(), lock(&self.socket_lb_error).as_ref()) {
+                (Some(s), _) => serde_json::json!({
+                    "cgroup": s.cgroup.display().to_string(),
+                    "frontends": s.frontends,
+                }),
+                (None, Some(reason)) => serde_json::json!({ "error": reason }),
+                (None, None) => serde_json::Value::Null,
+            },
             "skipped": self.skipped().into_iter().map(|(source, (invalid, not_served))| {
                 (source.name().to_string(), serde_json::json!({
                     "invalid": invalid,

@@ -117,6 +117,28 @@ struct RunArgs {
     /// After handing over and draining, wait for SIGTERM instead of exiting.
     #[arg(long)]
     stay_after_handover: bool,
+    /// Balance node-local clients at the socket: cgroup BPF programs connect them straight
+    /// to an endpoint (root; README, Socket-level load balancing).
+    #[arg(long)]
+    socket_lb: bool,
+    /// The cgroup v2 directory whose processes --socket-lb serves (default: the cgroup v2
+    /// root, every process); implies --socket-lb.
+    #[arg(long)]
+    socket_lb_cgroup: Option<PathBuf>,
+}
+
+/// Attaches socket-level load balancing as `settings` ask; a failure is logged and returned,
+/// and the proxy serves every client as before.
+fn attach_socket_lb(proxy: &Proxy, settings: &Settings) -> Result<(), String> {
+    let cgroup = match &settings.socket_lb_cgroup {
+        Some(c) => c.clone(),
+        None => svcproxy::socket_lb::cgroup2_mount().map_err(|e| e.to_string())?,
+    };
+    proxy.attach_socket_lb(&cgroup).map_err(|e| {
+        let reason = e.to_string();
+        warn!("socket-level load balancing is off, every client goes through the proxy: {reason}");
+        reason
+    })
 }
 
 fn main() -> ExitCode {
@@ -239,6 +261,12 @@ fn settings(args: &RunArgs, loaded: &config::Loaded) -> Result<Settings, String>
     }
     if args.stay_after_handover {
         s.stay_after_handover = true;
+    }
+    if args.socket_lb || args.socket_lb_cgroup.is_some() {
+        s.socket_lb = true;
+    }
+    if let Some(cgroup) = &args.socket_lb_cgroup {
+        s.socket_lb_cgroup = Some(cgroup.clone());
     }
     if let Some(listeners) = &args.listeners {
         let port = s
@@ -513,6 +541,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let socket_lb = settings
+        .socket_lb
+        .then(|| attach_socket_lb(&proxy, &settings));
     info!(backend = ?proxy.backend(), config = ?args.config, kubernetes = watch.is_some(), "svcproxyd running");
     let daemon = Arc::new(Daemon::new(
         table,
@@ -521,6 +552,9 @@ fn run(args: RunArgs) -> ExitCode {
         settings.admin_token.clone(),
         settings.pending_timeout,
     ));
+    if let Some(Err(reason)) = socket_lb {
+        daemon.socket_lb_failed(reason);
+    }
     let weak = Arc::downgrade(&daemon);
     let mut health_checks = HealthChecks::new(settings.node_addresses.clone(), move || {
         weak.upgrade().is_some_and(|d| d.unhealthy().is_none())

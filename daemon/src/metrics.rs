@@ -407,7 +407,7 @@ pub fn render(
 ) -> String {
     let budget = proxy.descriptor_budget();
     let config = proxy.config();
-    let stats = snapshot.stats();
+    let stats = proxy.stats();
     let scrape = Scrape {
         workers: proxy.workers(),
         pending,

@@ -15,7 +15,7 @@ pub const PAGE: &str = include_str!("status.html");
 /// What the page shows, read now: the table, its counters, and the outcome of the last
 /// reload (`reloads` attempted, the last one's error if it was rejected).
 pub fn json(snapshot: &Snapshot, proxy: &Proxy, reloads: u64, reload_error: Option<&str>) -> Value {
-    let ports: Vec<Value> = snapshot
+    let ports: Vec<Value> = proxy
         .stats()
         .iter()
         .map(|s| {

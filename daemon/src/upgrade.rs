@@ -439,7 +439,10 @@ pub fn hand_over(
     let exported = proxy
         .export(WORKERS_TIMEOUT)
         .map_err(|e| refuse(e.to_string()))?;
-    let sent = offer(&channel, table, capture, http, &exported);
+    // The counters with what socket-level load balancing counted, which ends with this
+    // process.
+    let state = (table.load().generation(), proxy.stats());
+    let sent = offer(&channel, state, capture, http, &exported);
     drop(exported);
     let outcome = sent.and_then(|()| {
         channel
@@ -462,7 +465,7 @@ pub fn hand_over(
 /// Sends the offer and the socket records.
 fn offer(
     channel: &Channel,
-    table: &Table,
+    (generation, stats): (u64, Vec<PortStats>),
     capture: Option<CaptureState>,
     http: &[(String, TcpListener)],
     exported: &[WorkerSockets],
@@ -485,10 +488,9 @@ fn offer(
             records.push((record, fd.as_fd()));
         }
     }
-    let snapshot = table.load();
     let state = serde_json::to_vec(&State {
-        generation: snapshot.generation(),
-        stats: snapshot.stats().into_iter().map(Stats::from).collect(),
+        generation,
+        stats: stats.into_iter().map(Stats::from).collect(),
         capture,
     })
     .map_err(|e| e.to_string())?;

@@ -74,17 +74,11 @@ impl Daemon {
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let tmp = std::env::temp_dir().join(format!("svcproxyd-tmp-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                BIN,
-                "run",
-                "--node-name",
-                "node",
-                "--config",
-            ])
+        // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup v2 mount
+        // (socket-level load balancing attaches there).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{ns}"))
+            .args([BIN, "run", "--node-name", "node", "--config"])
             .arg(config)
             .args(extra)
             .env("TMPDIR", &tmp)
@@ -924,5 +918,121 @@ fn takeover_in_namespaces(mode: &[&str]) {
         !node_state(&topo).contains("198.19.0.10"),
         "the new daemon removes the capture when it exits"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Lines a shell prints from the client namespace, as a process of `cgroup`: it joins the
+/// cgroup before entering the namespace (`ip netns exec` remounts /sys).
+fn in_cgroup(cgroup: &Path, ns: &str, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" bash -c "$3""#)
+        .arg("sh")
+        .arg(cgroup)
+        .arg(ns)
+        .arg(script)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn healthz(topo: &Topology) -> serde_json::Value {
+    let (_, body) = Topology::within(&topo.node, || {
+        common::http(
+            "127.0.0.1:10256".parse().unwrap(),
+            "GET",
+            "/healthz",
+            "",
+            "",
+        )
+    });
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn socket_level_load_balancing_from_svcproxyd() {
+    if !root() {
+        return;
+    }
+    let _alone = alone();
+    let topo = Topology::new();
+    let _a = Pod::start(&topo.pods[0], "pod-a");
+    let _b = Pod::start(&topo.pods[1], "pod-b");
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("svcproxyd-socklb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("cluster.yaml");
+    write(&config, &manifest(&["198.18.2.2", "198.18.3.2"], true));
+    let cgroup = topology::Cgroup::new();
+    let path = cgroup.0.to_str().unwrap();
+    let d = Daemon::start(&topo.node, &config, &["--socket-lb-cgroup", path]);
+    let health = healthz(&topo);
+    assert_eq!(health["socketLb"]["cgroup"], path, "{health}");
+    assert_eq!(
+        health["socketLb"]["frontends"], 3,
+        "web:80, web:53 and sticky:80: {health}"
+    );
+
+    // Clients in the cgroup reach the pods straight: each pod sees the client's own address
+    // (through the proxy it would see the node's), in round robin.
+    let script =
+        "for i in 1 2 3 4; do exec 3<>/dev/tcp/198.19.0.10/80; head -1 <&3; exec 3<&-; done";
+    let answers = in_cgroup(&cgroup.0, &topo.client, script);
+    let lines: Vec<&str> = answers.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "pod-a 198.18.1.2",
+            "pod-b 198.18.1.2",
+            "pod-a 198.18.1.2",
+            "pod-b 198.18.1.2"
+        ],
+        "{answers}"
+    );
+    // A client outside the cgroup goes through the proxy.
+    let (_, seen) = ask(&topo, "198.19.0.10:80").unwrap();
+    assert_ne!(seen, "198.18.1.2");
+    // The socket's connections are in /metrics with the proxy's.
+    let (_, metrics) = Topology::within(&topo.node, || {
+        common::http(
+            "127.0.0.1:10249".parse().unwrap(),
+            "GET",
+            "/metrics",
+            "",
+            "",
+        )
+    });
+    let web: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("svcproxy_connections_total{")
+                && l.contains("service=\"shop/web\"")
+                && l.contains("port=\"http\"")
+        })
+        .filter_map(|l| l.rsplit(" ").next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        web, 5,
+        "four at the socket, one through the proxy:\n{metrics}"
+    );
+    assert_eq!(d.stop(), 0);
+    let attached = output("bpftool", &["cgroup", "show", path]);
+    assert_eq!(attached.trim(), "", "svcproxyd detached on exit");
+
+    // Where the programs cannot attach (not a cgroup), svcproxyd says so and serves on.
+    let d = Daemon::start(
+        &topo.node,
+        &config,
+        &["--socket-lb-cgroup", dir.to_str().unwrap()],
+    );
+    let health = healthz(&topo);
+    let error = health["socketLb"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("attaching connect4"), "{health}");
+    assert_eq!(
+        ask(&topo, "198.19.0.10:80").unwrap().0.len(),
+        5,
+        "pod-a or pod-b"
+    );
+    assert_eq!(d.stop(), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }

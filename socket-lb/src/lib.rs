@@ -104,6 +104,29 @@ fn missing(what: String) -> Error {
     }
 }
 
+/// What an attached [`SocketLb`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The cgroup the programs are attached to.
+    pub cgroup: PathBuf,
+    /// Frontends balanced at the socket now (the others go to the userspace proxy).
+    pub frontends: usize,
+}
+
+/// Where cgroup v2 is mounted (its root cgroup: every process of the host below it), from
+/// `/proc/self/mounts`.
+pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| PathBuf::from(f[1]))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "cgroup v2 is not mounted")
+        })
+}
+
 /// Socket-level load balancing for the processes of one cgroup, following one table.
 pub struct SocketLb {
     table: Arc<Table>,
@@ -158,14 +181,12 @@ impl SocketLb {
         })
     }
 
-    /// The cgroup the programs are attached to.
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
-    }
-
-    /// Number of frontends balanced at the socket now.
-    pub fn frontends(&self) -> usize {
-        lock(&self.state).installed.len()
+    /// Where the programs are attached and what they serve.
+    pub fn status(&self) -> Status {
+        Status {
+            cgroup: self.cgroup.clone(),
+            frontends: lock(&self.state).installed.len(),
+        }
     }
 
     /// Adds what the programs counted to `stats` (as taken from the snapshot): each connection

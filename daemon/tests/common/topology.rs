@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,6 +207,25 @@ impl Drop for Pod {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// A cgroup v2 directory of the test's own (for the socket-level load balancing tests),
+/// removed when dropped; whoever put processes in it must have ended them.
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn new() -> Self {
+        let mount = svcproxy::socket_lb::cgroup2_mount().expect("cgroup v2 is mounted");
+        let path = mount.join(format!("svcproxy-test-{}", std::process::id()));
+        std::fs::create_dir(&path).unwrap();
+        Cgroup(path)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
