@@ -275,6 +275,32 @@ func (p *Proxy) Stats() ([]PortStats, error) {
 	return s.Ports, err
 }
 
+// AttachSocketLB balances the clients in a cgroup v2 directory ("" for the cgroup v2 root:
+// every process) at the socket: cgroup BPF programs connect them straight to an endpoint,
+// following the proxy's table, until DetachSocketLB or Shutdown. The proxy must be running.
+// It needs root; on error the proxy serves every client as before.
+func (p *Proxy) AttachSocketLB(cgroup string) error {
+	return p.with(func(h *C.svcproxy_proxy) error {
+		var c *C.char
+		if cgroup != "" {
+			c = C.CString(cgroup)
+			defer C.free(unsafe.Pointer(c))
+		}
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_attach_socket_lb(h, c, e, n)
+		})
+	})
+}
+
+// DetachSocketLB detaches socket-level load balancing: every client goes through the proxy.
+func (p *Proxy) DetachSocketLB() error {
+	return p.with(func(h *C.svcproxy_proxy) error {
+		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
+			return C.svcproxy_proxy_detach_socket_lb(h, e, n)
+		})
+	})
+}
+
 // Shutdown stops accepting, lets connections finish for up to grace, then stops the workers.
 func (p *Proxy) Shutdown(grace time.Duration) error {
 	return p.with(func(h *C.svcproxy_proxy) error {

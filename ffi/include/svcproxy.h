@@ -466,6 +466,26 @@ svcproxy_result svcproxy_proxy_sync(const svcproxy_proxy *proxy,
                                     size_t err_len);
 
 /*
+ Balances the clients in cgroup v2 directory `cgroup` (NULL: the cgroup v2 root, every
+ process) at the socket: cgroup BPF programs connect them straight to an endpoint, following
+ the proxy's table, until [`svcproxy_proxy_detach_socket_lb`] or shutdown. The proxy must be
+ running. Needs root (CAP_BPF and CAP_NET_ADMIN); on failure (`SVCPROXY_RESULT_START`, with
+ the reason) the proxy serves every client as before.
+ */
+svcproxy_result svcproxy_proxy_attach_socket_lb(const svcproxy_proxy *proxy,
+                                                const char *cgroup,
+                                                char *err,
+                                                size_t err_len);
+
+/*
+ Detaches socket-level load balancing (nothing when it is not attached): every client goes
+ through the proxy again.
+ */
+svcproxy_result svcproxy_proxy_detach_socket_lb(const svcproxy_proxy *proxy,
+                                                char *err,
+                                                size_t err_len);
+
+/*
  Frees a proxy made by [`svcproxy_proxy_new`], stopping it at once if it runs. NULL is
  ignored. The handle must not be used again, nor freed twice.
  */

@@ -164,7 +164,7 @@ pub extern "C" fn svcproxy_proxy_new(
     })
 }
 
-fn lock(proxy: &svcproxy_proxy) -> std::sync::MutexGuard<'_, Option<Proxy>> {
+pub(crate) fn lock(proxy: &svcproxy_proxy) -> std::sync::MutexGuard<'_, Option<Proxy>> {
     proxy
         .running
         .lock()
@@ -249,17 +249,59 @@ pub extern "C" fn svcproxy_proxy_sync(
 ) -> svcproxy_result {
     guard(err, err_len, || {
         let p = object(proxy, "proxy")?;
-        let running = lock(p);
-        let Some(running) = running.as_ref() else {
-            return Err(Failure::new(
-                svcproxy_result::State,
-                "the proxy is not running",
-            ));
-        };
-        let g = running
+        let guard = lock(p);
+        let g = running(&guard)?
             .sync(Duration::from_millis(u64::from(timeout_ms)))
             .map_err(|e| Failure::new(svcproxy_result::Timeout, e.to_string()))?;
         maybe_write(generation, g);
+        Ok(())
+    })
+}
+
+fn running<'a>(guard: &'a std::sync::MutexGuard<'_, Option<Proxy>>) -> Result<&'a Proxy, Failure> {
+    guard
+        .as_ref()
+        .ok_or_else(|| Failure::new(svcproxy_result::State, "the proxy is not running"))
+}
+
+/// Balances the clients in cgroup v2 directory `cgroup` (NULL: the cgroup v2 root, every
+/// process) at the socket: cgroup BPF programs connect them straight to an endpoint, following
+/// the proxy's table, until [`svcproxy_proxy_detach_socket_lb`] or shutdown. The proxy must be
+/// running. Needs root (CAP_BPF and CAP_NET_ADMIN); on failure (`SVCPROXY_RESULT_START`, with
+/// the reason) the proxy serves every client as before.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_attach_socket_lb(
+    proxy: *const svcproxy_proxy,
+    cgroup: *const c_char,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let start = |m: String| Failure::new(svcproxy_result::Start, m);
+        let cgroup = match optional_text(cgroup, "cgroup")? {
+            Some(c) => std::path::PathBuf::from(c),
+            None => svcproxy::socket_lb::cgroup2_mount().map_err(|e| start(e.to_string()))?,
+        };
+        let guard = lock(p);
+        running(&guard)?
+            .attach_socket_lb(&cgroup)
+            .map_err(|e| start(e.to_string()))
+    })
+}
+
+/// Detaches socket-level load balancing (nothing when it is not attached): every client goes
+/// through the proxy again.
+#[unsafe(no_mangle)]
+pub extern "C" fn svcproxy_proxy_detach_socket_lb(
+    proxy: *const svcproxy_proxy,
+    err: *mut c_char,
+    err_len: usize,
+) -> svcproxy_result {
+    guard(err, err_len, || {
+        let p = object(proxy, "proxy")?;
+        let guard = lock(p);
+        running(&guard)?.detach_socket_lb();
         Ok(())
     })
 }

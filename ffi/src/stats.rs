@@ -85,8 +85,14 @@ fn protocol(p: Protocol) -> u32 {
     }
 }
 
+/// The running proxy's counters (with what socket-level load balancing counted), else the
+/// table's.
 fn all(proxy: *const svcproxy_proxy) -> Result<Vec<PortStats>, Failure> {
-    Ok(object(proxy, "proxy")?.table.load().stats())
+    let p = object(proxy, "proxy")?;
+    Ok(match crate::lock(p).as_ref() {
+        Some(running) => running.stats(),
+        None => p.table.load().stats(),
+    })
 }
 
 /// Writes up to `items` entries into `out`; `count` gets how many there are. `Buffer` if

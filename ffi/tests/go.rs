@@ -46,6 +46,7 @@ fn go_package_tests_pass() {
         "TestStartTrafficStatsAndShutdown",
         "TestTableChangesWhileRunning",
         "TestErrors",
+        "TestSocketLBConnectsStraightToTheEndpoint",
     ] {
         assert!(
             text.contains(&format!("--- PASS: {test}")),

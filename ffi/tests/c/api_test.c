@@ -109,6 +109,10 @@ int main(void) {
     /* State errors before start. */
     CHECK(svcproxy_proxy_shutdown(proxy, 0, err, sizeof err) == SVCPROXY_RESULT_STATE);
     CHECK(svcproxy_proxy_sync(proxy, 100, NULL, err, sizeof err) == SVCPROXY_RESULT_STATE);
+    CHECK(svcproxy_proxy_attach_socket_lb(proxy, NULL, err, sizeof err) == SVCPROXY_RESULT_STATE);
+    CHECK(strstr(err, "not running") != NULL);
+    CHECK(svcproxy_proxy_detach_socket_lb(proxy, err, sizeof err) == SVCPROXY_RESULT_STATE);
+    CHECK(svcproxy_proxy_attach_socket_lb(NULL, NULL, err, sizeof err) == SVCPROXY_RESULT_NULL);
     CHECK(svcproxy_proxy_start(NULL, err, sizeof err) == SVCPROXY_RESULT_NULL);
 
     /* Two backends. */
@@ -217,6 +221,12 @@ int main(void) {
     CHECK(gen == 2);
     CHECK(svcproxy_proxy_sync(proxy, 5000, &gen, err, sizeof err) == SVCPROXY_RESULT_OK);
     CHECK(gen == 2);
+
+    /* Socket-level load balancing: a directory that is not a cgroup fails with the reason,
+     * and the proxy serves on (the Go tests attach to a real cgroup). */
+    CHECK(svcproxy_proxy_attach_socket_lb(proxy, "/", err, sizeof err) == SVCPROXY_RESULT_START);
+    CHECK(strstr(err, "socket-level load balancing") != NULL);
+    CHECK(svcproxy_proxy_detach_socket_lb(proxy, err, sizeof err) == SVCPROXY_RESULT_OK);
 
     /* Table JSON: size query, then the document. */
     size_t needed = 0;
