@@ -60,6 +60,48 @@ pub struct Running {
     pub target: Target,
     child: Option<Child>,
     nft_cleanup: Option<&'static str>,
+    /// The `socket-lb` candidate's cgroup, which this process (the load's clients) is in
+    /// while the candidate runs.
+    cgroup: Option<BenchCgroup>,
+}
+
+/// A cgroup v2 directory of the harness's own, with the harness in it; the harness goes back
+/// where it was, and the directory is removed, when dropped (after the candidate stopped).
+struct BenchCgroup {
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl BenchCgroup {
+    fn new() -> io::Result<Self> {
+        let mount = svcproxy::socket_lb::cgroup2_mount()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let home = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| mount.join(p.trim_start_matches('/')))
+            .ok_or_else(|| io::Error::other("not in a cgroup v2 hierarchy"))?;
+        let dir = mount.join(format!("svcbench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir, home })
+    }
+
+    fn enter(&self) -> io::Result<()> {
+        std::fs::write(
+            self.dir.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 impl Running {
@@ -69,7 +111,7 @@ impl Running {
             return Vec::new();
         };
         let mut pids = vec![child.id()];
-        // `ip netns exec` execs, so the child is the program itself; nginx forks workers.
+        // `nsenter` execs, so the child is the program itself; nginx forks workers.
         let mut i = 0;
         while i < pids.len() {
             let parent = pids[i];
@@ -204,6 +246,7 @@ pub fn start(
             },
             child: None,
             nft_cleanup: None,
+            cgroup: None,
         }),
         Kind::Dnat => {
             let (ns, vip) = match (topo.client_ns(), topo.vip) {
@@ -238,6 +281,7 @@ pub fn start(
                 },
                 child: None,
                 nft_cleanup: Some(ns),
+                cgroup: None,
             })
         }
         Kind::Svcproxy(name) | Kind::Baseline(name) => {
@@ -265,9 +309,21 @@ pub fn start(
             for ip in backends {
                 cmd.args(["--endpoint", &ip.to_string()]);
             }
+            // `socket-lb`: the load's clients (this process) connect straight to the backends.
+            let cgroup = match backend == "socket-lb" {
+                true => Some(BenchCgroup::new()?),
+                false => None,
+            };
+            if let Some(c) = &cgroup {
+                cmd.arg("--socket-lb").arg(&c.dir);
+            }
             match spawn_ready(cmd, proxy_target(topo)) {
                 Ok(mut running) => {
                     running.nft_cleanup = nft_cleanup;
+                    if let Some(c) = &cgroup {
+                        c.enter()?;
+                    }
+                    running.cgroup = cgroup;
                     Ok(running)
                 }
                 Err(e) => {
@@ -366,6 +422,7 @@ fn spawn_ready(mut cmd: std::process::Command, target: Target) -> io::Result<Run
         target,
         child: Some(child),
         nft_cleanup: None,
+        cgroup: None,
     })
 }
 
@@ -380,6 +437,7 @@ fn spawn_listening(
         target,
         child: Some(child),
         nft_cleanup: None,
+        cgroup: None,
     };
     let addr = running.target.echo[0];
     let ns = topo.client_ns();

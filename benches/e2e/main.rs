@@ -35,7 +35,8 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Candidates: direct, epoll, uring, uring-splice, uring-sqpoll, tokio, haproxy, nginx,
-    /// dnat, epoll-tproxy, uring-tproxy (transparent listeners; namespaces only).
+    /// dnat, epoll-tproxy, uring-tproxy (transparent listeners; namespaces only), socket-lb
+    /// (cgroup BPF; namespaces only).
     #[arg(long, value_delimiter = ',')]
     candidates: Option<Vec<String>>,
     /// Also write the report to this file.
@@ -75,6 +76,9 @@ enum Serve {
         listen: IpAddr,
         #[arg(long = "endpoint")]
         endpoints: Vec<IpAddr>,
+        /// Also balance this cgroup's clients at the socket.
+        #[arg(long)]
+        socket_lb: Option<std::path::PathBuf>,
     },
     /// Run the tokio proxy as a candidate (used by the harness itself).
     ServeTokio {
@@ -104,8 +108,9 @@ fn main() -> io::Result<()> {
             workers,
             listen,
             endpoints,
+            socket_lb,
         }) => {
-            return serve::svcproxy(&backend, workers, listen, &endpoints);
+            return serve::svcproxy(&backend, workers, listen, &endpoints, socket_lb.as_deref());
         }
         Some(Serve::ServeTokio {
             workers,
@@ -173,6 +178,8 @@ fn main() -> io::Result<()> {
         if uring.is_ok() {
             kinds.push(Kind::Svcproxy("uring-tproxy"));
         }
+        // Socket-level load balancing (cgroup BPF): the clients connect straight to a backend.
+        kinds.push(Kind::Svcproxy("socket-lb"));
     }
     if let Some(only) = &cli.candidates {
         kinds.retain(|k| only.iter().any(|o| short(*k) == o));

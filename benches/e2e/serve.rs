@@ -57,6 +57,7 @@ pub fn svcproxy(
     workers: usize,
     listen: IpAddr,
     endpoints: &[IpAddr],
+    socket_lb: Option<&std::path::Path>,
 ) -> io::Result<()> {
     raise_nofile();
     let mut config = ProxyConfig {
@@ -74,7 +75,8 @@ pub fn svcproxy(
     };
     let backend = match backend {
         "epoll" => BackendKind::Epoll,
-        "uring" => BackendKind::IoUring,
+        // The proxy serves what the socket leaves to it (here: nothing).
+        "uring" | "socket-lb" => BackendKind::IoUring,
         "uring-splice" => {
             config.io_uring.forwarding = Forwarding::Splice;
             BackendKind::IoUring
@@ -107,6 +109,9 @@ pub fn svcproxy(
     }
     table.apply(batch).map_err(io::Error::other)?;
     let proxy = Proxy::start(table, Options { backend, config }).map_err(io::Error::other)?;
+    if let Some(cgroup) = socket_lb {
+        proxy.attach_socket_lb(cgroup).map_err(io::Error::other)?;
+    }
     std::mem::forget(proxy);
     ready()
 }

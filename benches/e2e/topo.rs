@@ -160,9 +160,11 @@ impl Topology {
     /// A command that runs `program` in the client namespace.
     pub fn command_in_client(&self, program: &str) -> Command {
         match self.client_ns() {
+            // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup v2 mount
+            // (the socket-lb candidate attaches there).
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, program]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(program);
                 c
             }
             None => Command::new(program),

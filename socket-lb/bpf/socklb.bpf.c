@@ -82,6 +82,13 @@ struct flow_key {
 	__u32 pad;
 };
 
+// Its endpoint, and the frontend revision it was last found eligible in (a datagram under the
+// same revision needs no membership lookup).
+struct flow {
+	struct endpoint endpoint;
+	__u32 rev;
+};
+
 struct reverse_key {
 	__u64 cookie;
 	struct endpoint endpoint;
@@ -139,7 +146,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct flow_key);
-	__type(value, struct endpoint);
+	__type(value, struct flow);
 } flows SEC(".maps");
 
 struct {
@@ -306,14 +313,16 @@ static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, int family)
 		return refuse(fe);
 	struct flow_key fkey = { .cookie = bpf_get_socket_cookie(ctx), .id = fe->id };
 	struct endpoint endpoint = {};
-	struct endpoint *flow = bpf_map_lookup_elem(&flows, &fkey);
-	if (flow && eligible(fe, flow)) {
-		endpoint = *flow;
+	struct flow *flow = bpf_map_lookup_elem(&flows, &fkey);
+	if (flow && (flow->rev == fe->rev || eligible(fe, &flow->endpoint))) {
+		flow->rev = fe->rev;
+		endpoint = flow->endpoint;
 		count(fe->id, &endpoint, 0, 1, 0);
 	} else {
 		if (!pick(ctx, fe, &endpoint) || endpoint.family != family)
 			return 1;
-		bpf_map_update_elem(&flows, &fkey, &endpoint, BPF_ANY);
+		struct flow fresh = { .endpoint = endpoint, .rev = fe->rev };
+		bpf_map_update_elem(&flows, &fkey, &fresh, BPF_ANY);
 		remember_reverse(ctx, &endpoint, &service);
 		count(fe->id, &endpoint, 1, 1, 0);
 	}
