@@ -65,30 +65,9 @@ func cgroupForTest(t *testing.T) string {
 	return dir
 }
 
-// peerBackend answers each connection with the client address it sees.
-func peerBackend(t *testing.T) net.Listener {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprintf(c, "%s %s\n", l.Addr(), c.RemoteAddr())
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { l.Close() })
-	return l
-}
-
 func TestSocketLBConnectsStraightToTheEndpoint(t *testing.T) {
 	cgroup := cgroupForTest(t)
-	a, b := peerBackend(t), peerBackend(t)
+	a, b := backend(t), backend(t)
 	p := newProxy(t)
 	port := freePort(t)
 	vip := fmt.Sprintf("127.0.0.1:%d", port)

@@ -11,7 +11,8 @@ import (
 	"time"
 )
 
-// backend answers each connection with its own address, then closes it.
+// backend answers each connection with its own address and the client address it sees, then
+// closes it.
 func backend(t *testing.T) net.Listener {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -24,7 +25,7 @@ func backend(t *testing.T) net.Listener {
 			if err != nil {
 				return
 			}
-			fmt.Fprintf(c, "%s\n", l.Addr())
+			fmt.Fprintf(c, "%s %s\n", l.Addr(), c.RemoteAddr())
 			c.Close()
 		}
 	}()
@@ -54,7 +55,7 @@ func ask(t *testing.T, addr string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return strings.TrimSpace(line)
+	return strings.Fields(line)[0]
 }
 
 func newProxy(t *testing.T) *Proxy {

@@ -248,20 +248,28 @@ pub extern "C" fn svcproxy_proxy_sync(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let p = object(proxy, "proxy")?;
-        let guard = lock(p);
-        let g = running(&guard)?
-            .sync(Duration::from_millis(u64::from(timeout_ms)))
-            .map_err(|e| Failure::new(svcproxy_result::Timeout, e.to_string()))?;
+        let g = with_running(proxy, |p| {
+            p.sync(Duration::from_millis(u64::from(timeout_ms)))
+                .map_err(|e| Failure::new(svcproxy_result::Timeout, e.to_string()))
+        })?;
         maybe_write(generation, g);
         Ok(())
     })
 }
 
-fn running<'a>(guard: &'a std::sync::MutexGuard<'_, Option<Proxy>>) -> Result<&'a Proxy, Failure> {
-    guard
-        .as_ref()
-        .ok_or_else(|| Failure::new(svcproxy_result::State, "the proxy is not running"))
+/// `f` of the running proxy behind handle `proxy`; a `State` failure when it is not running.
+fn with_running<T>(
+    proxy: *const svcproxy_proxy,
+    f: impl FnOnce(&Proxy) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let p = object(proxy, "proxy")?;
+    match lock(p).as_ref() {
+        Some(running) => f(running),
+        None => Err(Failure::new(
+            svcproxy_result::State,
+            "the proxy is not running",
+        )),
+    }
 }
 
 /// Balances the clients in cgroup v2 directory `cgroup` (NULL: the cgroup v2 root, every
@@ -277,16 +285,15 @@ pub extern "C" fn svcproxy_proxy_attach_socket_lb(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let p = object(proxy, "proxy")?;
         let start = |m: String| Failure::new(svcproxy_result::Start, m);
         let cgroup = match optional_text(cgroup, "cgroup")? {
             Some(c) => std::path::PathBuf::from(c),
             None => svcproxy::socket_lb::cgroup2_mount().map_err(|e| start(e.to_string()))?,
         };
-        let guard = lock(p);
-        running(&guard)?
-            .attach_socket_lb(&cgroup)
-            .map_err(|e| start(e.to_string()))
+        with_running(proxy, |p| {
+            p.attach_socket_lb(&cgroup)
+                .map_err(|e| start(e.to_string()))
+        })
     })
 }
 
@@ -299,10 +306,10 @@ pub extern "C" fn svcproxy_proxy_detach_socket_lb(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let p = object(proxy, "proxy")?;
-        let guard = lock(p);
-        running(&guard)?.detach_socket_lb();
-        Ok(())
+        with_running(proxy, |p| {
+            p.detach_socket_lb();
+            Ok(())
+        })
     })
 }
 
