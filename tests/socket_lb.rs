@@ -561,6 +561,7 @@ fn detaching_leaves_no_program_or_map() {
         return;
     }
     let _alone = alone();
+    let pinned_before = pins();
     let s = Stack::new(false);
     let cgroup = s.cgroup.0.clone();
     let attached = bpftool(&["cgroup", "show", cgroup.to_str().unwrap()]);
@@ -580,6 +581,8 @@ fn detaching_leaves_no_program_or_map() {
         bpftool(&["cgroup", "show", cgroup.to_str().unwrap()]).trim(),
         ""
     );
+    // Nothing was pinned: the programs lived by this process's links alone.
+    assert_eq!(pins(), pinned_before, "nothing was left under /sys/fs/bpf");
     // Maps are freed once the last program using them is; that is asynchronous (RCU).
     let deadline = Instant::now() + Duration::from_secs(10);
     while bpftool(&["map", "show"]).contains("frontends") {
@@ -601,4 +604,13 @@ fn bpftool(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What is pinned under the BPF filesystem (empty when it is not mounted).
+fn pins() -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }

@@ -816,6 +816,10 @@ cluster_ips = false
 preserve_client_ip = true
 listeners = "per-frontend"
 
+[socket_lb]
+enabled = true
+cgroup = "/sys/fs/cgroup/kubepods.slice"
+
 [[services]]
 name = "default/web"
 addresses = ["198.18.0.10"]
@@ -845,6 +849,11 @@ endpoints = [{ address = "198.19.1.5" }, { address = "198.19.2.7:8080", weight =
         assert_eq!(s.metrics, "127.0.0.1:9998".parse().unwrap());
         assert_eq!(s.pending_timeout, Duration::from_secs(5));
         assert_eq!(s.admin_token.as_deref(), Some("secret"));
+        assert!(s.socket_lb);
+        assert_eq!(
+            s.socket_lb_cgroup.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/kubepods.slice"))
+        );
         assert_eq!(loaded.services.len(), 1);
         let (service, endpoints) = loaded.services[0].to_model().unwrap();
         assert_eq!(service.policy, svcproxy::Policy::maglev());
