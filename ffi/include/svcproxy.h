@@ -119,7 +119,8 @@ typedef enum {
 } svcproxy_result;
 
 /*
- A batch of table changes, applied together by [`svcproxy_proxy_apply`].
+ A batch of table changes, applied together by [`svcproxy_proxy_apply`]. Threads may add
+ to one batch at once (each addition is whole; their order is the order they took the lock).
  */
 typedef struct svcproxy_batch svcproxy_batch;
 

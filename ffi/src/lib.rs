@@ -74,9 +74,10 @@ pub struct svcproxy_proxy {
     running: Mutex<Option<Proxy>>,
 }
 
-/// A batch of table changes, applied together by [`svcproxy_proxy_apply`].
+/// A batch of table changes, applied together by [`svcproxy_proxy_apply`]. Threads may add
+/// to one batch at once (each addition is whole; their order is the order they took the lock).
 pub struct svcproxy_batch {
-    changes: svcproxy::core::Batch,
+    changes: Mutex<svcproxy::core::Batch>,
 }
 
 /// The library version, a static NUL-terminated string (never freed).
@@ -328,7 +329,7 @@ pub extern "C" fn svcproxy_proxy_free(proxy: *mut svcproxy_proxy) {
 pub extern "C" fn svcproxy_batch_new(out: *mut *mut svcproxy_batch) -> svcproxy_result {
     guard(std::ptr::null_mut(), 0, || {
         *slot(out, "out")? = into_handle(svcproxy_batch {
-            changes: svcproxy::core::Batch::new(),
+            changes: Mutex::new(svcproxy::core::Batch::new()),
         });
         Ok(())
     })
@@ -344,8 +345,15 @@ pub extern "C" fn svcproxy_batch_free(batch: *mut svcproxy_batch) {
     });
 }
 
-fn batch_mut<'a>(batch: *mut svcproxy_batch) -> Result<&'a mut svcproxy_batch, Failure> {
-    slot(batch, "batch")
+/// The changes of handle `batch`, locked: handles are shared between threads, so never
+/// borrowed mutably.
+fn changes<'a>(
+    batch: *const svcproxy_batch,
+) -> Result<std::sync::MutexGuard<'a, svcproxy::core::Batch>, Failure> {
+    Ok(object(batch, "batch")?
+        .changes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 /// Adds "add or replace this service" to the batch (its endpoints stay unless replaced).
@@ -357,9 +365,8 @@ pub extern "C" fn svcproxy_batch_upsert_service(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let batch = batch_mut(batch)?;
         let service = convert::service(object(service, "service")?)?;
-        batch.changes.push(svcproxy::Change::Upsert(service));
+        changes(batch)?.push(svcproxy::Change::Upsert(service));
         Ok(())
     })
 }
@@ -375,16 +382,13 @@ pub extern "C" fn svcproxy_batch_replace_endpoints(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let batch = batch_mut(batch)?;
         let service = text(service, "service")?.to_string();
         let endpoints = array(endpoints, len, "endpoints")?
             .iter()
             .enumerate()
             .map(|(i, e)| convert::endpoint(e, i))
             .collect::<Result<_, _>>()?;
-        batch
-            .changes
-            .push(svcproxy::Change::ReplaceEndpoints { service, endpoints });
+        changes(batch)?.push(svcproxy::Change::ReplaceEndpoints { service, endpoints });
         Ok(())
     })
 }
@@ -398,9 +402,8 @@ pub extern "C" fn svcproxy_batch_remove_service(
     err_len: usize,
 ) -> svcproxy_result {
     guard(err, err_len, || {
-        let batch = batch_mut(batch)?;
         let name = text(service, "service")?.to_string();
-        batch.changes.push(svcproxy::Change::Remove(name));
+        changes(batch)?.push(svcproxy::Change::Remove(name));
         Ok(())
     })
 }
@@ -432,8 +435,8 @@ pub extern "C" fn svcproxy_proxy_apply(
 ) -> svcproxy_result {
     guard(err, err_len, || {
         let p = object(proxy, "proxy")?;
-        let batch = object(batch, "batch")?;
-        publish(p, batch.changes.clone(), generation)
+        let batch = changes(batch)?.clone();
+        publish(p, batch, generation)
     })
 }
 

@@ -1,6 +1,6 @@
 //! Builds the C programs against the static library with `-Wall -Wextra -Werror` and
 //! AddressSanitizer (and UBSan), and runs them: the API test (every function, every error
-//! path) and the round-robin example.
+//! path), threads sharing handles, and the round-robin example.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -60,6 +60,15 @@ fn build_and_run(source: &str, name: &str) -> String {
 fn every_function_and_error_path_under_asan() {
     let out = build_and_run("tests/c/api_test.c", "api-test");
     assert!(out.contains("all C API checks passed"), "{out}");
+}
+
+#[test]
+fn threads_share_one_batch_and_one_proxy() {
+    let out = build_and_run("tests/c/threads_test.c", "threads-test");
+    assert!(
+        out.contains("400 services from 4 threads on one batch"),
+        "{out}"
+    );
 }
 
 #[test]
