@@ -122,8 +122,32 @@ type Proxy struct {
 	h  *C.svcproxy_proxy
 }
 
+// ceilMillis is d in whole milliseconds, rounded up: the C API counts milliseconds, and a
+// positive duration must not become 0 (which means "none" or "at once").
+func ceilMillis(d time.Duration) int64 {
+	ms := int64(d / time.Millisecond)
+	if d%time.Millisecond > 0 {
+		ms++
+	}
+	return ms
+}
+
+// waitMillis is d for a C wait argument: rounded up to whole milliseconds, at most
+// math.MaxUint32 (49.7 days, longer waits are that long), negative as 0.
+func waitMillis(d time.Duration) C.uint32_t {
+	ms := ceilMillis(d)
+	if ms < 0 {
+		return 0
+	}
+	if ms > math.MaxUint32 {
+		return C.uint32_t(math.MaxUint32)
+	}
+	return C.uint32_t(ms)
+}
+
 // New creates a proxy with an empty table. Close it when done (a finalizer closes a
-// forgotten one).
+// forgotten one). Durations are rounded up to whole milliseconds; one over 49.7 days is an
+// error.
 func New(o Options) (*Proxy, error) {
 	var c C.svcproxy_options
 	C.svcproxy_options_default(&c)
@@ -134,12 +158,12 @@ func New(o Options) (*Proxy, error) {
 	}{
 		{"Backend", int64(o.Backend), &c.backend},
 		{"Workers", int64(o.Workers), &c.workers},
-		{"ConnectTimeout (ms)", int64(o.ConnectTimeout / time.Millisecond), &c.connect_timeout_ms},
+		{"ConnectTimeout (ms)", ceilMillis(o.ConnectTimeout), &c.connect_timeout_ms},
 		{"ConnectAttempts", int64(o.ConnectAttempts), &c.connect_attempts},
-		{"IdleTimeout (ms)", int64(o.IdleTimeout / time.Millisecond), &c.idle_timeout_ms},
-		{"UDPIdleTimeout (ms)", int64(o.UDPIdleTimeout / time.Millisecond), &c.udp_idle_timeout_ms},
+		{"IdleTimeout (ms)", ceilMillis(o.IdleTimeout), &c.idle_timeout_ms},
+		{"UDPIdleTimeout (ms)", ceilMillis(o.UDPIdleTimeout), &c.udp_idle_timeout_ms},
 		{"MaxConnections", int64(o.MaxConnections), &c.max_connections},
-		{"DrainCloseAfter (ms)", int64(o.DrainCloseAfter / time.Millisecond), &c.drain_close_after_ms},
+		{"DrainCloseAfter (ms)", ceilMillis(o.DrainCloseAfter), &c.drain_close_after_ms},
 	}
 	for _, f := range fields {
 		// A value the C options cannot hold must not wrap into another one.
@@ -220,12 +244,13 @@ func (p *Proxy) ApplyJSON(doc string) (uint64, error) {
 	return uint64(gen), err
 }
 
-// Sync waits until every worker has applied the current table generation.
+// Sync waits until every worker has applied the current table generation, for up to timeout
+// (rounded up to whole milliseconds; at most 49.7 days).
 func (p *Proxy) Sync(timeout time.Duration) (uint64, error) {
 	var gen C.uint64_t
 	err := p.with(func(h *C.svcproxy_proxy) error {
 		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
-			return C.svcproxy_proxy_sync(h, C.uint32_t(timeout/time.Millisecond), &gen, e, n)
+			return C.svcproxy_proxy_sync(h, waitMillis(timeout), &gen, e, n)
 		})
 	})
 	return uint64(gen), err
@@ -301,11 +326,12 @@ func (p *Proxy) DetachSocketLB() error {
 	})
 }
 
-// Shutdown stops accepting, lets connections finish for up to grace, then stops the workers.
+// Shutdown stops accepting, lets connections finish for up to grace (rounded up to whole
+// milliseconds; at most 49.7 days), then stops the workers.
 func (p *Proxy) Shutdown(grace time.Duration) error {
 	return p.with(func(h *C.svcproxy_proxy) error {
 		return call(func(e *C.char, n C.size_t) C.svcproxy_result {
-			return C.svcproxy_proxy_shutdown(h, C.uint32_t(grace/time.Millisecond), e, n)
+			return C.svcproxy_proxy_shutdown(h, waitMillis(grace), e, n)
 		})
 	})
 }

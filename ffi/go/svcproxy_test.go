@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strings"
 	"syscall"
@@ -263,5 +264,33 @@ func TestAClientOverItsShareIsCountedLimited(t *testing.T) {
 	eventually("the refusal to be counted", func(c Counters) bool { return c.Limited == 1 })
 	if c := totals(); c.Refused != 0 || c.Evicted != 0 || c.ConnectionsActive != 1 {
 		t.Fatalf("only the limit refused: %+v", c)
+	}
+}
+
+func TestDurationsRoundUpToMillisecondsAndLongWaitsAreClamped(t *testing.T) {
+	for _, c := range []struct {
+		d    time.Duration
+		want int64
+	}{{0, 0}, {time.Microsecond, 1}, {time.Millisecond, 1}, {1500 * time.Microsecond, 2}, {-time.Second, -1000}} {
+		if got := ceilMillis(c.d); got != c.want {
+			t.Errorf("ceilMillis(%v) = %d, want %d", c.d, got, c.want)
+		}
+	}
+	if got := uint32(waitMillis(100 * 24 * time.Hour)); got != math.MaxUint32 {
+		t.Errorf("a 100-day wait is %d ms, want the most a uint32 holds", got)
+	}
+	if got := uint32(waitMillis(-time.Second)); got != 0 {
+		t.Errorf("a negative wait is %d ms", got)
+	}
+	o := DefaultOptions()
+	o.IdleTimeout = 500 * time.Microsecond
+	p, err := New(o)
+	if err != nil {
+		t.Fatalf("a sub-millisecond idle timeout is 1 ms, not none or an error: %v", err)
+	}
+	p.Close()
+	o.IdleTimeout = 50 * 24 * time.Hour
+	if _, err := New(o); err == nil {
+		t.Fatal("an idle timeout over 49.7 days is refused")
 	}
 }

@@ -47,6 +47,7 @@ fn go_package_tests_pass() {
         "TestTableChangesWhileRunning",
         "TestErrors",
         "TestSocketLBConnectsStraightToTheEndpoint",
+        "TestDurationsRoundUpToMillisecondsAndLongWaitsAreClamped",
     ] {
         assert!(
             text.contains(&format!("--- PASS: {test}")),
