@@ -85,3 +85,38 @@ fn the_c_example_goes_round_robin() {
     );
     assert!(out.contains("demo/web/"), "{out}");
 }
+
+#[test]
+fn the_shared_library_has_a_soname_and_exports_only_the_api() {
+    common::static_lib_dir();
+    let lib = common::target_dir().join("libsvcproxy_ffi.so");
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(&lib)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dynamic.stdout);
+    assert!(
+        text.contains("Library soname: [libsvcproxy_ffi.so.0.1]"),
+        "{text}"
+    );
+    let symbols = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&lib)
+        .output()
+        .unwrap();
+    let exported: Vec<String> = String::from_utf8_lossy(&symbols.stdout)
+        .lines()
+        .filter(|l| l.contains(" T "))
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    assert!(
+        exported.iter().any(|s| s == "svcproxy_proxy_new"),
+        "{exported:?}"
+    );
+    let others: Vec<&String> = exported
+        .iter()
+        .filter(|s| !s.starts_with("svcproxy_"))
+        .collect();
+    assert!(others.is_empty(), "exported beside the API: {others:?}");
+}
