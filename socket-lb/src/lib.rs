@@ -260,7 +260,8 @@ struct Maps {
     cursors: BpfHashMap<MapData, u32, Cursor>,
     stats: PerCpuHashMap<MapData, StatKey, Stat>,
     installed: HashMap<ServicePortKey, Installed>,
-    free_ids: Vec<u32>,
+    /// Ids are never reused: a program running during a removal must not count or route for
+    /// the frontend that would get the id next.
     next_id: u32,
     next_rev: u32,
     /// Revisions replaced by the last publish, deleted at the next.
@@ -287,7 +288,6 @@ impl Maps {
             cursors: map(ebpf, "cursors")?,
             stats: map(ebpf, "stats")?,
             installed: HashMap::new(),
-            free_ids: Vec::new(),
             next_id: 0,
             next_rev: 0,
             retired: Vec::new(),
@@ -336,10 +336,10 @@ impl Maps {
         };
         let id = match old {
             Some(o) => o.id,
-            None => self.free_ids.pop().unwrap_or_else(|| {
+            None => {
                 self.next_id += 1;
                 self.next_id
-            }),
+            }
         };
         self.next_rev = self.next_rev.wrapping_add(1);
         let rev = self.next_rev;
@@ -347,11 +347,7 @@ impl Maps {
             tracing::warn!(frontend = %key.addr, protocol = %key.protocol, error = %e,
                 "socket-level load balancing: could not write the frontend; the userspace proxy serves it");
             self.delete_revision(rev, &plan.endpoints);
-            if self.installed.contains_key(&key) {
-                self.remove(key);
-            } else {
-                self.free_ids.push(id);
-            }
+            self.remove(key);
             return;
         }
         match self.installed.get_mut(&key) {
@@ -411,7 +407,6 @@ impl Maps {
             let _ = self.stats.remove(&stat_key(old.id, addr));
         }
         self.retired.push((old.rev, old.plan.endpoints));
-        self.free_ids.push(old.id);
     }
 
     fn delete_revision(&mut self, rev: u32, endpoints: &[SocketAddr]) {
