@@ -19,6 +19,9 @@ type Service struct {
 	Name                  string      `json:"name"`
 	Addresses             []string    `json:"addresses,omitempty"`
 	ExternalAddresses     []string    `json:"external_addresses,omitempty"`
+	LoadBalancerAddresses []string    `json:"load_balancer_addresses,omitempty"`
+	SourceRanges          []string    `json:"load_balancer_source_ranges,omitempty"` // CIDRs allowed at the load balancer addresses
+	HealthCheckNodePort   uint16      `json:"health_check_node_port,omitempty"`
 	Ports                 []Port      `json:"ports"`
 	Policy                string      `json:"policy,omitempty"` // round_robin, random, weighted_round_robin, least_connections, maglev
 	MaglevTableSize       uint32      `json:"maglev_table_size,omitempty"`
@@ -51,6 +54,8 @@ type Endpoint struct {
 	Weight      uint32            `json:"weight,omitempty"` // default 1
 	Node        string            `json:"node,omitempty"`
 	Zone        string            `json:"zone,omitempty"`
+	ForZones    []string          `json:"for_zones,omitempty"` // topology hints
+	ForNodes    []string          `json:"for_nodes,omitempty"`
 }
 
 // Endpoints is a helper to set Service.Endpoints.

@@ -16,12 +16,7 @@ import (
 // where it was (removing the directory) at cleanup. Root only; under CI it must not skip.
 func cgroupForTest(t *testing.T) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test must run as root under CI")
-		}
-		t.Skip("skipped: socket-level load balancing needs root")
-	}
+	needRoot(t, "socket-level load balancing")
 	mounts, err := os.ReadFile("/proc/self/mounts")
 	if err != nil {
 		t.Fatal(err)

@@ -88,17 +88,36 @@ func call(f func(err *C.char, errLen C.size_t) C.svcproxy_result) error {
 	return &Error{Code: Code(r), Message: C.GoString((*C.char)(unsafe.Pointer(&buf[0])))}
 }
 
-// Options configure a Proxy. Start from DefaultOptions.
+// Forwarding is how the io_uring backend moves TCP bytes (the epoll backend always splices).
+type Forwarding uint32
+
+const (
+	Buffers Forwarding = C.SVCPROXY_FORWARDING_BUFFERS // receive into kernel-chosen buffers, send from them
+	Splice  Forwarding = C.SVCPROXY_FORWARDING_SPLICE  // splice through a pipe per direction
+)
+
+// Options configure a Proxy. Start from DefaultOptions. They are those of the svcproxyd
+// daemon's [proxy] and [node] sections (and its capture's preserve_client_ip).
 type Options struct {
-	Backend         Backend
-	Workers         int           // 0: one per CPU
-	ConnectTimeout  time.Duration // first attempt; doubled per further attempt
-	ConnectAttempts int
-	IdleTimeout     time.Duration // 0: none
-	UDPIdleTimeout  time.Duration
-	MaxConnections  int
-	DrainCloseAfter time.Duration // 0: keep connections to removed endpoints
-	NodeName        string
+	Backend                 Backend
+	Workers                 int           // 0: one per CPU
+	ConnectTimeout          time.Duration // first attempt; doubled per further attempt
+	ConnectAttempts         int
+	IdleTimeout             time.Duration // 0: none
+	UDPIdleTimeout          time.Duration
+	MaxConnections          int
+	MaxConnectionsPerClient int           // per client IP; 0: a quarter of MaxConnections
+	MaxUDPFlows             int           // per worker
+	MaxUDPFlowsPerClient    int           // per worker and client IP; 0: a quarter of MaxUDPFlows
+	DrainCloseAfter         time.Duration // 0: keep connections to removed endpoints
+	Forwarding              Forwarding
+	// PreserveClientIP connects to endpoints from the client's address (IP_TRANSPARENT: needs
+	// CAP_NET_ADMIN, and routing that brings the replies back to this host).
+	PreserveClientIP bool
+	NodeName         string   // for traffic policy Local
+	NodeZone         string   // for endpoints' zone hints
+	NodeAddresses    []string // where node ports are served; none: every IPv4 address
+	ClusterCIDRs     []string // pod and node networks: their clients are inside the cluster
 }
 
 // DefaultOptions returns svcproxy's defaults.
@@ -106,19 +125,50 @@ func DefaultOptions() Options {
 	var o C.svcproxy_options
 	C.svcproxy_options_default(&o)
 	return Options{
-		Backend:         Backend(o.backend),
-		Workers:         int(o.workers),
-		ConnectTimeout:  time.Duration(o.connect_timeout_ms) * time.Millisecond,
-		ConnectAttempts: int(o.connect_attempts),
-		IdleTimeout:     time.Duration(o.idle_timeout_ms) * time.Millisecond,
-		UDPIdleTimeout:  time.Duration(o.udp_idle_timeout_ms) * time.Millisecond,
-		MaxConnections:  int(o.max_connections),
+		Backend:                 Backend(o.backend),
+		Workers:                 int(o.workers),
+		ConnectTimeout:          time.Duration(o.connect_timeout_ms) * time.Millisecond,
+		ConnectAttempts:         int(o.connect_attempts),
+		IdleTimeout:             time.Duration(o.idle_timeout_ms) * time.Millisecond,
+		UDPIdleTimeout:          time.Duration(o.udp_idle_timeout_ms) * time.Millisecond,
+		MaxConnections:          int(o.max_connections),
+		MaxConnectionsPerClient: int(o.max_connections_per_client),
+		MaxUDPFlows:             int(o.max_udp_flows),
+		MaxUDPFlowsPerClient:    int(o.max_udp_flows_per_client),
+		Forwarding:              Forwarding(o.forwarding),
+		PreserveClientIP:        bool(o.preserve_client_ip),
 	}
+}
+
+// cStrings is ss as a C array of C strings, and the function that frees it.
+func cStrings(ss []string) (**C.char, C.size_t, func()) {
+	if len(ss) == 0 {
+		return nil, 0, func() {}
+	}
+	array := unsafe.Slice((**C.char)(C.malloc(C.size_t(len(ss))*C.size_t(unsafe.Sizeof((*C.char)(nil))))), len(ss))
+	for i, s := range ss {
+		array[i] = C.CString(s)
+	}
+	return &array[0], C.size_t(len(ss)), func() {
+		for _, p := range array {
+			C.free(unsafe.Pointer(p))
+		}
+		C.free(unsafe.Pointer(&array[0]))
+	}
+}
+
+// cString is s as a C string (nil when empty), and the function that frees it.
+func cString(s string) (*C.char, func()) {
+	if s == "" {
+		return nil, func() {}
+	}
+	p := C.CString(s)
+	return p, func() { C.free(unsafe.Pointer(p)) }
 }
 
 // Proxy is a running (or startable) svcproxy with its service table.
 type Proxy struct {
-	mu sync.Mutex
+	mu sync.RWMutex // read: a call on the handle (the C ABI lets them run at once); write: Close
 	h  *C.svcproxy_proxy
 }
 
@@ -163,7 +213,11 @@ func New(o Options) (*Proxy, error) {
 		{"IdleTimeout (ms)", ceilMillis(o.IdleTimeout), &c.idle_timeout_ms},
 		{"UDPIdleTimeout (ms)", ceilMillis(o.UDPIdleTimeout), &c.udp_idle_timeout_ms},
 		{"MaxConnections", int64(o.MaxConnections), &c.max_connections},
+		{"MaxConnectionsPerClient", int64(o.MaxConnectionsPerClient), &c.max_connections_per_client},
+		{"MaxUDPFlows", int64(o.MaxUDPFlows), &c.max_udp_flows},
+		{"MaxUDPFlowsPerClient", int64(o.MaxUDPFlowsPerClient), &c.max_udp_flows_per_client},
 		{"DrainCloseAfter (ms)", ceilMillis(o.DrainCloseAfter), &c.drain_close_after_ms},
+		{"Forwarding", int64(o.Forwarding), &c.forwarding},
 	}
 	for _, f := range fields {
 		// A value the C options cannot hold must not wrap into another one.
@@ -172,11 +226,16 @@ func New(o Options) (*Proxy, error) {
 		}
 		*f.to = C.uint32_t(f.value)
 	}
-	if o.NodeName != "" {
-		name := C.CString(o.NodeName)
-		defer C.free(unsafe.Pointer(name))
-		c.node_name = name
-	}
+	c.preserve_client_ip = C.bool(o.PreserveClientIP)
+	var free func()
+	c.node_name, free = cString(o.NodeName)
+	defer free()
+	c.node_zone, free = cString(o.NodeZone)
+	defer free()
+	c.node_addresses, c.node_addresses_len, free = cStrings(o.NodeAddresses)
+	defer free()
+	c.cluster_cidrs, c.cluster_cidrs_len, free = cStrings(o.ClusterCIDRs)
+	defer free()
 	p := &Proxy{}
 	err := call(func(e *C.char, n C.size_t) C.svcproxy_result { return C.svcproxy_proxy_new(&c, &p.h, e, n) })
 	if err != nil {
@@ -195,8 +254,8 @@ func (p *Proxy) handle() (*C.svcproxy_proxy, error) {
 }
 
 func (p *Proxy) with(f func(h *C.svcproxy_proxy) error) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.mu.RLock()
+	defer p.mu.RUnlock()
 	h, err := p.handle()
 	if err != nil {
 		return err

@@ -9,21 +9,6 @@
 #include <stdint.h>
 
 /*
- Backend: io_uring where available, else epoll.
- */
-#define SVCPROXY_BACKEND_AUTO 0
-
-/*
- Backend: epoll.
- */
-#define SVCPROXY_BACKEND_EPOLL 1
-
-/*
- Backend: io_uring.
- */
-#define SVCPROXY_BACKEND_IO_URING 2
-
-/*
  Protocol: TCP.
  */
 #define SVCPROXY_PROTOCOL_TCP 0
@@ -67,6 +52,31 @@
  Traffic policy: endpoints on this node only.
  */
 #define SVCPROXY_TRAFFIC_LOCAL 1
+
+/*
+ Backend: io_uring where available, else epoll.
+ */
+#define SVCPROXY_BACKEND_AUTO 0
+
+/*
+ Backend: epoll.
+ */
+#define SVCPROXY_BACKEND_EPOLL 1
+
+/*
+ Backend: io_uring.
+ */
+#define SVCPROXY_BACKEND_IO_URING 2
+
+/*
+ io_uring forwarding: receive into kernel-chosen buffers, send from them.
+ */
+#define SVCPROXY_FORWARDING_BUFFERS 0
+
+/*
+ io_uring forwarding: splice through a pipe per direction.
+ */
+#define SVCPROXY_FORWARDING_SPLICE 1
 
 /*
  Result codes. Numbers are stable: new codes are only ever added.
@@ -131,6 +141,7 @@ typedef struct svcproxy_proxy svcproxy_proxy;
 
 /*
  Proxy options. Get the defaults from [`svcproxy_options_default`], then change fields.
+ Strings and arrays are borrowed for the call they are passed to.
  */
 typedef struct {
   /*
@@ -163,14 +174,63 @@ typedef struct {
    */
   uint32_t max_connections;
   /*
+   Most TCP connections one client IP address may hold; 0: a quarter of
+   `max_connections`. A client over it is reset and counted limited.
+   */
+  uint32_t max_connections_per_client;
+  /*
+   Most UDP flows per worker: 1 to 16777216.
+   */
+  uint32_t max_udp_flows;
+  /*
+   Most UDP flows one client IP address may hold per worker; 0: a quarter of
+   `max_udp_flows`.
+   */
+  uint32_t max_udp_flows_per_client;
+  /*
    Close connections to removed endpoints after this many milliseconds (at most
    86400000); 0: keep them.
    */
   uint32_t drain_close_after_ms;
   /*
-   This node's name (for traffic policy Local); NULL: none. Borrowed for the call.
+   `SVCPROXY_FORWARDING_*`: how the io_uring backend moves TCP bytes (the epoll backend
+   always splices).
+   */
+  uint32_t forwarding;
+  /*
+   Connect to endpoints from the client's own address, so that backends see it
+   (`IP_TRANSPARENT`: needs CAP_NET_ADMIN, and the embedder must route the replies back to
+   this host: the rules svcproxyd installs are in the README, "Client source
+   preservation").
+   */
+  bool preserve_client_ip;
+  /*
+   This node's name (for traffic policy Local); NULL: none.
    */
   const char *node_name;
+  /*
+   This node's zone (for endpoints' zone hints); NULL: none.
+   */
+  const char *node_zone;
+  /*
+   Addresses node ports are served on (IP text); with `node_addresses_len` 0, every IPv4
+   address.
+   */
+  const char *const *node_addresses;
+  /*
+   Number of `node_addresses`.
+   */
+  size_t node_addresses_len;
+  /*
+   The cluster's pod and node networks (CIDR text, e.g. "198.18.0.0/16"): clients there
+   are inside the cluster and reach every endpoint of a service whose external traffic
+   policy is Local.
+   */
+  const char *const *cluster_cidrs;
+  /*
+   Number of `cluster_cidrs`.
+   */
+  size_t cluster_cidrs_len;
 } svcproxy_options;
 
 /*
@@ -263,6 +323,26 @@ typedef struct {
    Most connections or flows open at once per service port; 0: no limit.
    */
   uint32_t max_connections;
+  /*
+   Load balancer ingress addresses (served like external addresses).
+   */
+  const char *const *load_balancer_addresses;
+  /*
+   Number of `load_balancer_addresses`.
+   */
+  size_t load_balancer_addresses_len;
+  /*
+   Client ranges (CIDR text) allowed at the load balancer addresses; none: every client.
+   */
+  const char *const *load_balancer_source_ranges;
+  /*
+   Number of `load_balancer_source_ranges`.
+   */
+  size_t load_balancer_source_ranges_len;
+  /*
+   Port of the health check node port (external traffic policy Local); 0: none.
+   */
+  uint16_t health_check_node_port;
 } svcproxy_service;
 
 /*
@@ -319,6 +399,22 @@ typedef struct {
    Zone; NULL for none.
    */
   const char *zone;
+  /*
+   Zones it should serve (topology hints); none: no zone hints.
+   */
+  const char *const *for_zones;
+  /*
+   Number of `for_zones`.
+   */
+  size_t for_zones_len;
+  /*
+   Nodes it should serve (topology hints); none: no node hints.
+   */
+  const char *const *for_nodes;
+  /*
+   Number of `for_nodes`.
+   */
+  size_t for_nodes_len;
 } svcproxy_endpoint;
 
 /*
@@ -421,11 +517,6 @@ extern "C" {
  The library version, a static NUL-terminated string (never freed).
  */
 const char *svcproxy_version(void);
-
-/*
- Writes the default options into `out`.
- */
-svcproxy_result svcproxy_options_default(svcproxy_options *out);
 
 /*
  Creates a proxy (not started) with an empty service table. On success `*out` holds a handle
@@ -560,6 +651,11 @@ svcproxy_result svcproxy_proxy_table_json(const svcproxy_proxy *proxy,
                                           size_t *needed,
                                           char *err,
                                           size_t err_len);
+
+/*
+ Writes the default options into `out`.
+ */
+svcproxy_result svcproxy_options_default(svcproxy_options *out);
 
 /*
  Writes the statistics of every service port into `out` (room for `capacity`); `count`

@@ -6,11 +6,12 @@ use std::ffi::c_char;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use svcproxy::{
     Conditions, Endpoint, Policy, Protocol, Service, ServicePort, SessionAffinity, TargetPort,
     TrafficPolicy,
 };
-use svcproxy_core::NamedPort;
+use svcproxy_core::{Hints, NamedPort};
 
 use crate::abi::{Failure, array, optional_text, text};
 use crate::svcproxy_result;
@@ -94,6 +95,16 @@ pub struct svcproxy_service {
     pub external_traffic_policy: u32,
     /// Most connections or flows open at once per service port; 0: no limit.
     pub max_connections: u32,
+    /// Load balancer ingress addresses (served like external addresses).
+    pub load_balancer_addresses: *const *const c_char,
+    /// Number of `load_balancer_addresses`.
+    pub load_balancer_addresses_len: usize,
+    /// Client ranges (CIDR text) allowed at the load balancer addresses; none: every client.
+    pub load_balancer_source_ranges: *const *const c_char,
+    /// Number of `load_balancer_source_ranges`.
+    pub load_balancer_source_ranges_len: usize,
+    /// Port of the health check node port (external traffic policy Local); 0: none.
+    pub health_check_node_port: u16,
 }
 
 /// An endpoint.
@@ -118,13 +129,28 @@ pub struct svcproxy_endpoint {
     pub node: *const c_char,
     /// Zone; NULL for none.
     pub zone: *const c_char,
+    /// Zones it should serve (topology hints); none: no zone hints.
+    pub for_zones: *const *const c_char,
+    /// Number of `for_zones`.
+    pub for_zones_len: usize,
+    /// Nodes it should serve (topology hints); none: no node hints.
+    pub for_nodes: *const *const c_char,
+    /// Number of `for_nodes`.
+    pub for_nodes_len: usize,
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
     Failure::new(svcproxy_result::Invalid, format!("{field}: {why}"))
 }
 
-fn ips(ptr: *const *const c_char, len: usize, field: &str) -> Result<Vec<IpAddr>, Failure> {
+/// The `len` strings at `ptr` parsed as `T`, or the first one that is NULL, not UTF-8 or not
+/// a `what`.
+fn parsed<T: std::str::FromStr>(
+    ptr: *const *const c_char,
+    len: usize,
+    field: &str,
+    what: &str,
+) -> Result<Vec<T>, Failure> {
     array(ptr, len, field)?
         .iter()
         .enumerate()
@@ -132,8 +158,35 @@ fn ips(ptr: *const *const c_char, len: usize, field: &str) -> Result<Vec<IpAddr>
             let at = format!("{field}[{i}]");
             let s = text(*p, &at)?;
             s.parse()
-                .map_err(|_| invalid(&at, format!("{s:?} is not an IP address")))
+                .map_err(|_| invalid(&at, format!("{s:?} is not {what}")))
         })
+        .collect()
+}
+
+/// An array of IP addresses in text.
+pub(crate) fn ips(
+    ptr: *const *const c_char,
+    len: usize,
+    field: &str,
+) -> Result<Vec<IpAddr>, Failure> {
+    parsed(ptr, len, field, "an IP address")
+}
+
+/// An array of address ranges in CIDR text.
+pub(crate) fn nets(
+    ptr: *const *const c_char,
+    len: usize,
+    field: &str,
+) -> Result<Vec<IpNet>, Failure> {
+    parsed(ptr, len, field, "an address range (CIDR)")
+}
+
+/// An array of strings.
+fn texts(ptr: *const *const c_char, len: usize, field: &str) -> Result<Vec<String>, Failure> {
+    array(ptr, len, field)?
+        .iter()
+        .enumerate()
+        .map(|(i, p)| text(*p, &format!("{field}[{i}]")).map(str::to_string))
         .collect()
 }
 
@@ -181,9 +234,17 @@ pub(crate) fn service(s: &svcproxy_service) -> Result<Service, Failure> {
             s.external_addresses_len,
             "service.external_addresses",
         )?,
-        load_balancer_addresses: Vec::new(),
-        load_balancer_source_ranges: Vec::new(),
-        health_check_node_port: None,
+        load_balancer_addresses: ips(
+            s.load_balancer_addresses,
+            s.load_balancer_addresses_len,
+            "service.load_balancer_addresses",
+        )?,
+        load_balancer_source_ranges: nets(
+            s.load_balancer_source_ranges,
+            s.load_balancer_source_ranges_len,
+            "service.load_balancer_source_ranges",
+        )?,
+        health_check_node_port: (s.health_check_node_port != 0).then_some(s.health_check_node_port),
         ports,
         policy,
         session_affinity: match s.affinity_timeout_s {
@@ -268,6 +329,20 @@ pub(crate) fn endpoint(e: &svcproxy_endpoint, i: usize) -> Result<Endpoint, Fail
         weight: e.weight,
         node: optional_text(e.node, &at("node"))?.map(str::to_string),
         zone: optional_text(e.zone, &at("zone"))?.map(str::to_string),
-        hints: None,
+        hints: hints(e, &at)?,
     })
+}
+
+fn hints(
+    e: &svcproxy_endpoint,
+    at: impl Fn(&str) -> String,
+) -> Result<Option<Box<Hints>>, Failure> {
+    let for_zones = texts(e.for_zones, e.for_zones_len, &at("for_zones"))?;
+    let for_nodes = texts(e.for_nodes, e.for_nodes_len, &at("for_nodes"))?;
+    Ok((!for_zones.is_empty() || !for_nodes.is_empty()).then(|| {
+        Box::new(Hints {
+            for_zones,
+            for_nodes,
+        })
+    }))
 }

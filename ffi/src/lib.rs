@@ -18,13 +18,14 @@
 
 mod abi;
 mod convert;
+mod options;
 mod stats;
 
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use svcproxy::{BackendKind, Options, Proxy, Table, TableConfig, TableError};
+use svcproxy::{BackendKind, Options, Proxy, Table, TableError};
 use svcproxy_core::schema::{BatchDoc, TableDoc};
 
 pub use abi::svcproxy_result;
@@ -32,40 +33,13 @@ use abi::{
     Failure, Outcome, array, guard, into_handle, maybe_write, object, optional_text, slot, text,
 };
 pub use convert::{svcproxy_endpoint, svcproxy_named_port, svcproxy_port, svcproxy_service};
+use options::options_from;
+pub use options::{
+    SVCPROXY_BACKEND_AUTO, SVCPROXY_BACKEND_EPOLL, SVCPROXY_BACKEND_IO_URING,
+    SVCPROXY_FORWARDING_BUFFERS, SVCPROXY_FORWARDING_SPLICE, svcproxy_options,
+    svcproxy_options_default,
+};
 pub use stats::{svcproxy_counters, svcproxy_endpoint_stats, svcproxy_port_stats};
-
-/// Backend: io_uring where available, else epoll.
-pub const SVCPROXY_BACKEND_AUTO: u32 = 0;
-/// Backend: epoll.
-pub const SVCPROXY_BACKEND_EPOLL: u32 = 1;
-/// Backend: io_uring.
-pub const SVCPROXY_BACKEND_IO_URING: u32 = 2;
-
-/// Proxy options. Get the defaults from [`svcproxy_options_default`], then change fields.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct svcproxy_options {
-    /// `SVCPROXY_BACKEND_*`.
-    pub backend: u32,
-    /// Worker threads; 0: one per CPU; at most 1024.
-    pub workers: u32,
-    /// Timeout of the first connect attempt, in milliseconds (doubled per further attempt):
-    /// 1 to 600000.
-    pub connect_timeout_ms: u32,
-    /// Endpoints tried per connection: 1 to 8.
-    pub connect_attempts: u32,
-    /// TCP idle timeout in milliseconds (any value a `uint32_t` holds); 0: none.
-    pub idle_timeout_ms: u32,
-    /// UDP flow idle timeout in milliseconds: 1 to 86400000.
-    pub udp_idle_timeout_ms: u32,
-    /// Most TCP connections open at once: 1 to 16777216.
-    pub max_connections: u32,
-    /// Close connections to removed endpoints after this many milliseconds (at most
-    /// 86400000); 0: keep them.
-    pub drain_close_after_ms: u32,
-    /// This node's name (for traffic policy Local); NULL: none. Borrowed for the call.
-    pub node_name: *const c_char,
-}
 
 /// A proxy: its service table, and its workers once started.
 pub struct svcproxy_proxy {
@@ -84,63 +58,6 @@ pub struct svcproxy_batch {
 #[unsafe(no_mangle)]
 pub extern "C" fn svcproxy_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
-}
-
-/// Writes the default options into `out`.
-#[unsafe(no_mangle)]
-pub extern "C" fn svcproxy_options_default(out: *mut svcproxy_options) -> svcproxy_result {
-    guard(std::ptr::null_mut(), 0, || {
-        let out = slot(out, "out")?;
-        let d = Options::default().config;
-        *out = svcproxy_options {
-            backend: SVCPROXY_BACKEND_AUTO,
-            workers: 0,
-            connect_timeout_ms: d.tcp.connect_timeout.as_millis() as u32,
-            connect_attempts: d.tcp.connect_attempts,
-            idle_timeout_ms: d.tcp.idle_timeout.map_or(0, |t| t.as_millis() as u32),
-            udp_idle_timeout_ms: d.udp_idle_timeout.as_millis() as u32,
-            max_connections: d.max_connections as u32,
-            drain_close_after_ms: 0,
-            node_name: std::ptr::null(),
-        };
-        Ok(())
-    })
-}
-
-fn options_from(o: &svcproxy_options) -> Result<(Options, TableConfig), Failure> {
-    let invalid = |m: String| Failure::new(svcproxy_result::Invalid, m);
-    let backend = match o.backend {
-        SVCPROXY_BACKEND_AUTO => BackendKind::Auto,
-        SVCPROXY_BACKEND_EPOLL => BackendKind::Epoll,
-        SVCPROXY_BACKEND_IO_URING => BackendKind::IoUring,
-        other => {
-            return Err(invalid(format!(
-                "options.backend is {other}, must be 0, 1 or 2"
-            )));
-        }
-    };
-    let mut options = Options {
-        backend,
-        ..Options::default()
-    };
-    let c = &mut options.config;
-    c.workers = o.workers as usize;
-    c.tcp.connect_timeout = Duration::from_millis(u64::from(o.connect_timeout_ms));
-    c.tcp.connect_attempts = o.connect_attempts;
-    c.tcp.idle_timeout =
-        (o.idle_timeout_ms > 0).then(|| Duration::from_millis(u64::from(o.idle_timeout_ms)));
-    c.udp_idle_timeout = Duration::from_millis(u64::from(o.udp_idle_timeout_ms));
-    c.max_connections = o.max_connections as usize;
-    c.tcp.drain = match o.drain_close_after_ms {
-        0 => svcproxy::DrainPolicy::Keep,
-        ms => svcproxy::DrainPolicy::CloseAfter(Duration::from_millis(u64::from(ms))),
-    };
-    c.validate().map_err(|e| invalid(format!("options: {e}")))?;
-    let table = TableConfig {
-        node_name: optional_text(o.node_name, "options.node_name")?.map(str::to_string),
-        ..TableConfig::default()
-    };
-    Ok((options, table))
 }
 
 /// Creates a proxy (not started) with an empty service table. On success `*out` holds a handle

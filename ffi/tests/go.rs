@@ -1,6 +1,7 @@
-//! Runs the Go package's tests and its example, linked against the static library with the
-//! documented link line. Without a Go toolchain the tests are skipped (and say so), except
-//! under CI (`CI` set), where they must run.
+//! Runs `go vet`, the Go package's tests under the race detector, and its example, linked
+//! against the static library with the documented link line. The Go used is the current one
+//! at /usr/local/go when it is there (else `go` on PATH). Without a Go toolchain the tests are
+//! skipped (and say so), except under CI (`CI` set), where they must run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,19 +10,25 @@ mod common;
 
 /// `go`, or `None` (skipping) when it is not installed and this is not CI.
 fn go() -> Option<Command> {
-    let found = Command::new("go")
+    let current = PathBuf::from("/usr/local/go/bin/go");
+    let go = if current.exists() {
+        current
+    } else {
+        PathBuf::from("go")
+    };
+    let found = Command::new(&go)
         .arg("version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "Go is required under CI (install golang-go)"
+            "Go is required under CI (/usr/local/go)"
         );
-        eprintln!("skipped: no Go toolchain (install golang-go to run the Go tests)");
+        eprintln!("skipped: no Go toolchain (install Go to run the Go tests)");
         return None;
     }
-    let mut cmd = Command::new("go");
+    let mut cmd = Command::new(go);
     cmd.current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("go"))
         .env("CGO_ENABLED", "1")
         .env(
@@ -32,22 +39,43 @@ fn go() -> Option<Command> {
     Some(cmd)
 }
 
-#[test]
-fn go_package_tests_pass() {
-    let Some(mut go) = go() else { return };
-    let out = go.args(["test", "-v", "./..."]).output().unwrap();
+/// The output of `go`'s run, asserting it succeeded.
+fn run(mut go: Command, args: &[&str]) -> String {
+    let out = go.args(args).output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "go test failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "go {} failed:\n{text}",
+        args.join(" ")
+    );
+    text
+}
+
+#[test]
+fn go_vet_is_clean() {
+    let Some(go) = go() else { return };
+    run(go, &["vet", "./..."]);
+}
+
+#[test]
+fn go_package_tests_pass_under_the_race_detector() {
+    let Some(go) = go() else { return };
+    let text = run(go, &["test", "-race", "-v", "./..."]);
     for test in [
         "TestStartTrafficStatsAndShutdown",
         "TestTableChangesWhileRunning",
         "TestErrors",
         "TestSocketLBConnectsStraightToTheEndpoint",
         "TestDurationsRoundUpToMillisecondsAndLongWaitsAreClamped",
+        "TestOneProxyFromManyGoroutines",
+        "TestNodeOptionsReachTheTable",
+        "TestSpliceForwardingOnIoUring",
+        "TestPreserveClientIP",
+        "TestBadOptionsAreNamed",
     ] {
         assert!(
             text.contains(&format!("--- PASS: {test}")),
@@ -58,14 +86,8 @@ fn go_package_tests_pass() {
 
 #[test]
 fn go_example_goes_round_robin() {
-    let Some(mut go) = go() else { return };
-    let out = go.args(["run", "./examples/roundrobin"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Some(go) = go() else { return };
+    let text = run(go, &["run", "./examples/roundrobin"]);
     let answers: Vec<&str> = text
         .lines()
         .filter_map(|l| l.split("answered by ").nth(1))

@@ -95,6 +95,29 @@ int main(void) {
     bad.connect_attempts = 0;
     CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_INVALID);
     CHECK(strstr(err, "connect_attempts") != NULL);
+    bad = opts;
+    bad.forwarding = 9;
+    CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_INVALID);
+    CHECK(strstr(err, "options.forwarding") != NULL);
+    bad = opts;
+    const char *bad_node[] = {"127.0.0.1", "node-a"};
+    bad.node_addresses = bad_node;
+    bad.node_addresses_len = 2;
+    CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_INVALID);
+    CHECK(strstr(err, "options.node_addresses[1]") != NULL);
+    bad = opts;
+    const char *bad_cidr[] = {"198.18.0.0/33"};
+    bad.cluster_cidrs = bad_cidr;
+    bad.cluster_cidrs_len = 1;
+    CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_INVALID);
+    CHECK(strstr(err, "options.cluster_cidrs[0]") != NULL);
+    bad.cluster_cidrs = NULL;
+    CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_NULL);
+    CHECK(strstr(err, "options.cluster_cidrs") != NULL);
+    bad = opts;
+    bad.max_udp_flows = 0;
+    CHECK(svcproxy_proxy_new(&bad, &proxy, err, sizeof err) == SVCPROXY_RESULT_INVALID);
+    CHECK(strstr(err, "max_udp_flows") != NULL);
     /* A tiny error buffer still gets a terminated, truncated message. */
     char tiny[4];
     CHECK(svcproxy_proxy_new(&bad, &proxy, tiny, sizeof tiny) == SVCPROXY_RESULT_INVALID);
@@ -130,8 +153,7 @@ int main(void) {
     CHECK(svcproxy_batch_new(&batch) == SVCPROXY_RESULT_OK);
     const char *addrs[] = {"127.0.0.1"};
     svcproxy_port port = {NULL, SVCPROXY_PROTOCOL_TCP, vip_port, 0, NULL, 0};
-    svcproxy_service svc = {"c/web", addrs, 1, NULL, 0, &port, 1, SVCPROXY_POLICY_ROUND_ROBIN,
-                            0, 0, false, SVCPROXY_TRAFFIC_CLUSTER, SVCPROXY_TRAFFIC_CLUSTER, 0};
+    svcproxy_service svc = {.name = "c/web", .addresses = addrs, .addresses_len = 1, .ports = &port, .ports_len = 1};
     CHECK(svcproxy_batch_upsert_service(NULL, &svc, err, sizeof err) == SVCPROXY_RESULT_NULL);
     CHECK(svcproxy_batch_upsert_service(batch, NULL, err, sizeof err) == SVCPROXY_RESULT_NULL);
     /* Bad service fields are named. */
@@ -147,16 +169,37 @@ int main(void) {
     broken.policy = 99;
     CHECK(svcproxy_batch_upsert_service(batch, &broken, err, sizeof err) == SVCPROXY_RESULT_INVALID);
     CHECK(strstr(err, "service.policy") != NULL);
+    broken = svc;
+    const char *bad_range[] = {"198.18.0.1"};
+    broken.load_balancer_source_ranges = bad_range;
+    broken.load_balancer_source_ranges_len = 1;
+    CHECK(svcproxy_batch_upsert_service(batch, &broken, err, sizeof err) == SVCPROXY_RESULT_INVALID);
+    CHECK(strstr(err, "service.load_balancer_source_ranges[0]") != NULL);
+    /* Load balancer addresses and source ranges reach the table (checked in its JSON below). */
+    const char *lb[] = {"127.0.0.9"};
+    const char *ranges[] = {"127.0.0.0/8"};
+    svc.load_balancer_addresses = lb;
+    svc.load_balancer_addresses_len = 1;
+    svc.load_balancer_source_ranges = ranges;
+    svc.load_balancer_source_ranges_len = 1;
     CHECK(svcproxy_batch_upsert_service(batch, &svc, err, sizeof err) == SVCPROXY_RESULT_OK);
 
     char a1[32], a2[32];
     snprintf(a1, sizeof a1, "127.0.0.1:%u", p1);
     snprintf(a2, sizeof a2, "127.0.0.1:%u", p2);
     svcproxy_endpoint eps[2] = {
-        {a1, NULL, 0, true, true, false, 1, NULL, NULL},
-        {a2, NULL, 0, true, true, false, 1, "node-a", "zone-1"},
+        {.address = a1, .ready = true, .serving = true, .weight = 1},
+        {.address = a2, .ready = true, .serving = true, .weight = 1, .node = "node-a", .zone = "zone-1"},
     };
-    svcproxy_endpoint bad_ep = {"127.0.0.1:not-a-port", NULL, 0, true, true, false, 1, NULL, NULL};
+    const char *zones[] = {"zone-1"};
+    eps[1].for_zones = zones;
+    eps[1].for_zones_len = 1;
+    /* An array that is NULL but has a length. */
+    svcproxy_endpoint bad_ep = {.address = a1, .ready = true, .weight = 1, .for_nodes_len = 1};
+    CHECK(svcproxy_batch_replace_endpoints(batch, "c/web", &bad_ep, 1, err, sizeof err) ==
+          SVCPROXY_RESULT_NULL);
+    CHECK(strstr(err, "endpoints[0].for_nodes") != NULL);
+    bad_ep = (svcproxy_endpoint){.address = "127.0.0.1:not-a-port", .ready = true, .serving = true, .weight = 1};
     CHECK(svcproxy_batch_replace_endpoints(batch, "c/web", &bad_ep, 1, err, sizeof err) ==
           SVCPROXY_RESULT_INVALID);
     CHECK(strstr(err, "endpoints[0].address") != NULL);
@@ -235,6 +278,9 @@ int main(void) {
     char *doc = malloc(needed);
     CHECK(svcproxy_proxy_table_json(proxy, doc, needed, NULL, err, sizeof err) == SVCPROXY_RESULT_OK);
     CHECK(strstr(doc, "\"c/web\"") != NULL && strstr(doc, "\"c/j\"") != NULL);
+    CHECK(strstr(doc, "\"load_balancer_addresses\":[\"127.0.0.9\"]") != NULL);
+    CHECK(strstr(doc, "\"load_balancer_source_ranges\":[\"127.0.0.0/8\"]") != NULL);
+    CHECK(strstr(doc, "\"for_zones\":[\"zone-1\"]") != NULL);
     free(doc);
 
     /* Statistics into caller memory. */

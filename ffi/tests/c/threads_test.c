@@ -32,11 +32,10 @@ static void *adder(void *arg) {
         snprintf(name, sizeof name, "t%d/s%d", id, j);
         const char *addrs[] = {"127.0.0.1"};
         svcproxy_port port = {NULL, SVCPROXY_PROTOCOL_TCP, (uint16_t)(20000 + id * 1000 + j), 0, NULL, 0};
-        svcproxy_service svc = {name, addrs, 1, NULL, 0, &port, 1, SVCPROXY_POLICY_ROUND_ROBIN,
-                                0, 0, false, SVCPROXY_TRAFFIC_CLUSTER, SVCPROXY_TRAFFIC_CLUSTER, 0};
+        svcproxy_service svc = {.name = name, .addresses = addrs, .addresses_len = 1, .ports = &port, .ports_len = 1};
         if (svcproxy_batch_upsert_service(batch, &svc, err, sizeof err) != SVCPROXY_RESULT_OK)
             fail("upsert", err);
-        svcproxy_endpoint ep = {"127.0.0.1:9", NULL, 0, true, true, false, 1, NULL, NULL};
+        svcproxy_endpoint ep = {.address = "127.0.0.1:9", .ready = true, .serving = true, .weight = 1};
         if (svcproxy_batch_replace_endpoints(batch, name, &ep, 1, err, sizeof err) !=
             SVCPROXY_RESULT_OK)
             fail("replace_endpoints", err);
