@@ -329,7 +329,7 @@ pub(crate) fn endpoint(e: &svcproxy_endpoint, i: usize) -> Result<Endpoint, Fail
         weight: e.weight,
         node: optional_text(e.node, &at("node"))?.map(str::to_string),
         zone: optional_text(e.zone, &at("zone"))?.map(str::to_string),
-        hints: hints(e, &at)?,
+        hints: hints(e, at)?,
     })
 }
 
