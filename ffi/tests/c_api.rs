@@ -97,7 +97,11 @@ fn the_shared_library_has_a_soname_and_exports_only_the_api() {
         .unwrap();
     let text = String::from_utf8_lossy(&dynamic.stdout);
     assert!(
-        text.contains("Library soname: [libsvcproxy_ffi.so.0.1]"),
+        text.contains(concat!(
+            "Library soname: [libsvcproxy_ffi.so.0.",
+            env!("CARGO_PKG_VERSION_MINOR"),
+            "]"
+        )),
         "{text}"
     );
     let symbols = Command::new("nm")
