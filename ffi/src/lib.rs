@@ -21,6 +21,9 @@ mod convert;
 mod options;
 mod stats;
 
+#[cfg(test)]
+mod boundary_tests;
+
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

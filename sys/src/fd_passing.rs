@@ -215,6 +215,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "system calls")]
     fn a_message_carries_bytes_and_working_descriptors() {
         let dir = std::env::temp_dir().join(format!("svcproxy-fd-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -247,6 +248,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "system calls")]
     fn too_many_descriptors_are_refused_before_sending() {
         let (a, _b) = UnixStream::pair().unwrap();
         let fd = seqpacket(SocketFlags::empty()).unwrap();
