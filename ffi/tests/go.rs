@@ -95,3 +95,37 @@ fn go_example_goes_round_robin() {
     assert_eq!(answers.len(), 6, "{text}");
     assert!(answers.windows(2).all(|w| w[0] != w[1]), "{text}");
 }
+
+/// What the README tells another module to write: a `require` of the package's module path
+/// and a `replace` line pointing at this checkout.
+#[test]
+fn another_module_imports_the_package_with_a_replace_line() {
+    let Some(mut go) = go() else { return };
+    let package = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("go");
+    let module = std::env::temp_dir().join(format!("svcproxy-embedder-{}", std::process::id()));
+    std::fs::create_dir_all(&module).unwrap();
+    std::fs::write(
+        module.join("go.mod"),
+        format!(
+            "module example.com/embedder\n\ngo 1.19\n\n\
+             require github.com/svcproxy/svcproxy/ffi/go v0.0.0\n\n\
+             replace github.com/svcproxy/svcproxy/ffi/go => {}\n",
+            package.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        module.join("main.go"),
+        "package main\n\nimport (\n\t\"fmt\"\n\n\tsvcproxy \"github.com/svcproxy/svcproxy/ffi/go\"\n)\n\n\
+         func main() {\n\tp, err := svcproxy.New(svcproxy.DefaultOptions())\n\tif err != nil {\n\t\tpanic(err)\n\t}\n\
+         \tdefer p.Close()\n\tfmt.Println(\"embedded svcproxy\", svcproxy.Version())\n}\n",
+    )
+    .unwrap();
+    go.current_dir(&module);
+    let text = run(go, &["run", "."]);
+    std::fs::remove_dir_all(&module).unwrap();
+    assert!(
+        text.contains(&format!("embedded svcproxy {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+}
