@@ -629,6 +629,146 @@ fn svcproxyd_serves_what_the_api_says_and_follows_its_changes() {
     });
 }
 
+/// The Go embedding's example controller (`ffi/go/examples/controller`: client-go informers
+/// feeding an embedded proxy), built against the C library of this checkout; `None` (the test
+/// is skipped) without Go, except under CI.
+fn go_controller(dir: &Path) -> Option<PathBuf> {
+    let go = ["/usr/local/go/bin/go", "go"].into_iter().find(|go| {
+        Command::new(go)
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(go) = go else {
+        assert!(std::env::var_os("CI").is_none(), "Go is required under CI");
+        eprintln!("skipped: no Go toolchain");
+        return None;
+    };
+    let target = std::env::current_exe().unwrap();
+    let target = target.parent().and_then(Path::parent).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "-p", "svcproxy-ffi", "--lib"])
+        .current_dir(repo);
+    if target.ends_with("release") {
+        cargo.arg("--release");
+    }
+    let built = cargo.output().unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let program = dir.join("controller");
+    let go = |args: &[&str]| {
+        let out = Command::new(go)
+            .args(args)
+            .current_dir(repo.join("ffi/go/examples/controller"))
+            .env("CGO_ENABLED", "1")
+            .env("CGO_LDFLAGS", format!("-L{}", target.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "go {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    go(&["vet", "."]);
+    go(&["build", "-o", program.to_str().unwrap(), "."]);
+    Some(program)
+}
+
+/// What a Go program embedding svcproxy does as a node's proxy: the example controller watches
+/// the API with client-go informers as svcproxyd's service account and feeds the embedded
+/// proxy; traffic from the client pod follows the API's changes (a new service, scaling up
+/// and down, deletion).
+#[test]
+fn an_embedded_proxy_fed_by_client_go_follows_the_api() {
+    let Some(stack) = Stack::start() else {
+        return;
+    };
+    let (topo, cluster) = (&stack.topo, &stack.cluster);
+    let Some(program) = go_controller(&cluster.dir) else {
+        return;
+    };
+    // The embedded proxy listens on the cluster IPs themselves (svcproxyd's capture is not
+    // there): they are local addresses of the node.
+    run(
+        "ip",
+        &[
+            "-n",
+            &topo.node,
+            "route",
+            "add",
+            "local",
+            "198.19.0.0/16",
+            "dev",
+            "lo",
+        ],
+    );
+    let web: SocketAddr = "198.19.0.30:80".parse().unwrap();
+    cluster.apply(vec![
+        service("go-web", "198.19.0.30"),
+        slice("go-web", &[POD_A]),
+    ]);
+    let args = [
+        format!("-kubeconfig={}", cluster.path("proxy.kubeconfig")),
+        "-node=node".into(),
+        "-workers=1".into(),
+    ];
+    let mut controller = spawn_in(
+        &cluster.ns,
+        &program,
+        &args,
+        &cluster.dir.join("controller.log"),
+    );
+    let log = || std::fs::read_to_string(cluster.dir.join("controller.log")).unwrap_or_default();
+    wait("the controller to sync", START_TIMEOUT, || {
+        assert!(
+            controller.try_wait().unwrap().is_none(),
+            "the controller exited:\n{}",
+            log()
+        );
+        log().contains("synced")
+    });
+    assert_eq!(served_n(topo, web, 4), pods(&["a"]), "{}", log());
+
+    cluster.apply(vec![slice("go-web", &[POD_A, POD_B])]);
+    wait("the new endpoint", TIMEOUT, || {
+        served_n(topo, web, 2) == pods(&["a", "b"])
+    });
+    cluster.apply(vec![slice("go-web", &[POD_B])]);
+    wait("the endpoint removed", TIMEOUT, || {
+        served_n(topo, web, 4) == pods(&["b"])
+    });
+    let api: SocketAddr = "198.19.0.31:80".parse().unwrap();
+    cluster.apply(vec![
+        service("go-api", "198.19.0.31"),
+        slice("go-api", &[POD_A]),
+    ]);
+    wait("the new service", TIMEOUT, || {
+        served_by(topo, api).as_deref() == Some("a")
+    });
+    cluster.delete("v1", "Service", "shop", "go-api");
+    wait("the service gone", TIMEOUT, || {
+        served_by(topo, api).is_none()
+    });
+    assert_eq!(
+        served_n(topo, web, 2),
+        pods(&["b"]),
+        "the other service stays"
+    );
+    stop(&mut controller);
+    assert!(
+        !log().contains("retried"),
+        "every change applied at once:\n{}",
+        log()
+    );
+}
+
 /// 1,000 services with their slices made at once: every one is served; how long it took is
 /// printed (docs/BENCHMARKS.md records it).
 #[test]
