@@ -347,7 +347,9 @@ impl Proxy {
         let lb = SocketLb::attach(cgroup, self.control.table().clone())?;
         let status = lb.status();
         info!(cgroup = %cgroup.display(), frontends = status.frontends, "socket-level load balancing attached");
-        *self.socket_lb_guard() = Some(lb);
+        // The one it replaces detaches outside the lock (stats go on meanwhile).
+        let replaced = self.socket_lb_guard().replace(lb);
+        drop(replaced);
         Ok(())
     }
 
@@ -358,7 +360,8 @@ impl Proxy {
 
     /// Detaches socket-level load balancing: node-local clients reach the workers again.
     pub fn detach_socket_lb(&self) {
-        self.socket_lb_guard().take();
+        let attached = self.socket_lb_guard().take();
+        drop(attached);
     }
 
     fn socket_lb_guard(&self) -> std::sync::MutexGuard<'_, Option<SocketLb>> {

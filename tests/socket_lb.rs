@@ -365,18 +365,47 @@ fn connect_time_round_robin_shows_the_service_and_keeps_the_client_address() {
     }
     assert_eq!(pods, ["a", "b", "a", "b", "a", "b"], "exact round robin");
     let stats = s.proxy.stats();
-    let web = stats
+    let counted = stats
         .iter()
         .find(|p| p.service.starts_with("default/web"))
         .unwrap();
-    assert_eq!(web.totals.connections_total, 6);
-    let per_endpoint: Vec<u64> = web
+    assert_eq!(counted.totals.connections_total, 6);
+    let per_endpoint: Vec<u64> = counted
         .endpoints
         .iter()
         .map(|(_, v)| v.connections_total)
         .collect();
     assert_eq!(per_endpoint, [3, 3]);
-    assert_eq!(s.proxy.connections(), 0, "the workers saw none of them");
+    let web_totals = |stats: Vec<svcproxy::PortStats>| {
+        let web = stats
+            .into_iter()
+            .find(|p| p.service.starts_with("default/web"));
+        web.map(|p| (p.totals.connections_total, p.endpoints.len()))
+    };
+    assert_eq!(
+        web_totals(s.table.load().stats()),
+        Some((0, 2)),
+        "the workers saw none of them"
+    );
+
+    // Pod b leaves; at the change after, no program can count for it any more, and its
+    // counters fold into the service port's totals: they never go back.
+    s.set(web("198.18.0.10", 80), &[POD_A]);
+    s.set(web("198.18.0.10", 80).policy(Policy::Random), &[POD_A]);
+    assert_eq!(web_totals(s.proxy.stats()), Some((6, 1)));
+    // Off the socket path (least connections is the proxy's to do): the totals stay, and the
+    // proxy's own connections add to them.
+    s.set(
+        web("198.18.0.10", 80).policy(Policy::LeastConnections),
+        &[POD_A],
+    );
+    assert_eq!(web_totals(s.proxy.stats()), Some((6, 1)));
+    assert_eq!(s.proxy.socket_lb().unwrap().frontends, 0);
+    s.proxy.sync(Duration::from_secs(5)).unwrap();
+    for _ in 0..2 {
+        assert_eq!(Stack::pod_of(&s.client.ask("tcp 198.18.0.10:80")), "a");
+    }
+    assert_eq!(web_totals(s.proxy.stats()), Some((8, 1)));
 }
 
 #[test]

@@ -45,11 +45,21 @@ struct frontend {
 	__u32 flags;
 	// ClientIP affinity timeout; 0 without affinity.
 	__u64 affinity_ns;
+	// The entry's own key. A hash map hands a replaced or deleted element to a later update
+	// at once, so a program reading through a lookup's pointer may find another key's value
+	// there: it copies the value and checks the key.
+	struct frontend_key key;
 };
 
 struct slot_key {
 	__u32 rev;
 	__u32 index;
+};
+
+// A slot's endpoint, with the slot's key (checked as the frontend's is).
+struct slot {
+	struct endpoint endpoint;
+	struct slot_key key;
 };
 
 struct member_key {
@@ -118,7 +128,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct slot_key);
-	__type(value, struct endpoint);
+	__type(value, struct slot);
 } slots SEC(".maps");
 
 struct {
@@ -216,12 +226,15 @@ static __always_inline int pick(void *ctx, const struct frontend *fe, struct end
 		index = __sync_fetch_and_add(&c->next, 1) % fe->count;
 	}
 	struct slot_key skey = { .rev = fe->rev, .index = index };
-	struct endpoint *e = bpf_map_lookup_elem(&slots, &skey);
-	if (!e)
+	struct slot *found = bpf_map_lookup_elem(&slots, &skey);
+	if (!found)
 		return 0;
-	*out = *e;
+	struct slot slot = *found;
+	if (slot.key.rev != skey.rev || slot.key.index != skey.index)
+		return 0;
+	*out = slot.endpoint;
 	if (fe->affinity_ns) {
-		struct affinity a = { .endpoint = *e, .used_ns = now };
+		struct affinity a = { .endpoint = slot.endpoint, .used_ns = now };
 		bpf_map_update_elem(&affinities, &akey, &a, BPF_ANY);
 	}
 	return 1;
@@ -258,12 +271,24 @@ static __always_inline void write_destination(struct bpf_sock_addr *ctx, int fam
 	}
 }
 
-static __always_inline struct frontend *frontend_of(const struct bpf_sock_addr *ctx, int family,
-						    struct endpoint *service)
+static __always_inline int same_endpoint(const struct endpoint *a, const struct endpoint *b)
+{
+	return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
+	       a->addr[3] == b->addr[3] && a->port == b->port && a->family == b->family;
+}
+
+// Copies the frontend of the destination into *fe. 0 when there is none, or when the element
+// read had been reused for another frontend meanwhile: the userspace proxy serves that one.
+static __always_inline int frontend_of(const struct bpf_sock_addr *ctx, int family,
+				       struct endpoint *service, struct frontend *fe)
 {
 	read_destination(ctx, family, service);
 	struct frontend_key key = { .service = *service, .protocol = ctx->protocol };
-	return bpf_map_lookup_elem(&frontends, &key);
+	struct frontend *found = bpf_map_lookup_elem(&frontends, &key);
+	if (!found)
+		return 0;
+	*fe = *found;
+	return fe->key.protocol == key.protocol && same_endpoint(&fe->key.service, &key.service);
 }
 
 static __always_inline void remember_reverse(struct bpf_sock_addr *ctx,
@@ -287,8 +312,9 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, int family)
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
 	struct endpoint service = {};
-	struct frontend *fe = frontend_of(ctx, family, &service);
-	if (!fe)
+	struct frontend copy;
+	const struct frontend *fe = &copy;
+	if (!frontend_of(ctx, family, &service, &copy))
 		return 1;
 	if (fe->count == 0)
 		return refuse(fe);
@@ -306,8 +332,9 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, int family)
 static __always_inline int on_sendmsg(struct bpf_sock_addr *ctx, int family)
 {
 	struct endpoint service = {};
-	struct frontend *fe = frontend_of(ctx, family, &service);
-	if (!fe)
+	struct frontend copy;
+	const struct frontend *fe = &copy;
+	if (!frontend_of(ctx, family, &service, &copy))
 		return 1;
 	if (fe->count == 0)
 		return refuse(fe);

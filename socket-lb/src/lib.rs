@@ -17,6 +17,12 @@
 //! userspace proxy. A frontend without an eligible endpoint refuses `connect()` and `sendmsg()`
 //! with `ECONNREFUSED`.
 //!
+//! A hash map hands a replaced or deleted element to a later update at once, so a program may
+//! read an element that now holds another key's value. Frontend and slot values carry their own
+//! key; the programs copy the value and check it, and a mismatch goes to the userspace proxy.
+//! Counters of frontends and endpoints taken off the socket path are folded into their service
+//! port's totals, which never go back.
+//!
 //! Choices differ from the userspace proxy's in two ways, both documented for users: the
 //! endpoint is chosen once, at `connect()` (a refused connect is not retried on the next
 //! endpoint), and under ClientIP affinity the client is the network namespace (its address is
@@ -28,7 +34,7 @@
 mod maps;
 mod plan;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,7 +47,8 @@ use svcproxy_core::table::SubscriptionId;
 use svcproxy_core::{CounterValues, PortStats, ServicePortKey, Snapshot, Table};
 
 use maps::{
-    Cursor, Endpoint, FRONTEND_RANDOM, Frontend, FrontendKey, MemberKey, SlotKey, Stat, StatKey,
+    Cursor, Endpoint, FRONTEND_RANDOM, Frontend, FrontendKey, MemberKey, Slot, SlotKey, Stat,
+    StatKey,
 };
 use plan::Plan;
 
@@ -246,7 +253,8 @@ struct Installed {
     id: u32,
     rev: u32,
     plan: Plan,
-    /// Every endpoint it ever had, whose counters must go with it.
+    /// The endpoints whose counters it holds: those of its plan (and, until the next change,
+    /// those it just lost).
     counted: BTreeSet<SocketAddr>,
 }
 
@@ -255,7 +263,7 @@ struct Maps {
     /// The programs and links, from attaching until drop.
     ebpf: Option<Ebpf>,
     frontends: BpfHashMap<MapData, FrontendKey, Frontend>,
-    slots: BpfHashMap<MapData, SlotKey, Endpoint>,
+    slots: BpfHashMap<MapData, SlotKey, Slot>,
     members: BpfHashMap<MapData, MemberKey, u32>,
     cursors: BpfHashMap<MapData, u32, Cursor>,
     stats: PerCpuHashMap<MapData, StatKey, Stat>,
@@ -266,6 +274,10 @@ struct Maps {
     next_rev: u32,
     /// Revisions replaced by the last publish, deleted at the next.
     retired: Vec<(u32, Vec<SocketAddr>)>,
+    /// What the programs counted for frontends and endpoints since taken off the socket path,
+    /// by service and port, so that a service port's totals never go back; kept while the
+    /// service exists.
+    departed: BTreeMap<(String, String), CounterValues>,
     last: Option<Arc<Snapshot>>,
 }
 
@@ -291,6 +303,7 @@ impl Maps {
             next_id: 0,
             next_rev: 0,
             retired: Vec::new(),
+            departed: BTreeMap::new(),
             last: None,
         })
     }
@@ -322,6 +335,8 @@ impl Maps {
             let plan = snapshot.frontend(&key).and_then(|r| plan::plan(&key, r));
             self.set(key, plan);
         }
+        self.departed
+            .retain(|(service, _), _| snapshot.service(service).is_some());
         self.last = Some(snapshot.clone());
     }
 
@@ -352,10 +367,26 @@ impl Maps {
         }
         match self.installed.get_mut(&key) {
             Some(entry) => {
+                // The endpoints it lost two changes ago: no program counts for them any more.
+                let lost: Vec<SocketAddr> = entry
+                    .counted
+                    .iter()
+                    .filter(|a| !entry.plan.endpoints.contains(a) && !plan.endpoints.contains(a))
+                    .copied()
+                    .collect();
                 entry.counted.extend(plan.endpoints.iter().copied());
                 let old = std::mem::replace(&mut entry.plan, plan);
                 self.retired.push((entry.rev, old.endpoints));
                 entry.rev = rev;
+                let (id, service, port) = (
+                    entry.id,
+                    entry.plan.service.clone(),
+                    entry.plan.port.clone(),
+                );
+                for addr in &lost {
+                    entry.counted.remove(addr);
+                }
+                self.depart(id, &service, &port, lost.into_iter().map(Some));
             }
             None => {
                 let counted = plan.endpoints.iter().copied().collect();
@@ -380,7 +411,8 @@ impl Maps {
     ) -> Result<(), aya::maps::MapError> {
         for (index, addr) in (0u32..).zip(&plan.endpoints) {
             let endpoint = Endpoint::from(*addr);
-            self.slots.insert(SlotKey { rev, index }, endpoint, 0)?;
+            let key = SlotKey { rev, index };
+            self.slots.insert(key, Slot { endpoint, key }, 0)?;
             self.members.insert(MemberKey { rev, endpoint }, index, 0)?;
         }
         self.cursors.insert(id, Cursor::default(), 0)?;
@@ -392,6 +424,7 @@ impl Maps {
             affinity_ns: plan.affinity.map_or(0, |t| {
                 u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1)
             }),
+            key: frontend_key(&key),
         };
         self.frontends.insert(frontend_key(&key), frontend, 0)
     }
@@ -403,10 +436,41 @@ impl Maps {
         // Errors here mean the entry is already gone.
         let _ = self.frontends.remove(&frontend_key(&key));
         let _ = self.cursors.remove(&old.id);
-        for addr in old.counted.iter().map(|a| Some(*a)).chain([None]) {
-            let _ = self.stats.remove(&stat_key(old.id, addr));
-        }
+        let addrs = old.counted.iter().map(|a| Some(*a)).chain([None]);
+        self.depart(old.id, &old.plan.service, &old.plan.port, addrs);
         self.retired.push((old.rev, old.plan.endpoints));
+    }
+
+    /// Moves the counters of frontend `id` for `addrs` (`None`: its own) out of the map, into
+    /// the service port's departed totals.
+    fn depart(
+        &mut self,
+        id: u32,
+        service: &str,
+        port: &str,
+        addrs: impl Iterator<Item = Option<SocketAddr>>,
+    ) {
+        for addr in addrs {
+            if let Some(values) = self.stat(id, addr) {
+                *self
+                    .departed
+                    .entry((service.to_string(), port.to_string()))
+                    .or_default() += values;
+            }
+            let _ = self.stats.remove(&stat_key(id, addr));
+        }
+    }
+
+    /// What the programs counted for frontend `id` and endpoint `addr`, summed over CPUs.
+    fn stat(&self, id: u32, addr: Option<SocketAddr>) -> Option<CounterValues> {
+        let per_cpu = self.stats.get(&stat_key(id, addr), 0).ok()?;
+        let mut values = CounterValues::default();
+        for s in per_cpu.iter() {
+            values.connections_total += s.connections;
+            values.datagrams_in += s.datagrams;
+            values.refused += s.refused;
+        }
+        Some(values)
     }
 
     fn delete_revision(&mut self, rev: u32, endpoints: &[SocketAddr]) {
@@ -419,29 +483,21 @@ impl Maps {
         }
     }
 
-    /// Every counter of an installed frontend: service, port, endpoint (`None`: the service
-    /// port's own) and values, summed over CPUs.
+    /// Every counter: service, port, endpoint (`None`: the service port's own, and what
+    /// departed) and values, summed over CPUs.
     fn counted(&self) -> Vec<(String, String, Option<SocketAddr>, CounterValues)> {
         let mut out = Vec::new();
         for installed in self.installed.values() {
             let addrs = installed.counted.iter().map(|a| Some(*a)).chain([None]);
             for addr in addrs {
-                let Ok(per_cpu) = self.stats.get(&stat_key(installed.id, addr), 0) else {
-                    continue;
-                };
-                let mut values = CounterValues::default();
-                for s in per_cpu.iter() {
-                    values.connections_total += s.connections;
-                    values.datagrams_in += s.datagrams;
-                    values.refused += s.refused;
+                if let Some(values) = self.stat(installed.id, addr) {
+                    let (service, port) = (&installed.plan.service, &installed.plan.port);
+                    out.push((service.clone(), port.clone(), addr, values));
                 }
-                out.push((
-                    installed.plan.service.clone(),
-                    installed.plan.port.clone(),
-                    addr,
-                    values,
-                ));
             }
+        }
+        for ((service, port), values) in &self.departed {
+            out.push((service.clone(), port.clone(), None, *values));
         }
         out
     }

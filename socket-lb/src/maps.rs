@@ -63,6 +63,8 @@ pub(crate) struct Frontend {
     pub(crate) count: u32,
     pub(crate) flags: u32,
     pub(crate) affinity_ns: u64,
+    /// Its own key, which the programs check after copying the value.
+    pub(crate) key: FrontendKey,
 }
 
 /// `struct slot_key`.
@@ -71,6 +73,14 @@ pub(crate) struct Frontend {
 pub(crate) struct SlotKey {
     pub(crate) rev: u32,
     pub(crate) index: u32,
+}
+
+/// `struct slot`: a slot's endpoint and its own key.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slot {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) key: SlotKey,
 }
 
 /// `struct member_key`.
@@ -116,6 +126,8 @@ unsafe impl Pod for Frontend {}
 // SAFETY: as above.
 unsafe impl Pod for SlotKey {}
 // SAFETY: as above.
+unsafe impl Pod for Slot {}
+// SAFETY: as above.
 unsafe impl Pod for MemberKey {}
 // SAFETY: as above.
 unsafe impl Pod for Cursor {}
@@ -133,8 +145,9 @@ mod tests {
         use std::mem::size_of;
         assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<FrontendKey>(), 24);
-        assert_eq!(size_of::<Frontend>(), 24);
+        assert_eq!(size_of::<Frontend>(), 48);
         assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Slot>(), 28);
         assert_eq!(size_of::<MemberKey>(), 24);
         assert_eq!(size_of::<StatKey>(), 24);
         assert_eq!(size_of::<Stat>(), 24);
