@@ -1,7 +1,6 @@
 package svcproxy
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
@@ -20,25 +19,6 @@ func needRoot(t *testing.T, what string) {
 		}
 		t.Skipf("skipped: %s needs root", what)
 	}
-}
-
-// askFrom connects from source address from to addr and returns the backend's line: its
-// address and the client address it saw.
-func askFrom(t *testing.T, from, addr string) (string, string) {
-	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
-	c, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := strings.Fields(line)
-	return f[0], f[1]
 }
 
 func TestNodeOptionsReachTheTable(t *testing.T) {

@@ -44,9 +44,22 @@ func freePort(t *testing.T) uint16 {
 	return uint16(l.Addr().(*net.TCPAddr).Port)
 }
 
+// ask connects to addr and returns the address of the backend that answered.
 func ask(t *testing.T, addr string) string {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	backend, _ := askFrom(t, "", addr)
+	return backend
+}
+
+// askFrom connects from source address from (empty: any) to addr and returns the backend's
+// line: its address and the client address it saw.
+func askFrom(t *testing.T, from, addr string) (string, string) {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +69,8 @@ func ask(t *testing.T, addr string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return strings.Fields(line)[0]
+	f := strings.Fields(line)
+	return f[0], f[1]
 }
 
 func newProxy(t *testing.T) *Proxy {
