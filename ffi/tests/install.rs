@@ -1,7 +1,8 @@
-//! The library as C users install it: `cargo cinstall` (cargo-c) into a staging directory,
-//! then the C example built with what `pkg-config svcproxy` says, against the shared library
-//! (which must carry the ABI's SONAME) and against the static one, and run. Without cargo-c
-//! the test is skipped (and says so), except under CI (`CI` set), where it must run.
+//! The library as C users install it: `cargo cinstall` (cargo-c) into a staging directory and
+//! `ffi/localize.sh` over the static library, then the C example built with what `pkg-config
+//! svcproxy` says, against the shared library (which must carry the ABI's SONAME) and against
+//! the static one (which must export only the C API), and run. Without cargo-c the test is
+//! skipped (and says so), except under CI (`CI` set), where it must run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,6 +102,29 @@ fn cargo_c_installs_a_library_that_pkg_config_finds() {
     assert!(
         needed.contains(&format!("Shared library: [libsvcproxy.so.0.{minor}]")),
         "{needed}"
+    );
+    // The static library, made to export only the C API.
+    let archive = lib.join("libsvcproxy.a");
+    ok(Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/localize.sh"))
+        .args([&archive, &archive]));
+    let symbols = ok(Command::new("nm")
+        .args(["--defined-only", "--extern-only", "--format=posix"])
+        .arg(&archive));
+    let exported: Vec<&str> = symbols
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| !name.ends_with(':') && !name.ends_with(".o"))
+        .collect();
+    assert!(
+        exported.len() > 10 && exported.iter().all(|n| n.starts_with("svcproxy_")),
+        "{} symbols exported, not all the API's: {:?}",
+        exported.len(),
+        exported
+            .iter()
+            .filter(|n| !n.starts_with("svcproxy_"))
+            .take(10)
+            .collect::<Vec<_>>()
     );
     // Linked against the static library, with the private libraries pkg-config lists.
     let mut flags = vec![format!("{}/libsvcproxy.a", lib.display())];
