@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use svcproxy::{BackendKind, DrainPolicy, Forwarding, Options, TableConfig};
 
-use crate::abi::{Failure, optional_text};
+use crate::abi::{Failure, guard, optional_text, slot};
 use crate::convert::{ips, nets};
 use crate::svcproxy_result;
 
@@ -81,8 +81,8 @@ pub struct svcproxy_options {
 /// Writes the default options into `out`.
 #[unsafe(no_mangle)]
 pub extern "C" fn svcproxy_options_default(out: *mut svcproxy_options) -> svcproxy_result {
-    crate::abi::guard(std::ptr::null_mut(), 0, || {
-        let out = crate::abi::slot(out, "out")?;
+    guard(std::ptr::null_mut(), 0, || {
+        let out = slot(out, "out")?;
         let d = Options::default().config;
         *out = svcproxy_options {
             backend: SVCPROXY_BACKEND_AUTO,
