@@ -606,8 +606,9 @@ fn detaching_leaves_no_program_or_map() {
     ] {
         assert!(attached.contains(hook), "{hook} attached: {attached}");
     }
-    let maps_before = bpftool(&["map", "show"]);
-    assert!(maps_before.contains("frontends"), "{maps_before}");
+    let ours = maps_of(cgroup.to_str().unwrap());
+    assert!(ours.len() >= 8, "the programs' maps: {ours:?}");
+    assert!(ours.is_subset(&live_maps()));
     s.proxy.detach_socket_lb();
     assert_eq!(
         bpftool(&["cgroup", "show", cgroup.to_str().unwrap()]).trim(),
@@ -617,12 +618,45 @@ fn detaching_leaves_no_program_or_map() {
     assert_eq!(pins(), pinned_before, "nothing was left under /sys/fs/bpf");
     // Maps are freed once the last program using them is; that is asynchronous (RCU).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while bpftool(&["map", "show"]).contains("frontends") {
+    while !live_maps().is_disjoint(&ours) {
         assert!(Instant::now() < deadline, "the maps were not freed");
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(s);
     assert!(!cgroup.exists(), "the test cgroup is removed");
+}
+
+/// The ids of the maps that the programs attached to `cgroup` use.
+fn maps_of(cgroup: &str) -> std::collections::BTreeSet<u32> {
+    let programs: Vec<String> = bpftool(&["cgroup", "show", cgroup])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| id.parse::<u32>().is_ok())
+        .map(str::to_string)
+        .collect();
+    programs
+        .iter()
+        .flat_map(|id| {
+            let shown = bpftool(&["prog", "show", "id", id]);
+            let ids = shown
+                .split_whitespace()
+                .skip_while(|w| *w != "map_ids")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            ids.split(',')
+                .filter_map(|m| m.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The ids of every BPF map there is.
+fn live_maps() -> std::collections::BTreeSet<u32> {
+    bpftool(&["map", "show"])
+        .lines()
+        .filter_map(|l| l.split(':').next()?.trim().parse().ok())
+        .collect()
 }
 
 fn bpftool(args: &[&str]) -> String {
