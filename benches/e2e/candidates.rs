@@ -135,27 +135,6 @@ impl Running {
         }
         pids
     }
-
-    /// Resident memory of the candidate's processes, in bytes.
-    pub fn rss(&self) -> Option<u64> {
-        let pids = self.pids();
-        if pids.is_empty() {
-            return None;
-        }
-        let mut total = 0;
-        for pid in pids {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let kb: u64 = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            total += kb * 1024;
-        }
-        Some(total)
-    }
 }
 
 impl Drop for Running {

@@ -13,6 +13,7 @@ mod candidates;
 mod load;
 mod serve;
 mod topo;
+mod usage;
 
 use std::io;
 use std::net::IpAddr;
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 
 use candidates::{Kind, Running};
 use topo::Topology;
+use usage::Usage;
 
 #[derive(Parser)]
 #[command(about = "svcproxy end-to-end benchmark")]
@@ -48,9 +50,10 @@ struct Cli {
     /// Force the loopback topology even as root.
     #[arg(long)]
     loopback: bool,
-    /// Worker threads of every proxy (default: the CPU count).
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Worker threads of every proxy alike (svcproxy's workers, HAProxy's nbthread, nginx's
+    /// worker processes, the tokio proxy's runtime).
+    #[arg(long, alias = "threads", default_value_t = 1)]
+    workers: usize,
     /// Rounds: every candidate runs every workload once per round, rounds interleave the
     /// candidates (each round starting one candidate later), and the report gives each median.
     #[arg(long, default_value_t = 1)]
@@ -98,6 +101,9 @@ const WORKLOADS: [&str; 7] = ["bulk1", "bulk8", "rr", "cps", "idle", "udp64", "u
 struct Cell {
     value: f64,
     text: String,
+    /// Operations the workload completed, and what one is called: the candidate's CPU time
+    /// and context switches are given per operation.
+    ops: Option<(f64, &'static str)>,
 }
 
 fn main() -> io::Result<()> {
@@ -128,9 +134,7 @@ fn main() -> io::Result<()> {
     } else {
         Topology::loopback()
     };
-    let workers = cli
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = cli.workers;
     let duration = Duration::from_secs_f64(if cli.quick { 0.5 } else { cli.duration });
     // Each idle connection costs two descriptors in this process (client and backend side) and
     // two in the proxy: the descriptor limit caps the count (10,000 when it allows).
@@ -201,9 +205,15 @@ fn main() -> io::Result<()> {
                     continue;
                 }
             };
+            let pids = running.pids();
             for (i, w) in workloads.iter().enumerate() {
+                let before = Usage::of(&pids);
                 match measure(w, kind, &running, &topo, &backends, duration, idle_count) {
-                    Ok(Some(c)) => {
+                    Ok(Some(mut c)) => {
+                        if let (Some((ops, unit)), false) = (c.ops, pids.is_empty()) {
+                            let used = Usage::of(&pids).since(before);
+                            c.text = format!("{}; {}", c.text, used.per(ops, unit));
+                        }
                         eprintln!("   {w}: {}", c.text);
                         samples[k][i].push(c);
                     }
@@ -269,7 +279,10 @@ fn measure(
 ) -> io::Result<Option<Cell>> {
     let ns = topo.client_ns();
     let target = running.target.clone();
-    let cell = |value: f64, text: String| Ok(Some(Cell { value, text }));
+    let secs = duration.as_secs_f64();
+    let cell = |value: f64, text: String, ops: Option<(f64, &'static str)>| {
+        Ok(Some(Cell { value, text, ops }))
+    };
     match workload {
         "bulk1" | "bulk8" => {
             let streams = if workload == "bulk1" { 1 } else { 8 };
@@ -277,7 +290,11 @@ fn measure(
             let gbps = load::on_client(ns, move || {
                 Box::pin(load::bulk(target, streams, duration, sunk))
             })??;
-            cell(gbps, format!("{gbps:.2} Gbit/s"))
+            cell(
+                gbps,
+                format!("{gbps:.2} Gbit/s"),
+                Some((gbps * 1e9 / 8.0 * secs / 1e6, "MB")),
+            )
         }
         "rr" => {
             let r = load::on_client(ns, move || {
@@ -292,6 +309,7 @@ fn measure(
                     us(r.p99),
                     us(r.p999)
                 ),
+                Some((r.rps * secs, "req")),
             )
         }
         "cps" => {
@@ -303,22 +321,27 @@ fn measure(
             } else {
                 String::new()
             };
-            cell(cps, format!("{cps:.0} conn/s{fails}"))
+            cell(
+                cps,
+                format!("{cps:.0} conn/s{fails}"),
+                Some((cps * secs, "conn")),
+            )
         }
         "idle" => {
             if !kind.process() {
                 return Ok(None);
             }
-            let before = running.rss().unwrap_or(0);
             let pids = running.pids();
+            let before = usage::rss(&pids);
             let after = load::on_client(ns, move || {
-                Box::pin(load::idle(target, idle_count, move || rss_of(&pids)))
+                Box::pin(load::idle(target, idle_count, move || usage::rss(&pids)))
             })??;
             let per = after.saturating_sub(before) as f64 / idle_count as f64;
             // Lower is better: store the inverse so that ratios read "times better".
             cell(
                 1.0 / per.max(1.0),
                 format!("{per:.0} bytes/conn ({idle_count} idle connections)"),
+                None,
             )
         }
         "udp64" | "udp1400" => {
@@ -330,20 +353,11 @@ fn measure(
             cell(
                 r.delivered,
                 format!("{:.0} dgram/s, {:.2}% lost", r.delivered, r.loss * 100.0),
+                Some((r.delivered * secs, "dgram")),
             )
         }
         other => Err(io::Error::other(format!("unknown workload {other:?}"))),
     }
-}
-
-fn rss_of(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-        })
-        .sum()
 }
 
 fn us(d: Duration) -> f64 {
