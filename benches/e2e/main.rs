@@ -101,9 +101,9 @@ const WORKLOADS: [&str; 7] = ["bulk1", "bulk8", "rr", "cps", "idle", "udp64", "u
 struct Cell {
     value: f64,
     text: String,
-    /// Operations the workload completed, and what one is called: the candidate's CPU time
-    /// and context switches are given per operation.
-    ops: Option<(f64, &'static str)>,
+    /// Operations per second, and what one is called: the candidate's CPU time and context
+    /// switches per second of the workload's run, divided by it, are given per operation.
+    rate: Option<(f64, &'static str)>,
 }
 
 fn main() -> io::Result<()> {
@@ -207,12 +207,13 @@ fn main() -> io::Result<()> {
             };
             let pids = running.pids();
             for (i, w) in workloads.iter().enumerate() {
-                let before = Usage::of(&pids);
+                let (before, started) = (Usage::of(&pids), std::time::Instant::now());
                 match measure(w, kind, &running, &topo, &backends, duration, idle_count) {
                     Ok(Some(mut c)) => {
-                        if let (Some((ops, unit)), false) = (c.ops, pids.is_empty()) {
+                        if let (Some((rate, unit)), false) = (c.rate, pids.is_empty()) {
                             let used = Usage::of(&pids).since(before);
-                            c.text = format!("{}; {}", c.text, used.per(ops, unit));
+                            let per = used.per(rate * started.elapsed().as_secs_f64(), unit);
+                            c.text = format!("{}; {per}", c.text);
                         }
                         eprintln!("   {w}: {}", c.text);
                         samples[k][i].push(c);
@@ -279,9 +280,8 @@ fn measure(
 ) -> io::Result<Option<Cell>> {
     let ns = topo.client_ns();
     let target = running.target.clone();
-    let secs = duration.as_secs_f64();
-    let cell = |value: f64, text: String, ops: Option<(f64, &'static str)>| {
-        Ok(Some(Cell { value, text, ops }))
+    let cell = |value: f64, text: String, rate: Option<(f64, &'static str)>| {
+        Ok(Some(Cell { value, text, rate }))
     };
     match workload {
         "bulk1" | "bulk8" => {
@@ -293,7 +293,7 @@ fn measure(
             cell(
                 gbps,
                 format!("{gbps:.2} Gbit/s"),
-                Some((gbps * 1e9 / 8.0 * secs / 1e6, "MB")),
+                Some((gbps * 1e9 / 8.0 / 1e6, "MB")),
             )
         }
         "rr" => {
@@ -309,7 +309,7 @@ fn measure(
                     us(r.p99),
                     us(r.p999)
                 ),
-                Some((r.rps * secs, "req")),
+                Some((r.rps, "req")),
             )
         }
         "cps" => {
@@ -321,11 +321,7 @@ fn measure(
             } else {
                 String::new()
             };
-            cell(
-                cps,
-                format!("{cps:.0} conn/s{fails}"),
-                Some((cps * secs, "conn")),
-            )
+            cell(cps, format!("{cps:.0} conn/s{fails}"), Some((cps, "conn")))
         }
         "idle" => {
             if !kind.process() {
@@ -353,7 +349,7 @@ fn measure(
             cell(
                 r.delivered,
                 format!("{:.0} dgram/s, {:.2}% lost", r.delivered, r.loss * 100.0),
-                Some((r.delivered * secs, "dgram")),
+                Some((r.delivered, "dgram")),
             )
         }
         other => Err(io::Error::other(format!("unknown workload {other:?}"))),

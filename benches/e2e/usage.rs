@@ -1,7 +1,8 @@
 //! What a candidate's processes cost, from /proc: resident memory, and CPU time (the
 //! scheduler's run time, in nanoseconds) and context switches summed over every thread of
-//! every process. Usage is read before and after a workload; the difference divided by the
-//! operations the workload completed goes beside its rate.
+//! every process. Usage is read before and after a workload; divided by the operations that
+//! the workload's rate gives for that whole span (setup included, so a little low), it goes
+//! beside the rate.
 
 use std::time::Duration;
 
