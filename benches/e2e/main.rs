@@ -210,7 +210,7 @@ fn main() -> io::Result<()> {
                 let (before, started) = (Usage::of(&pids), std::time::Instant::now());
                 match measure(w, kind, &running, &topo, &backends, duration, idle_count) {
                     Ok(Some(mut c)) => {
-                        if let (Some((rate, unit)), false) = (c.rate, pids.is_empty()) {
+                        if let Some((rate, unit)) = c.rate.filter(|_| !pids.is_empty()) {
                             let used = Usage::of(&pids).since(before);
                             let per = used.per(rate * started.elapsed().as_secs_f64(), unit);
                             c.text = format!("{}; {per}", c.text);

@@ -367,13 +367,19 @@ impl Maps {
         }
         match self.installed.get_mut(&key) {
             Some(entry) => {
-                // The endpoints it lost two changes ago: no program counts for them any more.
-                let lost: Vec<SocketAddr> = entry
-                    .counted
+                // Endpoints in neither the old plan nor the new one were lost two changes ago:
+                // no program counts for them any more.
+                let current: BTreeSet<SocketAddr> = entry
+                    .plan
+                    .endpoints
                     .iter()
-                    .filter(|a| !entry.plan.endpoints.contains(a) && !plan.endpoints.contains(a))
+                    .chain(&plan.endpoints)
                     .copied()
                     .collect();
+                let (kept, lost): (BTreeSet<_>, BTreeSet<_>) = std::mem::take(&mut entry.counted)
+                    .into_iter()
+                    .partition(|a| current.contains(a));
+                entry.counted = kept;
                 entry.counted.extend(plan.endpoints.iter().copied());
                 let old = std::mem::replace(&mut entry.plan, plan);
                 self.retired.push((entry.rev, old.endpoints));
@@ -383,9 +389,6 @@ impl Maps {
                     entry.plan.service.clone(),
                     entry.plan.port.clone(),
                 );
-                for addr in &lost {
-                    entry.counted.remove(addr);
-                }
                 self.depart(id, &service, &port, lost.into_iter().map(Some));
             }
             None => {

@@ -15,7 +15,6 @@ import (
 	"flag"
 	"fmt"
 	"log"
-	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -178,9 +177,4 @@ func (c *controller) sync(key string) error {
 		return nil
 	}
 	return err
-}
-
-func init() {
-	log.SetOutput(os.Stderr)
-	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 }
