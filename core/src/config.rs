@@ -59,7 +59,9 @@ pub enum Forwarding {
     /// send in flight per direction (the design of liburing's `examples/proxy.c`).
     #[default]
     Buffers,
-    /// `IORING_OP_SPLICE` through a pipe per direction (executed by io-wq threads).
+    /// Readiness from ring polls, then splice(2) through a pipe per direction for streams and
+    /// a copy for small transfers, as the epoll backend forwards (not `IORING_OP_SPLICE`,
+    /// which io_uring runs on io-wq threads).
     Splice,
 }
 

@@ -18,22 +18,19 @@ use svcproxy_core::{
 };
 use svcproxy_sys::dgram::MAX_DATAGRAM;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
+use svcproxy_sys::stream::{Buffers, Failed, PUMP_BUDGET, Pumped};
 use svcproxy_sys::{
-    ListenOptions, PipePool, RecvBatch, Waker, accept, adopt_flow, connect, listen_or_adopt, reset,
+    ListenOptions, RecvBatch, Waker, accept, adopt_flow, connect, listen_or_adopt, reset,
 };
 use tracing::debug;
 
-use crate::tcp::{Buffers, Conn, Failed, Pumped, pump};
+use crate::tcp::{Conn, pump};
 use crate::token::{Kind, Token, watch};
 
 /// Connections accepted per listener before other work gets a turn.
 const ACCEPT_BATCH: usize = 64;
-/// Bytes one connection forwards before other work gets a turn.
-const PUMP_BUDGET: usize = 1 << 20;
 /// epoll events per wait.
 const EVENTS: usize = 256;
-/// Spare pipes kept per worker.
-const SPARE_PIPES: usize = 64;
 /// What connection sockets are watched for (edge-triggered).
 const CONN_EVENTS: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::OUT)
@@ -131,7 +128,7 @@ impl Driver for Io {
         )
         .map_err(open_error)?;
         conn.backend = Some(socket);
-        *conn.ready_mut(Side::Backend) = Default::default();
+        *conn.streams.ready_mut(Side::Backend) = Default::default();
         Ok(())
     }
 
@@ -165,7 +162,7 @@ impl Driver for Io {
         mut conn: Conn,
         reset_side: Option<Side>,
     ) {
-        conn.release_pipes(&mut self.buffers.pipes);
+        conn.streams.release_pipes(&mut self.buffers.pipes);
         {
             let Conn {
                 client, backend, ..
@@ -269,7 +266,7 @@ impl Worker {
         Ok(Self {
             io: Io {
                 epoll,
-                buffers: Buffers::new(PipePool::new(config.pipe_size, SPARE_PIPES)),
+                buffers: Buffers::new(config.pipe_size),
                 batch: RecvBatch::new(config.udp_batch, MAX_DATAGRAM + 1),
                 ready: VecDeque::new(),
                 listen_options: ListenOptions {
@@ -351,7 +348,7 @@ impl Worker {
                     Side::Backend
                 };
                 let trouble = flags.intersects(epoll::EventFlags::ERR | epoll::EventFlags::HUP);
-                let ready = conn.io.ready_mut(side);
+                let ready = conn.io.streams.ready_mut(side);
                 ready.readable |=
                     trouble || flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP);
                 ready.writable |= trouble || flags.contains(epoll::EventFlags::OUT);

@@ -6,9 +6,11 @@
 //! [`run`] is the body of one worker thread: one ring per worker (single issuer, deferred task
 //! running; or a submission-polling kernel thread), its own `SO_REUSEPORT` listeners, its own
 //! connections and UDP flows. Socket I/O is ring operations: multishot accept, connect,
-//! receive into provided buffers (or splice through pipes), send, cancel; UDP with multishot
-//! `recvmsg` and `sendmsg`. Two things are direct system calls: creating sockets, and
-//! `shutdown(2)` of a write side (the ring would hand `IORING_OP_SHUTDOWN` to an io-wq thread).
+//! receive into provided buffers and send, poll, cancel; UDP with multishot `recvmsg` and
+//! `sendmsg`. Direct system calls: creating sockets, `shutdown(2)` of a write side (the ring
+//! would hand `IORING_OP_SHUTDOWN` to an io-wq thread), and, with splice forwarding, the
+//! splice(2), read and write calls of [`svcproxy_sys::stream`]'s pump once a poll reports a
+//! socket ready (the ring would run `IORING_OP_SPLICE` on io-wq threads too).
 //! The worker waits in `io_uring_enter` for the next completion; one ring timeout kept armed
 //! for the engine's next deadline ends the wait by then, so timers fire on time and a connect
 //! whose deadline passes is cancelled.

@@ -9,11 +9,12 @@
 //!   [`MAX_QUEUED`] filled buffers wait per direction, so a slow reader holds back its writer
 //!   instead of draining the ring; a receive that finds the ring empty waits until a buffer
 //!   comes back (backpressure, as in liburing's `examples/proxy.c`).
-//! - splice: `IORING_OP_SPLICE` from the source into a pipe, then from the pipe into the
-//!   destination, one splice in flight per direction. io_uring runs splices on io-wq threads
-//!   and does not wait for readiness itself, so each splice is preceded by a poll for
-//!   readiness and sockets are non-blocking: a splice never parks a thread on an idle socket,
-//!   and teardown can always cancel what is in flight.
+//! - splice: readiness from the ring, bytes moved by [`svcproxy_sys::stream`]'s pump, the one
+//!   the epoll backend uses (splice(2) through a pipe for streams, a copy for small
+//!   transfers), called inline when a poll completes. Each socket has at most one poll in
+//!   flight per interest (readable, writable), armed when the pump found it drained or full.
+//!   `IORING_OP_SPLICE` is not used: io_uring hands every splice to an io-wq thread, a
+//!   wake-up and context switches per splice.
 //!
 //! Half-close, resets, retries, idle and drain are the engine's. When it closes a connection,
 //! every operation on both sockets is cancelled and the sockets are closed only when the last
@@ -32,6 +33,7 @@ use svcproxy_core::session::{Direction, Side, Step};
 use svcproxy_core::{Connection, OpenError, Protocol};
 use svcproxy_sys::outbound;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
+use svcproxy_sys::stream::{Failed, Interest, PUMP_BUDGET, Pumped, Streams};
 use tracing::debug;
 
 use crate::ring::{Completion, Group, Span};
@@ -48,26 +50,22 @@ struct Chunk {
     sent: u32,
 }
 
-/// One direction of a connection.
+/// One direction of a connection, forwarding with buffers.
 #[derive(Debug, Default)]
 struct Dir {
     recv_armed: bool,
     send_armed: bool,
-    /// Splice forwarding: the operation in flight on the source (destination) is a poll.
-    polling_in: bool,
+    /// The operation in flight on the destination is a poll (a send found it full).
     polling_out: bool,
     /// Waiting for a buffer to come back to the ring.
     starved: bool,
-    /// Buffers forwarding: filled buffers, oldest first.
+    /// Filled buffers, oldest first.
     queue: VecDeque<Chunk>,
-    /// Splice forwarding: the pipe and the bytes in it.
-    pipe: Option<svcproxy_sys::Pipe>,
-    held: usize,
 }
 
 impl Dir {
     fn pending(&self) -> bool {
-        self.send_armed || !self.queue.is_empty() || self.held > 0
+        self.send_armed || !self.queue.is_empty()
     }
 }
 
@@ -76,7 +74,11 @@ pub(crate) struct Conn {
     pub(crate) client: Socket,
     /// The socket of the connect attempt under way, or connected.
     backend: Option<Socket>,
+    /// Buffers forwarding: each direction's state.
     dirs: [Dir; 2],
+    /// Splice forwarding: the pump's state, and the polls in flight on each socket.
+    streams: Streams,
+    polled: [Interest; 2],
     /// Operations in flight on this connection's sockets.
     inflight: u32,
 }
@@ -102,12 +104,37 @@ fn send_op(dir: Direction) -> Op {
     }
 }
 
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Backend => 1,
+    }
+}
+
+/// Splice forwarding polls with the receive and send operations' tags: a direction's receive
+/// tag for its source's readability, its send tag for its destination's writability.
+fn poll_op(side: Side, writable: bool) -> Op {
+    let dir = Direction::BOTH
+        .into_iter()
+        .find(|d| {
+            if writable {
+                d.to() == side
+            } else {
+                d.from() == side
+            }
+        })
+        .unwrap_or(Direction::Upstream);
+    if writable { send_op(dir) } else { recv_op(dir) }
+}
+
 impl Conn {
     pub(crate) fn new(client: Socket) -> Self {
         Self {
             client,
             backend: None,
             dirs: [Dir::default(), Dir::default()],
+            streams: Streams::default(),
+            polled: [Interest::default(); 2],
             inflight: 0,
         }
     }
@@ -127,6 +154,7 @@ impl Conn {
             backend,
             dirs,
             inflight,
+            ..
         } = self;
         let (client, backend) = (&*client, &*backend);
         let fd = move |side| match side {
@@ -186,8 +214,54 @@ impl Io {
     }
 
     pub(crate) fn start_forwarding(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
-        for dir in Direction::BOTH {
-            self.arm_recv(id, conn, dir);
+        match self.forwarding {
+            Forwarding::Buffers => {
+                for dir in Direction::BOTH {
+                    self.arm_recv(id, conn, dir);
+                }
+            }
+            Forwarding::Splice => {
+                // Connected sockets take bytes; whether bytes wait is for the polls to say.
+                for side in [Side::Client, Side::Backend] {
+                    conn.io.streams.ready_mut(side).writable = true;
+                }
+                self.arm_polls(id, conn);
+            }
+        }
+    }
+
+    /// Splice forwarding: polls each socket for what the pump waits for on it, unless such a
+    /// poll is in flight.
+    fn arm_polls(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
+        let Connection { io: c, state } = conn;
+        for side in [Side::Client, Side::Backend] {
+            let socket = match side {
+                Side::Client => &c.client,
+                Side::Backend => match &c.backend {
+                    Some(backend) => backend,
+                    None => continue,
+                },
+            };
+            let want = c.streams.interest(side, state);
+            let polled = &mut c.polled[side_index(side)];
+            for (writable, wanted, armed) in [
+                (false, want.readable, &mut polled.readable),
+                (true, want.writable, &mut polled.writable),
+            ] {
+                if !wanted || *armed {
+                    continue;
+                }
+                let events = if writable {
+                    libc::POLLOUT
+                } else {
+                    libc::POLLIN | libc::POLLRDHUP
+                };
+                let tag = token::user_data(poll_op(side, writable), id);
+                if self.ring.poll(socket.as_fd(), events as u32, tag).is_ok() {
+                    *armed = true;
+                    c.inflight += 1;
+                }
+            }
         }
     }
 
@@ -200,22 +274,14 @@ impl Io {
             inflight,
             ..
         } = conn.io.direction(dir);
-        if d.recv_armed || eof || d.starved || d.held > 0 || d.queue.len() >= MAX_QUEUED {
+        if d.recv_armed || eof || d.starved || d.queue.len() >= MAX_QUEUED {
             return;
         }
         let Some(src) = from else {
             return;
         };
         let ud = token::user_data(recv_op(dir), id);
-        // Splice waits for readiness first and takes a pipe only when bytes are there, so idle
-        // connections hold none.
-        let result = if self.forwarding == Forwarding::Splice {
-            self.ring.poll(src, libc::POLLIN as u32, ud)
-        } else {
-            self.ring.recv(src, Group::Tcp, ud)
-        };
-        if result.is_ok() {
-            d.polling_in = self.forwarding == Forwarding::Splice;
+        if self.ring.recv(src, Group::Tcp, ud).is_ok() {
             d.recv_armed = true;
             *inflight += 1;
         }
@@ -229,28 +295,17 @@ impl Io {
             inflight,
             ..
         } = conn.direction(dir);
-        let Some(dst) = to else {
+        let (Some(dst), false, Some(chunk)) = (to, d.send_armed, d.queue.front()) else {
             return;
         };
-        if d.send_armed {
-            return;
-        }
         let ud = token::user_data(send_op(dir), id);
-        let result = if let Some(chunk) = d.queue.front() {
-            let span = Span {
-                group: Group::Tcp,
-                bid: chunk.bid,
-                offset: chunk.sent as usize,
-                len: (chunk.len - chunk.sent) as usize,
-            };
-            self.ring.send(dst, span, true, ud)
-        } else if let (Some(pipe), 1..) = (&d.pipe, d.held) {
-            let (read, _) = pipe.fds();
-            self.ring.splice(read, dst, d.held as u32, ud)
-        } else {
-            return;
+        let span = Span {
+            group: Group::Tcp,
+            bid: chunk.bid,
+            offset: chunk.sent as usize,
+            len: (chunk.len - chunk.sent) as usize,
         };
-        if result.is_ok() {
+        if self.ring.send(dst, span, true, ud).is_ok() {
             d.send_armed = true;
             *inflight += 1;
         }
@@ -285,19 +340,15 @@ impl Io {
         }
     }
 
-    /// Frees a connection with nothing in flight: buffers back, sockets closed.
+    /// Frees a connection with nothing in flight: buffers and empty pipes back, sockets closed.
     fn free_conn(&mut self, mut conn: Conn) {
         for d in &mut conn.dirs {
             for chunk in d.queue.drain(..) {
                 self.ring.recycle(Group::Tcp, chunk.bid);
                 self.recycled = true;
             }
-            if let Some(pipe) = d.pipe.take()
-                && d.held == 0
-            {
-                self.pipes.give(pipe);
-            }
         }
+        conn.streams.release_pipes(&mut self.buffers.pipes);
         drop(conn);
         if self.reserve.is_none() {
             self.reserve = std::fs::File::open("/dev/null").ok();
@@ -332,12 +383,23 @@ impl Worker {
             return;
         };
         conn.io.inflight -= 1;
+        let splice = self.io.forwarding == Forwarding::Splice;
         match op {
             Op::Connect if c.result == 0 => self.engine.connected(&mut self.io, id, now),
             Op::Connect => {
                 let error = io::Error::from_raw_os_error(-c.result);
                 debug!(backend = ?conn.state.backend_addr(), %error, "connect failed");
                 self.engine.connect_failed(&mut self.io, id, now);
+            }
+            Op::RecvUp | Op::RecvDown | Op::SendUp | Op::SendDown if splice => {
+                let dir = if matches!(op, Op::RecvUp | Op::SendUp) {
+                    Direction::Upstream
+                } else {
+                    Direction::Downstream
+                };
+                let writable = matches!(op, Op::SendUp | Op::SendDown);
+                let side = if writable { dir.to() } else { dir.from() };
+                self.on_ready(id, side, writable, c, now);
             }
             Op::RecvUp => self.on_recv(id, Direction::Upstream, c, now),
             Op::RecvDown => self.on_recv(id, Direction::Downstream, c, now),
@@ -352,55 +414,17 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let Directed {
-            state: d,
-            from,
-            inflight,
-            ..
-        } = conn.io.direction(dir);
+        let d = &mut conn.io.dirs[index(dir)];
         d.recv_armed = false;
-        if d.polling_in {
-            d.polling_in = false;
-            if c.result < 0 {
-                if c.result != -libc::ECANCELED {
-                    self.engine.failed(&mut self.io, id, dir.from());
-                }
-                return;
-            }
-            // Readable: splice what is there into a pipe; without a pipe (out of descriptors),
-            // receive into a buffer instead.
-            if d.pipe.is_none()
-                && let Ok(p) = io.pipes.take()
-            {
-                d.pipe = Some(p);
-            }
-            let ud = token::user_data(recv_op(dir), id);
-            let Some(src) = from else {
-                return;
-            };
-            let submitted = match &d.pipe {
-                Some(pipe) => {
-                    let (_, write) = pipe.fds();
-                    io.ring.splice(src, write, pipe.capacity() as u32, ud)
-                }
-                None => io.ring.recv(src, Group::Tcp, ud),
-            };
-            if submitted.is_ok() {
-                d.recv_armed = true;
-                *inflight += 1;
-            }
-            return;
-        }
         match c.result {
             n if n > 0 => {
                 conn.state.active(now);
-                match c.buffer() {
-                    Some(bid) => d.queue.push_back(Chunk {
+                if let Some(bid) = c.buffer() {
+                    d.queue.push_back(Chunk {
                         bid,
                         len: n as u32,
                         sent: 0,
-                    }),
-                    None => d.held = n as usize,
+                    });
                 }
                 io.kick_send(id, &mut conn.io, dir);
                 io.arm_recv(id, conn, dir);
@@ -472,14 +496,8 @@ impl Worker {
             if chunk.sent >= chunk.len {
                 recycled = d.queue.pop_front().map(|c| c.bid);
             }
-        } else {
-            d.held = d.held.saturating_sub(n as usize);
         }
         let done = !d.pending();
-        if done && let Some(pipe) = d.pipe.take() {
-            // Empty: back to the pool until bytes flow again.
-            io.pipes.give(pipe);
-        }
         if let Some(bid) = recycled {
             io.ring.recycle(Group::Tcp, bid);
             io.recycled = true;
@@ -490,6 +508,53 @@ impl Worker {
             self.step(id, step);
         } else {
             io.arm_recv(id, conn, dir);
+        }
+    }
+
+    /// Splice forwarding: a poll of `side`'s socket completed.
+    fn on_ready(&mut self, id: ConnId, side: Side, writable: bool, c: Completion, now: Instant) {
+        let Some(conn) = self.engine.conn_mut(id) else {
+            return;
+        };
+        let polled = &mut conn.io.polled[side_index(side)];
+        if writable {
+            polled.writable = false;
+        } else {
+            polled.readable = false;
+        }
+        match c.result {
+            e if e == -libc::ECANCELED => return,
+            e if e < 0 => return self.engine.failed(&mut self.io, id, side),
+            _ => {}
+        }
+        let mask = c.result as i16;
+        let trouble = mask & (libc::POLLERR | libc::POLLHUP) != 0;
+        let ready = conn.io.streams.ready_mut(side);
+        ready.readable |= trouble || mask & (libc::POLLIN | libc::POLLRDHUP) != 0;
+        ready.writable |= trouble || mask & libc::POLLOUT != 0;
+        ready.peer_closed |= trouble || mask & libc::POLLRDHUP != 0;
+        self.pump(id, now);
+    }
+
+    /// Splice forwarding: moves what the sockets' readiness allows, then polls for the rest.
+    pub(crate) fn pump(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.engine.conn_mut(id) else {
+            return;
+        };
+        let Connection { io: c, state } = conn;
+        let Some(backend) = &c.backend else {
+            return;
+        };
+        let mut budget = PUMP_BUDGET;
+        let sockets = [&c.client, backend];
+        match c
+            .streams
+            .pump(sockets, state, &mut self.io.buffers, &mut budget, now)
+        {
+            Ok(Pumped::Idle) => self.io.arm_polls(id, conn),
+            Ok(Pumped::Budget) => self.io.again.push(id),
+            Ok(Pumped::Finished) => self.engine.close(&mut self.io, id, None),
+            Err(Failed(side)) => self.engine.failed(&mut self.io, id, side),
         }
     }
 

@@ -12,13 +12,13 @@ pub(crate) enum Op {
     Accept = 2,
     /// A connection's connect.
     Connect = 3,
-    /// Receive (or splice in) from the client.
+    /// Receive from the client (splice forwarding: the client is readable).
     RecvUp = 4,
-    /// Receive (or splice in) from the backend.
+    /// Receive from the backend (splice forwarding: the backend is readable).
     RecvDown = 5,
-    /// Send (or splice out) to the backend.
+    /// Send to the backend (or the backend is writable).
     SendUp = 6,
-    /// Send (or splice out) to the client.
+    /// Send to the client (or the client is writable).
     SendDown = 7,
     /// Multishot recvmsg on a UDP listener.
     ListenerRecv = 8,

@@ -22,7 +22,8 @@ use svcproxy_core::{
     Control, Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext,
 };
 use svcproxy_sys::socket::is_resource_exhaustion;
-use svcproxy_sys::{ListenOptions, PipePool, Waker, adopt_flow, listen_or_adopt};
+use svcproxy_sys::stream::Buffers;
+use svcproxy_sys::{ListenOptions, Waker, adopt_flow, listen_or_adopt};
 use tracing::{debug, warn};
 
 use crate::inflight::{Closing, InFlight};
@@ -35,8 +36,6 @@ use crate::udp::{FlowSocket, UdpOp};
 const UDP_BUFFERS: u16 = 256;
 /// A UDP buffer holds the largest datagram plus the recvmsg header, address and control data.
 const UDP_BUFFER_SIZE: usize = 65_536 + 512;
-/// Spare pipes kept per worker (splice forwarding).
-const SPARE_PIPES: usize = 64;
 
 pub(crate) struct Listener {
     pub(crate) key: ServicePortKey,
@@ -62,8 +61,12 @@ impl AsFd for Listener {
 /// The driver: the ring, its buffers, and what waits for its last completions.
 pub(crate) struct Io {
     pub(crate) ring: Ring,
-    pub(crate) pipes: PipePool,
+    /// Splice forwarding: pipes and the copy buffer.
+    pub(crate) buffers: Buffers,
     pub(crate) forwarding: Forwarding,
+    /// Splice forwarding: connections whose pump stopped at its byte budget, to pump again
+    /// after this round of completions.
+    pub(crate) again: Vec<ConnId>,
     pub(crate) udp_ops: Slots<UdpOp>,
     /// Connections that found the TCP buffer ring empty.
     pub(crate) starved: Vec<ConnId>,
@@ -155,8 +158,9 @@ impl Worker {
         Ok(Self {
             io: Io {
                 ring,
-                pipes: PipePool::new(config.pipe_size, SPARE_PIPES),
+                buffers: Buffers::new(config.pipe_size),
                 forwarding: config.io_uring.forwarding,
+                again: Vec::new(),
                 udp_ops: Slots::new(),
                 starved: Vec::new(),
                 udp_starved: Vec::new(),
@@ -193,11 +197,19 @@ impl Worker {
                 return Ok(());
             }
             self.arm_deadline(now)?;
-            self.io.ring.submit_and_wait(None)?;
+            let again = std::mem::take(&mut self.io.again);
+            if again.is_empty() {
+                self.io.ring.submit_and_wait(None)?;
+            } else {
+                self.io.ring.submit()?;
+            }
             self.io.ring.completions(&mut completions);
             let now = Instant::now();
             for c in completions.drain(..) {
                 self.dispatch(c, now);
+            }
+            for id in again {
+                self.pump(id, now);
             }
             if std::mem::take(&mut self.io.recycled) {
                 self.wake_starved();
@@ -353,7 +365,7 @@ impl svcproxy_core::Driver for Io {
     }
 
     fn out_of_resources(&mut self) {
-        self.pipes.clear();
+        self.buffers.pipes.clear();
     }
 
     fn connect(

@@ -17,6 +17,7 @@ pub mod fd_passing;
 pub mod limits;
 pub mod pipe;
 pub mod socket;
+pub mod stream;
 pub mod waker;
 
 pub use dgram::{Datagram, RecvBatch, send_many};

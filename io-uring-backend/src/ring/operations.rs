@@ -167,22 +167,6 @@ impl Ring {
         unsafe { self.push(entry, tag, Kind::Plain, Memory::SendMsg(m)) }
     }
 
-    /// Moves up to `len` bytes from `from` to `to` (one of them a pipe), without waiting:
-    /// `-EAGAIN` when a side is not ready.
-    pub(crate) fn splice(
-        &mut self,
-        from: BorrowedFd<'_>,
-        to: BorrowedFd<'_>,
-        len: u32,
-        tag: u64,
-    ) -> io::Result<()> {
-        let entry = opcode::Splice::new(fd(from), -1, fd(to), -1, len)
-            .flags(libc::SPLICE_F_NONBLOCK)
-            .build();
-        // SAFETY: no pointers.
-        unsafe { self.push(entry, tag, Kind::Plain, Memory::None) }
-    }
-
     /// Completes once `socket` is ready for `events` (`POLLIN`, `POLLOUT`).
     pub(crate) fn poll(&mut self, socket: BorrowedFd<'_>, events: u32, tag: u64) -> io::Result<()> {
         let entry = opcode::PollAdd::new(fd(socket), events).build();

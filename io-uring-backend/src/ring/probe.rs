@@ -21,7 +21,7 @@ impl std::fmt::Display for Unavailable {
 }
 
 /// Opcodes the backend needs.
-const NEEDED: [(u8, &str); 11] = [
+const NEEDED: [(u8, &str); 10] = [
     (opcode::PollAdd::CODE, "poll"),
     (opcode::AcceptMulti::CODE, "accept"),
     (opcode::Connect::CODE, "connect"),
@@ -29,7 +29,6 @@ const NEEDED: [(u8, &str); 11] = [
     (opcode::Send::CODE, "send"),
     (opcode::RecvMsg::CODE, "recvmsg"),
     (opcode::SendMsg::CODE, "sendmsg"),
-    (opcode::Splice::CODE, "splice"),
     (opcode::AsyncCancel2::CODE, "async cancel"),
     (opcode::Read::CODE, "read"),
     (opcode::Timeout::CODE, "timeout"),
