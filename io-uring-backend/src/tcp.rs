@@ -2,19 +2,24 @@
 //!
 //! A connection connects with a `Connect` (its deadline is the engine's: when it passes, the
 //! connect is cancelled and its completion reports the failure), then forwards each direction
-//! on its own:
-//! - buffers (default): a receive picks a buffer from the worker's provided-buffer ring, the
-//!   bytes are sent from that buffer, and the buffer goes back to the ring when the send has
-//!   completed. One send is in flight per direction (so bytes stay in order) and at most
-//!   [`MAX_QUEUED`] filled buffers wait per direction, so a slow reader holds back its writer
-//!   instead of draining the ring; a receive that finds the ring empty waits until a buffer
-//!   comes back (backpressure, as in liburing's `examples/proxy.c`).
-//! - splice: readiness from the ring, bytes moved by [`svcproxy_sys::stream`]'s pump, the one
-//!   the epoll backend uses (splice(2) through a pipe for streams, a copy for small
-//!   transfers), called inline when a poll completes. Each socket has at most one poll in
-//!   flight per interest (readable, writable), armed when the pump found it drained or full.
+//! on its own, in one of two ways at a time:
+//! - received: a receive picks a buffer from the worker's provided-buffer ring, the bytes are
+//!   sent from that buffer, and the buffer goes back to the ring when the send has completed.
+//!   One send is in flight per direction (so bytes stay in order) and at most [`MAX_QUEUED`]
+//!   filled buffers wait per direction, so a slow reader holds back its writer instead of
+//!   draining the ring; a receive that finds the ring empty waits until a buffer comes back
+//!   (backpressure, as in liburing's `examples/proxy.c`). No system call per message.
+//! - pumped: [`svcproxy_sys::stream`]'s pump, the one the epoll backend uses (splice(2)
+//!   through a pipe for streams, a copy for small transfers), called inline, with the ring's
+//!   polls for readiness: a poll for the source's readability when the pump found it drained,
+//!   for the destination's writability when it found it full, at most one of each in flight.
 //!   `IORING_OP_SPLICE` is not used: io_uring hands every splice to an io-wq thread, a
 //!   wake-up and context switches per splice.
+//!
+//! With buffers forwarding (the default) a direction is received until a receive fills a
+//! whole buffer: it is a stream then, pumped (zero copy) once its queued buffers are sent,
+//! and received again when the pump finds its source drained, like HAProxy's `splice-auto`.
+//! With splice forwarding every direction is always pumped.
 //!
 //! Half-close, resets, retries, idle and drain are the engine's. When it closes a connection,
 //! every operation on both sockets is cancelled and the sockets are closed only when the last
@@ -33,7 +38,7 @@ use svcproxy_core::session::{Direction, Side, Step};
 use svcproxy_core::{Connection, OpenError, Protocol};
 use svcproxy_sys::outbound;
 use svcproxy_sys::socket::{is_resource_exhaustion, open_error};
-use svcproxy_sys::stream::{Failed, Interest, PUMP_BUDGET, Pumped, Streams};
+use svcproxy_sys::stream::{Failed, PUMP_BUDGET, Pumped, Streams, Wait};
 use tracing::debug;
 
 use crate::ring::{Completion, Group, Span};
@@ -50,20 +55,25 @@ struct Chunk {
     sent: u32,
 }
 
-/// One direction of a connection, forwarding with buffers.
+/// One direction of a connection.
 #[derive(Debug, Default)]
 struct Dir {
+    /// A receive, or (`polling_in`) a poll for readability, is in flight on the source.
     recv_armed: bool,
+    polling_in: bool,
+    /// A send, or (`polling_out`) a poll for writability, is in flight on the destination.
     send_armed: bool,
-    /// The operation in flight on the destination is a poll (a send found it full).
     polling_out: bool,
+    /// Moved by the pump (see the module docs), not by receives.
+    pumped: bool,
     /// Waiting for a buffer to come back to the ring.
     starved: bool,
-    /// Filled buffers, oldest first.
+    /// Received buffers, oldest first.
     queue: VecDeque<Chunk>,
 }
 
 impl Dir {
+    /// Received bytes wait to be sent.
     fn pending(&self) -> bool {
         self.send_armed || !self.queue.is_empty()
     }
@@ -74,11 +84,9 @@ pub(crate) struct Conn {
     pub(crate) client: Socket,
     /// The socket of the connect attempt under way, or connected.
     backend: Option<Socket>,
-    /// Buffers forwarding: each direction's state.
     dirs: [Dir; 2],
-    /// Splice forwarding: the pump's state, and the polls in flight on each socket.
+    /// The pump's state: the sockets' readiness and the pumped directions' pipes.
     streams: Streams,
-    polled: [Interest; 2],
     /// Operations in flight on this connection's sockets.
     inflight: u32,
 }
@@ -90,6 +98,7 @@ fn index(dir: Direction) -> usize {
     }
 }
 
+/// A direction's receives, and its polls for its source's readability, carry this tag.
 fn recv_op(dir: Direction) -> Op {
     match dir {
         Direction::Upstream => Op::RecvUp,
@@ -97,34 +106,12 @@ fn recv_op(dir: Direction) -> Op {
     }
 }
 
+/// A direction's sends, and its polls for its destination's writability, carry this tag.
 fn send_op(dir: Direction) -> Op {
     match dir {
         Direction::Upstream => Op::SendUp,
         Direction::Downstream => Op::SendDown,
     }
-}
-
-fn side_index(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
-    }
-}
-
-/// Splice forwarding polls with the receive and send operations' tags: a direction's receive
-/// tag for its source's readability, its send tag for its destination's writability.
-fn poll_op(side: Side, writable: bool) -> Op {
-    let dir = Direction::BOTH
-        .into_iter()
-        .find(|d| {
-            if writable {
-                d.to() == side
-            } else {
-                d.from() == side
-            }
-        })
-        .unwrap_or(Direction::Upstream);
-    if writable { send_op(dir) } else { recv_op(dir) }
 }
 
 impl Conn {
@@ -134,7 +121,6 @@ impl Conn {
             backend: None,
             dirs: [Dir::default(), Dir::default()],
             streams: Streams::default(),
-            polled: [Interest::default(); 2],
             inflight: 0,
         }
     }
@@ -214,58 +200,22 @@ impl Io {
     }
 
     pub(crate) fn start_forwarding(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
-        match self.forwarding {
-            Forwarding::Buffers => {
-                for dir in Direction::BOTH {
-                    self.arm_recv(id, conn, dir);
-                }
-            }
-            Forwarding::Splice => {
-                // Connected sockets take bytes; whether bytes wait is for the polls to say.
-                for side in [Side::Client, Side::Backend] {
-                    conn.io.streams.ready_mut(side).writable = true;
-                }
-                self.arm_polls(id, conn);
-            }
-        }
-    }
-
-    /// Splice forwarding: polls each socket for what the pump waits for on it, unless such a
-    /// poll is in flight.
-    fn arm_polls(&mut self, id: ConnId, conn: &mut Connection<Conn>) {
-        let Connection { io: c, state } = conn;
         for side in [Side::Client, Side::Backend] {
-            let socket = match side {
-                Side::Client => &c.client,
-                Side::Backend => match &c.backend {
-                    Some(backend) => backend,
-                    None => continue,
-                },
-            };
-            let want = c.streams.interest(side, state);
-            let polled = &mut c.polled[side_index(side)];
-            for (writable, wanted, armed) in [
-                (false, want.readable, &mut polled.readable),
-                (true, want.writable, &mut polled.writable),
-            ] {
-                if !wanted || *armed {
-                    continue;
-                }
-                let events = if writable {
-                    libc::POLLOUT
-                } else {
-                    libc::POLLIN | libc::POLLRDHUP
-                };
-                let tag = token::user_data(poll_op(side, writable), id);
-                if self.ring.poll(socket.as_fd(), events as u32, tag).is_ok() {
-                    *armed = true;
-                    c.inflight += 1;
-                }
+            // Connected sockets take bytes; whether bytes wait is for receives or polls to say.
+            conn.io.streams.ready_mut(side).writable = true;
+        }
+        for dir in Direction::BOTH {
+            if self.forwarding == Forwarding::Splice {
+                conn.io.dirs[index(dir)].pumped = true;
+                self.pump_wait(id, conn, dir);
+            } else {
+                self.arm_recv(id, conn, dir);
             }
         }
     }
 
-    /// Starts receiving in `dir` if it should: not at EOF, not starved, with room.
+    /// Starts receiving in `dir` if it should: received (not pumped), not at EOF, not starved,
+    /// with room.
     fn arm_recv(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
         let eof = conn.state.eof_seen(dir);
         let Directed {
@@ -274,20 +224,23 @@ impl Io {
             inflight,
             ..
         } = conn.io.direction(dir);
-        if d.recv_armed || eof || d.starved || d.queue.len() >= MAX_QUEUED {
+        if d.pumped || d.recv_armed || eof || d.starved || d.queue.len() >= MAX_QUEUED {
             return;
         }
         let Some(src) = from else {
             return;
         };
-        let ud = token::user_data(recv_op(dir), id);
-        if self.ring.recv(src, Group::Tcp, ud).is_ok() {
+        if self
+            .ring
+            .recv(src, Group::Tcp, token::user_data(recv_op(dir), id))
+            .is_ok()
+        {
             d.recv_armed = true;
             *inflight += 1;
         }
     }
 
-    /// Sends what waits in `dir`, if no send is in flight.
+    /// Sends the oldest received buffer of `dir`, if no send is in flight.
     fn kick_send(&mut self, id: ConnId, conn: &mut Conn, dir: Direction) {
         let Directed {
             state: d,
@@ -298,15 +251,63 @@ impl Io {
         let (Some(dst), false, Some(chunk)) = (to, d.send_armed, d.queue.front()) else {
             return;
         };
-        let ud = token::user_data(send_op(dir), id);
         let span = Span {
             group: Group::Tcp,
             bid: chunk.bid,
             offset: chunk.sent as usize,
             len: (chunk.len - chunk.sent) as usize,
         };
-        if self.ring.send(dst, span, true, ud).is_ok() {
+        if self
+            .ring
+            .send(dst, span, true, token::user_data(send_op(dir), id))
+            .is_ok()
+        {
             d.send_armed = true;
+            *inflight += 1;
+        }
+    }
+
+    /// A pumped direction is idle: polls for what it waits for, or, a stream of buffers
+    /// forwarding whose source is drained, goes back to receiving.
+    fn pump_wait(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
+        let wait = conn.io.streams.wait(dir, &conn.state);
+        if wait == Wait::Readable && self.forwarding == Forwarding::Buffers {
+            conn.io.dirs[index(dir)].pumped = false;
+            return self.arm_recv(id, conn, dir);
+        }
+        let Directed {
+            state: d,
+            from,
+            to,
+            inflight,
+        } = conn.io.direction(dir);
+        let (socket, events, op, armed, polling) = match wait {
+            Wait::Done => return,
+            Wait::Readable => (
+                from,
+                libc::POLLIN | libc::POLLRDHUP,
+                recv_op(dir),
+                &mut d.recv_armed,
+                &mut d.polling_in,
+            ),
+            Wait::Writable => (
+                to,
+                libc::POLLOUT,
+                send_op(dir),
+                &mut d.send_armed,
+                &mut d.polling_out,
+            ),
+        };
+        let Some(socket) = socket else {
+            return;
+        };
+        if *armed {
+            return;
+        }
+        let tag = token::user_data(op, id);
+        if self.ring.poll(socket, events as u32, tag).is_ok() {
+            *armed = true;
+            *polling = true;
             *inflight += 1;
         }
     }
@@ -383,23 +384,12 @@ impl Worker {
             return;
         };
         conn.io.inflight -= 1;
-        let splice = self.io.forwarding == Forwarding::Splice;
         match op {
             Op::Connect if c.result == 0 => self.engine.connected(&mut self.io, id, now),
             Op::Connect => {
                 let error = io::Error::from_raw_os_error(-c.result);
                 debug!(backend = ?conn.state.backend_addr(), %error, "connect failed");
                 self.engine.connect_failed(&mut self.io, id, now);
-            }
-            Op::RecvUp | Op::RecvDown | Op::SendUp | Op::SendDown if splice => {
-                let dir = if matches!(op, Op::RecvUp | Op::SendUp) {
-                    Direction::Upstream
-                } else {
-                    Direction::Downstream
-                };
-                let writable = matches!(op, Op::SendUp | Op::SendDown);
-                let side = if writable { dir.to() } else { dir.from() };
-                self.on_ready(id, side, writable, c, now);
             }
             Op::RecvUp => self.on_recv(id, Direction::Upstream, c, now),
             Op::RecvDown => self.on_recv(id, Direction::Downstream, c, now),
@@ -416,6 +406,9 @@ impl Worker {
         let io = &mut self.io;
         let d = &mut conn.io.dirs[index(dir)];
         d.recv_armed = false;
+        if std::mem::take(&mut d.polling_in) {
+            return self.on_ready(id, dir, dir.from(), c, now);
+        }
         match c.result {
             n if n > 0 => {
                 conn.state.active(now);
@@ -425,6 +418,11 @@ impl Worker {
                         len: n as u32,
                         sent: 0,
                     });
+                }
+                if n as u32 == io.buffer_size {
+                    // A full buffer: a stream, pumped once what was received is sent.
+                    d.pumped = true;
+                    conn.io.streams.stream(dir);
                 }
                 io.kick_send(id, &mut conn.io, dir);
                 io.arm_recv(id, conn, dir);
@@ -456,8 +454,10 @@ impl Worker {
             ..
         } = conn.io.direction(dir);
         d.send_armed = false;
-        if d.polling_out {
-            d.polling_out = false;
+        if std::mem::take(&mut d.polling_out) {
+            if d.queue.is_empty() {
+                return self.on_ready(id, dir, dir.to(), c, now);
+            }
             if c.result < 0 {
                 if c.result != -libc::ECANCELED {
                     self.engine.failed(&mut self.io, id, dir.to());
@@ -498,6 +498,7 @@ impl Worker {
             }
         }
         let done = !d.pending();
+        let pumped = d.pumped;
         if let Some(bid) = recycled {
             io.ring.recycle(Group::Tcp, bid);
             io.recycled = true;
@@ -506,22 +507,19 @@ impl Worker {
         if done && conn.state.eof_seen(dir) {
             let step = conn.state.drained(dir);
             self.step(id, step);
+        } else if done && pumped {
+            self.pump(id, dir, now);
         } else {
             io.arm_recv(id, conn, dir);
         }
     }
 
-    /// Splice forwarding: a poll of `side`'s socket completed.
-    fn on_ready(&mut self, id: ConnId, side: Side, writable: bool, c: Completion, now: Instant) {
+    /// A poll of `side`'s socket for pumped `dir` completed: notes what it reports and pumps.
+    /// (The other direction through the socket has a poll of its own if it waits for it.)
+    fn on_ready(&mut self, id: ConnId, dir: Direction, side: Side, c: Completion, now: Instant) {
         let Some(conn) = self.engine.conn_mut(id) else {
             return;
         };
-        let polled = &mut conn.io.polled[side_index(side)];
-        if writable {
-            polled.writable = false;
-        } else {
-            polled.readable = false;
-        }
         match c.result {
             e if e == -libc::ECANCELED => return,
             e if e < 0 => return self.engine.failed(&mut self.io, id, side),
@@ -533,11 +531,11 @@ impl Worker {
         ready.readable |= trouble || mask & (libc::POLLIN | libc::POLLRDHUP) != 0;
         ready.writable |= trouble || mask & libc::POLLOUT != 0;
         ready.peer_closed |= trouble || mask & libc::POLLRDHUP != 0;
-        self.pump(id, now);
+        self.pump(id, dir, now);
     }
 
-    /// Splice forwarding: moves what the sockets' readiness allows, then polls for the rest.
-    pub(crate) fn pump(&mut self, id: ConnId, now: Instant) {
+    /// Pumps `dir`, then waits for what it needs next.
+    pub(crate) fn pump(&mut self, id: ConnId, dir: Direction, now: Instant) {
         let Some(conn) = self.engine.conn_mut(id) else {
             return;
         };
@@ -549,10 +547,10 @@ impl Worker {
         let sockets = [&c.client, backend];
         match c
             .streams
-            .pump(sockets, state, &mut self.io.buffers, &mut budget, now)
+            .pump_dir(dir, sockets, state, &mut self.io.buffers, &mut budget, now)
         {
-            Ok(Pumped::Idle) => self.io.arm_polls(id, conn),
-            Ok(Pumped::Budget) => self.io.again.push(id),
+            Ok(Pumped::Idle) => self.io.pump_wait(id, conn, dir),
+            Ok(Pumped::Budget) => self.io.again.push((id, dir)),
             Ok(Pumped::Finished) => self.engine.close(&mut self.io, id, None),
             Err(Failed(side)) => self.engine.failed(&mut self.io, id, side),
         }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use socket2::Socket;
 use svcproxy_core::config::Forwarding;
 use svcproxy_core::engine::{Admission, ConnId, ListenerId};
+use svcproxy_core::session::Direction;
 use svcproxy_core::{
     Control, Engine, FlowId, Protocol, ServicePortKey, SlotId, Slots, WorkerContext,
 };
@@ -61,12 +62,14 @@ impl AsFd for Listener {
 /// The driver: the ring, its buffers, and what waits for its last completions.
 pub(crate) struct Io {
     pub(crate) ring: Ring,
-    /// Splice forwarding: pipes and the copy buffer.
+    /// The pump's pipes and copy buffer.
     pub(crate) buffers: Buffers,
     pub(crate) forwarding: Forwarding,
-    /// Splice forwarding: connections whose pump stopped at its byte budget, to pump again
-    /// after this round of completions.
-    pub(crate) again: Vec<ConnId>,
+    /// The size of a TCP buffer: a receive that fills one marks a stream.
+    pub(crate) buffer_size: u32,
+    /// Pumped directions that stopped at their byte budget, to pump again after this round of
+    /// completions.
+    pub(crate) again: Vec<(ConnId, Direction)>,
     pub(crate) udp_ops: Slots<UdpOp>,
     /// Connections that found the TCP buffer ring empty.
     pub(crate) starved: Vec<ConnId>,
@@ -160,6 +163,7 @@ impl Worker {
                 ring,
                 buffers: Buffers::new(config.pipe_size),
                 forwarding: config.io_uring.forwarding,
+                buffer_size: config.io_uring.buffer_size,
                 again: Vec::new(),
                 udp_ops: Slots::new(),
                 starved: Vec::new(),
@@ -208,8 +212,8 @@ impl Worker {
             for c in completions.drain(..) {
                 self.dispatch(c, now);
             }
-            for id in again {
-                self.pump(id, now);
+            for (id, dir) in again {
+                self.pump(id, dir, now);
             }
             if std::mem::take(&mut self.io.recycled) {
                 self.wake_starved();

@@ -130,14 +130,16 @@ fn dir_index(dir: Direction) -> usize {
     }
 }
 
-/// What a driver without edge-triggered readiness should wait for on one socket, after a pump
-/// returned [`Pumped::Idle`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Interest {
-    /// A direction reads from this socket and found it drained.
-    pub readable: bool,
-    /// A direction holds bytes for this socket and found it full.
-    pub writable: bool,
+/// What one direction waits for after a pump returned [`Pumped::Idle`] (for a driver without
+/// edge-triggered readiness, which must ask for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Its source is drained: bytes to read.
+    Readable,
+    /// It holds bytes and its destination is full: room to write.
+    Writable,
+    /// Nothing: it has read its end of stream and written everything.
+    Done,
 }
 
 impl Streams {
@@ -157,18 +159,22 @@ impl Streams {
         }
     }
 
-    /// What to wait for on `side`'s socket before pumping again.
-    pub fn interest(&self, side: Side, state: &Lifecycle) -> Interest {
-        let ready = self.ready[side_index(side)];
-        let reads = Direction::BOTH.into_iter().find(|d| d.from() == side);
-        let writes = Direction::BOTH.into_iter().find(|d| d.to() == side);
-        Interest {
-            readable: reads.is_some_and(|d| {
-                !ready.readable && !state.eof_seen(d) && !self.halves[dir_index(d)].pending()
-            }),
-            writable: writes
-                .is_some_and(|d| !ready.writable && self.halves[dir_index(d)].pending()),
+    /// What `dir` waits for before it can move again.
+    pub fn wait(&self, dir: Direction, state: &Lifecycle) -> Wait {
+        if self.halves[dir_index(dir)].pending() {
+            Wait::Writable
+        } else if state.eof_seen(dir) {
+            Wait::Done
+        } else {
+            Wait::Readable
         }
+    }
+
+    /// Marks `dir` as a stream: its next reads are spliced, not copied, and it is readable
+    /// (its driver knows bytes wait, say from a read that filled its buffer).
+    pub fn stream(&mut self, dir: Direction) {
+        self.halves[dir_index(dir)].streaming = true;
+        self.ready[side_index(dir.from())].readable = true;
     }
 
     /// Moves bytes both ways until sockets would block, the budget is spent, or the connection
@@ -184,13 +190,26 @@ impl Streams {
     ) -> Result<Pumped, Failed> {
         let mut result = Pumped::Idle;
         for dir in Direction::BOTH {
-            match pump_one(self, sockets, state, dir, buffers, budget, now)? {
+            match self.pump_dir(dir, sockets, state, buffers, budget, now)? {
                 Pumped::Finished => return Ok(Pumped::Finished),
                 Pumped::Idle => {}
                 other => result = other,
             }
         }
         Ok(result)
+    }
+
+    /// As [`Streams::pump`], in `dir` only.
+    pub fn pump_dir(
+        &mut self,
+        dir: Direction,
+        sockets: [&Socket; 2],
+        state: &mut Lifecycle,
+        buffers: &mut Buffers,
+        budget: &mut usize,
+        now: Instant,
+    ) -> Result<Pumped, Failed> {
+        pump_one(self, sockets, state, dir, buffers, budget, now)
     }
 }
 
