@@ -16,6 +16,14 @@ use tokio::sync::oneshot;
 pub const ECHO_PORT: u16 = 8000;
 pub const SINK_PORT: u16 = 8001;
 pub const UDP_PORT: u16 = 8002;
+/// Served by nginx ([`crate::web`]), not by this module.
+pub const HTTP_PORT: u16 = 8003;
+/// The TCP services every proxy candidate forwards, by name.
+pub const TCP_SERVICES: [(&str, u16); 3] = [
+    ("echo", ECHO_PORT),
+    ("sink", SINK_PORT),
+    ("http", HTTP_PORT),
+];
 /// Where svcproxy's transparent listeners listen (the `-tproxy` candidates).
 pub const TRANSPARENT_PORT: u16 = 10263;
 

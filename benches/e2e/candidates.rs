@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::backends::{ECHO_PORT, SINK_PORT, TRANSPARENT_PORT, UDP_PORT};
+use crate::backends::{ECHO_PORT, HTTP_PORT, SINK_PORT, TCP_SERVICES, TRANSPARENT_PORT, UDP_PORT};
 use crate::load::Target;
 use crate::topo::{Topology, run};
 
@@ -176,7 +176,7 @@ fn steer(topo: &Topology, dir: &Path) -> io::Result<&'static str> {
     let ip = topo.proxy_ip;
     let rules = format!(
         "table ip svcbench {{\n  chain steer {{\n    type filter hook prerouting priority mangle; policy accept;\n\
-         \x20   ip daddr {ip} tcp dport {{ {ECHO_PORT}, {SINK_PORT} }} tproxy to 127.0.0.1:{TRANSPARENT_PORT} accept\n\
+         \x20   ip daddr {ip} tcp dport {{ {ECHO_PORT}, {SINK_PORT}, {HTTP_PORT} }} tproxy to 127.0.0.1:{TRANSPARENT_PORT} accept\n\
          \x20   ip daddr {ip} udp dport {UDP_PORT} tproxy to 127.0.0.1:{TRANSPARENT_PORT} accept\n  }}\n}}\n"
     );
     let file = dir.join("steer.nft");
@@ -202,6 +202,7 @@ fn proxy_target(topo: &Topology) -> Target {
         echo: vec![SocketAddr::new(topo.proxy_ip, ECHO_PORT)],
         sink: vec![SocketAddr::new(topo.proxy_ip, SINK_PORT)],
         udp: vec![SocketAddr::new(topo.proxy_ip, UDP_PORT)],
+        http: vec![SocketAddr::new(topo.proxy_ip, HTTP_PORT)],
     }
 }
 
@@ -222,6 +223,7 @@ pub fn start(
                 echo: addrs(backends, ECHO_PORT),
                 sink: addrs(backends, SINK_PORT),
                 udp: addrs(backends, UDP_PORT),
+                http: addrs(backends, HTTP_PORT),
             },
             child: None,
             nft_cleanup: None,
@@ -257,6 +259,7 @@ pub fn start(
                     echo: vec![SocketAddr::new(vip, ECHO_PORT)],
                     sink: vec![SocketAddr::new(vip, SINK_PORT)],
                     udp: vec![SocketAddr::new(vip, UDP_PORT)],
+                    http: vec![SocketAddr::new(vip, HTTP_PORT)],
                 },
                 child: None,
                 nft_cleanup: Some(ns),
@@ -336,11 +339,14 @@ pub fn start(
                     servers(port)
                 )
             };
+            let listens: Vec<String> = TCP_SERVICES
+                .iter()
+                .map(|(name, port)| listen(name, *port))
+                .collect();
             let cfg = format!(
-                "global\n  nbthread {workers}\n  maxconn {}\n  maxpipes 1000\n\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n\n{}\n{}",
+                "global\n  nbthread {workers}\n  maxconn {}\n  maxpipes 1000\n\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n\n{}",
                 connections + 200,
-                listen("echo", ECHO_PORT),
-                listen("sink", SINK_PORT)
+                listens.join("\n")
             );
             let file = dir.join("haproxy.cfg");
             std::fs::write(&file, cfg)?;
@@ -361,13 +367,17 @@ pub fn start(
                  worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\n\
                  pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
                  events {{ worker_connections {per_worker}; }}\n\
-                 stream {{\n{}{}{}\
-                 \x20 server {{ listen {ip}:{ECHO_PORT}; proxy_pass echo; }}\n\
-                 \x20 server {{ listen {ip}:{SINK_PORT}; proxy_pass sink; }}\n\
+                 stream {{\n{tcp}{}\
                  \x20 server {{ listen {ip}:{UDP_PORT} udp reuseport; proxy_pass udp; proxy_responses 1; proxy_timeout 5s; }}\n}}\n",
-                upstream("echo", ECHO_PORT),
-                upstream("sink", SINK_PORT),
                 upstream("udp", UDP_PORT),
+                tcp = TCP_SERVICES
+                    .iter()
+                    .map(|(name, port)| format!(
+                        "{}  server {{ listen {ip}:{port}; proxy_pass {name}; }}\n",
+                        upstream(name, *port),
+                        ip = topo.proxy_ip
+                    ))
+                    .collect::<String>(),
                 dir = dir.display(),
                 ip = topo.proxy_ip,
                 nofile = crate::serve::nofile(),
@@ -418,22 +428,28 @@ fn spawn_listening(
         nft_cleanup: None,
         cgroup: None,
     };
-    let addr = running.target.echo[0];
-    let ns = topo.client_ns();
-    let up = std::thread::spawn(move || -> io::Result<()> {
+    wait_listening(topo.client_ns(), vec![running.target.echo[0]]).map(|()| running)
+}
+
+/// Waits (10 s at most) until every one of `addrs` accepts connections from namespace `ns`:
+/// for programs with no readiness signal.
+pub fn wait_listening(ns: Option<&'static str>, addrs: Vec<SocketAddr>) -> io::Result<()> {
+    std::thread::spawn(move || -> io::Result<()> {
         crate::topo::enter(ns)?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-                Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        for addr in addrs {
+            loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
             }
         }
+        Ok(())
     })
     .join()
-    .map_err(|_| io::Error::other("probe panicked"))?;
-    up.map(|()| running)
+    .map_err(|_| io::Error::other("probe panicked"))?
 }
 
 /// A scratch directory for config files, removed when dropped.

@@ -17,6 +17,7 @@ pub struct Target {
     pub echo: Vec<SocketAddr>,
     pub sink: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
 }
 
 fn pick(addrs: &[SocketAddr], i: usize) -> SocketAddr {

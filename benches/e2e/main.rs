@@ -14,6 +14,7 @@ mod load;
 mod serve;
 mod topo;
 mod usage;
+mod web;
 
 use std::io;
 use std::net::IpAddr;
@@ -33,7 +34,7 @@ struct Cli {
     /// Seconds each workload is measured for.
     #[arg(long, default_value_t = 4.0)]
     duration: f64,
-    /// Workloads to run: bulk1, bulk8, rr, cps, idle, udp64, udp1400.
+    /// Workloads to run: bulk1, bulk8, rr, cps, wrk-rr, wrk-cps, idle, udp64, udp1400.
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Candidates: direct, epoll, uring, uring-splice, uring-sqpoll, tokio, haproxy, nginx,
@@ -94,7 +95,9 @@ enum Serve {
     },
 }
 
-const WORKLOADS: [&str; 7] = ["bulk1", "bulk8", "rr", "cps", "idle", "udp64", "udp1400"];
+const WORKLOADS: [&str; 9] = [
+    "bulk1", "bulk8", "rr", "cps", "wrk-rr", "wrk-cps", "idle", "udp64", "udp1400",
+];
 
 /// One measured value, higher is better unless `lower_better`.
 #[derive(Debug, Clone)]
@@ -190,6 +193,10 @@ fn main() -> io::Result<()> {
     }
     let backends = backends::Backends::start(topo.backend_ns(), &topo.backend_ips)?;
     let scratch = candidates::Scratch::new()?;
+    let web = web::WebServer::start(&topo, &scratch.0).unwrap_or_else(|e| {
+        eprintln!("wrk workloads skipped: nginx did not serve: {e}");
+        None
+    });
 
     let mut samples: Vec<Vec<Vec<Cell>>> = vec![vec![Vec::new(); workloads.len()]; kinds.len()];
     for round in 0..cli.repeat.max(1) {
@@ -208,7 +215,11 @@ fn main() -> io::Result<()> {
             let pids = running.pids();
             for (i, w) in workloads.iter().enumerate() {
                 let (before, started) = (Usage::of(&pids), std::time::Instant::now());
-                match measure(w, kind, &running, &topo, &backends, duration, idle_count) {
+                let servers = Servers {
+                    backends: &backends,
+                    web: web.is_some(),
+                };
+                match measure(w, kind, &running, &topo, servers, duration, idle_count) {
                     Ok(Some(mut c)) => {
                         if let Some((rate, unit)) = c.rate.filter(|_| !pids.is_empty()) {
                             let used = Usage::of(&pids).since(before);
@@ -269,12 +280,20 @@ fn which(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What the candidates forward to.
+#[derive(Clone, Copy)]
+struct Servers<'a> {
+    backends: &'a backends::Backends,
+    /// nginx serves HTTP ([`web::WebServer`]).
+    web: bool,
+}
+
 fn measure(
     workload: &str,
     kind: Kind,
     running: &Running,
     topo: &Topology,
-    backends: &backends::Backends,
+    servers: Servers<'_>,
     duration: Duration,
     idle_count: usize,
 ) -> io::Result<Option<Cell>> {
@@ -286,7 +305,7 @@ fn measure(
     match workload {
         "bulk1" | "bulk8" => {
             let streams = if workload == "bulk1" { 1 } else { 8 };
-            let sunk = backends.sunk.clone();
+            let sunk = servers.backends.sunk.clone();
             let gbps = load::on_client(ns, move || {
                 Box::pin(load::bulk(target, streams, duration, sunk))
             })??;
@@ -322,6 +341,31 @@ fn measure(
                 String::new()
             };
             cell(cps, format!("{cps:.0} conn/s{fails}"), Some((cps, "conn")))
+        }
+        "wrk-rr" | "wrk-cps" => {
+            if !servers.web {
+                return Ok(None);
+            }
+            let close = workload == "wrk-cps";
+            let connections = if close { 16 } else { 50 };
+            let Some(r) = web::wrk(topo, target.http[0], connections, close, duration)? else {
+                return Ok(None);
+            };
+            let errors = if r.errors > 0 {
+                format!(" ({} errors)", r.errors)
+            } else {
+                String::new()
+            };
+            cell(
+                r.rps,
+                format!(
+                    "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs{errors}",
+                    r.rps,
+                    us(r.p50),
+                    us(r.p99)
+                ),
+                Some((r.rps, "req")),
+            )
         }
         "idle" => {
             if !kind.process() {

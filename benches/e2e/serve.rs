@@ -11,7 +11,7 @@ use svcproxy::{
     ServicePort, Table,
 };
 
-use crate::backends::{ECHO_PORT, SINK_PORT, TRANSPARENT_PORT, UDP_PORT};
+use crate::backends::{TCP_SERVICES, TRANSPARENT_PORT, UDP_PORT};
 use crate::candidates::READY;
 
 /// Raises the soft descriptor limit as far as allowed (as root, the hard one too).
@@ -93,11 +93,8 @@ pub fn svcproxy(
     };
     let table = Arc::new(Table::default());
     let mut batch = Batch::new();
-    for (name, protocol, port) in [
-        ("echo", Protocol::Tcp, ECHO_PORT),
-        ("sink", Protocol::Tcp, SINK_PORT),
-        ("udp", Protocol::Udp, UDP_PORT),
-    ] {
+    let tcp = TCP_SERVICES.map(|(name, port)| (name, Protocol::Tcp, port));
+    for (name, protocol, port) in tcp.into_iter().chain([("udp", Protocol::Udp, UDP_PORT)]) {
         let svc = Service::new(name)
             .address(listen)
             .port(ServicePort::new(protocol, port));
@@ -124,7 +121,7 @@ pub fn tokio_proxy(workers: usize, listen: IpAddr, endpoints: &[IpAddr]) -> io::
         .build()?;
     let endpoints = endpoints.to_vec();
     rt.block_on(async move {
-        for port in [ECHO_PORT, SINK_PORT] {
+        for (_, port) in TCP_SERVICES {
             let listener = tokio::net::TcpListener::bind(SocketAddr::new(listen, port)).await?;
             let targets: Vec<SocketAddr> = endpoints
                 .iter()

@@ -14,7 +14,7 @@
 //! What this crate does itself:
 //! - TCP: accept, open a non-blocking backend socket and connect, then forward with splice(2)
 //!   through pipes taken from a pool only while bytes flow, or by copy for small transfers
-//!   (`tcp.rs`).
+//!   ([`svcproxy_sys::stream`]'s pump, driven by the sockets' events).
 //! - UDP: datagrams are received in batches, mapped to flows by the engine, sent to the
 //!   endpoint through a connected socket per flow (consecutive datagrams of a flow in one
 //!   `sendmmsg`), and replies go back through the listener from the exact address the client

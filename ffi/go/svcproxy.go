@@ -92,8 +92,8 @@ func call(f func(err *C.char, errLen C.size_t) C.svcproxy_result) error {
 type Forwarding uint32
 
 const (
-	Buffers Forwarding = C.SVCPROXY_FORWARDING_BUFFERS // receive into kernel-chosen buffers, send from them
-	Splice  Forwarding = C.SVCPROXY_FORWARDING_SPLICE  // splice through a pipe per direction
+	Buffers Forwarding = C.SVCPROXY_FORWARDING_BUFFERS // receive into kernel-chosen buffers, send from them; splice streams
+	Splice  Forwarding = C.SVCPROXY_FORWARDING_SPLICE  // splice through a pipe per direction, as epoll does
 )
 
 // Options configure a Proxy. Start from DefaultOptions. They are those of the svcproxyd

@@ -17,9 +17,11 @@ pub const SVCPROXY_BACKEND_AUTO: u32 = 0;
 pub const SVCPROXY_BACKEND_EPOLL: u32 = 1;
 /// Backend: io_uring.
 pub const SVCPROXY_BACKEND_IO_URING: u32 = 2;
-/// io_uring forwarding: receive into kernel-chosen buffers, send from them.
+/// io_uring forwarding: receive into kernel-chosen buffers and send from them; streams are
+/// spliced.
 pub const SVCPROXY_FORWARDING_BUFFERS: u32 = 0;
-/// io_uring forwarding: splice through a pipe per direction.
+/// io_uring forwarding: splice through a pipe per direction (small transfers copied), as the
+/// epoll backend does.
 pub const SVCPROXY_FORWARDING_SPLICE: u32 = 1;
 
 /// Proxy options. Get the defaults from [`svcproxy_options_default`], then change fields.
