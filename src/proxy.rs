@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use svcproxy_core::handover::{Phase, WorkerSockets};
 use svcproxy_core::table::SubscriptionId;
 use svcproxy_core::{
-    Control, DescriptorBudget, Forwarding, PortStats, ProxyConfig, ServicePortKey, Table,
-    WorkerContext, WorkerHealth, supervise,
+    Control, DescriptorBudget, PortStats, ProxyConfig, ServicePortKey, Table, WorkerContext,
+    WorkerHealth, supervise,
 };
 use svcproxy_socklb::SocketLb;
 use svcproxy_sys::Waker;
@@ -111,6 +111,10 @@ pub struct Proxy {
 /// How long [`Proxy::start`] waits for the workers to open the table's listeners.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Descriptors one TCP connection may hold: its two sockets and, while a direction streams
+/// (splice, on either backend and in every mode), a pipe of two per direction.
+const DESCRIPTORS_PER_CONNECTION: u64 = 6;
+
 impl Proxy {
     /// Starts the workers on `table` and waits until they listen on its current frontends.
     /// Later changes to `table` apply while the proxy runs.
@@ -145,15 +149,10 @@ impl Proxy {
             BackendKind::Epoll => BackendKind::Epoll,
         };
         let workers = options.config.worker_count();
-        let per_connection = match (backend, options.config.io_uring.forwarding) {
-            (BackendKind::IoUring, Forwarding::Buffers) => 2,
-            // Two sockets and two pipes (four descriptors) for splice.
-            _ => 6,
-        };
         let budget = DescriptorBudget::new(
             svcproxy_sys::limits::descriptor_limit(),
             workers,
-            per_connection,
+            DESCRIPTORS_PER_CONNECTION,
         );
         let mut config = options.config;
         budget.fit(&mut config);

@@ -60,9 +60,11 @@ pub fn svcproxy(
     socket_lb: Option<&std::path::Path>,
 ) -> io::Result<()> {
     raise_nofile();
+    // Every connection of the load comes from one client address: no per-client share.
     let mut config = ProxyConfig {
         workers,
         max_connections: 1 << 20,
+        max_connections_per_client: 1 << 20,
         ..ProxyConfig::default()
     };
     // `-tproxy`: transparent listeners, with the harness's tproxy rules steering to them.
