@@ -144,22 +144,6 @@ impl Topology {
                 ],
             )?;
         }
-        // In `wrk-cps` the server closes first, so the backends keep a TIME_WAIT socket per
-        // connection, and a later candidate's connection on the same 4-tuple (kernel DNAT keeps
-        // the client's address and port) carries another timestamp offset: PAWS drops its
-        // SYN, retransmitted a second later. The backends keep no TIME_WAIT sockets instead.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                NS_BACKEND,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.tcp_max_tw_buckets=0",
-            ],
-        )?;
         Ok(topo)
     }
 

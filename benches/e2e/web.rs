@@ -80,6 +80,31 @@ impl Drop for WebServer {
     }
 }
 
+/// Ends the web server's TIME_WAIT sockets. In `wrk-cps` the server closes first, so it keeps
+/// one per connection, and a later candidate's connection on the same 4-tuple (every candidate
+/// connects from the client address; kernel DNAT keeps the client's port) carries another
+/// timestamp offset: PAWS drops its SYN, retransmitted a second later.
+fn forget_closed(topo: &Topology) -> io::Result<()> {
+    let filter = format!("( sport = :{HTTP_PORT} )");
+    let args = ["-K", "-tn", "state", "time-wait", filter.as_str()];
+    let status = match topo.backend_ns() {
+        Some(ns) => Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{ns}"))
+            .arg("ss")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()?,
+        None => Command::new("ss")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()?,
+    };
+    match status.success() {
+        true => Ok(()),
+        false => Err(io::Error::other(format!("ss -K failed: {status}"))),
+    }
+}
+
 /// What one wrk run measured.
 pub struct Run {
     pub rps: f64,
@@ -101,6 +126,9 @@ pub fn wrk(
 ) -> io::Result<Option<Run>> {
     if !crate::which("wrk") {
         return Ok(None);
+    }
+    if close {
+        forget_closed(topo)?;
     }
     let secs = duration.as_secs_f64().ceil().max(1.0) as u64;
     let mut cmd = topo.command_in_client("wrk");

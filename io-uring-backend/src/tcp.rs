@@ -313,9 +313,8 @@ impl Io {
     }
 
     /// Closes a connection the engine has ended: resets `reset`'s socket if given, cancels
-    /// what is in flight and frees it with the last completion.
-    /// Closes a connection; one with operations in flight waits in `closing_conns`, holding
-    /// its admission, until they have ended.
+    /// what is in flight; one with operations in flight waits in `closing_conns`, holding its
+    /// admission, until the last has completed.
     pub(crate) fn close_conn(
         &mut self,
         closed: Option<(ConnId, Admission)>,
@@ -455,7 +454,7 @@ impl Worker {
         } = conn.io.direction(dir);
         d.send_armed = false;
         if std::mem::take(&mut d.polling_out) {
-            if d.queue.is_empty() {
+            if d.pumped && d.queue.is_empty() {
                 return self.on_ready(id, dir, dir.to(), c, now);
             }
             if c.result < 0 {
