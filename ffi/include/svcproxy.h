@@ -69,12 +69,14 @@
 #define SVCPROXY_BACKEND_IO_URING 2
 
 /*
- io_uring forwarding: receive into kernel-chosen buffers, send from them.
+ io_uring forwarding: receive into kernel-chosen buffers and send from them; streams are
+ spliced.
  */
 #define SVCPROXY_FORWARDING_BUFFERS 0
 
 /*
- io_uring forwarding: splice through a pipe per direction.
+ io_uring forwarding: splice through a pipe per direction (small transfers copied), as the
+ epoll backend does.
  */
 #define SVCPROXY_FORWARDING_SPLICE 1
 
