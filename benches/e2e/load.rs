@@ -282,3 +282,69 @@ pub async fn udp(
         },
     })
 }
+
+/// UDP sent as fast as the client can (open loop): one thread sends `size`-byte datagrams over
+/// `flows` connected sockets in turn, blocking only when a socket's send buffer is full, and a
+/// thread per socket counts the echoes. Datagrams/s delivered back, and the fraction lost.
+/// Blocking threads, started from the calling thread (so in its network namespace).
+pub fn udp_flood(
+    target: &Target,
+    flows: usize,
+    size: usize,
+    duration: Duration,
+) -> io::Result<UdpResult> {
+    let sockets = (0..flows)
+        .map(|i| {
+            let addr = pick(&target.udp, i);
+            let local: SocketAddr = match addr {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let s = std::net::UdpSocket::bind(local)?;
+            s.connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_millis(50)))?;
+            Ok(s)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let start = Instant::now() + Duration::from_millis(300);
+    let end = start + duration;
+    // Echoes of the last datagrams sent are still on their way at the end.
+    let drained = end + Duration::from_millis(200);
+    std::thread::scope(|scope| {
+        let counters: Vec<_> = sockets
+            .iter()
+            .map(|s| {
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    let mut got = 0u64;
+                    while Instant::now() < drained {
+                        if s.recv(&mut buf).is_ok() && Instant::now() >= start {
+                            got += 1;
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        let payload = vec![0x42u8; size];
+        let mut sent = 0u64;
+        for s in sockets.iter().cycle() {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if s.send(&payload).is_ok() && now >= start {
+                sent += 1;
+            }
+        }
+        let got: u64 = counters.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+        Ok(UdpResult {
+            delivered: got as f64 / duration.as_secs_f64(),
+            loss: if sent == 0 {
+                0.0
+            } else {
+                1.0 - (got as f64 / sent as f64).min(1.0)
+            },
+        })
+    })
+}

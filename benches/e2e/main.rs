@@ -34,7 +34,8 @@ struct Cli {
     /// Seconds each workload is measured for.
     #[arg(long, default_value_t = 4.0)]
     duration: f64,
-    /// Workloads to run: bulk1, bulk8, rr, cps, wrk-rr, wrk-cps, idle, udp64, udp1400.
+    /// Workloads to run: bulk1, bulk8, rr, cps, wrk-rr, wrk-cps, idle, udp64, udp1400,
+    /// udp64-flood.
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Candidates: direct, epoll, uring, uring-splice, uring-sqpoll, tokio, haproxy, nginx,
@@ -95,8 +96,17 @@ enum Serve {
     },
 }
 
-const WORKLOADS: [&str; 9] = [
-    "bulk1", "bulk8", "rr", "cps", "wrk-rr", "wrk-cps", "idle", "udp64", "udp1400",
+const WORKLOADS: [&str; 10] = [
+    "bulk1",
+    "bulk8",
+    "rr",
+    "cps",
+    "wrk-rr",
+    "wrk-cps",
+    "idle",
+    "udp64",
+    "udp1400",
+    "udp64-flood",
 ];
 
 /// One measured value, higher is better unless `lower_better`.
@@ -385,12 +395,19 @@ fn measure(
                 None,
             )
         }
-        "udp64" | "udp1400" => {
+        "udp64" | "udp1400" | "udp64-flood" => {
             if !kind.udp() {
                 return Ok(None);
             }
-            let size = if workload == "udp64" { 64 } else { 1400 };
-            let r = load::on_client(ns, move || Box::pin(load::udp(target, 64, size, duration)))??;
+            let r = match workload {
+                "udp64-flood" => load::on_client(ns, move || {
+                    Box::pin(async move { load::udp_flood(&target, 8, 64, duration) })
+                })??,
+                _ => {
+                    let size = if workload == "udp64" { 64 } else { 1400 };
+                    load::on_client(ns, move || Box::pin(load::udp(target, 64, size, duration)))??
+                }
+            };
             cell(
                 r.delivered,
                 format!("{:.0} dgram/s, {:.2}% lost", r.delivered, r.loss * 100.0),
