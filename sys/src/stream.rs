@@ -209,144 +209,132 @@ impl Streams {
         budget: &mut usize,
         now: Instant,
     ) -> Result<Pumped, Failed> {
-        pump_one(self, sockets, state, dir, buffers, budget, now)
-    }
-}
-
-fn pump_one(
-    streams: &mut Streams,
-    sockets: [&Socket; 2],
-    state: &mut Lifecycle,
-    dir: Direction,
-    buffers: &mut Buffers,
-    budget: &mut usize,
-    now: Instant,
-) -> Result<Pumped, Failed> {
-    let Buffers {
-        pipes: pool,
-        scratch,
-    } = buffers;
-    let (src, dst) = (dir.from(), dir.to());
-    let (si, di) = (side_index(src), side_index(dst));
-    let (from, to) = (sockets[si], sockets[di]);
-    let ready = &mut streams.ready;
-    let half = &mut streams.halves[dir_index(dir)];
-    let mut outcome = Pumped::Idle;
-    loop {
-        // First empty what is held into the destination.
-        if half.pending() {
-            if !ready[di].writable {
-                break;
-            }
-            let written = match &half.pipe {
-                Some(pipe) if half.held > 0 => pipe.drain(to, half.held),
-                _ => (&*to).write(&half.spill),
-            };
-            match written {
-                Ok(n) => {
-                    if half.held > 0 {
-                        half.held -= n;
-                    } else {
-                        half.spill.drain(..n);
-                        if half.spill.is_empty() {
-                            half.spill = Vec::new();
-                        }
-                    }
-                    state.active(now);
-                    count(state, dir, n, budget);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready[di].writable = false;
+        let Buffers {
+            pipes: pool,
+            scratch,
+        } = buffers;
+        let (src, dst) = (dir.from(), dir.to());
+        let (si, di) = (side_index(src), side_index(dst));
+        let (from, to) = (sockets[si], sockets[di]);
+        let ready = &mut self.ready;
+        let half = &mut self.halves[dir_index(dir)];
+        let mut outcome = Pumped::Idle;
+        loop {
+            // First empty what is held into the destination.
+            if half.pending() {
+                if !ready[di].writable {
                     break;
                 }
-                Err(_) => return Err(Failed(dst)),
-            }
-            if half.pending() {
-                continue;
-            }
-            if state.eof_seen(dir) && finish(state.drained(dir), sockets) {
-                return Ok(Pumped::Finished);
-            }
-        }
-        // Then read from the source; nothing is held at this point. Small transfers are
-        // copied through a stack buffer (one read and one write cost less than two splices
-        // for a few bytes); a read that fills the buffer marks the direction as streaming,
-        // and streams are spliced through a pipe until the direction next goes idle.
-        if state.eof_seen(dir) || !ready[si].readable {
-            break;
-        }
-        if *budget == 0 {
-            outcome = Pumped::Budget;
-            break;
-        }
-        if half.streaming
-            && half.pipe.is_none()
-            && let Ok(p) = pool.take()
-        {
-            half.pipe = Some(p);
-        }
-        let mut written = 0;
-        let mut drained = false;
-        let read = match (&half.pipe, half.streaming) {
-            (Some(pipe), true) => {
-                let room = pipe.capacity() - half.held;
-                pipe.fill(from, room).inspect(|&n| half.held += n)
-            }
-            _ => {
-                let chunk = &mut scratch[..];
-                let read = (&*from).read(chunk);
-                if let Ok(n @ 1..) = read {
-                    half.streaming = n == COPY_CHUNK;
-                    // A short read emptied the socket: the next bytes bring a new edge (but
-                    // an end of stream already announced does not: read on to it).
-                    drained = n < COPY_CHUNK && !ready[si].peer_closed;
-                    if ready[di].writable {
-                        match (&*to).write(&chunk[..n]) {
-                            Ok(w) => written = w,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                ready[di].writable = false;
+                let written = match &half.pipe {
+                    Some(pipe) if half.held > 0 => pipe.drain(to, half.held),
+                    _ => (&*to).write(&half.spill),
+                };
+                match written {
+                    Ok(n) => {
+                        if half.held > 0 {
+                            half.held -= n;
+                        } else {
+                            half.spill.drain(..n);
+                            if half.spill.is_empty() {
+                                half.spill = Vec::new();
                             }
-                            Err(_) => return Err(Failed(dst)),
                         }
+                        state.active(now);
+                        count(state, dir, n, budget);
                     }
-                    half.spill.extend_from_slice(&chunk[written..n]);
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready[di].writable = false;
+                        break;
+                    }
+                    Err(_) => return Err(Failed(dst)),
                 }
-                read
-            }
-        };
-        match read {
-            Ok(0) => {
-                if finish(state.read_eof(dir, half.pending()), sockets) {
+                if half.pending() {
+                    continue;
+                }
+                if state.eof_seen(dir) && finish(state.drained(dir), sockets) {
                     return Ok(Pumped::Finished);
                 }
             }
-            Ok(_) => {
-                state.active(now);
-                if written > 0 {
-                    count(state, dir, written, budget);
-                }
-                if drained {
-                    ready[si].readable = false;
-                    if !half.pending() {
-                        break;
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Nothing is held when reading, so this means the socket is drained.
-                ready[si].readable = false;
+            // Then read from the source; nothing is held at this point. Small transfers are
+            // copied through a stack buffer (one read and one write cost less than two splices
+            // for a few bytes); a read that fills the buffer marks the direction as streaming,
+            // and streams are spliced through a pipe until the direction next goes idle.
+            if state.eof_seen(dir) || !ready[si].readable {
                 break;
             }
-            Err(_) => return Err(Failed(src)),
+            if *budget == 0 {
+                outcome = Pumped::Budget;
+                break;
+            }
+            if half.streaming
+                && half.pipe.is_none()
+                && let Ok(p) = pool.take()
+            {
+                half.pipe = Some(p);
+            }
+            let mut written = 0;
+            let mut drained = false;
+            let read = match (&half.pipe, half.streaming) {
+                (Some(pipe), true) => {
+                    let room = pipe.capacity() - half.held;
+                    pipe.fill(from, room).inspect(|&n| half.held += n)
+                }
+                _ => {
+                    let chunk = &mut scratch[..];
+                    let read = (&*from).read(chunk);
+                    if let Ok(n @ 1..) = read {
+                        half.streaming = n == COPY_CHUNK;
+                        // A short read emptied the socket: the next bytes bring a new edge (but
+                        // an end of stream already announced does not: read on to it).
+                        drained = n < COPY_CHUNK && !ready[si].peer_closed;
+                        if ready[di].writable {
+                            match (&*to).write(&chunk[..n]) {
+                                Ok(w) => written = w,
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                    ready[di].writable = false;
+                                }
+                                Err(_) => return Err(Failed(dst)),
+                            }
+                        }
+                        half.spill.extend_from_slice(&chunk[written..n]);
+                    }
+                    read
+                }
+            };
+            match read {
+                Ok(0) => {
+                    if finish(state.read_eof(dir, half.pending()), sockets) {
+                        return Ok(Pumped::Finished);
+                    }
+                }
+                Ok(_) => {
+                    state.active(now);
+                    if written > 0 {
+                        count(state, dir, written, budget);
+                    }
+                    if drained {
+                        ready[si].readable = false;
+                        if !half.pending() {
+                            break;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing is held when reading, so this means the socket is drained.
+                    ready[si].readable = false;
+                    break;
+                }
+                Err(_) => return Err(Failed(src)),
+            }
         }
-    }
-    if half.held == 0 && (state.eof_seen(dir) || !ready[si].readable) {
-        half.streaming = false;
-        if let Some(pipe) = half.pipe.take() {
-            pool.give(pipe);
+        if half.held == 0 && (state.eof_seen(dir) || !ready[si].readable) {
+            half.streaming = false;
+            if let Some(pipe) = half.pipe.take() {
+                pool.give(pipe);
+            }
         }
+        Ok(outcome)
     }
-    Ok(outcome)
 }
 
 /// Counts `n` bytes delivered in `dir` against the counters and the budget.
