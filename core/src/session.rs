@@ -133,6 +133,11 @@ impl Side {
             Side::Backend => Side::Client,
         }
     }
+
+    /// 0 for the client, 1 for the backend: the index of arrays kept per side.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// A direction of data.
@@ -161,7 +166,8 @@ impl Direction {
         self.from().other()
     }
 
-    fn index(self) -> usize {
+    /// 0 upstream, 1 downstream: the index of arrays kept per direction.
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -91,13 +91,6 @@ pub(crate) struct Conn {
     inflight: u32,
 }
 
-fn index(dir: Direction) -> usize {
-    match dir {
-        Direction::Upstream => 0,
-        Direction::Downstream => 1,
-    }
-}
-
 /// A direction's receives, and its polls for its source's readability, carry this tag.
 fn recv_op(dir: Direction) -> Op {
     match dir {
@@ -148,7 +141,7 @@ impl Conn {
             Side::Backend => backend.as_ref().map(AsFd::as_fd),
         };
         Directed {
-            state: &mut dirs[index(dir)],
+            state: &mut dirs[dir.index()],
             from: fd(dir.from()),
             to: fd(dir.to()),
             inflight,
@@ -206,7 +199,7 @@ impl Io {
         }
         for dir in Direction::BOTH {
             if self.forwarding == Forwarding::Splice {
-                conn.io.dirs[index(dir)].pumped = true;
+                conn.io.dirs[dir.index()].pumped = true;
                 self.pump_wait(id, conn, dir);
             } else {
                 self.arm_recv(id, conn, dir);
@@ -272,7 +265,7 @@ impl Io {
     fn pump_wait(&mut self, id: ConnId, conn: &mut Connection<Conn>, dir: Direction) {
         let wait = conn.io.streams.wait(dir, &conn.state);
         if wait == Wait::Readable && self.forwarding == Forwarding::Buffers {
-            conn.io.dirs[index(dir)].pumped = false;
+            conn.io.dirs[dir.index()].pumped = false;
             return self.arm_recv(id, conn, dir);
         }
         let Directed {
@@ -403,7 +396,7 @@ impl Worker {
             return;
         };
         let io = &mut self.io;
-        let d = &mut conn.io.dirs[index(dir)];
+        let d = &mut conn.io.dirs[dir.index()];
         d.recv_armed = false;
         if std::mem::take(&mut d.polling_in) {
             return self.on_ready(id, dir, dir.from(), c, now);

@@ -116,20 +116,6 @@ pub struct Streams {
     halves: [Half; 2],
 }
 
-fn side_index(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
-    }
-}
-
-fn dir_index(dir: Direction) -> usize {
-    match dir {
-        Direction::Upstream => 0,
-        Direction::Downstream => 1,
-    }
-}
-
 /// What one direction waits for after a pump returned [`Pumped::Idle`] (for a driver without
 /// edge-triggered readiness, which must ask for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +131,7 @@ pub enum Wait {
 impl Streams {
     /// The readiness of `side`'s socket, for the driver to set from its events.
     pub fn ready_mut(&mut self, side: Side) -> &mut Ready {
-        &mut self.ready[side_index(side)]
+        &mut self.ready[side.index()]
     }
 
     /// Gives empty pipes back to the pool (pipes holding bytes are closed with the connection).
@@ -161,7 +147,7 @@ impl Streams {
 
     /// What `dir` waits for before it can move again.
     pub fn wait(&self, dir: Direction, state: &Lifecycle) -> Wait {
-        if self.halves[dir_index(dir)].pending() {
+        if self.halves[dir.index()].pending() {
             Wait::Writable
         } else if state.eof_seen(dir) {
             Wait::Done
@@ -173,8 +159,8 @@ impl Streams {
     /// Marks `dir` as a stream: its next reads are spliced, not copied, and it is readable
     /// (its driver knows bytes wait, say from a read that filled its buffer).
     pub fn stream(&mut self, dir: Direction) {
-        self.halves[dir_index(dir)].streaming = true;
-        self.ready[side_index(dir.from())].readable = true;
+        self.halves[dir.index()].streaming = true;
+        self.ready[dir.from().index()].readable = true;
     }
 
     /// Moves bytes both ways until sockets would block, the budget is spent, or the connection
@@ -214,10 +200,10 @@ impl Streams {
             scratch,
         } = buffers;
         let (src, dst) = (dir.from(), dir.to());
-        let (si, di) = (side_index(src), side_index(dst));
+        let (si, di) = (src.index(), dst.index());
         let (from, to) = (sockets[si], sockets[di]);
         let ready = &mut self.ready;
-        let half = &mut self.halves[dir_index(dir)];
+        let half = &mut self.halves[dir.index()];
         let mut outcome = Pumped::Idle;
         loop {
             // First empty what is held into the destination.
@@ -349,11 +335,11 @@ fn finish(step: Step, sockets: [&Socket; 2]) -> bool {
     match step {
         Step::Continue => false,
         Step::Shutdown(side) => {
-            let _ = rustix::net::shutdown(sockets[side_index(side)], Shutdown::Write);
+            let _ = rustix::net::shutdown(sockets[side.index()], Shutdown::Write);
             false
         }
         Step::ShutdownAndFinish(side) => {
-            let _ = rustix::net::shutdown(sockets[side_index(side)], Shutdown::Write);
+            let _ = rustix::net::shutdown(sockets[side.index()], Shutdown::Write);
             true
         }
     }
